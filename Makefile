@@ -1,0 +1,28 @@
+# The two commands of the README: `make demo` and `make test`. Each does its own set-up.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench bench-quick soak clean-host
+
+setup:
+	bash scripts/setup.sh all
+
+demo: setup
+	$(VENV)/bin/istio-ebpf demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(VENV)/bin/istio-ebpf bench --json out/bench.json --plot out/bench.png
+
+bench-quick: setup
+	$(VENV)/bin/istio-ebpf bench --quick --json out/bench-quick.json --plot out/bench-quick.png
+
+soak: setup
+	$(PY) -m pytest -m soak -p no:cacheprovider tests/test_soak.py
+
+# Removes whatever a crashed run may have left (only objects carrying our prefix).
+clean-host: setup
+	$(VENV)/bin/istio-ebpf harness-cleanup

@@ -1,0 +1,1 @@
+"""Hook specifications of the istio-ebpf install flow (installed as ``istio_ebpf_plugin.hookspecs``)."""
