@@ -1,0 +1,205 @@
+/* connect.c - cgroup/connect4 and cgroup/connect6: outbound capture.
+ *
+ * Decides with Istio's ISTIO_OUTPUT semantics (outbound_policy.h) and
+ * rewrites the destination of captured connections to Envoy:
+ *   V_OUTBOUND       -> 127.0.0.1:15001 (::1 for IPv6)
+ *   V_INBOUND_LOCAL  -> 127.0.0.1:15006 (proxy traffic to its own pod)
+ *   V_DNS            -> 127.0.0.1:15053
+ * The original destination is kept under the socket cookie; sockops moves it
+ * to the connection tuple once the source port exists.
+ *
+ * Pod-IP mode (no netns cookie in sockops/getsockopt before 5.15): bind the
+ * socket to the pod IP first, so the tuple Envoy sees is unique on the node.
+ * If that bind is impossible the connection is refused (fail closed) rather
+ * than left to collide with another pod's tuple.
+ */
+#include "outbound_policy.h"
+
+/* UDP DNS keeps its origin per socket for recvmsg; TCP (DNS included) goes
+ * through sockops to the tuple map for SO_ORIGINAL_DST. */
+static __always_inline void store_origin(void *ctx, const struct flow *f, __u16 listener, int udp)
+{
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    struct origin o = {};
+    o.ip = f->dst;
+    o.port = f->dport;
+    o.listener = listener;
+    if (udp)
+        dns_origin.update(&cookie, &o);
+    else
+        origin_by_cookie.update(&cookie, &o);
+}
+
+/* The verifier forbids pointer arithmetic on a socket pointer: load each
+ * word with its own constant offset. */
+static __always_inline void read_src6(struct bpf_sock *sk, __u32 *out)
+{
+    if (!sk)
+        return;
+    out[0] = sk->src_ip6[0];
+    asm volatile("" ::: "memory");
+    out[1] = sk->src_ip6[1];
+    asm volatile("" ::: "memory");
+    out[2] = sk->src_ip6[2];
+    asm volatile("" ::: "memory");
+    out[3] = sk->src_ip6[3];
+}
+
+#if !ISTIO_EBPF_COOKIE
+/* 1 = bound (or already bound to the pod IP), 0 = cannot make the tuple unique. */
+static __always_inline int bind_pod_ip4(struct bpf_sock_addr *ctx, const struct pod_cfg *cfg)
+{
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk || cfg->ip4 == 0)
+        return 0;
+    if (sk->src_ip4 == cfg->ip4)
+        return 1;
+    if (sk->src_ip4 != 0)
+        return 0;
+    struct sockaddr_in sa = {};
+    sa.sin_family = AF_INET;
+    sa.sin_addr.s_addr = cfg->ip4;
+    return bpf_bind(ctx, (struct sockaddr *)&sa, sizeof(sa)) == 0;
+}
+
+static __always_inline int bind_pod_ip6(struct bpf_sock_addr *ctx, const struct pod_cfg *cfg, int mapped)
+{
+    struct bpf_sock *sk = ctx->sk;
+    __u32 want[4] = {cfg->ip6[0], cfg->ip6[1], cfg->ip6[2], cfg->ip6[3]};
+    if (mapped) {       /* IPv4 traffic on an IPv6 socket: ::ffff:<pod IPv4> */
+        want[0] = 0; want[1] = 0; want[2] = bpf_htonl(0xffff); want[3] = cfg->ip4;
+        if (cfg->ip4 == 0)
+            return 0;
+    }
+    if (!sk || (want[0] | want[1] | want[2] | want[3]) == 0)
+        return 0;
+    __u32 src[4] = {};
+    read_src6(sk, src);
+    if (src[0] == want[0] && src[1] == want[1] && src[2] == want[2] && src[3] == want[3])
+        return 1;
+    if ((src[0] | src[1] | src[2] | src[3]) != 0)
+        return 0;
+    struct sockaddr_in6 sa = {};
+    sa.sin6_family = AF_INET6;
+    __builtin_memcpy(&sa.sin6_addr, want, 16);
+    return bpf_bind(ctx, (struct sockaddr *)&sa, sizeof(sa)) == 0;
+}
+#endif
+
+static __always_inline __u16 target_port(int verdict)
+{
+    if (verdict == V_OUTBOUND)
+        return OUTBOUND_PORT;
+    if (verdict == V_INBOUND_LOCAL)
+        return INBOUND_PORT;
+    return DNS_PROXY_PORT;
+}
+
+static __always_inline void count_verdict(int verdict)
+{
+    if (verdict == V_OUTBOUND)
+        count(C_OUT_REDIRECT, 1);
+    else if (verdict == V_INBOUND_LOCAL)
+        count(C_IN_REDIRECT_LOCAL, 1);
+    else
+        count(C_DNS_REDIRECT, 1);
+}
+
+int ie_connect4(struct bpf_sock_addr *ctx)
+{
+    if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
+        return 1;
+    __u64 netns = bpf_get_netns_cookie(ctx);
+    struct pod_cfg *cfg = pod_by_netns.lookup(&netns);
+    if (!cfg)
+        return 1;
+
+    struct flow f = {};
+    f.dst.family = AF_INET;
+    f.dst.a[0] = ctx->user_ip4;
+    f.dport = bpf_ntohs(ctx->user_port);
+    f.tcp = ctx->protocol == IPPROTO_TCP;
+    struct bpf_sock *sk = ctx->sk;
+    f.src_passthrough = sk && sk->src_ip4 == PASSTHROUGH4;
+
+    __u64 ugid = bpf_get_current_uid_gid();
+    int verdict = outbound_verdict(cfg, &f, (__u32)ugid, (__u32)(ugid >> 32));
+    if (verdict == V_PASS)
+        return 1;
+    if (!f.tcp && verdict != V_DNS)
+        return 1;
+#if !ISTIO_EBPF_COOKIE
+    if (verdict != V_DNS && !bind_pod_ip4(ctx, cfg)) {
+        count(C_PODIP_BIND_FAIL, 1);
+        return 0;
+    }
+#endif
+    __u16 port = target_port(verdict);
+    store_origin(ctx, &f, port, !f.tcp);
+    ctx->user_ip4 = LOOPBACK4;
+    /* Keep the two context stores apart: clang may merge adjacent 32-bit
+     * stores into one 64-bit store, which the verifier rejects. */
+    asm volatile("" ::: "memory");
+    ctx->user_port = bpf_htons(port);
+    count_verdict(verdict);
+    return 1;
+}
+
+int ie_connect6(struct bpf_sock_addr *ctx)
+{
+    if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
+        return 1;
+    __u64 netns = bpf_get_netns_cookie(ctx);
+    struct pod_cfg *cfg = pod_by_netns.lookup(&netns);
+    if (!cfg)
+        return 1;
+
+    struct flow f = {};
+    __u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];
+    /* An IPv4-mapped destination on an IPv6 socket is IPv4 traffic: the
+     * connect4 hook never sees it, so decide it here with the IPv4 rules. */
+    int mapped = a0 == 0 && a1 == 0 && a2 == bpf_htonl(0xffff);
+    if (mapped) {
+        f.dst.family = AF_INET;
+        f.dst.a[0] = a3;
+    } else {
+        f.dst.family = AF_INET6;
+        f.dst.a[0] = a0; f.dst.a[1] = a1; f.dst.a[2] = a2; f.dst.a[3] = a3;
+    }
+    f.dport = bpf_ntohs(ctx->user_port);
+    f.tcp = ctx->protocol == IPPROTO_TCP;
+    __u32 src[4] = {};
+    read_src6(ctx->sk, src);
+    if (mapped)
+        f.src_passthrough = src[2] == bpf_htonl(0xffff) && src[3] == PASSTHROUGH4;
+    else
+        f.src_passthrough = (src[0] | src[1] | src[2]) == 0 && src[3] == bpf_htonl(6);
+
+    __u64 ugid = bpf_get_current_uid_gid();
+    int verdict = outbound_verdict(cfg, &f, (__u32)ugid, (__u32)(ugid >> 32));
+    if (verdict == V_PASS)
+        return 1;
+    if (!f.tcp && verdict != V_DNS)
+        return 1;
+#if !ISTIO_EBPF_COOKIE
+    if (verdict != V_DNS && !bind_pod_ip6(ctx, cfg, mapped)) {
+        count(C_PODIP_BIND_FAIL, 1);
+        return 0;
+    }
+#endif
+    __u16 port = target_port(verdict);
+    store_origin(ctx, &f, port, !f.tcp);
+    if (mapped) {
+        ctx->user_ip6[3] = LOOPBACK4;           /* ::ffff:127.0.0.1 */
+    } else {
+        /* ::1, where ip6tables' REDIRECT would send it */
+        ctx->user_ip6[0] = 0;
+        ctx->user_ip6[1] = 0;
+        ctx->user_ip6[2] = 0;
+        ctx->user_ip6[3] = bpf_htonl(1);
+    }
+    asm volatile("" ::: "memory");
+    ctx->user_port = bpf_htons(port);
+    count_verdict(verdict);
+    return 1;
+}

@@ -1,0 +1,76 @@
+/* getsockopt.c - cgroup/getsockopt: answers SO_ORIGINAL_DST (SOL_IP) and
+ * IP6T_SO_ORIGINAL_DST (SOL_IPV6) for connections the connect hooks
+ * redirected, as netfilter's conntrack would after an iptables REDIRECT.
+ *
+ * Runs after the kernel's own handler; only overrides the result when the
+ * connection is ours, so every other getsockopt is untouched.
+ */
+#include "istio_ebpf_maps.h"
+
+#ifndef SOL_IP
+#define SOL_IP 0
+#endif
+#ifndef SOL_IPV6
+#define SOL_IPV6 41
+#endif
+
+int ie_getsockopt(struct bpf_sockopt *ctx)
+{
+    if (ctx->optname != SO_ORIGINAL_DST || (ctx->level != SOL_IP && ctx->level != SOL_IPV6))
+        return 1;
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 1;
+    __u32 lport = sk->src_port;
+    struct conn_key k = {};
+#if ISTIO_EBPF_COOKIE
+    k.netns = bpf_get_netns_cookie(ctx);
+#endif
+    if (sk->family == AF_INET) {
+        k.ip.family = AF_INET;
+        k.ip.a[0] = sk->dst_ip4;
+    } else {
+        __u32 a0 = sk->dst_ip6[0], a1 = sk->dst_ip6[1], a2 = sk->dst_ip6[2], a3 = sk->dst_ip6[3];
+        if (a0 == 0 && a1 == 0 && a2 == bpf_htonl(0xffff)) {
+            k.ip.family = AF_INET;
+            k.ip.a[0] = a3;
+        } else {
+            k.ip.family = AF_INET6;
+            k.ip.a[0] = a0; k.ip.a[1] = a1; k.ip.a[2] = a2; k.ip.a[3] = a3;
+        }
+    }
+    k.port = bpf_ntohs(sk->dst_port);
+    struct origin *o = origin_by_tuple.lookup(&k);
+    if (!o || o->listener != lport) {
+        if (lport == OUTBOUND_PORT || lport == INBOUND_PORT)
+            count(C_ORIGDST_MISS, 1);
+        return 1;   /* the kernel's answer stands (an error: fail closed) */
+    }
+
+    if (ctx->level == SOL_IP) {
+        struct sockaddr_in *sa = ctx->optval;
+        if ((void *)(sa + 1) > ctx->optval_end || o->ip.family != AF_INET)
+            return 1;
+        sa->sin_family = AF_INET;
+        sa->sin_port = bpf_htons(o->port);
+        sa->sin_addr.s_addr = o->ip.a[0];
+        ctx->optlen = sizeof(*sa);
+    } else {
+        struct sockaddr_in6 *sa = ctx->optval;
+        if ((void *)(sa + 1) > ctx->optval_end || o->ip.family != AF_INET6)
+            return 1;
+        sa->sin6_family = AF_INET6;
+        sa->sin6_port = bpf_htons(o->port);
+        sa->sin6_flowinfo = 0;
+        sa->sin6_addr.in6_u.u6_addr32[0] = o->ip.a[0];
+        sa->sin6_addr.in6_u.u6_addr32[1] = o->ip.a[1];
+        sa->sin6_addr.in6_u.u6_addr32[2] = o->ip.a[2];
+        sa->sin6_addr.in6_u.u6_addr32[3] = o->ip.a[3];
+        sa->sin6_scope_id = 0;
+        ctx->optlen = sizeof(*sa);
+    }
+    asm volatile("" ::: "memory");
+    ctx->retval = 0;
+    count(C_ORIGDST_HIT, 1);
+    return 1;
+}

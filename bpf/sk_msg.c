@@ -1,0 +1,49 @@
+/* sk_msg.c - sk_msg on accel_socks: optional sockmap acceleration.
+ *
+ * Data an app writes to its sidecar (or the sidecar to its app) is put
+ * straight on the peer socket's receive queue, skipping the loopback TCP
+ * stack. Only sockets sockops inserted (captured app<->Envoy connections and
+ * Envoy's 127.0.0.6 passthrough to the app) are in the map; anything else
+ * passes through untouched.
+ */
+#include "istio_ebpf_maps.h"
+
+#if ISTIO_EBPF_SOCKMAP
+int ie_accel(struct sk_msg_md *msg)
+{
+    struct sock_key peer = {};
+#if ISTIO_EBPF_COOKIE
+    peer.netns = bpf_get_netns_cookie(msg);
+#endif
+    /* The peer's own key is our tuple reversed. */
+    if (msg->family == AF_INET) {
+        peer.local.family = AF_INET;
+        peer.local.a[0] = msg->remote_ip4;
+        peer.remote.family = AF_INET;
+        peer.remote.a[0] = msg->local_ip4;
+    } else {
+        __u32 r0 = msg->remote_ip6[0], r1 = msg->remote_ip6[1], r2 = msg->remote_ip6[2], r3 = msg->remote_ip6[3];
+        __u32 l0 = msg->local_ip6[0], l1 = msg->local_ip6[1], l2 = msg->local_ip6[2], l3 = msg->local_ip6[3];
+        if (r0 == 0 && r1 == 0 && r2 == bpf_htonl(0xffff)) {
+            peer.local.family = AF_INET;
+            peer.local.a[0] = r3;
+            peer.remote.family = AF_INET;
+            peer.remote.a[0] = l3;
+        } else {
+            peer.local.family = AF_INET6;
+            peer.local.a[0] = r0; peer.local.a[1] = r1; peer.local.a[2] = r2; peer.local.a[3] = r3;
+            peer.remote.family = AF_INET6;
+            peer.remote.a[0] = l0; peer.remote.a[1] = l1; peer.remote.a[2] = l2; peer.remote.a[3] = l3;
+        }
+    }
+    peer.local_port = bpf_ntohl(msg->remote_port);
+    peer.remote_port = msg->local_port;
+    __u64 size = msg->size;
+    int verdict = accel_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
+    if (verdict == SK_PASS) {
+        count(C_SOCKMAP_MSGS, 1);
+        count(C_SOCKMAP_BYTES, size);
+    }
+    return SK_PASS;
+}
+#endif

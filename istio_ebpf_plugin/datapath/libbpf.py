@@ -1,0 +1,154 @@
+"""Thin ctypes bindings to the system libbpf (Debian's libbpf1).
+
+BCC compiles and loads the programs; everything that must also work on
+objects adopted from bpffs after a restart (links, pins, map access, queries)
+goes through these calls, so fresh and adopted objects share one code path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from functools import lru_cache
+
+from ..errors import KernelError
+
+# enum bpf_attach_type (include/uapi/linux/bpf.h)
+SOCK_OPS = 3
+SK_MSG_VERDICT = 7
+CGROUP_INET4_CONNECT = 10
+CGROUP_INET6_CONNECT = 11
+CGROUP_UDP4_SENDMSG = 14
+CGROUP_UDP6_SENDMSG = 15
+CGROUP_UDP4_RECVMSG = 19
+CGROUP_UDP6_RECVMSG = 20
+CGROUP_GETSOCKOPT = 21
+SK_LOOKUP = 36
+
+# enum bpf_prog_type
+PROG_SOCK_OPS = 13
+PROG_SK_MSG = 16
+PROG_CGROUP_SOCK_ADDR = 18
+PROG_CGROUP_SOCKOPT = 25
+PROG_SK_LOOKUP = 30
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+
+
+@lru_cache(maxsize=1)
+def lib() -> ctypes.CDLL:
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    try:
+        handle = ctypes.CDLL(name, use_errno=True)
+    except OSError as exc:
+        raise KernelError(f"libbpf not found ({name}): install Debian's libbpf1") from exc
+    handle.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    handle.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
+    handle.bpf_obj_get.argtypes = [ctypes.c_char_p]
+    handle.bpf_prog_attach.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_uint]
+    handle.bpf_prog_detach2.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    handle.bpf_prog_query.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint,
+                                      ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint),
+                                      ctypes.POINTER(ctypes.c_uint)]
+    handle.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint)]
+    for fn in ("bpf_map_update_elem", "bpf_map_lookup_elem"):
+        getattr(handle, fn).argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + (
+            [ctypes.c_ulonglong] if fn == "bpf_map_update_elem" else [])
+    handle.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    handle.bpf_map_get_next_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    return handle
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = -ret if ret != -1 else ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    return _check(lib().bpf_link_create(prog_fd, target_fd, attach_type, None), "bpf_link_create")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(lib().bpf_obj_pin(fd, path.encode()), f"bpf_obj_pin {path}")
+
+
+def obj_get(path: str) -> int:
+    return _check(lib().bpf_obj_get(path.encode()), f"bpf_obj_get {path}")
+
+
+def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) -> None:
+    _check(lib().bpf_prog_attach(prog_fd, target_fd, attach_type, flags), "bpf_prog_attach")
+
+
+def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
+    _check(lib().bpf_prog_detach2(prog_fd, target_fd, attach_type), "bpf_prog_detach2")
+
+
+def prog_query(target_fd: int, attach_type: int) -> list[int]:
+    """IDs of the programs attached to a cgroup (or netns) for one attach type."""
+    ids = (ctypes.c_uint * 64)()
+    cnt = ctypes.c_uint(64)
+    flags = ctypes.c_uint(0)
+    _check(lib().bpf_prog_query(target_fd, attach_type, 0, ctypes.byref(flags), ids, ctypes.byref(cnt)),
+           "bpf_prog_query")
+    return list(ids[: cnt.value])
+
+
+def obj_id(fd: int) -> int:
+    """Kernel id of a program, map or link (second u32 of every *_info struct)."""
+    buf = (ctypes.c_ubyte * 256)()
+    size = ctypes.c_uint(256)
+    _check(lib().bpf_obj_get_info_by_fd(fd, buf, ctypes.byref(size)), "bpf_obj_get_info_by_fd")
+    return int.from_bytes(bytes(buf[4:8]), "little")
+
+
+def link_prog_id(link_fd: int) -> int:
+    buf = (ctypes.c_ubyte * 256)()
+    size = ctypes.c_uint(256)
+    _check(lib().bpf_obj_get_info_by_fd(link_fd, buf, ctypes.byref(size)), "bpf_obj_get_info_by_fd")
+    return int.from_bytes(bytes(buf[8:12]), "little")
+
+
+def map_update(fd: int, key: ctypes.Structure | ctypes._SimpleCData,
+               value: ctypes.Structure | ctypes._SimpleCData, flags: int = BPF_ANY) -> None:
+    _check(lib().bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), flags), "map update")
+
+
+def map_lookup(fd: int, key, value) -> bool:
+    ret = lib().bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value))
+    if ret < 0:
+        err = ctypes.get_errno() if ret == -1 else -ret
+        if err == errno.ENOENT:
+            return False
+        raise OSError(err, f"map lookup: {os.strerror(err)}")
+    return True
+
+
+def map_delete(fd: int, key) -> bool:
+    ret = lib().bpf_map_delete_elem(fd, ctypes.byref(key))
+    if ret < 0:
+        err = ctypes.get_errno() if ret == -1 else -ret
+        if err == errno.ENOENT:
+            return False
+        raise OSError(err, f"map delete: {os.strerror(err)}")
+    return True
+
+
+def map_keys(fd: int, key_type) -> list:
+    keys = []
+    prev = None
+    nxt = key_type()
+    while True:
+        ret = lib().bpf_map_get_next_key(fd, ctypes.byref(prev) if prev is not None else None,
+                                         ctypes.byref(nxt))
+        if ret < 0:
+            break
+        keys.append(nxt)
+        prev = nxt
+        nxt = key_type()
+    return keys

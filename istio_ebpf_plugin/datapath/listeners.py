@@ -1,0 +1,76 @@
+"""Find a pod's listening sockets from userspace and borrow them (pidfd_getfd).
+
+Used to register Envoy's 15006 listener for sk_lookup when sockops cannot
+(pod-IP mode) or could not (the listener predates the pod's map entry).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+from pathlib import Path
+from typing import Iterator
+
+SYS_PIDFD_OPEN = 434
+SYS_PIDFD_GETFD = 438
+_TCP_LISTEN = "0A"
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _listening_inodes(pid_dir: Path, port: int) -> dict[int, int]:
+    """socket inode -> address family, for TCP sockets listening on port."""
+    found: dict[int, int] = {}
+    for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        try:
+            lines = (pid_dir / "net" / name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) < 10 or f[3] != _TCP_LISTEN:
+                continue
+            if int(f[1].rsplit(":", 1)[1], 16) == port:
+                found[int(f[9])] = family
+    return found
+
+
+def _getfd(pid: int, target_fd: int) -> int:
+    pidfd = _libc.syscall(SYS_PIDFD_OPEN, pid, 0)
+    if pidfd < 0:
+        raise OSError(ctypes.get_errno(), f"pidfd_open({pid})")
+    try:
+        fd = _libc.syscall(SYS_PIDFD_GETFD, pidfd, target_fd, 0)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), f"pidfd_getfd({pid}, {target_fd})")
+        return fd
+    finally:
+        os.close(pidfd)
+
+
+def find_listeners(netns_path: str, port: int, proc: str = "/proc") -> Iterator[tuple[int, int]]:
+    """Yield (family, fd) for each socket listening on port inside the namespace.
+
+    The caller owns (and must close) each fd.
+    """
+    ns_ino = os.stat(netns_path).st_ino
+    seen: set[int] = set()
+    for pid_dir in Path(proc).iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            if os.stat(pid_dir / "ns" / "net").st_ino != ns_ino:
+                continue
+            inodes = _listening_inodes(pid_dir, port)
+            if not inodes or inodes.keys() <= seen:
+                continue
+            for fd_link in (pid_dir / "fd").iterdir():
+                target = os.readlink(fd_link)
+                if not target.startswith("socket:["):
+                    continue
+                ino = int(target[8:-1])
+                if ino in inodes and ino not in seen:
+                    seen.add(ino)
+                    yield inodes[ino], _getfd(int(pid_dir.name), int(fd_link.name))
+        except (OSError, ValueError):
+            continue      # the process went away meanwhile

@@ -1,0 +1,501 @@
+"""Compile, load, attach, pin and detach the istio-ebpf programs.
+
+Lifecycle::
+
+    with Datapath(mode="cookie", sockmap=False, pin_root=...) as dp:   # load(): compile or adopt pins
+        dp.attach_cgroup("/sys/fs/cgroup/unified/kubepods")          # cgroup programs (links, pinned)
+        handle = dp.add_pod("/var/run/netns/x", PodConfig(...))      # maps + sk_lookup link in the netns
+        dp.update_pod(handle, new_cfg); dp.remove_pod(handle)
+    # leaving the block closes file descriptors only: pinned links keep capturing
+    dp.close(cleanup=True)   # detach and unpin everything
+
+Everything that captures traffic is pinned under ``<pin_root>/<version>/``
+(``maps/``, ``progs/``, ``links/``): a restarted agent adopts the pins (no
+second attachment, map state kept) and traffic keeps flowing while no agent
+runs. ``version`` hashes the sources and build flags, so an upgraded agent
+with different programs gets a fresh directory and retires the old one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from .. import BPF_DIR
+from ..errors import KernelError, UsageError
+from . import libbpf, maps
+from .headers import find_kernel_headers
+from .netns import netns_cookie
+from .podconfig import INBOUND_PORT, PodConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PIN_ROOT = "/sys/fs/bpf/istio-ebpf"
+LAYOUT_VERSION = "v1"
+
+
+@dataclass(frozen=True)
+class Program:
+    func: str
+    source: str
+    prog_type: int
+    attach_type: int
+    target: str          # "cgroup" | "netns" | "sockhash"
+    needs_sockmap: bool = False
+
+
+PROGRAMS: tuple[Program, ...] = (
+    Program("ie_connect4", "connect.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_CONNECT, "cgroup"),
+    Program("ie_connect6", "connect.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET6_CONNECT, "cgroup"),
+    Program("ie_sockops", "sockops.c", libbpf.PROG_SOCK_OPS, libbpf.SOCK_OPS, "cgroup"),
+    Program("ie_getsockopt", "getsockopt.c", libbpf.PROG_CGROUP_SOCKOPT, libbpf.CGROUP_GETSOCKOPT, "cgroup"),
+    Program("ie_sendmsg4", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP4_SENDMSG, "cgroup"),
+    Program("ie_sendmsg6", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP6_SENDMSG, "cgroup"),
+    Program("ie_recvmsg4", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP4_RECVMSG, "cgroup"),
+    Program("ie_recvmsg6", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP6_RECVMSG, "cgroup"),
+    Program("ie_inbound", "sk_lookup.c", libbpf.PROG_SK_LOOKUP, libbpf.SK_LOOKUP, "netns"),
+    Program("ie_accel", "sk_msg.c", libbpf.PROG_SK_MSG, libbpf.SK_MSG_VERDICT, "sockhash", needs_sockmap=True),
+)
+
+MAPS = ("pod_by_netns", "pod_by_ip", "pod_ports", "pod_cidrs", "origin_by_cookie",
+        "origin_by_tuple", "inbound_listeners", "dns_origin", "counters")
+SOCKMAP_MAPS = ("accel_socks",)
+
+
+def build_flags(mode: str, sockmap: bool) -> list[str]:
+    return [f"-DISTIO_EBPF_COOKIE={1 if mode == 'cookie' else 0}",
+            f"-DISTIO_EBPF_SOCKMAP={1 if sockmap else 0}"]
+
+
+def _inline_local_includes(text: str, seen: set[str]) -> str:
+    """Expand ``#include "x.h"`` from bpf/ in place, once each.
+
+    BCC rewrites map method calls (``map.lookup()``) only in the main source,
+    not in included files, so the shared headers must become part of it.
+    """
+    out = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith('#include "') and stripped.endswith('"'):
+            name = stripped[len('#include "'):-1]
+            if name not in seen:
+                seen.add(name)
+                out.append(_inline_local_includes((BPF_DIR / name).read_text(), seen))
+            continue
+        out.append(line)
+    return "\n".join(out)
+
+
+def source_text(programs: Iterable[Program]) -> str:
+    files: list[str] = []
+    for p in programs:
+        if p.source not in files:
+            files.append(p.source)
+    seen: set[str] = set()
+    return "\n".join(_inline_local_includes((BPF_DIR / f).read_text(), seen) for f in files)
+
+
+def datapath_version(mode: str, sockmap: bool) -> str:
+    h = hashlib.sha256()
+    for f in sorted(BPF_DIR.glob("*.[ch]")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    h.update(" ".join(build_flags(mode, sockmap)).encode())
+    return f"{LAYOUT_VERSION}-{mode}{'-sockmap' if sockmap else ''}-{h.hexdigest()[:12]}"
+
+
+def _ensure_bpffs(path: str) -> None:
+    root = Path(path)
+    while not root.exists():
+        root = root.parent
+    # statfs magic of bpffs
+    import subprocess
+    out = subprocess.run(["stat", "-f", "-c", "%T", str(root)], capture_output=True, text=True)
+    if "bpf" not in out.stdout:
+        raise KernelError(f"{root} is not on a bpffs mount: mount it with 'mount -t bpf bpf /sys/fs/bpf'")
+
+
+class Datapath:
+    """The eBPF capture datapath of one node (or of one test)."""
+
+    def __init__(self, mode: str = "cookie", sockmap: bool = False,
+                 pin_root: str = DEFAULT_PIN_ROOT) -> None:
+        if mode not in ("cookie", "podip"):
+            raise UsageError(f"datapath mode must be cookie or podip, not {mode!r}")
+        self.mode = mode
+        self.sockmap = sockmap
+        self.pin_root = Path(pin_root)
+        self.version = datapath_version(mode, sockmap)
+        self.pin_dir = self.pin_root / self.version
+        self.programs = tuple(p for p in PROGRAMS if sockmap or not p.needs_sockmap)
+        self.map_names = MAPS + (SOCKMAP_MAPS if sockmap else ())
+        self.prog_fds: dict[str, int] = {}
+        self.map_fds: dict[str, int] = {}
+        self.adopted = False
+        self._bpf = None   # the BCC module when we compiled it ourselves
+
+    # ---- load / adopt -------------------------------------------------------------
+    def __enter__(self) -> "Datapath":
+        self.load()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(cleanup=True)
+
+    def load(self) -> "Datapath":
+        _ensure_bpffs(str(self.pin_root))
+        if self._complete_pins():
+            self._adopt()
+            return self
+        try:
+            self._compile_and_pin()
+        except BaseException:
+            self.close(cleanup=True)   # never leave half a datapath pinned
+            raise
+        return self
+
+    def _complete_pins(self) -> bool:
+        return all((self.pin_dir / "maps" / m).exists() for m in self.map_names) and \
+            all((self.pin_dir / "progs" / p.func).exists() for p in self.programs)
+
+    def _adopt(self) -> None:
+        for m in self.map_names:
+            self.map_fds[m] = libbpf.obj_get(str(self.pin_dir / "maps" / m))
+        for p in self.programs:
+            self.prog_fds[p.func] = libbpf.obj_get(str(self.pin_dir / "progs" / p.func))
+        self.adopted = True
+        log.info("adopted pinned datapath %s", self.pin_dir)
+
+    def _compile_and_pin(self) -> None:
+        find_kernel_headers()
+        try:
+            from bcc import BPF  # Debian python3-bpfcc
+            from bcc.libbcc import lib as bcclib
+        except ImportError as exc:
+            raise KernelError("BCC is not importable: install Debian's python3-bpfcc and use a venv "
+                              "with --system-site-packages") from exc
+        # A half-written directory from a crash: start it again.
+        if self.pin_dir.exists():
+            shutil.rmtree(self.pin_dir, ignore_errors=True)
+        cflags = [f"-I{BPF_DIR}", *build_flags(self.mode, self.sockmap), "-Wno-unused-function"]
+        try:
+            self._bpf = BPF(text=source_text(self.programs), cflags=cflags)
+        except Exception as exc:
+            raise KernelError(f"compiling the datapath failed: {exc}") from exc
+        for sub in ("maps", "progs", "links"):
+            (self.pin_dir / sub).mkdir(parents=True, exist_ok=True)
+        for p in self.programs:
+            attach = p.attach_type if p.target != "sockhash" else -1
+            try:
+                fn = self._bpf.load_func(p.func, p.prog_type, None, attach)
+            except Exception as exc:
+                raise KernelError(f"loading {p.func} ({p.source}) failed: {exc}") from exc
+            self.prog_fds[p.func] = os.dup(fn.fd)
+            libbpf.obj_pin(self.prog_fds[p.func], str(self.pin_dir / "progs" / p.func))
+        for m in self.map_names:
+            fd = bcclib.bpf_table_fd(self._bpf.module, m.encode())
+            if fd < 0:
+                raise KernelError(f"map {m} missing from the compiled datapath")
+            self.map_fds[m] = os.dup(fd)
+            libbpf.obj_pin(self.map_fds[m], str(self.pin_dir / "maps" / m))
+        if self.sockmap:
+            libbpf.prog_attach(self.prog_fds["ie_accel"], self.map_fds["accel_socks"], libbpf.SK_MSG_VERDICT)
+        (self.pin_dir / "links").mkdir(exist_ok=True)
+        log.info("compiled and pinned datapath %s", self.pin_dir)
+
+    # ---- attachments --------------------------------------------------------------
+    def _link_path(self, name: str) -> Path:
+        return self.pin_dir / "links" / name
+
+    def attach_cgroup(self, cgroup_path: str) -> list[str]:
+        """Attach every cgroup program to cgroup_path (idempotent). Returns new link names."""
+        path = Path(cgroup_path)
+        if not (path / "cgroup.procs").exists():
+            raise UsageError(f"{cgroup_path} is not a cgroup v2 directory")
+        created = []
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            ino = os.fstat(fd).st_ino
+            for p in self.programs:
+                if p.target != "cgroup":
+                    continue
+                name = f"cg-{ino}-{p.func}"
+                if self._link_path(name).exists():
+                    continue      # adopted: already attached by an earlier agent
+                link = libbpf.link_create(self.prog_fds[p.func], fd, p.attach_type)
+                try:
+                    libbpf.obj_pin(link, str(self._link_path(name)))
+                finally:
+                    os.close(link)
+                created.append(name)
+        finally:
+            os.close(fd)
+        return created
+
+    def detach_cgroup(self, cgroup_path: str) -> None:
+        ino = os.stat(cgroup_path).st_ino
+        for link in self.pin_dir.joinpath("links").glob(f"cg-{ino}-*"):
+            link.unlink()
+
+    def attached_program_ids(self, cgroup_path: str) -> dict[str, list[int]]:
+        """What the kernel reports attached to a cgroup, per program of ours."""
+        fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return {p.func: libbpf.prog_query(fd, p.attach_type)
+                    for p in self.programs if p.target == "cgroup"}
+        finally:
+            os.close(fd)
+
+    def program_ids(self) -> dict[str, int]:
+        return {name: libbpf.obj_id(fd) for name, fd in self.prog_fds.items()}
+
+    # ---- pods ---------------------------------------------------------------------
+    def _pod_ids_in_use(self) -> dict[int, int]:
+        """pod_id -> netns cookie, from the map itself (survives restarts)."""
+        out = {}
+        for key in libbpf.map_keys(self.map_fds["pod_by_netns"], ctypes.c_uint64):
+            val = maps.PodCfg()
+            if libbpf.map_lookup(self.map_fds["pod_by_netns"], key, val):
+                out[val.pod_id] = key.value
+        return out
+
+    def pods(self) -> dict[int, maps.PodCfg]:
+        """netns cookie (the pod handle) -> its pod_cfg entry."""
+        out = {}
+        for key in libbpf.map_keys(self.map_fds["pod_by_netns"], ctypes.c_uint64):
+            val = maps.PodCfg()
+            if libbpf.map_lookup(self.map_fds["pod_by_netns"], key, val):
+                out[key.value] = val
+        return out
+
+    def add_pod(self, netns_path: str, cfg: PodConfig) -> int:
+        """Capture the pod whose network namespace is netns_path. Returns its handle (netns cookie)."""
+        cookie = netns_cookie(netns_path)
+        existing = self.pods().get(cookie)
+        if existing is not None:
+            self._write_pod(existing.pod_id, cookie, cfg)
+        else:
+            used = self._pod_ids_in_use()
+            pod_id = next(i for i in range(1, len(used) + 2) if i not in used)
+            self._write_pod(pod_id, cookie, cfg)
+        self._attach_netns(netns_path, cookie)
+        self.register_listeners(netns_path, cookie, cfg)
+        return cookie
+
+    def update_pod(self, handle: int, cfg: PodConfig) -> None:
+        current = self.pods().get(handle)
+        if current is None:
+            raise KeyError(f"pod {handle:#x} is not managed")
+        self._write_pod(current.pod_id, handle, cfg)
+
+    def _write_pod(self, pod_id: int, cookie: int, cfg: PodConfig) -> None:
+        entries = maps.encode_pod(pod_id, cookie, cfg)
+        one = ctypes.c_uint8(1)
+        # New list entries first, then the config, then drop what is gone:
+        # a connection never sees a half-written pod.
+        want_ports = {(k.kind, k.port) for k in entries.ports}
+        want_cidrs = {(k.kind, k.family, k.prefixlen, bytes(k.addr)) for k in entries.cidrs}
+        for k in entries.ports:
+            libbpf.map_update(self.map_fds["pod_ports"], k, one)
+        for k in entries.cidrs:
+            libbpf.map_update(self.map_fds["pod_cidrs"], k, one)
+        for ip, val in entries.ips:
+            libbpf.map_update(self.map_fds["pod_by_ip"], ip, val)
+        libbpf.map_update(self.map_fds["pod_by_netns"], ctypes.c_uint64(cookie), entries.cfg)
+        self._delete_lists(pod_id, keep_ports=want_ports, keep_cidrs=want_cidrs)
+        want_ips = {bytes(ip) for ip, _ in entries.ips}
+        self._delete_ips(pod_id, keep=want_ips)
+
+    def _delete_lists(self, pod_id: int, keep_ports: set | None = None, keep_cidrs: set | None = None) -> None:
+        for k in libbpf.map_keys(self.map_fds["pod_ports"], maps.PortKey):
+            if k.pod_id == pod_id and (k.kind, k.port) not in (keep_ports or set()):
+                libbpf.map_delete(self.map_fds["pod_ports"], k)
+        for k in libbpf.map_keys(self.map_fds["pod_cidrs"], maps.CidrKey):
+            if k.pod_id == pod_id and (k.kind, k.family, k.prefixlen, bytes(k.addr)) not in (keep_cidrs or set()):
+                libbpf.map_delete(self.map_fds["pod_cidrs"], k)
+
+    def _delete_ips(self, pod_id: int, keep: set[bytes] | None = None) -> None:
+        for k in libbpf.map_keys(self.map_fds["pod_by_ip"], maps.IpAddr):
+            val = maps.PodIpVal()
+            # Only this pod's entries: a reused IP may already belong to a new pod.
+            if libbpf.map_lookup(self.map_fds["pod_by_ip"], k, val) and val.pod_id == pod_id \
+                    and bytes(k) not in (keep or set()):
+                libbpf.map_delete(self.map_fds["pod_by_ip"], k)
+                libbpf.map_delete(self.map_fds["inbound_listeners"], k)
+
+    def remove_pod(self, handle: int) -> None:
+        current = self.pods().get(handle)
+        if current is None:
+            return
+        libbpf.map_delete(self.map_fds["pod_by_netns"], ctypes.c_uint64(handle))
+        self._delete_ips(current.pod_id)
+        self._delete_lists(current.pod_id)
+        link = self._link_path(f"netns-{handle}")
+        if link.exists():
+            link.unlink()
+
+    def _attach_netns(self, netns_path: str, cookie: int) -> None:
+        name = f"netns-{cookie}"
+        if self._link_path(name).exists():
+            return
+        fd = os.open(netns_path, os.O_RDONLY)
+        try:
+            link = libbpf.link_create(self.prog_fds["ie_inbound"], fd, libbpf.SK_LOOKUP)
+            try:
+                libbpf.obj_pin(link, str(self._link_path(name)))
+            finally:
+                os.close(link)
+        finally:
+            os.close(fd)
+
+    # ---- inbound listener (userspace path) ----------------------------------------
+    def register_listeners(self, netns_path: str, cookie: int | None = None,
+                           cfg: PodConfig | None = None, proc: str = "/proc") -> int:
+        """Find sockets listening on 15006 in the pod and make them the sk_lookup target.
+
+        Cookie mode does this in sockops when Envoy starts listening; this path
+        covers a listener that existed before the pod was added, and is the only
+        path in pod-IP mode (no netns cookie in sockops before 5.15). Returns the
+        number of map entries written.
+        """
+        from .listeners import find_listeners
+
+        cookie = cookie if cookie is not None else netns_cookie(netns_path)
+        pod = self.pods().get(cookie)
+        if pod is None:
+            return 0
+        ips = [ip for ip, _ in maps.encode_pod(pod.pod_id, cookie, cfg).ips] if cfg else \
+            self._ips_of(pod.pod_id)
+        written = 0
+        for family, fd in find_listeners(netns_path, INBOUND_PORT, proc):
+            try:
+                for ip in ips:
+                    if ip.family == family:
+                        libbpf.map_update(self.map_fds["inbound_listeners"], ip, ctypes.c_uint32(fd))
+                        written += 1
+            finally:
+                os.close(fd)
+        return written
+
+    def _ips_of(self, pod_id: int) -> list[maps.IpAddr]:
+        out = []
+        for k in libbpf.map_keys(self.map_fds["pod_by_ip"], maps.IpAddr):
+            val = maps.PodIpVal()
+            if libbpf.map_lookup(self.map_fds["pod_by_ip"], k, val) and val.pod_id == pod_id:
+                out.append(k)
+        return out
+
+    def refresh_listeners(self, netns_paths: dict[int, str]) -> int:
+        """Re-register listeners for all given pods (handle -> netns path), e.g. after Envoy restarts."""
+        return sum(self.register_listeners(path, handle) for handle, path in netns_paths.items())
+
+    # ---- observation --------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        out = {}
+        for i, name in enumerate(maps.COUNTERS):
+            val = ctypes.c_uint64()
+            libbpf.map_lookup(self.map_fds["counters"], ctypes.c_uint32(i), val)
+            out[name] = val.value
+        return out
+
+    def occupancy(self) -> dict[str, int]:
+        key_types = {"pod_by_netns": ctypes.c_uint64, "pod_by_ip": maps.IpAddr, "pod_ports": maps.PortKey,
+                     "pod_cidrs": maps.CidrKey, "origin_by_tuple": maps.ConnKey,
+                     "origin_by_cookie": ctypes.c_uint64, "dns_origin": ctypes.c_uint64}
+        return {name: len(libbpf.map_keys(self.map_fds[name], kt)) for name, kt in key_types.items()}
+
+    def origin_of(self, netns: int, ip: str, port: int) -> tuple[str, int, int] | None:
+        """The stored original destination for an app endpoint (tests, debugging)."""
+        k = maps.ConnKey(netns=netns if self.mode == "cookie" else 0,
+                         ip=maps.IpAddr.of(ipaddress.ip_address(ip)), port=port)
+        o = maps.Origin()
+        if not libbpf.map_lookup(self.map_fds["origin_by_tuple"], k, o):
+            return None
+        return (str(o.ip.address()), o.port, o.listener)
+
+    def describe(self) -> dict:
+        return {"mode": self.mode, "sockmap": self.sockmap, "version": self.version,
+                "pin_dir": str(self.pin_dir), "adopted": self.adopted,
+                "links": sorted(p.name for p in (self.pin_dir / "links").glob("*"))}
+
+    # ---- teardown -----------------------------------------------------------------
+    def close(self, cleanup: bool = False) -> None:
+        """Close our descriptors; with cleanup also detach and unpin everything."""
+        if cleanup and self.pin_dir.exists():
+            links = self.pin_dir / "links"
+            for link in links.glob("*") if links.exists() else ():
+                link.unlink()          # the last reference: the kernel detaches
+            if self.sockmap and "accel_socks" in self.map_fds and "ie_accel" in self.prog_fds:
+                try:
+                    libbpf.prog_detach(self.prog_fds["ie_accel"], self.map_fds["accel_socks"],
+                                       libbpf.SK_MSG_VERDICT)
+                except OSError as exc:
+                    if exc.errno != errno.ENOENT:
+                        raise
+            shutil.rmtree(self.pin_dir, ignore_errors=True)
+            try:
+                self.pin_root.rmdir()     # only when no other version is left
+            except OSError:
+                pass
+        for fd in list(self.prog_fds.values()) + list(self.map_fds.values()):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.prog_fds.clear()
+        self.map_fds.clear()
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+
+    def other_versions(self) -> list[Path]:
+        if not self.pin_root.exists():
+            return []
+        return [p for p in self.pin_root.iterdir() if p.is_dir() and p.name != self.version]
+
+    def retire_other_versions(self) -> list[str]:
+        """After an upgrade: detach what an older agent pinned (after ours is attached)."""
+        gone = []
+        for old in self.other_versions():
+            for link in (old / "links").glob("*"):
+                link.unlink()
+            shutil.rmtree(old, ignore_errors=True)
+            gone.append(old.name)
+        return gone
+
+
+def cleanup_pins(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:
+    """Remove every pinned istio-ebpf object below pin_root (agent --cleanup).
+
+    Unpinning a link is what detaches it; sk_msg attachments die with the map.
+    """
+    root = Path(pin_root)
+    removed = []
+    if not root.exists():
+        return removed
+    for version in sorted(root.iterdir()):
+        for link in sorted((version / "links").glob("*")):
+            link.unlink()
+            removed.append(str(link))
+        shutil.rmtree(version, ignore_errors=True)
+        removed.append(str(version))
+    try:
+        root.rmdir()
+    except OSError:
+        pass
+    return removed
+
+
+def dump_state(dp: Datapath) -> str:
+    return json.dumps({"describe": dp.describe(), "counters": dp.counters(), "occupancy": dp.occupancy()},
+                      indent=2)

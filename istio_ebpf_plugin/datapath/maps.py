@@ -1,0 +1,120 @@
+"""ctypes mirrors of bpf/istio_ebpf_maps.h and the encoding of a PodConfig.
+
+Keep every struct here in the same field order and size as the header.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+from .podconfig import IPAddress, IPNetwork, PodConfig
+
+POD_INBOUND_ALL = 1 << 0
+POD_DNS_CAPTURE = 1 << 1
+POD_OUT_PORT_INCL = 1 << 2
+
+PORT_IN_INCLUDE, PORT_IN_EXCLUDE, PORT_OUT_INCLUDE, PORT_OUT_EXCLUDE = 1, 2, 3, 4
+CIDR_EXCLUDE, CIDR_INCLUDE = 1, 2
+
+COUNTERS = (
+    "out_redirect", "in_redirect_local", "inbound_assign", "inbound_no_listener",
+    "dns_redirect", "origdst_hit", "origdst_miss", "tuple_stored", "podip_bind_fail",
+    "sockmap_insert", "sockmap_msgs", "sockmap_bytes",
+)
+
+
+class IpAddr(ctypes.Structure):
+    _fields_ = [("family", ctypes.c_uint32), ("a", ctypes.c_uint8 * 16)]
+
+    @classmethod
+    def of(cls, ip: IPAddress) -> "IpAddr":
+        v = cls()
+        v.family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+        raw = ip.packed
+        ctypes.memmove(v.a, raw, len(raw))
+        return v
+
+    def address(self) -> IPAddress:
+        raw = bytes(self.a)
+        return ipaddress.ip_address(raw[:4] if self.family == socket.AF_INET else raw)
+
+
+class PodCfg(ctypes.Structure):
+    _fields_ = [("pod_id", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("proxy_uid", ctypes.c_uint32), ("proxy_gid", ctypes.c_uint32),
+                ("ip4", ctypes.c_uint8 * 4), ("ip6", ctypes.c_uint8 * 16)]
+
+
+class PodIpVal(ctypes.Structure):
+    _fields_ = [("pod_id", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("netns_cookie", ctypes.c_uint64)]
+
+
+class PortKey(ctypes.Structure):
+    _fields_ = [("pod_id", ctypes.c_uint32), ("kind", ctypes.c_uint16), ("port", ctypes.c_uint16)]
+
+
+class CidrKey(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("pod_id", ctypes.c_uint32), ("kind", ctypes.c_uint8),
+                ("family", ctypes.c_uint8), ("pad", ctypes.c_uint16), ("addr", ctypes.c_uint8 * 16)]
+
+
+class Origin(ctypes.Structure):
+    _fields_ = [("ip", IpAddr), ("port", ctypes.c_uint16), ("listener", ctypes.c_uint16)]
+
+
+class ConnKey(ctypes.Structure):
+    _fields_ = [("netns", ctypes.c_uint64), ("ip", IpAddr), ("port", ctypes.c_uint32)]
+
+
+@dataclass
+class PodEntries:
+    """Every map entry one pod needs."""
+
+    cfg: PodCfg
+    ips: list[tuple[IpAddr, PodIpVal]]
+    ports: list[PortKey]
+    cidrs: list[CidrKey]
+
+
+def _cidr_key(pod_id: int, kind: int, net: IPNetwork) -> CidrKey:
+    k = CidrKey()
+    k.prefixlen = 64 + net.prefixlen
+    k.pod_id = pod_id
+    k.kind = kind
+    k.family = net.version
+    raw = net.network_address.packed
+    ctypes.memmove(k.addr, raw, len(raw))
+    return k
+
+
+def encode_pod(pod_id: int, netns_cookie: int, cfg: PodConfig) -> PodEntries:
+    flags = 0
+    if cfg.include_inbound_ports is None:
+        flags |= POD_INBOUND_ALL
+    if cfg.dns_capture:
+        flags |= POD_DNS_CAPTURE
+    if cfg.include_outbound_ports:
+        flags |= POD_OUT_PORT_INCL
+    pc = PodCfg(pod_id=pod_id, flags=flags, proxy_uid=cfg.proxy_uid, proxy_gid=cfg.proxy_gid)
+    if cfg.ipv4:
+        ctypes.memmove(pc.ip4, cfg.ipv4[0].packed, 4)
+    if cfg.ipv6:
+        ctypes.memmove(pc.ip6, cfg.ipv6[0].packed, 16)
+    ips = [(IpAddr.of(ip), PodIpVal(pod_id=pod_id, flags=flags, netns_cookie=netns_cookie))
+           for ip in cfg.pod_ips]
+    ports: list[PortKey] = []
+    lists = ((PORT_IN_INCLUDE, cfg.include_inbound_ports or ()),
+             (PORT_IN_EXCLUDE, cfg.exclude_inbound_ports if cfg.include_inbound_ports is None else ()),
+             (PORT_OUT_INCLUDE, cfg.include_outbound_ports),
+             # The status port is never captured outbound, as istio-cni does it.
+             (PORT_OUT_EXCLUDE, tuple(cfg.exclude_outbound_ports) +
+              ((cfg.status_port,) if cfg.status_port else ())))
+    for kind, values in lists:
+        for port in sorted(set(values)):
+            ports.append(PortKey(pod_id=pod_id, kind=kind, port=port))
+    cidrs = [_cidr_key(pod_id, CIDR_EXCLUDE, n) for n in cfg.exclude_outbound_cidrs]
+    cidrs += [_cidr_key(pod_id, CIDR_INCLUDE, n) for n in cfg.include_outbound_cidrs]
+    return PodEntries(pc, ips, ports, cidrs)
