@@ -236,4 +236,28 @@ static __always_inline int is_own_ip(__u32 pod_id, const struct ip_addr *ip)
     return v && v->pod_id == pod_id;
 }
 
+/* Istio's ISTIO_INBOUND port rules: -b '*' minus -d, or the -b list; 15008 never. */
+static __always_inline int inbound_port_captured(const struct pod_ip_val *pod, __u16 port)
+{
+    if (port == HBONE_PORT)
+        return 0;
+    if (pod->flags & POD_INBOUND_ALL)
+        return !port_listed(pod->pod_id, PORT_IN_EXCLUDE, port);
+    return port_listed(pod->pod_id, PORT_IN_INCLUDE, port);
+}
+
+/* A source the pod itself owns: loopback, ::6, or one of its IPs. Such
+ * connections were decided on the way out (connect hooks), as iptables
+ * decides them in OUTPUT, never on the way in. */
+static __always_inline int from_own_pod(__u32 pod_id, const struct ip_addr *remote)
+{
+    if (remote->family == AF_INET) {
+        if (is_loopback4(remote->a[0]))
+            return 1;
+    } else if ((remote->a[0] | remote->a[1] | remote->a[2]) == 0) {
+        return 1;       /* ::1, ::6, :: */
+    }
+    return is_own_ip(pod_id, remote);
+}
+
 #endif /* ISTIO_EBPF_MAPS_H */

@@ -23,32 +23,18 @@ int ie_inbound(struct bpf_sk_lookup *ctx)
     if (ctx->family == AF_INET) {
         local.a[0] = ctx->local_ip4;
         remote.a[0] = ctx->remote_ip4;
-        if (is_loopback4(remote.a[0]))
-            return SK_PASS;
     } else {
         local.a[0] = ctx->local_ip6[0]; local.a[1] = ctx->local_ip6[1];
         local.a[2] = ctx->local_ip6[2]; local.a[3] = ctx->local_ip6[3];
         remote.a[0] = ctx->remote_ip6[0]; remote.a[1] = ctx->remote_ip6[1];
         remote.a[2] = ctx->remote_ip6[2]; remote.a[3] = ctx->remote_ip6[3];
-        if (is_loopback6(remote.a) || (remote.a[0] | remote.a[1] | remote.a[2]) == 0)
-            return SK_PASS;     /* ::1 and ::6 (passthrough) */
     }
 
     struct pod_ip_val *pod = pod_by_ip.lookup(&local);
-    if (!pod)
+    if (!pod || from_own_pod(pod->pod_id, &remote))
         return SK_PASS;
-    if (is_own_ip(pod->pod_id, &remote))
-        return SK_PASS;         /* the pod talking to itself: OUTPUT decided */
-
-    __u16 port = ctx->local_port;
-    if (port == HBONE_PORT)
+    if (!inbound_port_captured(pod, ctx->local_port))
         return SK_PASS;
-    if (pod->flags & POD_INBOUND_ALL) {
-        if (port_listed(pod->pod_id, PORT_IN_EXCLUDE, port))
-            return SK_PASS;
-    } else if (!port_listed(pod->pod_id, PORT_IN_INCLUDE, port)) {
-        return SK_PASS;
-    }
 
     struct bpf_sock *sk = (struct bpf_sock *)inbound_listeners.lookup(&local);
     if (!sk) {

@@ -147,9 +147,27 @@ int ie_sockops(struct bpf_sock_ops *s)
         break;
     }
     case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: {
-#if ISTIO_EBPF_SOCKMAP
-        struct ip_addr r = {};
+        struct ip_addr l = {}, r = {};
+        local_addr(s, &l);
         remote_addr(s, &r);
+        /* Accepted through sk_lookup (same rule as sk_lookup.c): the local
+         * address is the original destination. Record it so SO_ORIGINAL_DST
+         * answers as conntrack would; Envoy's ORIGINAL_DST clusters only use
+         * an address the original_dst filter restored. */
+        struct pod_ip_val *pod = pod_by_ip.lookup(&l);
+        if (pod && !from_own_pod(pod->pod_id, &r) && inbound_port_captured(pod, s->local_port)) {
+            struct conn_key k = {};
+            k.netns = ops_netns(s);
+            k.ip = r;
+            k.port = bpf_ntohl(s->remote_port);
+            struct origin o = {};
+            o.ip = l;
+            o.port = s->local_port;
+            o.listener = s->local_port;
+            origin_by_tuple.update(&k, &o);
+            bpf_sock_ops_cb_flags_set(s, BPF_SOCK_OPS_STATE_CB_FLAG);
+        }
+#if ISTIO_EBPF_SOCKMAP
         if (s->local_port == OUTBOUND_PORT || s->local_port == INBOUND_PORT || is_passthrough(&r))
             accel_insert(s);
 #endif
@@ -157,9 +175,16 @@ int ie_sockops(struct bpf_sock_ops *s)
     }
     case BPF_SOCK_OPS_STATE_CB:
         if (s->args[1] == BPF_TCP_CLOSE) {
+            /* Our entries are keyed by the app end: the local end of an app
+             * socket, the remote end of an accepted inbound socket. */
             struct conn_key k = {};
             conn_key_of(s, &k);
             origin_by_tuple.delete(&k);
+            struct conn_key rk = {};
+            rk.netns = k.netns;
+            remote_addr(s, &rk.ip);
+            rk.port = bpf_ntohl(s->remote_port);
+            origin_by_tuple.delete(&rk);
         }
         break;
     case BPF_SOCK_OPS_TCP_LISTEN_CB:

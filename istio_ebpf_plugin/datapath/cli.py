@@ -1,0 +1,68 @@
+"""``istio-ebpf probe`` and ``istio-ebpf demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ..kernel import parse_release
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("probe", help="kernel release, feature probes and the selected capture mode")
+    p.add_argument("--kernel-release", help="apply the version rule to this string only (no probing)")
+    p.add_argument("--mode", default="auto", help="operator override: auto|cookie|podip|unsupported")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_probe)
+
+    d = sub.add_parser("demo", help="local demo: pods, real Envoy, traffic through eBPF capture")
+    d.add_argument("--mode", default="auto", help="auto|cookie|podip")
+    d.add_argument("--sockmap", dest="sockmap", action="store_true", help="enable sk_msg acceleration")
+    d.add_argument("--no-sockmap", dest="sockmap", action="store_false", help="(default) no acceleration")
+    d.add_argument("--requests", type=int, default=50)
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+    d.set_defaults(func=cmd_demo, sockmap=False)
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from .probe import parse_mode_arg, select_mode
+
+    parse_mode_arg(args.mode)
+    if args.kernel_release is not None:
+        version = parse_release(args.kernel_release)   # UsageError -> exit 2
+        mode, reason = select_mode(args.kernel_release, None, override=args.mode)
+        out = {"kernel_release": args.kernel_release, "version": str(version), "mode": mode,
+               "reason": reason, "probed": False}
+    else:
+        from .probe import probe_features
+
+        release = os.uname().release
+        features = probe_features()
+        mode, reason = select_mode(release, features, override=args.mode)
+        out = {"kernel_release": release, "version": str(parse_release(release)), "mode": mode,
+               "reason": reason, "probed": True, "features": features}
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+    else:
+        print(f"kernel release  {out['kernel_release']} ({out['version']})")
+        for name, ok in sorted(out.get("features", {}).items()):
+            print(f"  {name:34s} {'ok' if ok else 'FAILED'}")
+        print(f"mode            {out['mode']}  ({out['reason']})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import demo_ok, main_json, print_summary, run_demo
+    from .probe import parse_mode_arg
+
+    if parse_mode_arg(args.mode) == "unsupported":
+        from ..errors import UsageError
+        raise UsageError("demo --mode must be auto, cookie or podip")
+    summary = run_demo(mode=args.mode, sockmap=args.sockmap, requests=max(2, args.requests))
+    if args.json:
+        print(main_json(summary))
+    else:
+        print_summary(summary)
+    return 0 if demo_ok(summary) else 1

@@ -1,0 +1,156 @@
+"""Feature probes: load tiny programs instead of trusting version numbers.
+
+Each probe compiles (once, one BCC module) and loads a minimal program that
+uses exactly the helper or program type a mode depends on. Loading runs the
+verifier, so a kernel that lacks the helper (or a distribution that backported
+it) answers for itself. Nothing is attached.
+
+``select_mode`` combines the version rule of :mod:`istio_ebpf_plugin.kernel`
+with the probe results: a node only gets a mode whose every probe passed;
+otherwise it is ``unsupported`` and keeps iptables.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from ..errors import UsageError
+from ..kernel import mode_for_release, validate_mode
+from . import libbpf
+
+# name -> (function, program type, expected attach type or -1)
+_PROBES: dict[str, tuple[str, int, int]] = {
+    "cgroup_sock_addr_netns_cookie": ("p_connect_cookie", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_CONNECT),
+    "cgroup_sock_addr_bind": ("p_connect_bind", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_CONNECT),
+    "sockops_netns_cookie": ("p_sockops_cookie", libbpf.PROG_SOCK_OPS, -1),
+    "sockops_sockhash": ("p_sockops_hash", libbpf.PROG_SOCK_OPS, -1),
+    "getsockopt_prog": ("p_getsockopt", libbpf.PROG_CGROUP_SOCKOPT, libbpf.CGROUP_GETSOCKOPT),
+    "getsockopt_netns_cookie": ("p_getsockopt_cookie", libbpf.PROG_CGROUP_SOCKOPT, libbpf.CGROUP_GETSOCKOPT),
+    "sk_lookup_assign": ("p_sk_lookup", libbpf.PROG_SK_LOOKUP, libbpf.SK_LOOKUP),
+    "sk_msg_redirect": ("p_sk_msg", libbpf.PROG_SK_MSG, -1),
+    "sk_msg_netns_cookie": ("p_sk_msg_cookie", libbpf.PROG_SK_MSG, -1),
+}
+
+_SOURCE = r"""
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/in.h>
+BPF_SOCKHASH(p_hash, u32, 4);
+int p_connect_cookie(struct bpf_sock_addr *ctx) { return bpf_get_netns_cookie(ctx) != 0; }
+int p_connect_bind(struct bpf_sock_addr *ctx) {
+    struct sockaddr_in sa = {}; sa.sin_family = AF_INET;
+    bpf_bind(ctx, (struct sockaddr *)&sa, sizeof(sa)); return 1; }
+int p_sockops_cookie(struct bpf_sock_ops *s) { return bpf_get_netns_cookie(s) != 0; }
+int p_sockops_hash(struct bpf_sock_ops *s) { u32 k = 0; p_hash.sock_hash_update(s, &k, BPF_ANY); return 1; }
+int p_getsockopt(struct bpf_sockopt *ctx) { return 1; }
+int p_getsockopt_cookie(struct bpf_sockopt *ctx) { return bpf_get_netns_cookie(ctx) != 0; }
+int p_sk_lookup(struct bpf_sk_lookup *ctx) { bpf_sk_assign(ctx, 0, 0); return SK_PASS; }
+int p_sk_msg(struct sk_msg_md *msg) { u32 k = 0; p_hash.msg_redirect_hash(msg, &k, BPF_F_INGRESS); return SK_PASS; }
+int p_sk_msg_cookie(struct sk_msg_md *msg) { return bpf_get_netns_cookie(msg) != 0 ? SK_PASS : SK_PASS; }
+"""
+
+#: What each mode needs (besides cgroup v2 and bpffs).
+MODE_REQUIREMENTS: dict[str, tuple[str, ...]] = {
+    "cookie": ("cgroup_sock_addr_netns_cookie", "sockops_netns_cookie", "sockops_sockhash",
+               "getsockopt_prog", "getsockopt_netns_cookie", "sk_lookup_assign", "so_netns_cookie"),
+    "podip": ("cgroup_sock_addr_netns_cookie", "cgroup_sock_addr_bind", "getsockopt_prog",
+              "sk_lookup_assign", "so_netns_cookie"),
+}
+SOCKMAP_REQUIREMENTS = {"cookie": ("sk_msg_redirect", "sk_msg_netns_cookie"), "podip": ("sk_msg_redirect",)}
+
+#: Environment variable naming probes to report as failed (fault injection for tests/operators).
+FORCE_FAIL_ENV = "ISTIO_EBPF_PROBE_FAIL"
+
+
+def _cgroup2_mounted() -> bool:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        if line.split()[2:3] == ["cgroup2"]:
+            return True
+    return False
+
+
+def _bpffs_mounted() -> bool:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        f = line.split()
+        if len(f) > 2 and f[2] == "bpf":
+            return True
+    return False
+
+
+def _so_netns_cookie() -> bool:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.getsockopt(socket.SOL_SOCKET, 71, 8)
+        return True
+    except OSError:
+        return False
+
+
+def probe_features() -> dict[str, bool]:
+    """Probe this kernel. Needs CAP_BPF; a probe that cannot run counts as failed."""
+    results: dict[str, bool] = {"cgroup_v2": _cgroup2_mounted(), "bpffs": _bpffs_mounted(),
+                                "so_netns_cookie": _so_netns_cookie()}
+    try:
+        from bcc import BPF
+        from .headers import find_kernel_headers
+
+        find_kernel_headers()
+        module = BPF(text=_SOURCE)
+    except Exception:
+        results.update({name: False for name in _PROBES})
+        results["bcc_compile"] = False
+        return _apply_forced(results)
+    results["bcc_compile"] = True
+    try:
+        for name, (func, prog_type, attach) in _PROBES.items():
+            try:
+                module.load_func(func, prog_type, None, attach)
+                results[name] = True
+            except Exception:
+                results[name] = False
+    finally:
+        module.cleanup()
+    return _apply_forced(results)
+
+
+def _apply_forced(results: dict[str, bool]) -> dict[str, bool]:
+    for name in filter(None, os.environ.get(FORCE_FAIL_ENV, "").split(",")):
+        results[name.strip()] = False
+    return results
+
+
+def select_mode(release: str, features: dict[str, bool] | None,
+                override: str | None = None) -> tuple[str, str]:
+    """(mode, reason). The version rule proposes, the probes confirm, nothing is silently wrong."""
+    if override not in (None, "", "auto"):
+        validate_mode(override)
+    by_version = mode_for_release(release)
+    wanted = override if override not in (None, "", "auto") else by_version
+    why = f"operator override {wanted}" if wanted != by_version else f"kernel {release} -> {by_version}"
+    if wanted == "unsupported":
+        return "unsupported", why
+    if features is None:
+        return wanted, why + " (not probed)"
+    for base in ("cgroup_v2", "bpffs"):
+        if not features.get(base, False):
+            return "unsupported", f"{why}, but {base} is not available: keeping iptables"
+    missing = [p for p in MODE_REQUIREMENTS[wanted] if not features.get(p, False)]
+    if not missing:
+        return wanted, why + ", all probes passed"
+    # Cookie mode impossible: pod-IP mode may still be safe on this kernel.
+    if wanted == "cookie" and override in (None, "", "auto"):
+        podip_missing = [p for p in MODE_REQUIREMENTS["podip"] if not features.get(p, False)]
+        if not podip_missing:
+            return "podip", f"{why}, but probes failed ({', '.join(missing)}): falling back to podip"
+    return "unsupported", f"{why}, but probes failed ({', '.join(missing)}): keeping iptables"
+
+
+def sockmap_supported(mode: str, features: dict[str, bool]) -> bool:
+    return all(features.get(p, False) for p in SOCKMAP_REQUIREMENTS.get(mode, ("never",)))
+
+
+def parse_mode_arg(value: str) -> str:
+    if value not in ("auto", "cookie", "podip", "unsupported"):
+        raise UsageError(f"unknown mode {value!r}: choose auto, cookie, podip or unsupported")
+    return value
