@@ -197,7 +197,7 @@ class Datapath:
         for p in self.programs:
             attach = p.attach_type if p.target != "sockhash" else -1
             try:
-                fn = self._bpf.load_func(p.func, p.prog_type, None, attach)
+                fn = self._bpf.load_func(p.func.encode(), p.prog_type, None, attach)
             except Exception as exc:
                 raise KernelError(f"loading {p.func} ({p.source}) failed: {exc}") from exc
             self.prog_fds[p.func] = os.dup(fn.fd)

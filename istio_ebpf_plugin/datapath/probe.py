@@ -105,7 +105,7 @@ def probe_features() -> dict[str, bool]:
     try:
         for name, (func, prog_type, attach) in _PROBES.items():
             try:
-                module.load_func(func, prog_type, None, attach)
+                module.load_func(func.encode(), prog_type, None, attach)
                 results[name] = True
             except Exception:
                 results[name] = False
