@@ -1,0 +1,182 @@
+"""``install`` / ``uninstall`` / ``status`` against a live cluster.
+
+All API calls go through :mod:`istio_ebpf_plugin.kube_api`; the work itself is
+done by the plugins' hooks. Injector ConfigMaps are changed only with JSON
+patches whose ``test`` operations pin the value being replaced: when someone
+edits the ConfigMap at the same moment, the patch fails, we read it again,
+recompute and retry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Callable
+
+import pluggy
+
+from .. import kube_api
+from ..errors import PermanentError, TemporaryError, UsageError
+from . import injector_config, manifests
+from . import plan as planmod
+from .pipeline import InjectorEdit, edit_config
+from .plugin import BACKUP_CONFIGMAP
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _plan(pm: pluggy.PluginManager, options: argparse.Namespace) -> list[planmod.NodePlan]:
+    nodes = kube_api.list_nodes()
+    plan = pm.hook.istio_ebpf_plan_nodes(nodes=nodes, options=options) or []
+    _err(planmod.table(plan).rstrip("\n"))
+    return plan
+
+
+def _injectors(options: argparse.Namespace) -> list[dict[str, Any]]:
+    cms = kube_api.list_injector_configmaps()
+    revision = getattr(options, "revision", None)
+    if revision is not None:
+        cms = [cm for cm in cms if manifests.injector_revision(cm["metadata"]["name"]) == revision]
+    if not cms:
+        raise PermanentError("no istio-sidecar-injector ConfigMap in the cluster"
+                             + (f" for revision {revision!r}" if revision is not None else "")
+                             + ": is Istio installed?")
+    seen: dict[str, str] = {}
+    for cm in cms:
+        meta = cm["metadata"]
+        if meta["name"] in seen:
+            raise UsageError(f"ambiguous revisions: ConfigMap {meta['name']} exists in namespaces "
+                             f"{seen[meta['name']]} and {meta.get('namespace')}; use --revision/--istio-namespace")
+        seen[meta["name"]] = meta.get("namespace", "")
+    ns_filter = getattr(options, "istio_namespace", None)
+    if ns_filter:
+        cms = [cm for cm in cms if cm["metadata"].get("namespace") == ns_filter]
+    return cms
+
+
+def _patch_one(pm: pluggy.PluginManager, cm: dict[str, Any], options: argparse.Namespace, revert: bool,
+               before_patch: Callable[[InjectorEdit], None] | None = None,
+               sleep: Callable[[float], None] = time.sleep) -> tuple[InjectorEdit, list[dict] | None]:
+    """Compute and apply one ConfigMap's patch, re-reading and retrying on concurrent edits."""
+    meta = cm["metadata"]
+    ns, name = meta.get("namespace", ""), meta["name"]
+    retries = max(1, int(getattr(options, "retries", 5) or 5))
+    current = cm
+    for attempt in range(1, retries + 1):
+        config = (current.get("data") or {}).get("config")
+        if not isinstance(config, str):
+            raise PermanentError(f"ConfigMap {ns}/{name}: no data.config")
+        edit = edit_config(pm, name, ns, config, options, revert=revert)
+        ops: list[dict] = []
+        for part in pm.hook.istio_ebpf_live_patches(configmap=current, edit=edit, options=options):
+            ops.extend(part or [])
+        if not ops:
+            _err(f"ConfigMap {ns}/{name}: unchanged")
+            return edit, []
+        if getattr(options, "dry_run", False):
+            return edit, ops
+        if before_patch is not None:
+            before_patch(edit)
+        try:
+            kube_api.json_patch_configmap(ns, name, ops)
+            _err(f"ConfigMap {ns}/{name}: patched ({len(ops)} operations)")
+            return edit, ops
+        except kube_api.ConcurrentEditError:
+            _err(f"ConfigMap {ns}/{name}: changed by someone else meanwhile; re-reading "
+                 f"(attempt {attempt}/{retries})")
+        except TemporaryError as exc:
+            _err(f"ConfigMap {ns}/{name}: {exc}; retrying (attempt {attempt}/{retries})")
+            sleep(exc.delay)
+        fresh = kube_api.get_configmap(ns, name)
+        if fresh is None:
+            raise PermanentError(f"ConfigMap {ns}/{name} was deleted during the operation")
+        current = fresh
+    raise TemporaryError(f"ConfigMap {ns}/{name}: still changing after {retries} attempts; try again")
+
+
+def _save_backup(edit: InjectorEdit) -> None:
+    """Keep the config as it was before our first edit (documented in docs/install.md)."""
+    if (injector_config.parse(edit.original, edit.where()).get("templates") or {}).get("ebpf") is not None:
+        return  # already ours: the backup from the first install stays
+    existing = kube_api.get_object("v1", "ConfigMap", edit.namespace, BACKUP_CONFIGMAP)
+    # Server-side apply owns the whole data map: send every revision's entry, not just ours.
+    data = dict((existing or {}).get("data") or {})
+    data[edit.name] = edit.original
+    body = {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": BACKUP_CONFIGMAP, "namespace": edit.namespace,
+                         "labels": {"app.kubernetes.io/managed-by": "istio-ebpf"}},
+            "data": data}
+    kube_api.apply_object(body)
+
+
+def _print_patch(edit: InjectorEdit, ops: list[dict]) -> str:
+    return (f"# JSON patch (RFC 6902) for ConfigMap {edit.namespace}/{edit.name}\n"
+            + json.dumps(ops, indent=2) + "\n")
+
+
+def install(pm: pluggy.PluginManager, options: argparse.Namespace) -> int:
+    plan = _plan(pm, options)
+    if plan and not any(p.captures for p in plan):
+        _err("warning: no node can capture with eBPF; opted-in pods will stay Pending")
+    out: list[str] = []
+    for cm in _injectors(options):
+        edit, ops = _patch_one(pm, cm, options, revert=False, before_patch=_save_backup)
+        if getattr(options, "dry_run", False) and ops:
+            out.append(_print_patch(edit, ops))
+    agent: list[manifests.Document] = []
+    for docs in pm.hook.istio_ebpf_agent_manifests(options=options, plan=plan):
+        agent.extend(docs or [])
+    stream = manifests.Stream(agent)
+    pm.hook.istio_ebpf_transform_manifests(stream=stream, options=options, plan=plan)
+    if getattr(options, "dry_run", False):
+        out.append(stream.text())
+        sys.stdout.write("".join(out))
+        return 0
+    for doc in stream.documents:
+        kube_api.apply_object(doc.data)
+        _err(f"applied {doc.kind} {doc.namespace + '/' if doc.namespace else ''}{doc.name}")
+    pm.hook.istio_ebpf_post_install(options=options, plan=plan)
+    final = pm.hook.istio_ebpf_plan_nodes(nodes=kube_api.list_nodes(), options=options) or []
+    sys.stdout.write(planmod.table(final))
+    return 0
+
+
+def uninstall(pm: pluggy.PluginManager, options: argparse.Namespace) -> int:
+    out: list[str] = []
+    try:
+        cms = _injectors(options)
+    except PermanentError as exc:
+        _err(f"{exc}; removing the agent only")
+        cms = []
+    for cm in cms:
+        edit, ops = _patch_one(pm, cm, options, revert=True)
+        if getattr(options, "dry_run", False):
+            if ops:
+                out.append(_print_patch(edit, ops))
+            continue
+        if edit.changed:
+            backup = kube_api.get_object("v1", "ConfigMap", edit.namespace, BACKUP_CONFIGMAP)
+            saved = ((backup or {}).get("data") or {}).get(edit.name)
+            if saved is not None and saved != edit.config:
+                _err(f"note: {edit.where()} differs from the backup taken at install (it was changed since); "
+                     "only istio-ebpf's own edits were removed")
+            elif saved is not None:
+                _err(f"{edit.where()}: restored exactly (matches the backup in {BACKUP_CONFIGMAP})")
+    if getattr(options, "dry_run", False):
+        sys.stdout.write("".join(out))
+        return 0
+    pm.hook.istio_ebpf_uninstall_cleanup(options=options)
+    return 0
+
+
+def status(pm: pluggy.PluginManager, options: argparse.Namespace) -> int:
+    plan = _plan(pm, options)
+    lines: list[str] = []
+    for part in pm.hook.istio_ebpf_status(options=options, plan=plan):
+        lines.extend(part or [])
+    sys.stdout.write("".join(line + "\n" for line in lines))
+    return 1 if any(line.startswith("PROBLEM") for line in lines) else 0

@@ -1,0 +1,207 @@
+"""The eBPF capture plugin: the built-in implementation of the install hooks.
+
+Registered through the ``istio_ebpf`` entry point (name ``ebpf``), so
+installing the package enables it and ``ISTIO_EBPF_BLOCKED_PLUGINS=ebpf``
+disables it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from typing import Any
+
+from .. import NODE_MODE_LABEL, kernel, kube_api
+from ..errors import PermanentError, TemporaryError
+from . import injector_config, manifests
+from . import plan as planmod
+from . import template as tpl
+from .manager import hookimpl
+from .pipeline import InjectorEdit
+
+#: ConfigMap (in each injector's namespace) holding the config as it was before install.
+BACKUP_CONFIGMAP = "istio-ebpf-injector-backup"
+#: Annotation on the injector ConfigMap: sha256 of the config we installed.
+INSTALLED_ANNOTATION = "istio-ebpf.io/installed-config-sha256"
+MODE_ENV = "ISTIO_EBPF_MODE"
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _json_pointer(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+@hookimpl
+def istio_ebpf_add_options(parser: argparse.ArgumentParser, command: str) -> None:
+    if command in ("render", "install", "status"):
+        parser.add_argument("--mode", default="auto", metavar="MODE",
+                            help="capture mode for every node: auto (by kernel version), cookie, podip, unsupported")
+    if command in ("install", "uninstall"):
+        parser.add_argument("--dry-run", action="store_true",
+                            help="print the JSON patches and manifests instead of applying them")
+    if command == "install":
+        parser.add_argument("--timeout", type=float, default=300.0,
+                            help="seconds to wait for the agent DaemonSet rollout (0: do not wait)")
+        parser.add_argument("--retries", type=int, default=5,
+                            help="attempts when an injector ConfigMap changes under us")
+
+
+@hookimpl
+def istio_ebpf_plan_nodes(nodes: list[dict[str, Any]], options: argparse.Namespace) -> list[planmod.NodePlan]:
+    return planmod.build(nodes, getattr(options, "mode", "auto") or "auto")
+
+
+@hookimpl
+def istio_ebpf_edit_injector_config(edit: InjectorEdit, options: argparse.Namespace) -> None:
+    edit.config = injector_config.add(edit.config, edit.where())
+
+
+@hookimpl
+def istio_ebpf_revert_injector_config(edit: InjectorEdit, options: argparse.Namespace) -> None:
+    edit.config = injector_config.remove(edit.config, edit.where())
+
+
+@hookimpl
+def istio_ebpf_live_patches(configmap: dict[str, Any], edit: InjectorEdit,
+                            options: argparse.Namespace) -> list[dict[str, Any]]:
+    annotations = (configmap.get("metadata") or {}).get("annotations") or {}
+    ops: list[dict[str, Any]] = []
+    if edit.changed:
+        ops += [{"op": "test", "path": "/data/config", "value": edit.original},
+                {"op": "replace", "path": "/data/config", "value": edit.config}]
+    installing = injector_config.is_installed(edit.config, edit.where())
+    pointer = "/metadata/annotations/" + _json_pointer(INSTALLED_ANNOTATION)
+    if installing:
+        want = _sha(edit.config)
+        if annotations.get(INSTALLED_ANNOTATION) != want:
+            if not annotations and "annotations" not in (configmap.get("metadata") or {}):
+                ops.append({"op": "add", "path": "/metadata/annotations", "value": {INSTALLED_ANNOTATION: want}})
+            elif INSTALLED_ANNOTATION in annotations:
+                ops += [{"op": "test", "path": pointer, "value": annotations[INSTALLED_ANNOTATION]},
+                        {"op": "replace", "path": pointer, "value": want}]
+            else:
+                ops.append({"op": "add", "path": pointer, "value": want})
+    elif INSTALLED_ANNOTATION in annotations:
+        ops += [{"op": "test", "path": pointer, "value": annotations[INSTALLED_ANNOTATION]},
+                {"op": "remove", "path": pointer}]
+    return ops
+
+
+@hookimpl
+def istio_ebpf_agent_manifests(options: argparse.Namespace, plan: list[planmod.NodePlan] | None) -> list:
+    docs = manifests.agent_documents()
+    mode = getattr(options, "mode", "auto") or "auto"
+    if mode != "auto":
+        kernel.validate_mode(mode)
+        for doc in docs:
+            if doc.kind == "DaemonSet":
+                manifests.set_daemonset_env(doc, MODE_ENV, mode)
+    return docs
+
+
+@hookimpl
+def istio_ebpf_post_install(options: argparse.Namespace, plan: list[planmod.NodePlan] | None) -> None:
+    for p in plan or []:
+        if p.current_label != p.mode:
+            kube_api.label_node(p.node, {NODE_MODE_LABEL: p.mode})
+            print(f"node {p.node}: label {NODE_MODE_LABEL}={p.mode}", file=sys.stderr)
+    timeout = float(getattr(options, "timeout", 300.0))
+    if timeout > 0:
+        for doc in manifests.agent_documents():
+            if doc.kind == "DaemonSet":
+                wait_for_daemonset(doc.data, timeout)
+
+
+def daemonset_progress(ds: dict[str, Any]) -> tuple[bool, str]:
+    status = ds.get("status") or {}
+    meta = ds.get("metadata") or {}
+    desired = int(status.get("desiredNumberScheduled") or 0)
+    updated = int(status.get("updatedNumberScheduled") or 0)
+    available = int(status.get("numberAvailable") or 0)
+    observed = int(status.get("observedGeneration") or 0)
+    current = observed >= int(meta.get("generation") or 0)
+    done = current and updated >= desired and available >= desired
+    return done, f"{updated}/{desired} updated, {available}/{desired} available"
+
+
+def wait_for_daemonset(body: dict[str, Any], timeout: float, interval: float = 2.0,
+                       clock=time.monotonic, sleep=time.sleep) -> dict[str, Any]:
+    meta = body.get("metadata") or {}
+    name, ns = meta.get("name"), meta.get("namespace")
+    deadline = clock() + timeout
+    last = ""
+    while True:
+        ds = kube_api.get_object(body.get("apiVersion", "apps/v1"), "DaemonSet", ns, name)
+        if ds is None:
+            raise PermanentError(f"DaemonSet {ns}/{name} disappeared during rollout")
+        done, progress = daemonset_progress(ds)
+        if progress != last:
+            print(f"rollout {ns}/{name}: {progress}", file=sys.stderr)
+            last = progress
+        if done:
+            return ds
+        if clock() >= deadline:
+            raise TemporaryError(f"rollout of DaemonSet {ns}/{name} not finished after {timeout:g}s ({progress})")
+        sleep(interval)
+
+
+@hookimpl
+def istio_ebpf_status(options: argparse.Namespace, plan: list[planmod.NodePlan] | None) -> list[str]:
+    lines: list[str] = []
+    cms = kube_api.list_injector_configmaps()
+    if not cms:
+        lines.append("PROBLEM: no istio-sidecar-injector ConfigMap: is Istio installed?")
+    for cm in cms:
+        meta = cm.get("metadata") or {}
+        where = f"ConfigMap {meta.get('namespace')}/{meta.get('name')}"
+        config = (cm.get("data") or {}).get("config")
+        if not isinstance(config, str):
+            lines.append(f"PROBLEM: {where}: no data.config")
+            continue
+        data = injector_config.parse(config, where)
+        ours = (data.get("templates") or {}).get(tpl.TEMPLATE_NAME)
+        if ours is None:
+            lines.append(f"PROBLEM: {where}: ebpf template missing (Istio installed or upgraded without it); "
+                         "run 'istio-ebpf install'")
+        elif not tpl.is_ours(ours):
+            lines.append(f"PROBLEM: {where}: a template named ebpf exists but was not written by istio-ebpf")
+        elif injector_config.add(config, where) != config:
+            lines.append(f"PROBLEM: {where}: ebpf template is stale for this sidecar template "
+                         "(Istio upgraded?); run 'istio-ebpf install'")
+        else:
+            lines.append(f"ok: {where}: ebpf template installed, defaultTemplates "
+                         f"{injector_config.effective_defaults(data)}")
+    for doc in manifests.agent_documents():
+        ident = f"{doc.kind} {doc.namespace + '/' if doc.namespace else ''}{doc.name}"
+        live = kube_api.get_object(doc.data.get("apiVersion", ""), doc.kind, doc.namespace or None, doc.name)
+        if live is None:
+            lines.append(f"PROBLEM: {ident}: not found")
+        elif doc.kind == "DaemonSet":
+            done, progress = daemonset_progress(live)
+            lines.append(f"{'ok' if done else 'PROBLEM'}: {ident}: {progress}")
+        else:
+            lines.append(f"ok: {ident}: present")
+    for p in plan or []:
+        if p.current_label in ("cookie", "podip") and p.rule_mode == "unsupported" and p.mode == "unsupported":
+            lines.append(f"PROBLEM: node {p.node}: labelled {p.current_label} but kernel {p.kernel} "
+                         "cannot capture")
+    return lines
+
+
+@hookimpl
+def istio_ebpf_uninstall_cleanup(options: argparse.Namespace) -> None:
+    for doc in reversed(manifests.agent_documents()):
+        gone = kube_api.delete_object(doc.data.get("apiVersion", ""), doc.kind, doc.namespace or None, doc.name)
+        print(f"{doc.kind} {doc.name}: {'deleted' if gone else 'already absent'}", file=sys.stderr)
+    for node in kube_api.list_nodes():
+        meta = node.get("metadata") or {}
+        if NODE_MODE_LABEL in (meta.get("labels") or {}):
+            kube_api.label_node(meta.get("name", ""), {NODE_MODE_LABEL: None})
+    namespaces = {(cm.get("metadata") or {}).get("namespace") for cm in kube_api.list_injector_configmaps()}
+    for ns in sorted(n for n in namespaces if n):
+        kube_api.delete_object("v1", "ConfigMap", ns, BACKUP_CONFIGMAP)

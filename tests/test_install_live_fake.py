@@ -1,0 +1,266 @@
+"""install / uninstall / status against a fake API, swapped in at kube_api (and only there)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import jsonpatch
+import pytest
+
+from istio_ebpf_plugin import NODE_MODE_LABEL, kube_api
+from istio_ebpf_plugin.cli import main
+from istio_ebpf_plugin.install import injector_config
+from istio_ebpf_plugin.install.plugin import BACKUP_CONFIGMAP, INSTALLED_ANNOTATION
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "istio"
+CONFIG = (FIXTURES / "master" / "rendered" / "istio-sidecar-injector.config.yaml").read_text()
+CONFIG_114 = (FIXTURES / "v1.14.0" / "rendered" / "istio-sidecar-injector.config.yaml").read_text()
+
+AGENT = """\
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: istio-ebpf-test
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata:
+  name: istio-ebpf-agent
+  namespace: istio-ebpf-test
+spec:
+  selector:
+    matchLabels: {app: a}
+  template:
+    metadata:
+      labels: {app: a}
+    spec:
+      containers:
+      - name: agent
+        image: example.invalid/agent:test
+"""
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: str = "") -> None:
+        super().__init__(f"({status})")
+        self.status, self.body, self.reason = status, body, "error"
+
+
+class FakeCluster:
+    """Just the API surface kube_api's installer backend uses, with real JSON-patch semantics."""
+
+    def __init__(self, configs: dict[str, str], kernels: dict[str, str]) -> None:
+        self.configmaps = {("istio-system", name): {
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": "istio-system", "resourceVersion": "1"},
+            "data": {"config": cfg, "values": "{}"}} for name, cfg in configs.items()}
+        self.nodes = {n: {"metadata": {"name": n, "labels": {}}, "status": {"nodeInfo": {"kernelVersion": k}}}
+                      for n, k in kernels.items()}
+        self.objects: dict[tuple, dict] = {}
+        self.patches: list[tuple[str, list]] = []
+        self.before_patch = None  # callable run before a patch is applied (concurrent editor)
+
+    def list_configmaps(self):
+        return [copy.deepcopy(c) for c in self.configmaps.values()] + \
+            [copy.deepcopy(o) for k, o in self.objects.items() if k[1] == "ConfigMap"]
+
+    def get_configmap(self, ns, name):
+        cm = self.configmaps.get((ns, name))
+        return copy.deepcopy(cm)
+
+    def json_patch_configmap(self, ns, name, ops):
+        if self.before_patch:
+            hook, self.before_patch = self.before_patch, None
+            hook(self)
+        cm = self.configmaps[(ns, name)]
+        try:
+            new = jsonpatch.JsonPatch(ops).apply(cm)
+        except jsonpatch.JsonPatchTestFailed as exc:
+            raise ApiError(422, json.dumps({"message": f"testing value failed: test failed: {exc}"}))
+        new["metadata"]["resourceVersion"] = str(int(cm["metadata"]["resourceVersion"]) + 1)
+        self.configmaps[(ns, name)] = new
+        self.patches.append((name, ops))
+        return copy.deepcopy(new)
+
+    def _key(self, api_version, kind, ns, name):
+        return (api_version, kind, ns or "", name)
+
+    def apply(self, body):
+        meta = body["metadata"]
+        key = self._key(body["apiVersion"], body["kind"], meta.get("namespace"), meta["name"])
+        obj = copy.deepcopy(body)
+        if body["kind"] == "DaemonSet":
+            obj["metadata"]["generation"] = 1
+            obj["status"] = {"observedGeneration": 1, "desiredNumberScheduled": len(self.nodes),
+                             "updatedNumberScheduled": len(self.nodes), "numberAvailable": len(self.nodes)}
+        self.objects[key] = obj
+        return copy.deepcopy(obj)
+
+    def get(self, api_version, kind, ns, name):
+        return copy.deepcopy(self.objects.get(self._key(api_version, kind, ns, name)))
+
+    def delete(self, api_version, kind, ns, name):
+        return self.objects.pop(self._key(api_version, kind, ns, name), None) is not None
+
+    def list_nodes(self):
+        return [copy.deepcopy(n) for n in self.nodes.values()]
+
+    def patch_node_labels(self, name, labels):
+        current = self.nodes[name]["metadata"]["labels"]
+        for k, v in labels.items():
+            if v is None:
+                current.pop(k, None)
+            else:
+                current[k] = v
+
+
+@pytest.fixture
+def agent_dir(tmp_path, monkeypatch):
+    d = tmp_path / "manifests"
+    d.mkdir()
+    (d / "agent.yaml").write_text(AGENT)
+    monkeypatch.setenv("ISTIO_EBPF_MANIFESTS_DIR", str(d))
+    return d
+
+
+@pytest.fixture
+def cluster(agent_dir):
+    fake = FakeCluster({"istio-sidecar-injector": CONFIG, "istio-sidecar-injector-canary": CONFIG_114},
+                       {"n-new": "6.1.0-18-amd64", "n-mid": "5.10.0-28-amd64", "n-old": "4.19.0-26-amd64"})
+    previous = kube_api.use_installer_backend(fake)
+    yield fake
+    kube_api.use_installer_backend(previous)
+
+
+def _cfg(fake, name="istio-sidecar-injector"):
+    return fake.configmaps[("istio-system", name)]["data"]["config"]
+
+
+def test_install_patches_every_revision_applies_agent_labels_nodes(cluster, capsys):
+    assert main(["install", "--timeout", "5"]) == 0
+    out = capsys.readouterr()
+    for name in ("istio-sidecar-injector", "istio-sidecar-injector-canary"):
+        cfg = _cfg(cluster, name)
+        assert injector_config.is_installed(cfg)
+        ann = cluster.configmaps[("istio-system", name)]["metadata"]["annotations"]
+        assert len(ann[INSTALLED_ANNOTATION]) == 64
+    # Every replace was guarded by a test of the old value.
+    for _, ops in cluster.patches:
+        assert ops[0]["op"] == "test" and ops[0]["path"] == "/data/config" and ops[1]["op"] == "replace"
+    assert ("apps/v1", "DaemonSet", "istio-ebpf-test", "istio-ebpf-agent") in cluster.objects
+    backup = cluster.objects[("v1", "ConfigMap", "istio-system", BACKUP_CONFIGMAP)]
+    assert backup["data"]["istio-sidecar-injector"] == CONFIG
+    labels = {n: cluster.nodes[n]["metadata"]["labels"].get(NODE_MODE_LABEL) for n in cluster.nodes}
+    assert labels == {"n-new": "cookie", "n-mid": "podip", "n-old": "unsupported"}
+    assert "rollout istio-ebpf-test/istio-ebpf-agent: 3/3 updated, 3/3 available" in out.err
+    assert "n-old" in out.out and "unsupported" in out.out
+
+
+def test_install_twice_changes_nothing(cluster, capsys):
+    assert main(["install", "--timeout", "0"]) == 0
+    state = copy.deepcopy(cluster.configmaps)
+    n = len(cluster.patches)
+    assert main(["install", "--timeout", "0"]) == 0
+    assert cluster.configmaps == state and len(cluster.patches) == n
+    assert "unchanged" in capsys.readouterr().err
+
+
+def test_uninstall_restores_exactly(cluster, capsys):
+    original = copy.deepcopy(cluster.configmaps)
+    assert main(["install", "--timeout", "0"]) == 0
+    assert main(["uninstall"]) == 0
+    for key, cm in original.items():
+        assert cluster.configmaps[key]["data"] == cm["data"]
+        assert INSTALLED_ANNOTATION not in (cluster.configmaps[key]["metadata"].get("annotations") or {})
+    assert cluster.objects == {}  # agent and backup gone
+    assert all(NODE_MODE_LABEL not in n["metadata"]["labels"] for n in cluster.nodes.values())
+    assert "restored exactly" in capsys.readouterr().err
+
+
+def test_concurrent_edit_fails_the_test_op_then_retry_succeeds(cluster, capsys):
+    def someone_else(fake):
+        cm = fake.configmaps[("istio-system", "istio-sidecar-injector")]
+        cm["data"]["config"] = cm["data"]["config"].replace("policy: enabled", "policy: disabled")
+
+    cluster.before_patch = someone_else
+    assert main(["install", "--timeout", "0"]) == 0
+    cfg = _cfg(cluster)
+    assert "policy: disabled" in cfg  # their edit survived
+    assert injector_config.is_installed(cfg)  # ours went in on the retry
+    assert "changed by someone else meanwhile" in capsys.readouterr().err
+
+
+def test_uninstall_after_partial_install(cluster, capsys):
+    # Only the default revision got patched, and the agent was never applied.
+    cfg = injector_config.add(CONFIG)
+    cluster.configmaps[("istio-system", "istio-sidecar-injector")]["data"]["config"] = cfg
+    assert main(["uninstall"]) == 0
+    assert _cfg(cluster) == CONFIG
+    assert _cfg(cluster, "istio-sidecar-injector-canary") == CONFIG_114
+    assert "already absent" in capsys.readouterr().err
+
+
+def test_status_reports_istio_upgrade_and_install_repairs(cluster, capsys):
+    assert main(["install", "--timeout", "0"]) == 0
+    assert main(["status"]) == 0
+    capsys.readouterr()
+    # Istio upgraded underneath: the injector ConfigMap is replaced without our template.
+    cluster.configmaps[("istio-system", "istio-sidecar-injector")]["data"]["config"] = CONFIG
+    assert main(["status"]) == 1
+    out = capsys.readouterr().out
+    assert "PROBLEM: ConfigMap istio-system/istio-sidecar-injector: ebpf template missing" in out
+    assert main(["install", "--timeout", "0"]) == 0
+    assert main(["status"]) == 0
+    # A sidecar template changed by an upgrade makes ours stale: reported, then repaired.
+    stale = injector_config.add(CONFIG).replace('"--run-validation"', '"--run-validation" ', 1)
+    cluster.configmaps[("istio-system", "istio-sidecar-injector")]["data"]["config"] = stale
+    capsys.readouterr()
+    assert main(["status"]) == 1
+    assert "stale" in capsys.readouterr().out
+
+
+def test_dry_run_prints_patches_and_manifests_and_changes_nothing(cluster, capsys):
+    before = copy.deepcopy(cluster.configmaps)
+    assert main(["install", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert cluster.configmaps == before and cluster.objects == {} and not cluster.patches
+    assert out.count("# JSON patch (RFC 6902) for ConfigMap istio-system/") == 2
+    assert '"op": "test"' in out and "kind: DaemonSet" in out
+    assert all(NODE_MODE_LABEL not in n["metadata"]["labels"] for n in cluster.nodes.values())
+
+
+def test_cluster_errors_are_classified(cluster, capsys):
+    cluster.configmaps.clear()
+    assert main(["install", "--timeout", "0"]) == 1
+    assert "is Istio installed?" in capsys.readouterr().err
+
+    def forbidden(*a, **k):
+        raise ApiError(403, json.dumps({"message": "nodes is forbidden"}))
+
+    cluster.list_nodes = forbidden
+    assert main(["status"]) == 1
+    err = capsys.readouterr().err
+    assert "HTTP 403" in err and "forbidden" in err and err.count("\n") == 1
+    assert isinstance(kube_api.classify_api_error(ApiError(503), "x"), kube_api._TemporaryError)
+    assert isinstance(kube_api.classify_api_error(ConnectionError("refused"), "x"), kube_api._TemporaryError)
+    assert isinstance(kube_api.classify_api_error(
+        ApiError(422, '{"message": "test failed"}'), "x"), kube_api.ConcurrentEditError)
+
+
+def test_garbage_kernel_and_bad_mode_exit_2(cluster, capsys):
+    cluster.nodes["n-bad"] = {"metadata": {"name": "n-bad", "labels": {}},
+                              "status": {"nodeInfo": {"kernelVersion": "not-a-kernel"}}}
+    assert main(["install"]) == 2
+    err = capsys.readouterr().err
+    assert "n-bad" in err and err.count("\n") == 1
+    assert not cluster.patches
+    assert main(["install", "--mode", "fast"]) == 2
+
+
+def test_mode_override_labels_every_node(cluster):
+    assert main(["install", "--timeout", "0", "--mode", "podip"]) == 0
+    assert {n["metadata"]["labels"][NODE_MODE_LABEL] for n in cluster.nodes.values()} == {"podip"}
+    ds = cluster.objects[("apps/v1", "DaemonSet", "istio-ebpf-test", "istio-ebpf-agent")]
+    assert {"name": "ISTIO_EBPF_MODE", "value": "podip"} in ds["spec"]["template"]["spec"]["containers"][0]["env"]
