@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One idempotent set-up used by `make`, CI and the Containerfile alike.
 #   scripts/setup.sh            system packages + .venv + project
-#   SKIP_APT=1 scripts/setup.sh  only the Python side (the image installs apt packages in its own layer)
+#   SKIP_APT=1 scripts/setup.sh  no apt (packages already there)
+#   scripts/setup.sh apt / python  one step each (the Containerfile: apt layer, then the Python layer)
 # Then, at run time (not in the image): scripts/setup.sh host  -> bpffs mounted, kernel headers linked.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -64,7 +65,8 @@ host_runtime() {
 
 case "${1:-all}" in
   all)    [ "${SKIP_APT:-0}" = 1 ] || apt_install; python_env; host_runtime ;;
+  apt)    apt_install ;;      # the image: system packages in their own layer
   python) python_env ;;
   host)   host_runtime ;;
-  *) echo "usage: $0 [all|python|host]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|apt|python|host]" >&2; exit 2 ;;
 esac

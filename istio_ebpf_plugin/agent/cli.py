@@ -1,0 +1,99 @@
+"""``istio-ebpf agent``: the DaemonSet's entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+
+from .. import kernel
+from ..errors import UsageError
+
+
+def _port(value: str) -> int:
+    if not value.isdigit() or not 0 <= int(value) < 65536:
+        raise UsageError(f"invalid port {value!r}")
+    return int(value)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("agent", help="run the node agent (DaemonSet)")
+    p.add_argument("--node-name", default=os.environ.get("NODE_NAME"),
+                   help="this node's name (default: $NODE_NAME, else the hostname)")
+    p.add_argument("--mode", default=os.environ.get("ISTIO_EBPF_MODE", "auto"),
+                   help="auto|cookie|podip|unsupported: operator override of the mode (default auto)")
+    p.add_argument("--pin-root", default="/sys/fs/bpf/istio-ebpf",
+                   help="bpffs directory for pins (versioned subdirectories below it)")
+    p.add_argument("--cgroup-root", default=os.environ.get("ISTIO_EBPF_CGROUP_ROOT"),
+                   help="cgroup v2 directory the programs attach to (default: kubepods under the v2 mount)")
+    p.add_argument("--proc-root", default=os.environ.get("ISTIO_EBPF_PROC_ROOT", "/proc"),
+                   help="the host's /proc (/host/proc in the DaemonSet)")
+    p.add_argument("--health-host", default="0.0.0.0")
+    p.add_argument("--health-port", type=_port, default=15099, help="/healthz, /readyz, /metrics port")
+    p.add_argument("--resync-seconds", type=float, default=300.0)
+    p.add_argument("--sockmap", action="store_true", help="enable sockmap acceleration where it passes its self-test")
+    p.add_argument("--cleanup", action="store_true", help="detach and unpin everything, remove the node label, exit")
+    p.add_argument("--if-uninstalled", action="store_true",
+                   help="with --cleanup (the preStop hook): only when the owning DaemonSet is gone or being "
+                        "deleted, so a rolling update keeps capture up")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _kubepods(cgroup2: str) -> str:
+    for name in ("kubepods.slice", "kubepods"):
+        if os.path.isdir(os.path.join(cgroup2, name)):
+            return os.path.join(cgroup2, name)
+    raise UsageError(f"no kubepods cgroup under {cgroup2}: pass --cgroup-root")
+
+
+def _uninstalling() -> bool:
+    from .. import kube_api
+    from ..errors import IstioEbpfError
+
+    ns, name = os.environ.get("POD_NAMESPACE"), os.environ.get("DAEMONSET_NAME")
+    if not ns or not name:
+        raise UsageError("--if-uninstalled needs $POD_NAMESPACE and $DAEMONSET_NAME")
+    try:
+        ds = kube_api.get_daemonset(ns, name)
+    except IstioEbpfError as exc:
+        # Cannot tell: keep capturing (fail closed); a later uninstall step can still run --cleanup.
+        print(f"istio-ebpf agent: cannot read DaemonSet {ns}/{name} ({exc}); keeping pins", file=sys.stderr)
+        return False
+    return ds is None or bool((ds.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def run(args: argparse.Namespace) -> int:
+    from .mode import find_cgroup2
+    from .node_agent import AgentConfig, NodeAgent, cleanup_node
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    mode = kernel.validate_mode(args.mode)
+    node = args.node_name or socket.gethostname()
+    if args.cleanup:
+        if args.if_uninstalled and not _uninstalling():
+            print("istio-ebpf agent: DaemonSet still installed (rolling update?): pins kept")
+            return 0
+        print(f"istio-ebpf agent: {cleanup_node(node, args.pin_root)}")
+        return 0
+    if args.if_uninstalled:
+        raise UsageError("--if-uninstalled only goes with --cleanup")
+    cgroup_root = args.cgroup_root
+    if cgroup_root is None:
+        cg2 = find_cgroup2()
+        if cg2 is None:
+            raise UsageError("no cgroup v2 mount found: pass --cgroup-root")
+        cgroup_root = _kubepods(cg2)
+    config = AgentConfig(node_name=node, mode_override=None if mode == "auto" else mode, pin_root=args.pin_root,
+                         cgroup_root=cgroup_root, proc_root=args.proc_root, host=args.health_host,
+                         port=args.health_port, resync_seconds=args.resync_seconds, sockmap=args.sockmap)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    NodeAgent(config).run(stop)
+    return 0

@@ -1,0 +1,162 @@
+"""A stand-in for the Kubernetes API, used by tests, the soak test and local runs.
+
+It replaces only the node-agent functions of :mod:`istio_ebpf_plugin.kube_api`
+(``install()`` monkeypatches them), keeps pods in memory with increasing
+resourceVersions, and streams watch events to the agent like the API server
+does: events after a given resourceVersion, bookmarks on demand, and
+``ERROR 410`` when the watcher asks for a resourceVersion that was compacted.
+
+Pods come from the real injected fixtures (:func:`fixture_pod`).
+"""
+
+from __future__ import annotations
+
+import copy
+import queue
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from .. import PROJECT_ROOT, kube_api
+from .pod_spec import pod_from_manifest
+
+FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures" / "istio"
+
+
+def fixture_pod(relpath: str, name: str, node: str, ips: list[str], uid: str | None = None,
+                namespace: str = "default", annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    """A running Pod built from an injected fixture (``master/inject/hello.yaml.injected``)."""
+    doc = next(d for d in yaml.safe_load_all((FIXTURES / relpath).read_text()) if d)
+    pod = pod_from_manifest(doc)
+    meta = pod["metadata"]
+    meta.update(name=name, namespace=namespace, uid=uid or str(uuid.uuid4()))
+    meta["annotations"] = {**(meta.get("annotations") or {}), **(annotations or {})}
+    pod["spec"]["nodeName"] = node
+    pod["status"] = {"phase": "Running", "podIP": ips[0] if ips else None,
+                     "podIPs": [{"ip": ip} for ip in ips]}
+    return pod
+
+
+class FakeKube:
+    def __init__(self, node: str = "node-a") -> None:
+        self.node = node
+        self.rv = 100
+        self.pods: dict[str, dict[str, Any]] = {}              # uid -> pod
+        self.history: list[dict[str, Any]] = []               # watch events, each with its rv
+        self.compacted_below = 0                              # rvs below this answer 410
+        self.node_labels: dict[str, str] = {}
+        self.node_annotations: dict[str, str] = {}
+        self.events: list[dict[str, Any]] = []
+        self.daemonset: dict[str, Any] | None = {"metadata": {"name": "istio-ebpf-agent"}}
+        self.list_calls = 0
+        self.watch_calls: list[str] = []                      # resourceVersions watched from
+        self._wakeup = threading.Condition()
+        self._injected: "queue.Queue[dict[str, Any]]" = queue.Queue()  # raw events (BOOKMARK, ERROR)
+        self.fail_patch = 0                                   # next N patches fail (TemporaryError)
+
+    # ------------------------------------------------------------------ install
+    def install(self, monkeypatch: Any) -> "FakeKube":
+        for name in ("list_node_pods", "watch_node_pods", "patch_node_metadata", "create_event",
+                     "get_daemonset"):
+            monkeypatch.setattr(kube_api, name, getattr(self, name))
+        return self
+
+    # ------------------------------------------------------------------ mutations (the "cluster")
+    def _bump(self, etype: str, pod: dict[str, Any]) -> None:
+        with self._wakeup:
+            self.rv += 1
+            pod["metadata"]["resourceVersion"] = str(self.rv)
+            self.history.append({"type": etype, "object": copy.deepcopy(pod), "rv": self.rv})
+            self._wakeup.notify_all()
+
+    def add(self, pod: dict[str, Any]) -> dict[str, Any]:
+        self.pods[pod["metadata"]["uid"]] = pod
+        self._bump("ADDED", pod)
+        return pod
+
+    def modify(self, uid: str, annotations: dict[str, str | None] | None = None,
+               ips: list[str] | None = None) -> dict[str, Any]:
+        pod = self.pods[uid]
+        ann = pod["metadata"].setdefault("annotations", {})
+        for k, v in (annotations or {}).items():
+            if v is None:
+                ann.pop(k, None)
+            else:
+                ann[k] = v
+        if ips is not None:
+            pod["status"]["podIPs"] = [{"ip": ip} for ip in ips]
+            pod["status"]["podIP"] = ips[0] if ips else None
+        self._bump("MODIFIED", pod)
+        return pod
+
+    def delete(self, uid: str) -> None:
+        pod = self.pods.pop(uid)
+        self._bump("DELETED", pod)
+
+    def bookmark(self) -> None:
+        with self._wakeup:
+            self.rv += 1
+            self._injected.put({"type": "BOOKMARK", "object": {
+                "kind": "Pod", "apiVersion": "v1", "metadata": {"resourceVersion": str(self.rv)}}})
+            self._wakeup.notify_all()
+
+    def expire(self) -> None:
+        """Compact history: open watches get ERROR 410, as after an etcd compaction."""
+        with self._wakeup:
+            self.compacted_below = self.rv + 1
+            self._injected.put({"type": "ERROR", "object": {
+                "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired",
+                "message": "too old resource version", "code": 410}})
+            self._wakeup.notify_all()
+
+    # ------------------------------------------------------------------ kube_api surface
+    def list_node_pods(self, node_name: str) -> tuple[list[dict], str]:
+        self.list_calls += 1
+        with self._wakeup:
+            items = [copy.deepcopy(p) for p in self.pods.values()
+                     if p["spec"].get("nodeName") == node_name]
+            return items, str(self.rv)
+
+    def watch_node_pods(self, node_name: str, resource_version: str, timeout_seconds: int = 300) -> Iterator[dict]:
+        self.watch_calls.append(resource_version)
+        start_rv = int(resource_version or 0)
+        if start_rv < self.compacted_below - 1:
+            raise kube_api.ResourceGone("watch: too old resource version (410)")
+        sent = start_rv
+        import time
+        deadline = time.monotonic() + timeout_seconds
+        while time.monotonic() < deadline:
+            with self._wakeup:
+                pending = [e for e in self.history if e["rv"] > sent]
+                if not pending and self._injected.empty():
+                    self._wakeup.wait(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
+                    continue
+            for e in pending:
+                sent = e["rv"]
+                if e["object"]["spec"].get("nodeName") == node_name:
+                    yield {"type": e["type"], "object": copy.deepcopy(e["object"])}
+            while not self._injected.empty():
+                yield self._injected.get_nowait()
+
+    def patch_node_metadata(self, node_name: str, labels: dict, annotations: dict) -> None:
+        if self.fail_patch:
+            self.fail_patch -= 1
+            from ..errors import TemporaryError
+            raise TemporaryError("patch node: connection refused")
+        for target, values in ((self.node_labels, labels), (self.node_annotations, annotations)):
+            for k, v in values.items():
+                if v is None:
+                    target.pop(k, None)
+                else:
+                    target[k] = v
+
+    def create_event(self, namespace: str, involved: dict, reason: str, message: str,
+                     event_type: str = "Normal", component: str = "istio-ebpf-agent") -> None:
+        self.events.append({"namespace": namespace, "involvedObject": involved, "reason": reason,
+                            "message": message, "type": event_type})
+
+    def get_daemonset(self, namespace: str, name: str) -> dict | None:
+        return self.daemonset

@@ -1,0 +1,255 @@
+"""The node agent: mode selection, publishing, datapath, pod following, health.
+
+Start-up order matters for restart safety: the datapath is loaded first
+(adopting whatever a previous agent pinned, so capture never stops), then the
+first complete pod list is reconciled against the pinned map state (entries of
+pods that vanished while no agent ran are removed), and only then is the agent
+ready. A SIGTERM leaves everything pinned; only ``--cleanup`` unpins.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from .. import NODE_MODE_LABEL, kube_api
+from ..errors import IstioEbpfError
+from .health_server import HealthServer
+from .locate import PodLocator
+from .metrics import AgentMetrics
+from .mode import ModeDecision, decide
+from .reconcile import Reconciler
+from .watch import PodWatcher
+
+log = logging.getLogger(__name__)
+
+REASON_ANNOTATION = "istio-ebpf.io/mode-reason"
+PROBES_ANNOTATION = "istio-ebpf.io/probes"
+#: The loader pins below <root>/<version>, so an upgrade with another layout pins beside, never on
+#: top of, the old one, and retires the old one once its own programs are attached.
+DEFAULT_PIN_ROOT = "/sys/fs/bpf/istio-ebpf"
+
+
+@dataclass
+class AgentConfig:
+    node_name: str
+    mode_override: str | None = None
+    pin_root: str = DEFAULT_PIN_ROOT
+    cgroup_root: str = "/sys/fs/cgroup"      # where the programs attach (the kubepods parent)
+    proc_root: str = "/proc"
+    host: str = "0.0.0.0"
+    port: int = 15099
+    resync_seconds: float = 300.0
+    watch_timeout: int = 240                 # server-side watch timeout; a new watch starts after it
+    retry_seconds: float = 0.25              # pending pods (no sandbox yet) are retried this often
+    sockmap: bool = False
+    kernel_release: str | None = None        # tests: pretend to be another kernel
+    features: dict[str, bool] | None = None  # tests: forced probe results
+    cgroup_for_uid: Callable[[str], str | None] | None = None
+    locator: Any = None                      # tests: a ready PodLocator-like object
+    event_namespace: str = "default"         # Events about the Node live here
+
+
+def _default_datapath(mode: str, pin_root: str, sockmap: bool) -> Any:
+    from ..datapath.loader import Datapath
+
+    return Datapath(mode=mode, sockmap=sockmap, pin_root=pin_root)
+
+
+class NodeAgent:
+    def __init__(self, config: AgentConfig,
+                 datapath_factory: Callable[[str, str, bool], Any] = _default_datapath) -> None:
+        self.config = config
+        self.datapath_factory = datapath_factory
+        self.metrics = AgentMetrics()
+        self.events: "queue.Queue[tuple[str, Any]]" = queue.Queue()
+        self.decision: ModeDecision | None = None
+        self.datapath: Any = None
+        self.reconciler: Reconciler | None = None
+        self.watcher: PodWatcher | None = None
+        self.server: HealthServer | None = None
+        self.attached = False
+        self.synced = False
+        self.published = False
+        self.heartbeat = time.monotonic()
+        self._last_retry = 0.0
+        self._last_metrics = 0.0
+
+    # ------------------------------------------------------------------ health
+    def healthy(self) -> tuple[bool, str]:
+        stale = time.monotonic() - self.heartbeat
+        return (stale < 30, f"loop heartbeat {stale:.1f}s ago")
+
+    def ready(self) -> tuple[bool, str]:
+        d = self.decision
+        if d is None:
+            return False, "selecting mode"
+        if d.mode == "unsupported":
+            # Nothing to attach: the node label keeps opted-in pods away, which is the job done.
+            return self.published, f"unsupported: {d.reason}"
+        if not self.attached:
+            return False, "programs not attached"
+        if not self.synced:
+            return False, "map state not reconciled with the pod list yet"
+        return True, f"{d.mode}: attached, {len(self.reconciler.records) if self.reconciler else 0} pods"
+
+    # ------------------------------------------------------------------ start
+    def start(self, serve: bool = True) -> None:
+        cfg = self.config
+        if serve and self.server is None:
+            self.server = HealthServer(cfg.host, cfg.port, self.healthy, self.ready,
+                                       self.metrics.registry).start()
+        self.decision = d = decide(release=cfg.kernel_release, override=cfg.mode_override,
+                                   features=cfg.features)
+        log.info("mode %s: %s", d.mode, d.reason)
+        self._record_decision(d)
+        self._publish()
+        if d.mode == "unsupported":
+            return
+        sockmap = cfg.sockmap and d.sockmap
+        if cfg.sockmap and not d.sockmap:
+            log.warning("sockmap acceleration requested but its probes failed: staying off")
+        self.datapath = self.datapath_factory(d.mode, cfg.pin_root, sockmap)
+        self.datapath.load()     # adopts the pins of a previous agent of the same version
+        self.datapath.attach_cgroup(cfg.cgroup_root)   # idempotent: pinned links are not duplicated
+        retire = getattr(self.datapath, "retire_other_versions", None)
+        if retire is not None:
+            for old in retire():   # upgrade: ours is attached, now drop the old version's
+                log.info("retired datapath version %s", old)
+        self.attached = True
+        locator = cfg.locator or PodLocator(cfg.proc_root, cgroup_for_uid=cfg.cgroup_for_uid)
+        self.reconciler = Reconciler(self.datapath, locator, self._report_pod)
+        self.watcher = PodWatcher(cfg.node_name, self.events, resync_seconds=cfg.resync_seconds,
+                                  watch_timeout=cfg.watch_timeout, on_relist=lambda reason: self.metrics.relists.labels(reason=reason).inc())
+        self.watcher.start()
+
+    def _record_decision(self, d: ModeDecision) -> None:
+        self.metrics.mode.labels(mode=d.mode, kernel_release=d.kernel_release).set(1)
+        for feature, ok in d.features.items():
+            self.metrics.probe.labels(feature=feature).set(1 if ok else 0)
+        if d.mode != d.version_mode:
+            self.metrics.fallback.labels(reason=d.reason).set(1)
+
+    def _publish(self) -> None:
+        d = self.decision
+        assert d is not None
+        try:
+            kube_api.patch_node_metadata(
+                self.config.node_name, {NODE_MODE_LABEL: d.mode},
+                {REASON_ANNOTATION: d.reason, PROBES_ANNOTATION: json.dumps(d.features, sort_keys=True)})
+            kube_api.create_event(self.config.event_namespace,
+                                  {"kind": "Node", "name": self.config.node_name, "apiVersion": "v1"},
+                                  "CaptureMode" if d.mode != "unsupported" else "CaptureUnsupported",
+                                  f"eBPF capture mode {d.mode}: {d.reason}",
+                                  "Normal" if d.mode == d.version_mode else "Warning")
+            self.published = True
+        except IstioEbpfError as exc:
+            log.warning("publishing the node mode failed (will retry): %s", exc)
+
+    def _report_pod(self, pod: Mapping[str, Any], etype: str, reason: str, message: str) -> None:
+        if reason == "InvalidTrafficAnnotation":
+            self.metrics.config_errors.inc()
+        meta = pod.get("metadata") or {}
+        try:
+            kube_api.create_event(str(meta.get("namespace", "default")),
+                                  {"kind": "Pod", "apiVersion": "v1", "name": meta.get("name"),
+                                   "namespace": meta.get("namespace"), "uid": meta.get("uid")},
+                                  reason, message, etype)
+        except IstioEbpfError as exc:
+            log.warning("event for pod %s failed: %s", meta.get("name"), exc)
+
+    # ------------------------------------------------------------------ loop
+    def step(self, timeout: float = 0.2) -> None:
+        """Drain the event queue once; retries, metrics and publishing on their own cadence."""
+        self.heartbeat = time.monotonic()
+        if not self.published:
+            self._publish()
+        if self.reconciler is None:
+            time.sleep(timeout)
+            return
+        try:
+            item = self.events.get(timeout=timeout)
+        except queue.Empty:
+            item = None
+        while item is not None:
+            self._dispatch(*item)
+            try:
+                item = self.events.get_nowait()
+            except queue.Empty:
+                item = None
+        now = time.monotonic()
+        if self.reconciler.pending and now - self._last_retry >= self.config.retry_seconds:
+            self._last_retry = now
+            self.reconciler.retry_pending()
+        if now - self._last_metrics >= 2.0:
+            self._last_metrics = now
+            self.update_metrics()
+
+    def _dispatch(self, etype: str, obj: Any) -> None:
+        rec = self.reconciler
+        assert rec is not None
+        if etype == "RESYNC":
+            start = time.monotonic()
+            rec.resync(obj)
+            self.metrics.reconcile_seconds.observe(time.monotonic() - start)
+            self.synced = True
+            self.update_metrics()
+        elif etype in ("ADDED", "MODIFIED"):
+            rec.apply(obj)
+        elif etype == "DELETED":
+            rec.remove(str((obj.get("metadata") or {}).get("uid") or ""))
+
+    def update_metrics(self) -> None:
+        rec = self.reconciler
+        if rec is None or self.datapath is None:
+            return
+        self.metrics.pods_managed.set(len(rec.records))
+        self.metrics.pods_pending.set(len(rec.pending))
+        self.metrics.stale_removed.set(rec.stale_removed)
+        try:
+            occupancy = getattr(self.datapath, "occupancy", None)
+            if occupancy is not None:
+                for name, n in occupancy().items():
+                    self.metrics.map_occupancy.labels(map=name).set(n)
+            self.metrics.map_entries.set(len(self.datapath.pods()))
+            self.metrics.set_counters(self.datapath.counters())
+        except Exception as exc:  # a metrics read must never take the agent down
+            log.warning("reading datapath state for metrics failed: %s", exc)
+
+    def run(self, stop: threading.Event) -> None:
+        self.start()
+        try:
+            while not stop.is_set():
+                self.step()
+        finally:
+            self.shutdown(cleanup=False)
+
+    def shutdown(self, cleanup: bool = False) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.datapath is not None:
+            self.datapath.close(cleanup=cleanup)
+            self.datapath = None
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+def cleanup_node(node_name: str | None, pin_root: str = DEFAULT_PIN_ROOT) -> str:
+    """Detach and unpin everything any agent version pinned, and withdraw the node label."""
+    from ..datapath.loader import cleanup_pins
+
+    removed = cleanup_pins(pin_root)
+    done = f"removed {len(removed)} pinned objects under {pin_root}"
+    if node_name:
+        try:
+            kube_api.patch_node_metadata(node_name, {NODE_MODE_LABEL: None},
+                                         {REASON_ANNOTATION: None, PROBES_ANNOTATION: None})
+        except IstioEbpfError as exc:
+            return f"{done}; node label not removed: {exc}"
+    return done

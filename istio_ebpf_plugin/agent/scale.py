@@ -1,0 +1,132 @@
+"""Measure the agent at scale: N pods' worth of map entries on one node.
+
+Creates N network namespaces (``ie-<token>-<i>``, empty: the datapath keys a
+pod by its netns cookie and attaches sk_lookup to it), a cgroup it owns, and
+N injected-fixture pods in a FakeKube. A fresh agent process then loads the
+datapath, reconciles, and reports: time to the first complete reconcile,
+agent RSS, and map occupancy. A second agent (restart) adopts the pins and
+reconciles against the same state. Everything is removed at the end.
+
+    .venv/bin/python -m istio_ebpf_plugin.agent.scale --pods 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from .fake_kube import FakeKube, fixture_pod
+from .locate import PodLocation
+
+NODE = "scale-node"
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+class _NetnsLocator:
+    def __init__(self, by_uid: dict[str, str]) -> None:
+        self.by_uid = by_uid
+
+    def locate(self, uid: str) -> PodLocation | None:
+        path = self.by_uid.get(uid)
+        return PodLocation("", path, 0, os.stat(path).st_ino) if path else None
+
+
+def _agent_run(pods: list[dict], by_uid: dict[str, str], pin_root: str, cgroup: str, mode: str,
+               out: "multiprocessing.connection.Connection") -> None:
+    from .. import kube_api
+    from .node_agent import AgentConfig, NodeAgent
+
+    kube = FakeKube(NODE)
+    for p in pods:
+        kube.add(p)
+    for name in ("list_node_pods", "watch_node_pods", "patch_node_metadata", "create_event", "get_daemonset"):
+        setattr(kube_api, name, getattr(kube, name))
+    rss_start = _rss_kib()
+    t0 = time.monotonic()
+    agent = NodeAgent(AgentConfig(node_name=NODE, mode_override=mode, pin_root=pin_root, cgroup_root=cgroup,
+                                  watch_timeout=5, locator=_NetnsLocator(by_uid)))
+    agent.start(serve=False)
+    t_loaded = time.monotonic()
+    while not agent.synced:
+        agent.step(0.01)
+    t_synced = time.monotonic()
+    rss_after_sync = _rss_kib()
+    for _ in range(20):  # steady state a little while (watch idle, metrics refreshed)
+        agent.step(0.05)
+    import resource
+    out.send({"load_seconds": round(t_loaded - t0, 3), "reconcile_seconds": round(t_synced - t_loaded, 3),
+              "pods_managed": len(agent.reconciler.records), "adopted": bool(getattr(agent.datapath, "adopted", False)),
+              "occupancy": agent.datapath.occupancy(), "rss_start_mib": round(rss_start / 1024, 1),
+              "rss_after_reconcile_mib": round(rss_after_sync / 1024, 1),
+              "rss_steady_mib": round(_rss_kib() / 1024, 1),
+              "maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
+    agent.watcher.stop(0.1)
+    agent.datapath.close(cleanup=False)
+
+
+def measure(n: int = 500, mode: str = "cookie") -> dict:
+    from ..datapath.loader import cleanup_pins
+    from ..harness.names import cgroup_v2_root
+
+    token = uuid.uuid4().hex[:6]
+    names = [f"ie-{token}-{i}" for i in range(n)]
+    cgroup = cgroup_v2_root() / f"istio-ebpf-test-{token}"
+    pin_root = f"/sys/fs/bpf/istio-ebpf-test-{token}"
+    ctx = multiprocessing.get_context("fork")
+    result: dict = {"pods": n, "mode": mode}
+    try:
+        cgroup.mkdir()
+        t = time.monotonic()
+        subprocess.run(["ip", "-batch", "-"], input="".join(f"netns add {x}\n" for x in names),
+                       text=True, check=True)
+        result["netns_create_seconds"] = round(time.monotonic() - t, 2)
+        pods, by_uid = [], {}
+        for i, x in enumerate(names):
+            ips = [f"10.{200 + i // 65025}.{(i // 255) % 255}.{i % 255 + 1}", f"fd00:5ca1::{i + 1:x}"]
+            p = fixture_pod("master/inject/traffic-annotations.yaml.injected", f"p{i}", NODE, ips,
+                            annotations={"istio-ebpf.io/redirect": "ebpf"})
+            pods.append(p)
+            by_uid[p["metadata"]["uid"]] = f"/run/netns/{x}"
+        for label in ("first_start", "restart"):
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_agent_run, args=(pods, by_uid, pin_root, str(cgroup), mode, send))
+            proc.start()
+            if not recv.poll(600):
+                proc.kill()
+                raise RuntimeError(f"{label}: agent did not report")
+            result[label] = recv.recv()
+            proc.join(30)
+    finally:
+        cleanup_pins(pin_root)
+        subprocess.run(["ip", "-batch", "-"], input="".join(f"netns del {x}\n" for x in names),
+                       text=True, capture_output=True)
+        try:
+            cgroup.rmdir()
+        except OSError:
+            pass
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pods", type=int, default=500)
+    ap.add_argument("--mode", default="cookie", choices=["cookie", "podip"])
+    args = ap.parse_args()
+    print(json.dumps(measure(args.pods, args.mode), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""Follow the pods of one node: list, then watch from the list's resourceVersion.
+
+The standard informer contract, kept small: list with the field selector
+``spec.nodeName=<node>`` (a complete snapshot -> ``("RESYNC", items)``), watch
+from its resourceVersion with bookmarks (which only move the resourceVersion
+forward), relist when the server answers 410 Gone (an ERROR event with code
+410 or an HTTP 410 when opening), relist every ``resync_seconds`` anyway, and
+back off on other errors. Events go into a queue the agent's loop drains, so
+all map writes happen on one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+from .. import kube_api
+from ..errors import PermanentError, TemporaryError
+
+log = logging.getLogger(__name__)
+
+
+class PodWatcher:
+    def __init__(self, node_name: str, out: "queue.Queue[tuple[str, Any]]", resync_seconds: float = 300.0,
+                 watch_timeout: int = 240, backoff: float = 1.0,
+                 on_relist: Callable[[str], None] | None = None) -> None:
+        self.node_name = node_name
+        self.out = out
+        self.resync_seconds = resync_seconds
+        self.watch_timeout = watch_timeout
+        self.backoff = backoff
+        self.on_relist = on_relist or (lambda reason: None)
+        self.resource_version = ""
+        self.lists = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="pod-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        # A watch stream blocks until its next event or its timeout; the thread is a daemon,
+        # so a stream that does not end in time is abandoned with the process.
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+
+    def run(self) -> None:
+        reason = "start"
+        delay = self.backoff
+        while not self._stop.is_set():
+            try:
+                items, self.resource_version = kube_api.list_node_pods(self.node_name)
+                self.lists += 1
+                self.on_relist(reason)
+                self.out.put(("RESYNC", items))
+                delay = self.backoff
+                reason = self._watch_until_resync()
+            except kube_api.ResourceGone as exc:
+                log.info("%s: relisting", exc)
+                reason = "gone"
+            except (TemporaryError, PermanentError) as exc:
+                # Permanent errors (RBAC) are not fixed by retrying quickly; keep trying slowly.
+                log.warning("pod watch: %s (retrying in %.1fs)", exc, delay)
+                reason = "error"
+                self._stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+
+    def _watch_until_resync(self) -> str:
+        deadline = time.monotonic() + self.resync_seconds
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "resync"
+            stream = kube_api.watch_node_pods(self.node_name, self.resource_version,
+                                              max(1, int(min(self.watch_timeout, left))))
+            try:
+                for event in stream:
+                    if self._handle(event) or time.monotonic() >= deadline:
+                        break
+            finally:
+                close = getattr(stream, "close", None)
+                if close:
+                    close()
+        return "stop"
+
+    def _handle(self, event: dict) -> bool:
+        """Queue one watch event; True when the watch should stop."""
+        etype = event.get("type")
+        obj = event.get("object") or {}
+        if etype == "ERROR":
+            code = obj.get("code")
+            if code == 410:
+                raise kube_api.ResourceGone(f"watch: {obj.get('message', '410 Gone')}")
+            raise TemporaryError(f"watch error {code}: {obj.get('message', '')}")
+        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        if rv:
+            self.resource_version = str(rv)   # a BOOKMARK only does this
+        if etype in ("ADDED", "MODIFIED", "DELETED"):
+            self.out.put((etype, obj))
+        return self._stop.is_set()

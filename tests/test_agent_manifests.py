@@ -1,0 +1,117 @@
+"""manifests/ and the Containerfile: schema-valid, least privilege, and consistent with the CLI."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from istio_ebpf_plugin import MANIFESTS_DIR, PROJECT_ROOT
+from istio_ebpf_plugin.cli import build_parser
+
+VERSIONS = ["1.29.0", "1.33.0"]
+FILES = ["namespace.yaml", "rbac.yaml", "daemonset.yaml", "service.yaml"]
+
+
+def docs(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((MANIFESTS_DIR / name).read_text()) if d]
+
+
+def daemonset() -> dict:
+    (ds,) = docs("daemonset.yaml")
+    return ds
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("name", FILES)
+def test_manifests_validate_against_the_kubernetes_schema(name, version):
+    for doc in docs(name):
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_kustomization_lists_every_manifest():
+    (k,) = docs("kustomization.yaml")
+    assert sorted(k["resources"]) == sorted(FILES)
+
+
+def test_agent_container_is_not_privileged_and_lists_its_capabilities():
+    spec = daemonset()["spec"]["template"]["spec"]
+    (agent,) = spec["containers"]
+    sc = agent["securityContext"]
+    assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert set(sc["capabilities"]["add"]) == {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "SYS_RESOURCE"}
+    # each capability carries a justification comment right above it
+    text = (MANIFESTS_DIR / "daemonset.yaml").read_text().splitlines()
+    for cap in sc["capabilities"]["add"]:
+        i = next(n for n, line in enumerate(text) if line.strip() == f"- {cap}")
+        assert text[i - 1].strip().startswith("#"), cap
+    # the only privileged container is the bpffs mount helper
+    privileged = [c["name"] for c in spec["initContainers"] + spec["containers"]
+                  if c.get("securityContext", {}).get("privileged")]
+    assert privileged == ["mount-bpffs"]
+    assert spec["hostNetwork"] and spec["hostPID"] and spec["priorityClassName"] == "system-node-critical"
+    assert spec["tolerations"] == [{"operator": "Exists"}]
+
+
+def test_only_the_needed_host_paths():
+    spec = daemonset()["spec"]["template"]["spec"]
+    host = {v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+    assert host == {"/sys/fs/cgroup", "/sys/fs/bpf", "/proc", "/lib/modules", "/usr/src"}
+    (agent,) = spec["containers"]
+    mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
+    for path in ("/sys/fs/cgroup", "/host/proc", "/lib/modules", "/usr/src"):
+        assert mounts[path]["readOnly"] is True
+    assert mounts["/sys/fs/bpf"]["mountPropagation"] == "HostToContainer"
+    init = spec["initContainers"][0]["volumeMounts"][0]
+    assert init["mountPath"] == "/sys/fs/bpf" and init["mountPropagation"] == "Bidirectional"
+
+
+def test_commands_in_the_daemonset_parse_with_our_cli():
+    spec = daemonset()["spec"]["template"]["spec"]
+    (agent,) = spec["containers"]
+    parser = build_parser()
+    pre_stop = agent["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "istio-ebpf"
+    args = parser.parse_args(pre_stop[1:])
+    assert args.cleanup and args.if_uninstalled
+    line = next(l for l in agent["args"][0].splitlines() if l.strip().startswith("exec "))
+    argv = shlex.split(line.strip())[1:]
+    assert argv[0] == "istio-ebpf"
+    args = parser.parse_args(argv[1:])
+    assert args.proc_root == "/host/proc" and args.health_port == 15099
+    names = {e["name"] for e in agent["env"]}
+    assert {"NODE_NAME", "POD_NAMESPACE", "DAEMONSET_NAME"} <= names
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert agent[probe]["httpGet"]["port"] == "health"
+    assert agent["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert agent["ports"][0]["containerPort"] == args.health_port
+
+
+def test_rbac_is_least_privilege():
+    rbac = docs("rbac.yaml")
+    cluster_role = next(d for d in rbac if d["kind"] == "ClusterRole")
+    rules = {r["resources"][0]: set(r["verbs"]) for r in cluster_role["rules"]}
+    assert rules == {"pods": {"get", "list", "watch"}, "nodes": {"get", "patch"}, "events": {"create", "patch"}}
+    role = next(d for d in rbac if d["kind"] == "Role")
+    assert role["rules"] == [{"apiGroups": ["apps"], "resources": ["daemonsets"],
+                              "resourceNames": ["istio-ebpf-agent"], "verbs": ["get"]}]
+    assert daemonset()["metadata"]["name"] == "istio-ebpf-agent"
+
+
+def test_containerfile_uses_setup_sh_steps_that_exist():
+    text = (PROJECT_ROOT / "Containerfile").read_text()
+    assert re.search(r"^FROM debian:bookworm", text, re.M)
+    setup = (PROJECT_ROOT / "scripts" / "setup.sh").read_text()
+    used = re.findall(r"^RUN scripts/setup\.sh (\w+)", text, re.M)
+    assert used[:2] == ["apt", "python"]
+    for step in set(used):
+        assert re.search(rf"^\s+{step}\)", setup, re.M), step
+    # `host` is a run-time step: the DaemonSet's init container runs it, the image build does not
+    assert "setup.sh host" not in "\n".join(l for l in text.splitlines() if l.startswith("RUN"))
+    init = daemonset()["spec"]["template"]["spec"]["initContainers"][0]
+    assert init["command"][-2:] == ["/opt/istio-ebpf/src/scripts/setup.sh", "host"]
