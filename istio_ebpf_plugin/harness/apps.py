@@ -1,0 +1,80 @@
+"""Application processes for pods: a real HTTP server and an HTTP client run as the app user."""
+
+from __future__ import annotations
+
+import json
+import select
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import KernelError
+from .probe import PYTHON
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .node import Pod
+
+HTTP_SERVER_SCRIPT = Path(__file__).resolve().parent / "http_server.py"
+APP_UID = 1000
+APP_GID = 1000
+
+_CLIENT = r"""
+import json, sys, urllib.request
+url, n = sys.argv[1], int(sys.argv[2])
+out = []
+for _ in range(n):
+    try:
+        with urllib.request.urlopen(url, timeout=float(sys.argv[3])) as r:
+            body = r.read()
+            first = body.split(b"\n", 1)[0]
+            try:
+                info = json.loads(first)
+            except ValueError:
+                info = None
+            out.append({"status": r.status, "bytes": len(body), "info": info})
+    except Exception as exc:
+        out.append({"status": getattr(exc, "code", 0), "error": f"{type(exc).__name__}: {exc}"})
+print(json.dumps(out))
+"""
+
+
+def wait_ready(proc: subprocess.Popen, what: str, timeout: float = 10.0) -> None:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline().strip() if ready else ""
+    if line != "READY":
+        proc.kill()
+        err = proc.stderr.read() if proc.stderr else ""
+        raise KernelError(f"{what} did not start: {line!r} {str(err).strip()[-500:]}")
+
+
+@dataclass
+class HttpServer:
+    pod: "Pod"
+    port: int
+    proc: subprocess.Popen
+
+
+def start_http_server(pod: "Pod", port: int, uid: int = APP_UID, gid: int = APP_GID) -> HttpServer:
+    """Threaded Python HTTP server on 0.0.0.0:port and [::]:port in ``pod`` as the app user."""
+    proc = pod.spawn([PYTHON, "-S", str(HTTP_SERVER_SCRIPT), "--pod", pod.name, "--port", str(port)],
+                     uid=uid, gid=gid, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_ready(proc, f"http server in pod {pod.name}")
+    return HttpServer(pod, port, proc)
+
+
+def http_get(pod: "Pod", url: str, count: int = 1, uid: int = APP_UID, gid: int = APP_GID,
+             timeout: float = 5.0) -> list[dict]:
+    """GET ``url`` ``count`` times from ``pod`` as uid/gid; one dict per request
+    (status, bytes, info = the server's JSON first line)."""
+    proc = pod.run([PYTHON, "-S", "-c", _CLIENT, url, str(count), str(timeout)], uid=uid, gid=gid,
+                   timeout=timeout * count + 15)
+    if proc.returncode != 0:
+        raise KernelError(f"http client in pod {pod.name} failed: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout)
+
+
+def url_for(ip: str, port: int, path: str = "/") -> str:
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"http://{host}:{port}{path}"

@@ -1,0 +1,343 @@
+"""The differential capture table: the same connection cases against any capture mechanism.
+
+Topology (:class:`CaptureLab`): three pods on one :class:`~.node.Node`:
+
+* ``a``: captured pod, the source of outbound cases (app = UID/GID 1000, proxy = 1337);
+* ``b``: captured pod with the same configuration, the destination of inbound cases;
+* ``c``: plain pod (never captured): an outside client for inbound cases and an
+  uncaptured destination for outbound cases.
+
+Every pod runs :mod:`.probe_server` as UID/GID 1337: sidecar listeners 15001/15006/15053
+and "direct" targets on :data:`TARGET_PORTS` (TCP) and 53 (UDP). A case names a
+configuration (:data:`CONFIGS`), the source pod and credentials, a symbolic destination
+(``b4`` = pod b's IPv4, ``a6`` = pod a's own IPv6, ``lo4`` = 127.0.0.1, ``pt4`` = 127.0.0.6,
+``pt6`` = ::6, ...) and the expected outcome derived from Istio's rules
+(``cni-plugin/*.txt.golden``; the rule that decides is quoted in each case's ``why``).
+
+Usage against Istio's iptables (tests/test_harness_iptables.py) and, unchanged, against the
+eBPF datapath::
+
+    lab = CaptureLab(node)
+    results = lab.run(CASES, install=lambda pod, cfg: pod.apply_istio_iptables(cfg),
+                      uninstall=lambda pod, handle: pod.flush_iptables())
+    # eBPF: install=lambda pod, cfg: dp.add_pod(pod.netns_path, cfg),
+    #       uninstall=lambda pod, handle: dp.remove_pod(handle)
+    assert not failures(results), report(results)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+from ..datapath.podconfig import PodConfig
+from .probe import Outcome, ProbeServer, start_probe_server
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .node import Node, Pod
+
+APP = (1000, 1000)
+PROXY = (1337, 1337)
+PROXY_UID_ONLY = (1337, 1000)
+PROXY_GID_ONLY = (1000, 1337)
+
+TARGET_PORTS = (53, 7070, 8080, 8081, 9090, 15008, 15020, 15021, 15090)
+UDP_TARGET_PORTS = (53,)
+
+_net = ipaddress.ip_network
+
+
+def _ips(pod: "Pod") -> tuple:
+    return (ipaddress.ip_address(pod.ipv4), ipaddress.ip_address(pod.ipv6))
+
+
+def _host_nets(pod: "Pod") -> tuple:
+    return (_net(f"{pod.ipv4}/32"), _net(f"{pod.ipv6}/128"))
+
+
+#: Configuration name -> PodConfig for a captured pod (given the lab, for addresses).
+CONFIGS: dict[str, Callable[["CaptureLab", "Pod"], PodConfig]] = {
+    # A stock injected pod: -i '*' -b '*' -d 15090,15021,15020 (+ status port 15020 outbound).
+    "default": lambda lab, pod: PodConfig(pod_ips=_ips(pod)),
+    "excl-ports": lambda lab, pod: PodConfig(
+        pod_ips=_ips(pod), exclude_outbound_ports=(9090,),
+        exclude_inbound_ports=(15090, 15021, 15020, 7070)),
+    "excl-cidr": lambda lab, pod: PodConfig(pod_ips=_ips(pod), exclude_outbound_cidrs=_host_nets(lab.c)),
+    "incl-cidr": lambda lab, pod: PodConfig(
+        pod_ips=_ips(pod), include_outbound_cidrs=_host_nets(lab.b), include_outbound_ports=(8081,)),
+    "incl-port-excl-cidr": lambda lab, pod: PodConfig(
+        pod_ips=_ips(pod), include_outbound_cidrs=(), include_outbound_ports=(8081,),
+        exclude_outbound_cidrs=_host_nets(lab.c)),
+    "incl-inbound": lambda lab, pod: PodConfig(pod_ips=_ips(pod), include_inbound_ports=(8080,)),
+    "no-inbound": lambda lab, pod: PodConfig(pod_ips=_ips(pod), include_inbound_ports=()),
+    "dns": lambda lab, pod: PodConfig(pod_ips=_ips(pod), dns_capture=True),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One connection and the outcome Istio's rules give it.
+
+    ``expect``: listener name; ``expect_pod``: pod whose listener answers;
+    ``expect_orig``: ``"<dst symbol>:<port>"`` the listener must see as original
+    destination (outbound/inbound only); for UDP ``expect_reply_from`` is the source
+    the client must see on the reply (the address it sent to, i.e. NAT undone).
+    """
+
+    id: str
+    config: str
+    src: str
+    creds: tuple[int, int]
+    dst: str
+    port: int
+    expect: str
+    expect_pod: str | None
+    why: str
+    proto: str = "tcp"
+    expect_orig: str | None = None
+    bind: str | None = None   # source symbol to bind (port 0) or None
+
+    @property
+    def uid(self) -> int:
+        return self.creds[0]
+
+    @property
+    def gid(self) -> int:
+        return self.creds[1]
+
+
+def _c(id: str, config: str, src: str, creds: tuple[int, int], dst: str, port: int, expect: str,
+       pod: str | None, why: str, *, proto: str = "tcp", orig: bool | None = None) -> Case:
+    if orig is None:
+        orig = expect in ("outbound", "inbound")
+    return Case(id=id, config=config, src=src, creds=creds, dst=dst, port=port, expect=expect,
+                expect_pod=pod, why=why, proto=proto, expect_orig=f"{dst}:{port}" if orig else None)
+
+
+R_OUT = "ISTIO_OUTPUT -j ISTIO_REDIRECT (app traffic leaving the pod)"
+R_LO_APP = "-o lo -m owner ! --uid-owner 1337 -j RETURN (app over lo is not captured)"
+R_LO_DST = "-d 127.0.0.1/32 -j RETURN / -o lo RETURN"
+R_PROXY_SELF = "-o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT"
+R_PROXY_OUT = "-m owner --uid-owner 1337 -j RETURN (proxy traffic is never captured outbound)"
+R_PROXY_GID = "-m owner --gid-owner 1337 -j RETURN"
+R_IN = "PREROUTING -p tcp -j ISTIO_INBOUND ... -j ISTIO_IN_REDIRECT (inbound to 15006)"
+R_IN_EXCL = "ISTIO_INBOUND -p tcp --dport <port> -j RETURN (excluded inbound port)"
+R_HBONE = "ISTIO_INBOUND -p tcp --dport 15008 -j RETURN"
+R_STATUS_OUT = "ISTIO_OUTPUT -p tcp --dport 15020 -j RETURN (status port, CNI)"
+
+
+def _default_cases() -> list[Case]:
+    cs: list[Case] = []
+    d = "default"
+    for f in ("4", "6"):
+        cs += [
+            _c(f"out-app-b{f}-8080", d, "a", APP, f"b{f}", 8080, "outbound", "a", R_OUT),
+            _c(f"out-app-c{f}-8080", d, "a", APP, f"c{f}", 8080, "outbound", "a", R_OUT),
+            _c(f"out-app-b{f}-15008", d, "a", APP, f"b{f}", 15008, "outbound", "a",
+               "app traffic to 15008 of another pod is captured like any port: " + R_OUT),
+            _c(f"out-app-c{f}-15020", d, "a", APP, f"c{f}", 15020, "direct", "c", R_STATUS_OUT),
+            _c(f"out-app-lo{f}-8080", d, "a", APP, f"lo{f}", 8080, "direct", "a", R_LO_DST),
+            _c(f"out-app-self{f}-8080", d, "a", APP, f"a{f}", 8080, "direct", "a", R_LO_APP),
+            _c(f"out-app-pt{f}-8080", d, "a", APP, f"pt{f}", 8080, "direct", "a", "-o lo -s 127.0.0.6 / " + R_LO_APP),
+            _c(f"out-proxy-c{f}-8080", d, "a", PROXY, f"c{f}", 8080, "direct", "c", R_PROXY_OUT),
+            _c(f"out-proxy-b{f}-8080", d, "a", PROXY, f"b{f}", 8080, "inbound", "b",
+               R_PROXY_OUT + "; then b's " + R_IN),
+            _c(f"out-proxyuid-c{f}-8080", d, "a", PROXY_UID_ONLY, f"c{f}", 8080, "direct", "c", R_PROXY_OUT),
+            _c(f"out-proxygid-c{f}-8080", d, "a", PROXY_GID_ONLY, f"c{f}", 8080, "direct", "c", R_PROXY_GID),
+            _c(f"proxy-self{f}-8080", d, "a", PROXY, f"a{f}", 8080, "inbound", "a", R_PROXY_SELF),
+            _c(f"proxyuid-self{f}-8080", d, "a", PROXY_UID_ONLY, f"a{f}", 8080, "inbound", "a", R_PROXY_SELF),
+            _c(f"proxy-self{f}-15008", d, "a", PROXY, f"a{f}", 15008, "direct", "a",
+               R_PROXY_SELF + " does not match 15008; " + R_PROXY_OUT),
+            _c(f"proxy-lo{f}-8080", d, "a", PROXY, f"lo{f}", 8080, "direct", "a", R_PROXY_SELF + " excludes loopback"),
+            _c(f"proxygid-self{f}-8080", d, "a", PROXY_GID_ONLY, f"a{f}", 8080, "direct", "a",
+               "uid rules first: " + R_LO_APP),
+            _c(f"in-c-b{f}-8080", d, "c", APP, f"b{f}", 8080, "inbound", "b", R_IN),
+            _c(f"in-c-b{f}-9090", d, "c", APP, f"b{f}", 9090, "inbound", "b", R_IN),
+            _c(f"in-c-b{f}-15008", d, "c", APP, f"b{f}", 15008, "direct", "b", R_HBONE),
+            _c(f"in-c-b{f}-15020", d, "c", APP, f"b{f}", 15020, "direct", "b", R_IN_EXCL),
+            _c(f"in-c-b{f}-15021", d, "c", APP, f"b{f}", 15021, "direct", "b", R_IN_EXCL),
+            _c(f"in-c-b{f}-15090", d, "c", APP, f"b{f}", 15090, "direct", "b", R_IN_EXCL),
+            _c(f"udp-app-c{f}-53-nodns", d, "a", APP, f"c{f}", 53, "direct", "c",
+               "no DNS capture: UDP is never redirected", proto="udp"),
+            _c(f"tcp-app-c{f}-53-nodns", d, "a", APP, f"c{f}", 53, "outbound", "a",
+               "no DNS capture: TCP 53 is ordinary outbound: " + R_OUT),
+        ]
+    # istio-validation: listeners on 127.0.0.1:15001/15006, a proxy-owned connection to
+    # 127.0.0.6:15002 must report original destination port 15002.
+    cs.append(_c("validation-pt4-15002", d, "a", PROXY, "pt4", 15002, "inbound", "a",
+                 "istio-validation check: " + R_PROXY_SELF))
+    # The same from the app identity is not captured (lo RETURN), so nothing listens there.
+    cs.append(_c("out-app-pt4-15002", d, "a", APP, "pt4", 15002, "refused", None, R_LO_APP))
+    return cs
+
+
+def _config_cases() -> list[Case]:
+    cs: list[Case] = []
+    for f in ("4", "6"):
+        e = "excl-ports"
+        cs += [
+            _c(f"exclport-app-c{f}-9090", e, "a", APP, f"c{f}", 9090, "direct", "c", "-o 9090: ISTIO_OUTPUT --dport 9090 -j RETURN"),
+            _c(f"exclport-app-c{f}-8080", e, "a", APP, f"c{f}", 8080, "outbound", "a", R_OUT),
+            _c(f"exclport-in-b{f}-7070", e, "c", APP, f"b{f}", 7070, "direct", "b", R_IN_EXCL),
+            _c(f"exclport-in-b{f}-9090", e, "c", APP, f"b{f}", 9090, "inbound", "b", "-o only affects outbound; " + R_IN),
+        ]
+        e = "excl-cidr"
+        cs += [
+            _c(f"exclcidr-app-c{f}-8080", e, "a", APP, f"c{f}", 8080, "direct", "c", "-x: ISTIO_OUTPUT -d <cidr> -j RETURN"),
+            _c(f"exclcidr-app-b{f}-8080", e, "a", APP, f"b{f}", 8080, "outbound", "a", R_OUT),
+        ]
+        e = "incl-cidr"
+        cs += [
+            _c(f"inclcidr-app-b{f}-8080", e, "a", APP, f"b{f}", 8080, "outbound", "a", "-i: ISTIO_OUTPUT -d <cidr> -j ISTIO_REDIRECT"),
+            _c(f"inclcidr-app-c{f}-8080", e, "a", APP, f"c{f}", 8080, "direct", "c", "not in -i: falls off ISTIO_OUTPUT"),
+            _c(f"inclcidr-app-c{f}-8081", e, "a", APP, f"c{f}", 8081, "outbound", "a", "-q 8081: ISTIO_OUTPUT -p tcp --dport 8081 -j ISTIO_REDIRECT"),
+            _c(f"inclcidr-app-self{f}-8080", e, "a", APP, f"a{f}", 8080, "direct", "a", R_LO_APP),
+        ]
+        e = "incl-port-excl-cidr"
+        cs += [
+            _c(f"inclport-exclcidr-app-c{f}-8081", e, "a", APP, f"c{f}", 8081, "direct", "c",
+               "-x RETURN comes before the -q rules: excluded CIDRs win"),
+            _c(f"inclport-exclcidr-app-b{f}-8081", e, "a", APP, f"b{f}", 8081, "outbound", "a", "-q 8081"),
+            _c(f"inclport-exclcidr-app-b{f}-8080", e, "a", APP, f"b{f}", 8080, "inbound", "b",
+               "empty -i: not captured in a; b's " + R_IN),
+        ]
+        e = "incl-inbound"
+        cs += [
+            _c(f"inclin-in-b{f}-8080", e, "c", APP, f"b{f}", 8080, "inbound", "b", "-b 8080: --dport 8080 -j ISTIO_IN_REDIRECT"),
+            _c(f"inclin-in-b{f}-8081", e, "c", APP, f"b{f}", 8081, "direct", "b", "port not in -b"),
+        ]
+        e = "no-inbound"
+        cs += [
+            _c(f"noin-in-b{f}-8080", e, "c", APP, f"b{f}", 8080, "direct", "b", "empty -b: no PREROUTING jump"),
+            _c(f"noin-app-b{f}-8080", e, "a", APP, f"b{f}", 8080, "outbound", "a", R_OUT),
+        ]
+        e = "dns"
+        cs += [
+            _c(f"dns-udp-app-c{f}-53", e, "a", APP, f"c{f}", 53, "dns", "a",
+               "ISTIO_OUTPUT_DNS -p udp --dport 53 -j REDIRECT --to-port 15053", proto="udp"),
+            _c(f"dns-tcp-app-c{f}-53", e, "a", APP, f"c{f}", 53, "dns", "a",
+               "ISTIO_OUTPUT_DNS -p tcp --dport 53 -j REDIRECT --to-ports 15053", orig=True),
+            _c(f"dns-udp-proxy-c{f}-53", e, "a", PROXY, f"c{f}", 53, "direct", "c",
+               "the agent's own queries: -m owner --uid-owner 1337 -j RETURN", proto="udp"),
+            _c(f"dns-udp-app-lo{f}-53", e, "a", APP, f"lo{f}", 53, "dns", "a",
+               "capture-all DNS also catches a resolver on localhost", proto="udp"),
+            _c(f"dns-tcp-app-c{f}-8080", e, "a", APP, f"c{f}", 8080, "outbound", "a", R_OUT),
+        ]
+    return cs
+
+
+CASES: tuple[Case, ...] = tuple(_default_cases() + _config_cases())
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    case: Case
+    outcome: Outcome
+    expected: tuple
+    got: tuple
+
+    @property
+    def ok(self) -> bool:
+        return self.expected == self.got
+
+
+class CaptureLab:
+    """Pods a, b, c with probe servers, ready to run :data:`CASES` under some capture mechanism."""
+
+    def __init__(self, node: "Node") -> None:
+        self.node = node
+        self.a = node.add_pod("a")
+        self.b = node.add_pod("b")
+        self.c = node.add_pod("c")
+        self.servers: list[ProbeServer] = [
+            start_probe_server(p, targets=TARGET_PORTS, udp_targets=UDP_TARGET_PORTS) for p in self.pods]
+
+    @property
+    def pods(self) -> tuple["Pod", "Pod", "Pod"]:
+        return (self.a, self.b, self.c)
+
+    @property
+    def captured(self) -> tuple["Pod", "Pod"]:
+        return (self.a, self.b)
+
+    def pod(self, name: str) -> "Pod":
+        return {"a": self.a, "b": self.b, "c": self.c}[name]
+
+    def address(self, symbol: str) -> str:
+        fixed = {"lo4": "127.0.0.1", "lo6": "::1", "pt4": "127.0.0.6", "pt6": "::6"}
+        if symbol in fixed:
+            return fixed[symbol]
+        pod = self.pod(symbol[0])
+        return pod.ipv4 if symbol[1:] == "4" else pod.ipv6
+
+    def podconfig(self, config: str, pod: "Pod") -> PodConfig:
+        return CONFIGS[config](self, pod)
+
+    def expected_key(self, case: Case) -> tuple:
+        orig = None
+        if case.expect_orig:
+            sym, _, port = case.expect_orig.rpartition(":")
+            orig = (str(ipaddress.ip_address(self.address(sym))), int(port))
+        reply_from = None
+        if case.proto == "udp" and case.expect in ("dns", "direct"):
+            reply_from = (str(ipaddress.ip_address(self.address(case.dst))), case.port)
+        return (case.expect, case.expect_pod, orig, reply_from)
+
+    @staticmethod
+    def outcome_key(case: Case, outcome: Outcome) -> tuple:
+        # Like Envoy's original_dst filter: when SO_ORIGINAL_DST has no answer the socket's
+        # local address stands (sk_lookup steering keeps the original destination there).
+        orig = (outcome.orig_dst or outcome.local) \
+            if (case.proto == "tcp" and outcome.listener in ("outbound", "inbound", "dns")) else None
+        reply_from = outcome.reply_from if case.proto == "udp" else None
+        return (outcome.listener, outcome.pod, orig, reply_from)
+
+    def probe(self, case: Case) -> Outcome:
+        bind = (self.address(case.bind), 0) if case.bind else None
+        out = self.node.probe_connect(self.pod(case.src), case.uid, case.gid, self.address(case.dst), case.port,
+                                      bind=bind, proto=case.proto, timeout=2.0)
+        assert isinstance(out, Outcome)
+        return out
+
+    def run(self, cases: Iterable[Case], install: Callable[["Pod", PodConfig], Any],
+            uninstall: Callable[["Pod", Any], None]) -> list[CaseResult]:
+        """Run cases grouped by configuration; ``install`` is called for pods a and b per config."""
+        cases = list(cases)
+        results: list[CaseResult] = []
+        for config in dict.fromkeys(c.config for c in cases):
+            handles = []
+            try:
+                for pod in self.captured:
+                    handles.append((pod, install(pod, self.podconfig(config, pod))))
+                for case in (c for c in cases if c.config == config):
+                    outcome = self.probe(case)
+                    results.append(CaseResult(case, outcome, self.expected_key(case), self.outcome_key(case, outcome)))
+            finally:
+                for pod, handle in reversed(handles):
+                    uninstall(pod, handle)
+        return results
+
+
+def failures(results: Sequence[CaseResult]) -> list[CaseResult]:
+    return [r for r in results if not r.ok]
+
+
+def report(results: Sequence[CaseResult]) -> str:
+    """Readable table of mismatches (empty string if none)."""
+    lines = []
+    for r in failures(results):
+        lines.append(f"{r.case.id} [{r.case.config}] uid/gid={r.case.uid}/{r.case.gid} "
+                     f"{r.case.proto} -> {r.case.dst}:{r.case.port}\n"
+                     f"    expected {r.expected}\n    got      {r.got}  raw={r.outcome.raw}\n"
+                     f"    rule: {r.case.why}")
+    return "\n".join(lines)
+
+
+def subset(ids: Iterable[str]) -> tuple[Case, ...]:
+    wanted = set(ids)
+    return tuple(c for c in CASES if c.id in wanted)
+
+
+def with_config(case: Case, config: str) -> Case:
+    return replace(case, config=config)

@@ -1,0 +1,141 @@
+"""Probe servers and client calls: "which listener got this connection, with what original destination".
+
+* :func:`start_probe_server` runs :mod:`.probe_server` in a pod (as UID/GID 1337 by default, like
+  Envoy and istio-validation): sidecar listeners 15001/15006/15053 plus "direct" target ports.
+* :func:`probe_connect` runs :mod:`.probe_client` in a pod as a given uid/gid and returns an
+  :class:`Outcome`.
+
+Both scripts are stdlib-only and run with ``python3 -S <path>`` so they start fast and need no
+virtualenv inside the pod.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import select
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+from ..errors import KernelError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .node import Pod
+
+HERE = Path(__file__).resolve().parent
+SERVER_SCRIPT = HERE / "probe_server.py"
+CLIENT_SCRIPT = HERE / "probe_client.py"
+PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+
+
+def _norm_ip(ip: str) -> str:
+    return str(ipaddress.ip_address(ip))
+
+
+def _pair(value: object) -> tuple[str, int] | None:
+    if not value:
+        return None
+    ip, port = value  # type: ignore[misc]
+    return (_norm_ip(ip), int(port))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Result of one probe connection.
+
+    ``listener``: "outbound" (15001), "inbound" (15006), "dns" (15053), "direct" (a target
+    server on the destination port), or "refused" / "timeout" / "unreachable" / "error".
+    ``pod``: name of the pod whose listener answered. ``orig_dst``: SO_ORIGINAL_DST seen by
+    that listener (None if the socket had none). ``seen_peer``: the client address the
+    listener saw.
+    """
+
+    listener: str
+    pod: str | None = None
+    orig_dst: tuple[str, int] | None = None
+    seen_peer: tuple[str, int] | None = None
+    port: int | None = None
+    local: tuple[str, int] | None = None
+    client_local: tuple[str, int] | None = None
+    reply_from: tuple[str, int] | None = None
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_record(cls, rec: dict) -> "Outcome":
+        return cls(listener=rec.get("listener", "error"), pod=rec.get("pod"),
+                   orig_dst=_pair(rec.get("orig_dst")), seen_peer=_pair(rec.get("peer")),
+                   port=rec.get("port"), local=_pair(rec.get("local")),
+                   client_local=_pair(rec.get("client_local")), reply_from=_pair(rec.get("reply_from")),
+                   raw=rec)
+
+    def key(self) -> tuple:
+        """What the differential test compares: listener, answering pod, original destination."""
+        orig = self.orig_dst if self.listener in ("outbound", "inbound") else None
+        return (self.listener, self.pod, orig)
+
+
+@dataclass
+class ProbeServer:
+    pod: "Pod"
+    proc: subprocess.Popen
+    targets: tuple[int, ...]
+    udp_targets: tuple[int, ...]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=3)
+
+
+def start_probe_server(pod: "Pod", targets: Iterable[int] = (), udp_targets: Iterable[int] = (), *,
+                       uid: int = 1337, gid: int = 1337, sidecar_ports: bool = True,
+                       timeout: float = 10.0) -> ProbeServer:
+    """Start the probe server in ``pod`` and wait until all its sockets are bound."""
+    targets = tuple(sorted(set(targets)))
+    udp_targets = tuple(sorted(set(udp_targets)))
+    argv = [PYTHON, "-S", str(SERVER_SCRIPT), "--pod", pod.name,
+            "--targets", ",".join(map(str, targets)), "--udp-targets", ",".join(map(str, udp_targets))]
+    if not sidecar_ports:
+        argv.append("--no-sidecar-ports")
+    proc = pod.spawn(argv, uid=uid, gid=gid, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline().strip() if ready else ""
+    if line != "READY":
+        proc.kill()
+        err = proc.stderr.read() if proc.stderr else ""
+        raise KernelError(f"probe server in pod {pod.name} did not start: {line!r} {err.strip()[-500:]}")
+    return ProbeServer(pod=pod, proc=proc, targets=targets, udp_targets=udp_targets)
+
+
+def probe_connect(src_pod: "Pod", uid: int, gid: int, dst_ip: str, dst_port: int, *,
+                  bind: tuple[str, int] | None = None, proto: str = "tcp", timeout: float = 3.0,
+                  count: int = 1) -> Outcome | list[Outcome]:
+    """Connect from ``src_pod`` as uid/gid to dst; an :class:`Outcome` (a list if count > 1)."""
+    argv = [PYTHON, "-S", str(CLIENT_SCRIPT), "--dst", dst_ip, "--port", str(dst_port),
+            "--timeout", str(timeout), "--count", str(count)]
+    if bind:
+        host = f"[{bind[0]}]" if ":" in bind[0] else bind[0]
+        argv += ["--bind", f"{host}:{bind[1]}"]
+    if proto == "udp":
+        argv.append("--udp")
+    elif proto != "tcp":
+        raise ValueError(f"proto must be tcp or udp, not {proto!r}")
+    started = time.monotonic()
+    proc = src_pod.run(argv, uid=uid, gid=gid, timeout=timeout * count + 15)
+    if proc.returncode != 0:
+        raise KernelError(f"probe client in pod {src_pod.name} failed ({proc.returncode}): "
+                          f"{proc.stderr.strip()[-500:]}")
+    outcomes = [Outcome.from_record(json.loads(line)) for line in proc.stdout.splitlines() if line.strip()]
+    if len(outcomes) != count:
+        raise KernelError(f"probe client printed {len(outcomes)} results for {count} attempts "
+                          f"after {time.monotonic() - started:.1f}s")
+    return outcomes[0] if count == 1 else outcomes

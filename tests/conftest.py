@@ -1,0 +1,50 @@
+"""Shared fixtures. Others may append fixtures below (minimal str_replace edits)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from istio_ebpf_plugin.harness import Node, cleanup, names
+
+ISTIO_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "istio"
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces, cgroups and BPF are created for real")
+
+
+@pytest.fixture
+def node() -> Iterator[Node]:
+    """A fresh local node (netns + cgroup pods); everything it made is removed afterwards."""
+    _require_root()
+    with Node() as n:
+        yield n
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_harness_leftovers() -> Iterator[None]:
+    """At session end, nothing with our prefixes may be left by this session.
+
+    Objects of Nodes created by this process must all be gone. Other new objects
+    (pins, foreign netns/cgroups) count too, unless another live harness process
+    (a parallel session) may own them.
+    """
+    before = cleanup.find(force=True) if os.geteuid() == 0 else cleanup.Leftovers()
+    yield
+    if os.geteuid() != 0:
+        return
+    after = cleanup.find(force=True)
+    ours = after.only(names.created_tokens)
+    problems = ours.describe() if ours else ""
+    if not cleanup.live_tokens() - names.created_tokens:
+        new = after.minus(before).minus(ours)
+        if new:
+            problems += ("; " if problems else "") + new.describe()
+    if problems:
+        pytest.fail(f"test session left harness objects behind: {problems} "
+                    f"(remove with: .venv/bin/istio-ebpf harness-cleanup)", pytrace=False)
