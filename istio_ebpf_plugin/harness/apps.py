@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import KernelError
 from .probe import PYTHON
+from .staging import staged
 
 if TYPE_CHECKING:  # pragma: no cover
     from .node import Pod
@@ -58,7 +59,7 @@ class HttpServer:
 
 def start_http_server(pod: "Pod", port: int, uid: int = APP_UID, gid: int = APP_GID) -> HttpServer:
     """Threaded Python HTTP server on 0.0.0.0:port and [::]:port in ``pod`` as the app user."""
-    proc = pod.spawn([PYTHON, "-S", str(HTTP_SERVER_SCRIPT), "--pod", pod.name, "--port", str(port)],
+    proc = pod.spawn([PYTHON, "-S", staged(HTTP_SERVER_SCRIPT), "--pod", pod.name, "--port", str(port)],
                      uid=uid, gid=gid, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_ready(proc, f"http server in pod {pod.name}")
     return HttpServer(pod, port, proc)

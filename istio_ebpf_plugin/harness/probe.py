@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from ..errors import KernelError
+from .staging import staged
 
 if TYPE_CHECKING:  # pragma: no cover
     from .node import Pod
@@ -101,7 +102,7 @@ def start_probe_server(pod: "Pod", targets: Iterable[int] = (), udp_targets: Ite
     """Start the probe server in ``pod`` and wait until all its sockets are bound."""
     targets = tuple(sorted(set(targets)))
     udp_targets = tuple(sorted(set(udp_targets)))
-    argv = [PYTHON, "-S", str(SERVER_SCRIPT), "--pod", pod.name,
+    argv = [PYTHON, "-S", staged(SERVER_SCRIPT), "--pod", pod.name,
             "--targets", ",".join(map(str, targets)), "--udp-targets", ",".join(map(str, udp_targets))]
     if not sidecar_ports:
         argv.append("--no-sidecar-ports")
@@ -120,7 +121,7 @@ def probe_connect(src_pod: "Pod", uid: int, gid: int, dst_ip: str, dst_port: int
                   bind: tuple[str, int] | None = None, proto: str = "tcp", timeout: float = 3.0,
                   count: int = 1) -> Outcome | list[Outcome]:
     """Connect from ``src_pod`` as uid/gid to dst; an :class:`Outcome` (a list if count > 1)."""
-    argv = [PYTHON, "-S", str(CLIENT_SCRIPT), "--dst", dst_ip, "--port", str(dst_port),
+    argv = [PYTHON, "-S", staged(CLIENT_SCRIPT), "--dst", dst_ip, "--port", str(dst_port),
             "--timeout", str(timeout), "--count", str(count)]
     if bind:
         host = f"[{bind[0]}]" if ":" in bind[0] else bind[0]
