@@ -1,0 +1,52 @@
+"""``istio-ebpf bench [--quick] [--json FILE] [--plot FILE.png]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import UsageError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="benchmark direct / iptables / ebpf / ebpf-sockmap / explicit, interleaved")
+    p.add_argument("--quick", action="store_true", help="3 workloads, 1 round of 3 s (under two minutes)")
+    p.add_argument("--json", metavar="FILE", help="write the results document (one entry per variant and workload)")
+    p.add_argument("--plot", metavar="FILE.png", help="write a matplotlib PNG")
+    p.add_argument("--rounds", type=int, help="interleaved rounds per workload (default 3, quick 1)")
+    p.add_argument("--duration", type=float, help="seconds per measurement (default 5, quick 3)")
+    p.add_argument("--workloads", help="comma list of workload names (default: all, or the quick set)")
+    p.add_argument("--variants", help="comma list among direct,iptables,ebpf,ebpf-sockmap,explicit")
+    p.add_argument("--mode", choices=("auto", "cookie", "podip"), default="auto", help="datapath mode for the ebpf variants")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from . import report, runner, topology
+
+    if args.rounds is not None and args.rounds < 1:
+        raise UsageError("--rounds must be at least 1")
+    if args.duration is not None and args.duration <= 0:
+        raise UsageError("--duration must be positive")
+    if args.plot and not args.plot.endswith(".png"):
+        raise UsageError("--plot needs a .png file name")
+    settings = runner.settings_for(args.quick, rounds=args.rounds, duration=args.duration,
+                                   workloads=args.workloads.split(",") if args.workloads else None, mode=args.mode)
+    if args.variants:
+        chosen = tuple(v.strip() for v in args.variants.split(","))
+        bad = [v for v in chosen if v not in topology.VARIANTS]
+        if bad:
+            raise UsageError(f"unknown variant(s) {', '.join(bad)}; known: {', '.join(topology.VARIANTS)}")
+        from dataclasses import replace
+        settings = replace(settings, variants=chosen)
+    doc = runner.run(settings, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    print(report.table(doc))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        report.plot(doc, Path(args.plot))
+    return 0
