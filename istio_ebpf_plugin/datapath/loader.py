@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -72,9 +72,18 @@ MAPS = ("pod_by_netns", "pod_by_ip", "pod_ports", "pod_cidrs", "origin_by_cookie
 SOCKMAP_MAPS = ("accel_socks",)
 
 
-def build_flags(mode: str, sockmap: bool) -> list[str]:
-    return [f"-DISTIO_EBPF_COOKIE={1 if mode == 'cookie' else 0}",
-            f"-DISTIO_EBPF_SOCKMAP={1 if sockmap else 0}"]
+#: Map sizes (bpf/istio_ebpf_maps.h defaults); sized for real nodes, never silently small.
+DEFAULT_MAP_SIZES = {"MAX_PODS": 16384, "MAX_CONNS": 131072, "MAX_PORTS": 262144, "MAX_CIDRS": 262144}
+
+
+def build_flags(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = None) -> list[str]:
+    flags = [f"-DISTIO_EBPF_COOKIE={1 if mode == 'cookie' else 0}",
+             f"-DISTIO_EBPF_SOCKMAP={1 if sockmap else 0}"]
+    for name, value in sorted((map_sizes or {}).items()):
+        if name not in DEFAULT_MAP_SIZES or not 1 <= int(value) <= 1 << 24:
+            raise UsageError(f"bad map size {name}={value}")
+        flags.append(f"-D{name}={int(value)}")
+    return flags
 
 
 def _inline_local_includes(text: str, seen: set[str]) -> str:
@@ -105,12 +114,12 @@ def source_text(programs: Iterable[Program]) -> str:
     return "\n".join(_inline_local_includes((BPF_DIR / f).read_text(), seen) for f in files)
 
 
-def datapath_version(mode: str, sockmap: bool) -> str:
+def datapath_version(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = None) -> str:
     h = hashlib.sha256()
     for f in sorted(BPF_DIR.glob("*.[ch]")):
         h.update(f.name.encode())
         h.update(f.read_bytes())
-    h.update(" ".join(build_flags(mode, sockmap)).encode())
+    h.update(" ".join(build_flags(mode, sockmap, map_sizes)).encode())
     return f"{LAYOUT_VERSION}-{mode}{'-sockmap' if sockmap else ''}-{h.hexdigest()[:12]}"
 
 
@@ -125,17 +134,38 @@ def _ensure_bpffs(path: str) -> None:
         raise KernelError(f"{root} is not on a bpffs mount: mount it with 'mount -t bpf bpf /sys/fs/bpf'")
 
 
+@dataclass
+class _PodIndex:
+    """What one pod has in the maps (mirrors the maps; rebuilt from them after a restart)."""
+
+    pod_id: int
+    ports: set = field(default_factory=set)   # (kind, port)
+    cidrs: set = field(default_factory=set)   # (kind, family, prefixlen, addr bytes)
+    ips: set = field(default_factory=set)     # bytes(IpAddr)
+
+
+def _cidr_tuple(k: maps.CidrKey) -> tuple:
+    return (k.kind, k.family, k.prefixlen, bytes(k.addr))
+
+
+def _cidr_key(pod_id: int, t: tuple) -> maps.CidrKey:
+    k = maps.CidrKey(prefixlen=t[2], pod_id=pod_id, kind=t[0], family=t[1])
+    ctypes.memmove(k.addr, t[3], 16)
+    return k
+
+
 class Datapath:
     """The eBPF capture datapath of one node (or of one test)."""
 
     def __init__(self, mode: str = "cookie", sockmap: bool = False,
-                 pin_root: str = DEFAULT_PIN_ROOT) -> None:
+                 pin_root: str = DEFAULT_PIN_ROOT, map_sizes: dict[str, int] | None = None) -> None:
         if mode not in ("cookie", "podip"):
             raise UsageError(f"datapath mode must be cookie or podip, not {mode!r}")
         self.mode = mode
         self.sockmap = sockmap
         self.pin_root = Path(pin_root)
-        self.version = datapath_version(mode, sockmap)
+        self.map_sizes = dict(map_sizes or {})
+        self.version = datapath_version(mode, sockmap, self.map_sizes)
         self.pin_dir = self.pin_root / self.version
         self.programs = tuple(p for p in PROGRAMS if sockmap or not p.needs_sockmap)
         self.map_names = MAPS + (SOCKMAP_MAPS if sockmap else ())
@@ -143,6 +173,7 @@ class Datapath:
         self.map_fds: dict[str, int] = {}
         self.adopted = False
         self._bpf = None   # the BCC module when we compiled it ourselves
+        self._index: dict[int, _PodIndex] | None = None
 
     # ---- load / adopt -------------------------------------------------------------
     def __enter__(self) -> "Datapath":
@@ -187,7 +218,8 @@ class Datapath:
         # A half-written directory from a crash: start it again.
         if self.pin_dir.exists():
             shutil.rmtree(self.pin_dir, ignore_errors=True)
-        cflags = [f"-I{BPF_DIR}", *build_flags(self.mode, self.sockmap), "-Wno-unused-function"]
+        cflags = [f"-I{BPF_DIR}", *build_flags(self.mode, self.sockmap, self.map_sizes),
+                  "-Wno-unused-function"]
         try:
             self._bpf = BPF(text=source_text(self.programs), cflags=cflags)
         except Exception as exc:
@@ -260,17 +292,33 @@ class Datapath:
         return {name: libbpf.obj_id(fd) for name, fd in self.prog_fds.items()}
 
     # ---- pods ---------------------------------------------------------------------
-    def _pod_ids_in_use(self) -> dict[int, int]:
-        """pod_id -> netns cookie, from the map itself (survives restarts)."""
-        out = {}
-        for key in libbpf.map_keys(self.map_fds["pod_by_netns"], ctypes.c_uint64):
-            val = maps.PodCfg()
-            if libbpf.map_lookup(self.map_fds["pod_by_netns"], key, val):
-                out[val.pod_id] = key.value
-        return out
+    # The maps are the source of truth (they survive restarts); _index mirrors
+    # them per pod so adding, updating and removing one pod touches only that
+    # pod's entries. It is built once from the maps, after load or adoption.
+    def _pod_index(self) -> dict[int, "_PodIndex"]:
+        if self._index is None:
+            index: dict[int, _PodIndex] = {}
+            by_id: dict[int, _PodIndex] = {}
+            for key in libbpf.map_keys(self.map_fds["pod_by_netns"], ctypes.c_uint64):
+                val = maps.PodCfg()
+                if libbpf.map_lookup(self.map_fds["pod_by_netns"], key, val):
+                    entry = _PodIndex(val.pod_id)
+                    index[key.value] = by_id[val.pod_id] = entry
+            for k in libbpf.map_keys(self.map_fds["pod_by_ip"], maps.IpAddr):
+                val = maps.PodIpVal()
+                if libbpf.map_lookup(self.map_fds["pod_by_ip"], k, val) and val.pod_id in by_id:
+                    by_id[val.pod_id].ips.add(bytes(k))
+            for k in libbpf.map_keys(self.map_fds["pod_ports"], maps.PortKey):
+                if k.pod_id in by_id:
+                    by_id[k.pod_id].ports.add((k.kind, k.port))
+            for k in libbpf.map_keys(self.map_fds["pod_cidrs"], maps.CidrKey):
+                if k.pod_id in by_id:
+                    by_id[k.pod_id].cidrs.add(_cidr_tuple(k))
+            self._index = index
+        return self._index
 
     def pods(self) -> dict[int, maps.PodCfg]:
-        """netns cookie (the pod handle) -> its pod_cfg entry."""
+        """netns cookie (the pod handle) -> its pod_cfg entry, read from the map."""
         out = {}
         for key in libbpf.map_keys(self.map_fds["pod_by_netns"], ctypes.c_uint64):
             val = maps.PodCfg()
@@ -281,65 +329,72 @@ class Datapath:
     def add_pod(self, netns_path: str, cfg: PodConfig) -> int:
         """Capture the pod whose network namespace is netns_path. Returns its handle (netns cookie)."""
         cookie = netns_cookie(netns_path)
-        existing = self.pods().get(cookie)
-        if existing is not None:
-            self._write_pod(existing.pod_id, cookie, cfg)
-        else:
-            used = self._pod_ids_in_use()
+        index = self._pod_index()
+        if cookie not in index:
+            used = {e.pod_id for e in index.values()}
             pod_id = next(i for i in range(1, len(used) + 2) if i not in used)
-            self._write_pod(pod_id, cookie, cfg)
+            index[cookie] = _PodIndex(pod_id)
+        self._write_pod(cookie, cfg)
         self._attach_netns(netns_path, cookie)
         self.register_listeners(netns_path, cookie, cfg)
         return cookie
 
     def update_pod(self, handle: int, cfg: PodConfig) -> None:
-        current = self.pods().get(handle)
-        if current is None:
+        if handle not in self._pod_index():
             raise KeyError(f"pod {handle:#x} is not managed")
-        self._write_pod(current.pod_id, handle, cfg)
+        self._write_pod(handle, cfg)
 
-    def _write_pod(self, pod_id: int, cookie: int, cfg: PodConfig) -> None:
-        entries = maps.encode_pod(pod_id, cookie, cfg)
+    def _write_pod(self, cookie: int, cfg: PodConfig) -> None:
+        entry = self._pod_index()[cookie]
+        entries = maps.encode_pod(entry.pod_id, cookie, cfg)
         one = ctypes.c_uint8(1)
         # New list entries first, then the config, then drop what is gone:
         # a connection never sees a half-written pod.
         want_ports = {(k.kind, k.port) for k in entries.ports}
-        want_cidrs = {(k.kind, k.family, k.prefixlen, bytes(k.addr)) for k in entries.cidrs}
-        for k in entries.ports:
-            libbpf.map_update(self.map_fds["pod_ports"], k, one)
-        for k in entries.cidrs:
-            libbpf.map_update(self.map_fds["pod_cidrs"], k, one)
-        for ip, val in entries.ips:
-            libbpf.map_update(self.map_fds["pod_by_ip"], ip, val)
-        libbpf.map_update(self.map_fds["pod_by_netns"], ctypes.c_uint64(cookie), entries.cfg)
-        self._delete_lists(pod_id, keep_ports=want_ports, keep_cidrs=want_cidrs)
+        want_cidrs = {_cidr_tuple(k) for k in entries.cidrs}
         want_ips = {bytes(ip) for ip, _ in entries.ips}
-        self._delete_ips(pod_id, keep=want_ips)
+        try:
+            for k in entries.ports:
+                libbpf.map_update(self.map_fds["pod_ports"], k, one)
+            for k in entries.cidrs:
+                libbpf.map_update(self.map_fds["pod_cidrs"], k, one)
+            for ip, val in entries.ips:
+                libbpf.map_update(self.map_fds["pod_by_ip"], ip, val)
+            libbpf.map_update(self.map_fds["pod_by_netns"], ctypes.c_uint64(cookie), entries.cfg)
+        except OSError as exc:
+            if exc.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
+                raise KernelError(f"datapath maps are full ({exc.strerror}): pod not captured; "
+                                  f"raise the map sizes") from exc
+            raise
+        finally:
+            entry.ports |= want_ports
+            entry.cidrs |= want_cidrs
+            entry.ips |= want_ips
+        self._delete_entries(entry, entry.ports - want_ports, entry.cidrs - want_cidrs,
+                             entry.ips - want_ips)
 
-    def _delete_lists(self, pod_id: int, keep_ports: set | None = None, keep_cidrs: set | None = None) -> None:
-        for k in libbpf.map_keys(self.map_fds["pod_ports"], maps.PortKey):
-            if k.pod_id == pod_id and (k.kind, k.port) not in (keep_ports or set()):
-                libbpf.map_delete(self.map_fds["pod_ports"], k)
-        for k in libbpf.map_keys(self.map_fds["pod_cidrs"], maps.CidrKey):
-            if k.pod_id == pod_id and (k.kind, k.family, k.prefixlen, bytes(k.addr)) not in (keep_cidrs or set()):
-                libbpf.map_delete(self.map_fds["pod_cidrs"], k)
-
-    def _delete_ips(self, pod_id: int, keep: set[bytes] | None = None) -> None:
-        for k in libbpf.map_keys(self.map_fds["pod_by_ip"], maps.IpAddr):
+    def _delete_entries(self, entry: "_PodIndex", ports: set, cidrs: set, ips: set) -> None:
+        for kind, port in ports:
+            libbpf.map_delete(self.map_fds["pod_ports"], maps.PortKey(pod_id=entry.pod_id, kind=kind, port=port))
+        for t in cidrs:
+            libbpf.map_delete(self.map_fds["pod_cidrs"], _cidr_key(entry.pod_id, t))
+        for raw in ips:
+            k = maps.IpAddr.from_buffer_copy(raw)
             val = maps.PodIpVal()
             # Only this pod's entries: a reused IP may already belong to a new pod.
-            if libbpf.map_lookup(self.map_fds["pod_by_ip"], k, val) and val.pod_id == pod_id \
-                    and bytes(k) not in (keep or set()):
+            if libbpf.map_lookup(self.map_fds["pod_by_ip"], k, val) and val.pod_id == entry.pod_id:
                 libbpf.map_delete(self.map_fds["pod_by_ip"], k)
                 libbpf.map_delete(self.map_fds["inbound_listeners"], k)
+        entry.ports -= ports
+        entry.cidrs -= cidrs
+        entry.ips -= ips
 
     def remove_pod(self, handle: int) -> None:
-        current = self.pods().get(handle)
-        if current is None:
-            return
+        index = self._pod_index()
+        entry = index.pop(handle, None)
         libbpf.map_delete(self.map_fds["pod_by_netns"], ctypes.c_uint64(handle))
-        self._delete_ips(current.pod_id)
-        self._delete_lists(current.pod_id)
+        if entry is not None:
+            self._delete_entries(entry, set(entry.ports), set(entry.cidrs), set(entry.ips))
         link = self._link_path(f"netns-{handle}")
         if link.exists():
             link.unlink()
@@ -371,11 +426,10 @@ class Datapath:
         from .listeners import find_listeners
 
         cookie = cookie if cookie is not None else netns_cookie(netns_path)
-        pod = self.pods().get(cookie)
-        if pod is None:
+        entry = self._pod_index().get(cookie)
+        if entry is None:
             return 0
-        ips = [ip for ip, _ in maps.encode_pod(pod.pod_id, cookie, cfg).ips] if cfg else \
-            self._ips_of(pod.pod_id)
+        ips = [maps.IpAddr.from_buffer_copy(raw) for raw in entry.ips]
         written = 0
         for family, fd in find_listeners(netns_path, INBOUND_PORT, proc):
             try:
@@ -386,14 +440,6 @@ class Datapath:
             finally:
                 os.close(fd)
         return written
-
-    def _ips_of(self, pod_id: int) -> list[maps.IpAddr]:
-        out = []
-        for k in libbpf.map_keys(self.map_fds["pod_by_ip"], maps.IpAddr):
-            val = maps.PodIpVal()
-            if libbpf.map_lookup(self.map_fds["pod_by_ip"], k, val) and val.pod_id == pod_id:
-                out.append(k)
-        return out
 
     def refresh_listeners(self, netns_paths: dict[int, str]) -> int:
         """Re-register listeners for all given pods (handle -> netns path), e.g. after Envoy restarts."""
@@ -454,6 +500,7 @@ class Datapath:
                 pass
         self.prog_fds.clear()
         self.map_fds.clear()
+        self._index = None
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
