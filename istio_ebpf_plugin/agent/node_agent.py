@@ -53,6 +53,9 @@ class AgentConfig:
     cgroup_for_uid: Callable[[str], str | None] | None = None
     locator: Any = None                      # tests: a ready PodLocator-like object
     event_namespace: str = "default"         # Events about the Node live here
+    listener_refresh_seconds: float = 5.0    # pod-IP mode: re-find Envoy's 15006 sockets this often
+    #: sockmap start-up self-test (mode -> (ok, reason)); None = the real one
+    sockmap_self_test: Callable[[str], tuple[bool, str]] | None = None
 
 
 def _default_datapath(mode: str, pin_root: str, sockmap: bool) -> Any:
@@ -79,6 +82,7 @@ class NodeAgent:
         self.heartbeat = time.monotonic()
         self._last_retry = 0.0
         self._last_metrics = 0.0
+        self._last_listener_refresh = 0.0
 
     # ------------------------------------------------------------------ health
     def healthy(self) -> tuple[bool, str]:
@@ -114,6 +118,15 @@ class NodeAgent:
         sockmap = cfg.sockmap and d.sockmap
         if cfg.sockmap and not d.sockmap:
             log.warning("sockmap acceleration requested but its probes failed: staying off")
+        if sockmap:
+            # Kernels broke sockmap before (FIONREAD, stalls, splice): real transfers first.
+            from ..datapath.sockmap_check import self_test
+
+            ok, why = (cfg.sockmap_self_test or self_test)(d.mode)
+            log.log(logging.INFO if ok else logging.WARNING, "%s", why)
+            if not ok:
+                sockmap = False
+                self.metrics.fallback.labels(reason=why[:200]).set(1)
         self.datapath = self.datapath_factory(d.mode, cfg.pin_root, sockmap)
         self.datapath.load()     # adopts the pins of a previous agent of the same version
         self.datapath.attach_cgroup(cfg.cgroup_root)   # idempotent: pinned links are not duplicated
@@ -189,6 +202,14 @@ class NodeAgent:
         if now - self._last_metrics >= 2.0:
             self._last_metrics = now
             self.update_metrics()
+        if self.decision is not None and self.decision.mode == "podip" and \
+                now - self._last_listener_refresh >= self.config.listener_refresh_seconds:
+            # No netns cookie in sockops before 5.15: a restarted Envoy's new 15006
+            # socket is found from userspace instead.
+            self._last_listener_refresh = now
+            refresh = getattr(self.datapath, "refresh_listeners", None)
+            if refresh is not None:
+                refresh({r.handle: r.netns_path for r in self.reconciler.records.values() if r.netns_path})
 
     def _dispatch(self, etype: str, obj: Any) -> None:
         rec = self.reconciler

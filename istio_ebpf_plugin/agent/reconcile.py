@@ -49,6 +49,7 @@ class Record:
     config: PodConfig
     netns_inode: int
     updated: float
+    netns_path: str = ""      # pod-IP mode re-registers Envoy's listener from here
 
 
 Report = Callable[[Mapping[str, Any], str, str, str], None]  # (pod, type, reason, message)
@@ -169,5 +170,5 @@ class Reconciler:
             log.info("handle %r moved from pod %s to %s", handle, previous, uid)
         meta = _meta(pod)
         self.records[uid] = Record(uid, str(meta.get("namespace", "")), str(meta.get("name", "")),
-                                   handle, config, where.netns_inode, time.monotonic())
+                                   handle, config, where.netns_inode, time.monotonic(), where.netns_path)
         self.owners[handle] = uid
