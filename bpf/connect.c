@@ -109,8 +109,7 @@ int ie_connect4(struct bpf_sock_addr *ctx)
 {
     if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
         return 1;
-    __u64 netns = bpf_get_netns_cookie(ctx);
-    struct pod_cfg *cfg = pod_by_netns.lookup(&netns);
+    struct pod_cfg *cfg = find_pod(ctx);
     if (!cfg)
         return 1;
 
@@ -149,8 +148,7 @@ int ie_connect6(struct bpf_sock_addr *ctx)
 {
     if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
         return 1;
-    __u64 netns = bpf_get_netns_cookie(ctx);
-    struct pod_cfg *cfg = pod_by_netns.lookup(&netns);
+    struct pod_cfg *cfg = find_pod(ctx);
     if (!cfg)
         return 1;
 

@@ -11,8 +11,7 @@
 
 static __always_inline int dns_verdict(struct bpf_sock_addr *ctx, struct flow *f)
 {
-    __u64 netns = bpf_get_netns_cookie(ctx);
-    struct pod_cfg *cfg = pod_by_netns.lookup(&netns);
+    struct pod_cfg *cfg = find_pod(ctx);
     if (!cfg || !(cfg->flags & POD_DNS_CAPTURE))
         return V_PASS;
     __u64 ugid = bpf_get_current_uid_gid();

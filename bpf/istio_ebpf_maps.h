@@ -61,9 +61,8 @@ struct ip_addr {
 #define POD_DNS_CAPTURE     (1u << 1)   /* ISTIO_META_DNS_CAPTURE */
 #define POD_OUT_PORT_INCL   (1u << 2)   /* some -q ports exist */
 
-/* Per-pod configuration, keyed by the pod's network-namespace cookie.
- * bpf_get_netns_cookie() exists in cgroup sock_addr programs since 5.7, so
- * both modes find the pod this way. */
+/* Per-pod configuration. Key: the pod's network-namespace cookie (cookie
+ * mode) or the id of the pod's cgroup (pod-IP mode, see find_pod()). */
 struct pod_cfg {
     __u32 pod_id;       /* small id chosen by userspace; keys the port/CIDR tables */
     __u32 flags;

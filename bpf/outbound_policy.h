@@ -11,6 +11,35 @@
 
 #include "istio_ebpf_maps.h"
 
+#ifndef MAX_CGROUP_DEPTH
+#define MAX_CGROUP_DEPTH 10
+#endif
+
+/* The pod a socket-address hook runs for.
+ * cookie mode: keyed by the network-namespace cookie.
+ * pod-IP mode (5.7-5.14): userspace cannot read a netns cookie before 5.14
+ * (SO_NETNS_COOKIE), so pods are keyed by their cgroup id, found among the
+ * current task's cgroup ancestors (a container cgroup, or any child cgroup a
+ * process creates, lies below the pod's). */
+static __always_inline struct pod_cfg *find_pod(void *ctx)
+{
+#if ISTIO_EBPF_COOKIE
+    __u64 key = bpf_get_netns_cookie(ctx);
+    return pod_by_netns.lookup(&key);
+#else
+    #pragma unroll
+    for (int level = 1; level <= MAX_CGROUP_DEPTH; level++) {
+        __u64 key = bpf_get_current_ancestor_cgroup_id(level);
+        if (key == 0)
+            break;
+        struct pod_cfg *cfg = pod_by_netns.lookup(&key);
+        if (cfg)
+            return cfg;
+    }
+    return NULL;
+#endif
+}
+
 enum verdict {
     V_PASS = 0,         /* leave the connection alone (iptables RETURN) */
     V_OUTBOUND,         /* ISTIO_REDIRECT: to 15001 */

@@ -89,7 +89,9 @@ def test_agent_captures_follows_annotations_and_deletes(cluster, pin_root, monke
         wait_for(lambda: agent.ready()[0], what="agent ready")
         assert kube.node_labels["istio-ebpf.io/mode"] == mode
         # real map contents: one entry per pod, keyed by the pods' netns cookies
-        assert set(agent.datapath.pods()) == {netns_cookie(client.netns_path), netns_cookie(server.netns_path)}
+        # (cookie mode) or cgroup ids (pod-IP mode)
+        assert set(agent.datapath.pods()) == {agent.datapath.pod_key(p.netns_path, str(p.cgroup_path))
+                                              for p in (client, server)}
         # real traffic, through the client's Envoy with the original destination
         url = url_for(server.ipv4, PORT)
         res = http_get(client, url, count=5)
@@ -115,7 +117,7 @@ def test_agent_captures_follows_annotations_and_deletes(cluster, pin_root, monke
 
         # DELETED: the server's entries leave the maps
         kube.delete(pods["srv"]["metadata"]["uid"])
-        wait_for(lambda: set(agent.datapath.pods()) == {netns_cookie(client.netns_path)}, what="srv removed")
+        wait_for(lambda: set(agent.datapath.pods()) == {agent.datapath.pod_key(client.netns_path, str(client.cgroup_path))}, what="srv removed")
         occ = agent.datapath.occupancy()
         assert occ["pod_by_netns"] == 1 and occ["pod_by_ip"] == 2   # the client's IPv4 + IPv6
     finally:

@@ -44,7 +44,7 @@ class RecordingDatapath:
     def attach_cgroup(self, path: str) -> None:
         self.attached.append(path)
 
-    def add_pod(self, netns_path: str, config):
+    def add_pod(self, netns_path: str, config, cgroup_path=None):
         import os
         handle = os.stat(netns_path).st_ino if self.mode == "cookie" else str(config.pod_ips[0])
         self.calls.append(("add", handle))

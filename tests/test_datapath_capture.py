@@ -48,7 +48,7 @@ def test_capture_table_matches_istio_iptables(node, datapath_factory, mode, sock
     dp = datapath_factory(mode, sockmap)
     dp.attach_cgroup(str(node.parent_cgroup))
     lab = CaptureLab(node)
-    results = lab.run(CASES, install=lambda pod, cfg: dp.add_pod(pod.netns_path, cfg),
+    results = lab.run(CASES, install=lambda pod, cfg: dp.add_pod(pod.netns_path, cfg, str(pod.cgroup_path)),
                       uninstall=lambda pod, handle: dp.remove_pod(handle))
     assert len(results) == len(CASES) > 50
     assert not failures(results), report(results)
@@ -112,7 +112,7 @@ def test_quadruple_conflict_same_source_ports(node, datapath_factory, mode):
     a, b, c = node.add_pod("a"), node.add_pod("b"), node.add_pod("c")
     servers = [start_probe_server(p) for p in (a, b)]
     for p in (a, b):
-        dp.add_pod(p.netns_path, PodConfig(pod_ips=ip_list(p.pod_ips)))
+        dp.add_pod(p.netns_path, PodConfig(pod_ips=ip_list(p.pod_ips)), str(p.cgroup_path))
     n = 200
     # cookie mode: identical 127.0.0.1:P -> 127.0.0.1:15001 tuples in both pods;
     # pod-IP mode: the app sockets carry the pod IP (the bind the mode relies on).
@@ -142,7 +142,7 @@ def test_restart_adopts_pins_without_duplicates(node, datapath_factory):
     first.attach_cgroup(str(node.parent_cgroup))
     a, c = node.add_pod("a"), node.add_pod("c")
     server = start_probe_server(a)
-    handle = first.add_pod(a.netns_path, PodConfig(pod_ips=ip_list(a.pod_ips)))
+    handle = first.add_pod(a.netns_path, PodConfig(pod_ips=ip_list(a.pod_ips)), str(a.cgroup_path))
     ids = first.program_ids()
     # Drop every descriptor of the first loader: only the pins keep things alive.
     first.close(cleanup=False)
@@ -163,7 +163,7 @@ def test_cleanup_detaches_everything(node):
     try:
         dp.attach_cgroup(str(node.parent_cgroup))
         a = node.add_pod("a")
-        dp.add_pod(a.netns_path, PodConfig(pod_ips=ip_list(a.pod_ips)))
+        dp.add_pod(a.netns_path, PodConfig(pod_ips=ip_list(a.pod_ips)), str(a.cgroup_path))
         assert any(dp.attached_program_ids(str(node.parent_cgroup)).values())
     finally:
         dp.close(cleanup=True)
@@ -190,7 +190,7 @@ def test_envoy_restart_inbound_follows_new_listener(node, datapath_factory):
     client, server = node.add_pod("client"), node.add_pod("server")
     start_http_server(server, 8080)
     for p in (client, server):
-        dp.add_pod(p.netns_path, PodConfig(pod_ips=ip_list(p.pod_ips)))
+        dp.add_pod(p.netns_path, PodConfig(pod_ips=ip_list(p.pod_ips)), str(p.cgroup_path))
     client_env = client.start_envoy()
     env = server.start_envoy()
     assert http_get(client, url_for(server.ipv4, 8080))[0]["status"] == 200
@@ -201,3 +201,36 @@ def test_envoy_restart_inbound_follows_new_listener(node, datapath_factory):
     assert all(x["info"]["peer"][0] == "127.0.0.6" for x in r)   # through the new Envoy
     env.stop()
     client_env.stop()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_process_in_child_cgroup_is_captured(node, datapath_factory, mode):
+    """Kubernetes runs containers in child cgroups of the pod cgroup, and a process may
+    create its own: pods are keyed by netns cookie (cookie mode) or found among the
+    cgroup ancestors (pod-IP mode), so both still capture."""
+    dp = datapath_factory(mode)
+    dp.attach_cgroup(str(node.parent_cgroup))
+    a, c = node.add_pod("a"), node.add_pod("c")
+    server = start_probe_server(a)
+    dp.add_pod(a.netns_path, PodConfig(pod_ips=ip_list(a.pod_ips)), str(a.cgroup_path))
+    child = Path(a.cgroup_path) / "container-app" / "nested"
+    child.mkdir(parents=True)
+    try:
+        script = ("import os, socket, sys, json\n"
+                  f"open('{child}/cgroup.procs', 'w').write(str(os.getpid()))\n"
+                  "s = socket.create_connection((sys.argv[1], 8080), timeout=3)\n"
+                  "print(s.makefile().readline().strip())\n")
+        # The process moves itself into the nested cgroup before it connects.
+        proc = a.run([PYTHON, "-S", "-c", script, c.ipv4], uid=0, gid=0, timeout=20)
+        rec = json.loads(proc.stdout)
+        assert rec["listener"] == "outbound" and rec["orig_dst"] == [c.ipv4, 8080], rec
+    finally:
+        server.stop()
+        for d in (child, child.parent):
+            for _ in range(50):
+                try:
+                    d.rmdir()
+                    break
+                except OSError:
+                    import time
+                    time.sleep(0.1)

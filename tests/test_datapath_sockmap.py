@@ -25,7 +25,7 @@ def test_transfer_suite_through_envoy(node, sockmap):
         srv = start_data_server(server)
         envs = [p.start_envoy(protocol="tcp", access_log=False) for p in (client, server)]
         for p in (client, server):
-            dp.add_pod(p.netns_path, PodConfig(pod_ips=ip_list(p.pod_ips)))
+            dp.add_pod(p.netns_path, PodConfig(pod_ips=ip_list(p.pod_ips)), str(p.cgroup_path))
         try:
             report = run_suite(client, server.ipv4)
         finally:

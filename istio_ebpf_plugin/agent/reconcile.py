@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class DatapathLike(Protocol):
     """What the agent needs from :class:`istio_ebpf_plugin.datapath.loader.Datapath`."""
 
-    def add_pod(self, netns_path: str, config: PodConfig) -> Hashable: ...
+    def add_pod(self, netns_path: str, config: PodConfig, cgroup_path: str | None = None) -> Hashable: ...
     def update_pod(self, handle: Hashable, config: PodConfig) -> None: ...
     def remove_pod(self, handle: Hashable) -> None: ...
     def pods(self) -> Mapping[Hashable, Any]: ...
@@ -161,7 +161,7 @@ class Reconciler:
                 pass
         if rec is not None:  # sandbox recreated (new netns) or handle taken over: start afresh
             self.remove(uid)
-        handle = self.datapath.add_pod(where.netns_path, config)
+        handle = self.datapath.add_pod(where.netns_path, config, where.cgroup_path)
         previous = self.owners.get(handle)
         if previous is not None and previous != uid:
             # The handle (pod IP or netns) now belongs to this pod; forget the old owner

@@ -97,7 +97,7 @@ def build(node: Node, variants: tuple[str, ...], payloads: tuple[int, ...], *, m
                 dp.load()
                 dp.attach_cgroup(str(node.group_cgroup(group)))
                 for pod in (vp.client, vp.server):
-                    dp.add_pod(pod.netns_path, _podconfig(pod))
+                    dp.add_pod(pod.netns_path, _podconfig(pod), str(pod.cgroup_path))
             except Exception as exc:  # noqa: BLE001 - any failure makes the variant unavailable
                 vp.error = f"datapath unavailable: {type(exc).__name__}: {exc}"
                 log.warning("%s: %s", variant, vp.error)

@@ -47,7 +47,7 @@ def run_demo(mode: str = "auto", sockmap: bool = False, requests: int = 50,
             start_http_server(server, SERVER_PORT)
             envoys = {p.name: p.start_envoy() for p in (client, server)}
             for pod in (client, server):
-                dp.add_pod(pod.netns_path, PodConfig(pod_ips=ip_list(pod.pod_ips)))
+                dp.add_pod(pod.netns_path, PodConfig(pod_ips=ip_list(pod.pod_ips)), str(pod.cgroup_path))
             print(f"pods: client {client.ipv4} / {client.ipv6}, server {server.ipv4} / {server.ipv6}",
                   file=log)
 

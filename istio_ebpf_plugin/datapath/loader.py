@@ -326,9 +326,18 @@ class Datapath:
                 out[key.value] = val
         return out
 
-    def add_pod(self, netns_path: str, cfg: PodConfig) -> int:
-        """Capture the pod whose network namespace is netns_path. Returns its handle (netns cookie)."""
-        cookie = netns_cookie(netns_path)
+    def pod_key(self, netns_path: str, cgroup_path: str | None = None) -> int:
+        """The pod's map key: its netns cookie (cookie mode) or its cgroup id (pod-IP mode)."""
+        if self.mode == "cookie":
+            return netns_cookie(netns_path)
+        if not cgroup_path:
+            raise UsageError("pod-IP mode keys pods by their cgroup: pass the pod's cgroup directory")
+        return os.stat(cgroup_path).st_ino     # the cgroup id on 64-bit kernels
+
+    def add_pod(self, netns_path: str, cfg: PodConfig, cgroup_path: str | None = None) -> int:
+        """Capture the pod whose network namespace is netns_path (and, in pod-IP mode, whose
+        cgroup v2 directory is cgroup_path). Returns its handle (the pod's map key)."""
+        cookie = self.pod_key(netns_path, cgroup_path)
         index = self._pod_index()
         if cookie not in index:
             used = {e.pod_id for e in index.values()}
@@ -425,7 +434,10 @@ class Datapath:
         """
         from .listeners import find_listeners
 
-        cookie = cookie if cookie is not None else netns_cookie(netns_path)
+        if cookie is None:
+            if self.mode != "cookie":
+                raise UsageError("register_listeners needs the pod handle in pod-IP mode")
+            cookie = netns_cookie(netns_path)
         entry = self._pod_index().get(cookie)
         if entry is None:
             return 0

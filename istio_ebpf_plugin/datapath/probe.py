@@ -24,6 +24,8 @@ from . import libbpf
 _PROBES: dict[str, tuple[str, int, int]] = {
     "cgroup_sock_addr_netns_cookie": ("p_connect_cookie", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_CONNECT),
     "cgroup_sock_addr_bind": ("p_connect_bind", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_CONNECT),
+    "cgroup_sock_addr_ancestor_cgroup": ("p_connect_ancestor", libbpf.PROG_CGROUP_SOCK_ADDR,
+                                         libbpf.CGROUP_INET4_CONNECT),
     "sockops_netns_cookie": ("p_sockops_cookie", libbpf.PROG_SOCK_OPS, -1),
     "sockops_sockhash": ("p_sockops_hash", libbpf.PROG_SOCK_OPS, -1),
     "getsockopt_prog": ("p_getsockopt", libbpf.PROG_CGROUP_SOCKOPT, libbpf.CGROUP_GETSOCKOPT),
@@ -41,6 +43,7 @@ int p_connect_cookie(struct bpf_sock_addr *ctx) { return bpf_get_netns_cookie(ct
 int p_connect_bind(struct bpf_sock_addr *ctx) {
     struct sockaddr_in sa = {}; sa.sin_family = AF_INET;
     bpf_bind(ctx, (struct sockaddr *)&sa, sizeof(sa)); return 1; }
+int p_connect_ancestor(struct bpf_sock_addr *ctx) { return bpf_get_current_ancestor_cgroup_id(1) != 0; }
 int p_sockops_cookie(struct bpf_sock_ops *s) { return bpf_get_netns_cookie(s) != 0; }
 int p_sockops_hash(struct bpf_sock_ops *s) { u32 k = 0; p_hash.sock_hash_update(s, &k, BPF_ANY); return 1; }
 int p_getsockopt(struct bpf_sockopt *ctx) { return 1; }
@@ -54,8 +57,9 @@ int p_sk_msg_cookie(struct sk_msg_md *msg) { return bpf_get_netns_cookie(msg) !=
 MODE_REQUIREMENTS: dict[str, tuple[str, ...]] = {
     "cookie": ("cgroup_sock_addr_netns_cookie", "sockops_netns_cookie", "sockops_sockhash",
                "getsockopt_prog", "getsockopt_netns_cookie", "sk_lookup_assign", "so_netns_cookie"),
-    "podip": ("cgroup_sock_addr_netns_cookie", "cgroup_sock_addr_bind", "getsockopt_prog",
-              "sk_lookup_assign", "so_netns_cookie"),
+    # pod-IP mode keys pods by cgroup id, so it does not need SO_NETNS_COOKIE (5.14)
+    "podip": ("cgroup_sock_addr_ancestor_cgroup", "cgroup_sock_addr_bind", "getsockopt_prog",
+              "sk_lookup_assign"),
 }
 SOCKMAP_REQUIREMENTS = {"cookie": ("sk_msg_redirect", "sk_msg_netns_cookie"), "podip": ("sk_msg_redirect",)}
 

@@ -182,7 +182,7 @@ def self_test(mode: str, sizes: tuple[int, ...] = (1, 65536, 1 << 20), concurren
                 srv = start_data_server(server)
                 envs = [p.start_envoy(protocol="tcp", access_log=False) for p in (client, server)]
                 for p in (client, server):
-                    dp.add_pod(p.netns_path, PodConfig(pod_ips=ip_list(p.pod_ips)))
+                    dp.add_pod(p.netns_path, PodConfig(pod_ips=ip_list(p.pod_ips)), str(p.cgroup_path))
                 try:
                     report = run_suite(client, server.ipv4, sizes=sizes, concurrency=concurrency)
                     used = dp.counters()["sockmap_bytes"]

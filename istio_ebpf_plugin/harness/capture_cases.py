@@ -20,7 +20,7 @@ eBPF datapath::
     lab = CaptureLab(node)
     results = lab.run(CASES, install=lambda pod, cfg: pod.apply_istio_iptables(cfg),
                       uninstall=lambda pod, handle: pod.flush_iptables())
-    # eBPF: install=lambda pod, cfg: dp.add_pod(pod.netns_path, cfg),
+    # eBPF: install=lambda pod, cfg: dp.add_pod(pod.netns_path, cfg, str(pod.cgroup_path)),
     #       uninstall=lambda pod, handle: dp.remove_pod(handle)
     assert not failures(results), report(results)
 """
