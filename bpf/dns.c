@@ -3,7 +3,8 @@
  *
  * Unconnected UDP to port 53 goes to 127.0.0.1:15053 (::1 for IPv6), as
  * ISTIO_OUTPUT_DNS does; replies coming back from 15053 get the original
- * server as their source again, as conntrack's reverse NAT would. Connected
+ * server as their source again, as conntrack's reverse NAT would, and
+ * getpeername() of a connected DNS socket names the original server. Connected
  * UDP sockets are handled by the connect hooks (connect.c) and share the
  * dns_origin map.
  */
@@ -77,8 +78,9 @@ int ie_sendmsg6(struct bpf_sock_addr *ctx)
     return 1;
 }
 
-/* A reply from 15053 on a socket we redirected: show the original server. */
-int ie_recvmsg4(struct bpf_sock_addr *ctx)
+/* An address of 15053 on a socket we redirected becomes the original server
+ * again: the source of a reply (recvmsg) or the peer (getpeername). */
+static __always_inline int restore4(struct bpf_sock_addr *ctx)
 {
     if (ctx->protocol != IPPROTO_UDP || bpf_ntohs(ctx->user_port) != DNS_PROXY_PORT ||
         ctx->user_ip4 != LOOPBACK4)
@@ -93,7 +95,7 @@ int ie_recvmsg4(struct bpf_sock_addr *ctx)
     return 1;
 }
 
-int ie_recvmsg6(struct bpf_sock_addr *ctx)
+static __always_inline int restore6(struct bpf_sock_addr *ctx)
 {
     if (ctx->protocol != IPPROTO_UDP || bpf_ntohs(ctx->user_port) != DNS_PROXY_PORT)
         return 1;
@@ -121,3 +123,8 @@ int ie_recvmsg6(struct bpf_sock_addr *ctx)
     ctx->user_port = bpf_htons(o->port);
     return 1;
 }
+
+int ie_recvmsg4(struct bpf_sock_addr *ctx) { return restore4(ctx); }
+int ie_recvmsg6(struct bpf_sock_addr *ctx) { return restore6(ctx); }
+int ie_getpeername4(struct bpf_sock_addr *ctx) { return restore4(ctx); }
+int ie_getpeername6(struct bpf_sock_addr *ctx) { return restore6(ctx); }

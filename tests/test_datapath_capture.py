@@ -234,3 +234,39 @@ def test_process_in_child_cgroup_is_captured(node, datapath_factory, mode):
                 except OSError:
                     import time
                     time.sleep(0.1)
+
+
+_CONNECTED_UDP = textwrap.dedent(r"""
+    import json, socket, sys
+    dst = sys.argv[1]
+    fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.settimeout(3)
+    s.connect((dst, 53))            # the way glibc's resolver talks to a nameserver
+    peer = s.getpeername()[:2]
+    s.send(b"query")
+    data, src = s.recvfrom(4096)
+    print(json.dumps({"peer": list(peer), "from": list(src[:2]), "reply": json.loads(data)}))
+""")
+
+
+@pytest.mark.parametrize("dns_capture", [True, False], ids=["dns-capture", "no-dns-capture"])
+@pytest.mark.parametrize("family", [4, 6])
+def test_connected_udp_dns_names_the_real_server(node, datapath_factory, dns_capture, family):
+    """A connected DNS socket: with capture the query reaches 15053 while getpeername()
+    and the reply's source still name the nameserver; without capture nothing changes."""
+    dp = datapath_factory("cookie")
+    dp.attach_cgroup(str(node.parent_cgroup))
+    a, c = node.add_pod("a"), node.add_pod("c")
+    servers = [start_probe_server(a), start_probe_server(c, udp_targets=(53,))]
+    dp.add_pod(a.netns_path, PodConfig(pod_ips=ip_list(a.pod_ips), dns_capture=dns_capture), str(a.cgroup_path))
+    dst = c.ipv4 if family == 4 else c.ipv6
+    try:
+        proc = a.run([PYTHON, "-S", "-c", _CONNECTED_UDP, dst], uid=1000, gid=1000, timeout=20)
+    finally:
+        for s in servers:
+            s.stop()
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads(proc.stdout)
+    assert rec["peer"] == [dst, 53] and rec["from"] == [dst, 53], rec
+    assert (rec["reply"]["listener"], rec["reply"]["pod"]) == (("dns", "a") if dns_capture else ("direct", "c"))

@@ -63,6 +63,8 @@ PROGRAMS: tuple[Program, ...] = (
     Program("ie_sendmsg6", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP6_SENDMSG, "cgroup"),
     Program("ie_recvmsg4", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP4_RECVMSG, "cgroup"),
     Program("ie_recvmsg6", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP6_RECVMSG, "cgroup"),
+    Program("ie_getpeername4", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_GETPEERNAME, "cgroup"),
+    Program("ie_getpeername6", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET6_GETPEERNAME, "cgroup"),
     Program("ie_inbound", "sk_lookup.c", libbpf.PROG_SK_LOOKUP, libbpf.SK_LOOKUP, "netns"),
     Program("ie_accel", "sk_msg.c", libbpf.PROG_SK_MSG, libbpf.SK_MSG_VERDICT, "sockhash", needs_sockmap=True),
 )
