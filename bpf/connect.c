@@ -135,11 +135,7 @@ int ie_connect4(struct bpf_sock_addr *ctx)
 #endif
     __u16 port = target_port(verdict);
     store_origin(ctx, &f, port, !f.tcp);
-    ctx->user_ip4 = LOOPBACK4;
-    /* Keep the two context stores apart: clang may merge adjacent 32-bit
-     * stores into one 64-bit store, which the verifier rejects. */
-    asm volatile("" ::: "memory");
-    ctx->user_port = bpf_htons(port);
+    redirect_to(ctx, 0, 0, port);
     count_verdict(verdict);
     return 1;
 }
@@ -153,17 +149,7 @@ int ie_connect6(struct bpf_sock_addr *ctx)
         return 1;
 
     struct flow f = {};
-    __u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];
-    /* An IPv4-mapped destination on an IPv6 socket is IPv4 traffic: the
-     * connect4 hook never sees it, so decide it here with the IPv4 rules. */
-    int mapped = a0 == 0 && a1 == 0 && a2 == bpf_htonl(0xffff);
-    if (mapped) {
-        f.dst.family = AF_INET;
-        f.dst.a[0] = a3;
-    } else {
-        f.dst.family = AF_INET6;
-        f.dst.a[0] = a0; f.dst.a[1] = a1; f.dst.a[2] = a2; f.dst.a[3] = a3;
-    }
+    int mapped = read_dst6(ctx, &f.dst);
     f.dport = bpf_ntohs(ctx->user_port);
     f.tcp = ctx->protocol == IPPROTO_TCP;
     __u32 src[4] = {};
@@ -187,17 +173,7 @@ int ie_connect6(struct bpf_sock_addr *ctx)
 #endif
     __u16 port = target_port(verdict);
     store_origin(ctx, &f, port, !f.tcp);
-    if (mapped) {
-        ctx->user_ip6[3] = LOOPBACK4;           /* ::ffff:127.0.0.1 */
-    } else {
-        /* ::1, where ip6tables' REDIRECT would send it */
-        ctx->user_ip6[0] = 0;
-        ctx->user_ip6[1] = 0;
-        ctx->user_ip6[2] = 0;
-        ctx->user_ip6[3] = bpf_htonl(1);
-    }
-    asm volatile("" ::: "memory");
-    ctx->user_port = bpf_htons(port);
+    redirect_to(ctx, 1, mapped, port);
     count_verdict(verdict);
     return 1;
 }

@@ -41,9 +41,7 @@ int ie_sendmsg4(struct bpf_sock_addr *ctx)
     if (dns_verdict(ctx, &f) != V_DNS)
         return 1;
     remember(ctx, &f);
-    ctx->user_ip4 = LOOPBACK4;
-    asm volatile("" ::: "memory");
-    ctx->user_port = bpf_htons(DNS_PROXY_PORT);
+    redirect_to(ctx, 0, 0, DNS_PROXY_PORT);
     return 1;
 }
 
@@ -52,29 +50,12 @@ int ie_sendmsg6(struct bpf_sock_addr *ctx)
     if (ctx->protocol != IPPROTO_UDP || bpf_ntohs(ctx->user_port) != DNS_PORT)
         return 1;
     struct flow f = {};
-    __u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];
-    int mapped = a0 == 0 && a1 == 0 && a2 == bpf_htonl(0xffff);
-    if (mapped) {
-        f.dst.family = AF_INET;
-        f.dst.a[0] = a3;
-    } else {
-        f.dst.family = AF_INET6;
-        f.dst.a[0] = a0; f.dst.a[1] = a1; f.dst.a[2] = a2; f.dst.a[3] = a3;
-    }
+    int mapped = read_dst6(ctx, &f.dst);
     f.dport = DNS_PORT;
     if (dns_verdict(ctx, &f) != V_DNS)
         return 1;
     remember(ctx, &f);
-    if (mapped) {
-        ctx->user_ip6[3] = LOOPBACK4;
-    } else {
-        ctx->user_ip6[0] = 0;
-        ctx->user_ip6[1] = 0;
-        ctx->user_ip6[2] = 0;
-        ctx->user_ip6[3] = bpf_htonl(1);
-    }
-    asm volatile("" ::: "memory");
-    ctx->user_port = bpf_htons(DNS_PROXY_PORT);
+    redirect_to(ctx, 1, mapped, DNS_PROXY_PORT);
     return 1;
 }
 

@@ -134,4 +134,40 @@ static __always_inline int outbound_verdict(const struct pod_cfg *cfg, const str
     return V_PASS;
 }
 
+/* The destination of an IPv6 sock_addr hook. An IPv4-mapped address on an
+ * IPv6 socket is IPv4 traffic that the IPv4 hooks never see: it is returned
+ * as IPv4 (and 1), so it is decided with the IPv4 rules. */
+static __always_inline int read_dst6(struct bpf_sock_addr *ctx, struct ip_addr *dst)
+{
+    __u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];
+    if (a0 == 0 && a1 == 0 && a2 == bpf_htonl(0xffff)) {
+        dst->family = AF_INET;
+        dst->a[0] = a3;
+        return 1;
+    }
+    dst->family = AF_INET6;
+    dst->a[0] = a0; dst->a[1] = a1; dst->a[2] = a2; dst->a[3] = a3;
+    return 0;
+}
+
+/* Send the socket to a local listener: 127.0.0.1, ::ffff:127.0.0.1 on a
+ * v4-mapped flow, or ::1 (where iptables' and ip6tables' REDIRECT send it). */
+static __always_inline void redirect_to(struct bpf_sock_addr *ctx, int ipv6, int mapped, __u16 port)
+{
+    if (!ipv6) {
+        ctx->user_ip4 = LOOPBACK4;
+    } else if (mapped) {
+        ctx->user_ip6[3] = LOOPBACK4;
+    } else {
+        ctx->user_ip6[0] = 0;
+        ctx->user_ip6[1] = 0;
+        ctx->user_ip6[2] = 0;
+        ctx->user_ip6[3] = bpf_htonl(1);
+    }
+    /* Keep the address and port stores apart: clang may merge adjacent
+     * 32-bit context stores into one 64-bit store, which the verifier rejects. */
+    asm volatile("" ::: "memory");
+    ctx->user_port = bpf_htons(port);
+}
+
 #endif
