@@ -105,3 +105,23 @@ def test_real_envoy_outbound_and_inbound_through_iptables(node: Node, family: st
     stats = envoy_a.stats()
     assert stats["http.outbound.downstream_rq_2xx"] == 3
     assert stats.get("http.inbound.downstream_rq_total", 0) == 0     # a's inbound listener untouched
+
+
+def test_real_envoy_tcp_proxy_variant_keeps_original_destination(node: Node) -> None:
+    """protocol="tcp": virtualOutbound is a tcp_proxy to the ORIGINAL_DST cluster (non-HTTP traffic)."""
+    from istio_ebpf_plugin.harness.probe import start_probe_server
+
+    a, b = node.add_pod("a"), node.add_pod("b")
+    a.apply_istio_iptables(PodConfig(pod_ips=tuple(ipaddress.ip_address(ip) for ip in a.pod_ips)))
+    envoy = a.start_envoy(protocol="tcp")
+    start_probe_server(b, targets=(8080,), sidecar_ports=False)
+    for dst in (b.ipv4, b.ipv6):
+        out = node.probe_connect(a, 1000, 1000, dst, 8080)
+        # b's target saw Envoy's upstream connection from a's pod IP (not the app's socket).
+        assert (out.listener, out.pod, out.local) == ("direct", "b", (dst, 8080))
+        assert out.seen_peer[0] == (a.ipv4 if dst == b.ipv4 else a.ipv6)
+        assert out.seen_peer != out.client_local
+    envoy.wait_access_log(lambda e: len(envoy.access_log()) >= 2)
+    logged = sorted(e["downstream_local_address"] for e in envoy.access_log())
+    assert logged == sorted([f"{b.ipv4}:8080", f"[{b.ipv6}]:8080"])
+    assert envoy.stats()["tcp.outbound.downstream_cx_total"] == 2
