@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 
-APT_PACKAGES=(python3-bpfcc bpfcc-tools bpftool linux-headers-amd64 iptables iproute2 procps
+APT_PACKAGES=(python3-bpfcc bpfcc-tools bpftool libbpf1 linux-headers-amd64 iptables iproute2 procps util-linux
               python3-venv python3-dev wrk hey iperf3 golang-go make ca-certificates)
 
 apt_install() {
