@@ -183,6 +183,7 @@ enum counter {
     C_SOCKMAP_INSERT,
     C_SOCKMAP_MSGS,
     C_SOCKMAP_BYTES,
+    C_RAW_SOCKET_DENIED,    /* raw TCP socket refused to a non-proxy UID */
     C_MAX,
 };
 BPF_ARRAY(counters, __u64, 16);

@@ -16,6 +16,7 @@ from functools import lru_cache
 from ..errors import KernelError
 
 # enum bpf_attach_type (include/uapi/linux/bpf.h)
+CGROUP_INET_SOCK_CREATE = 2
 SOCK_OPS = 3
 SK_MSG_VERDICT = 7
 CGROUP_INET4_CONNECT = 10
@@ -27,9 +28,11 @@ CGROUP_UDP6_RECVMSG = 20
 CGROUP_GETSOCKOPT = 21
 CGROUP_INET4_GETPEERNAME = 29
 CGROUP_INET6_GETPEERNAME = 30
+CGROUP_INET_SOCK_RELEASE = 34
 SK_LOOKUP = 36
 
 # enum bpf_prog_type
+PROG_CGROUP_SOCK = 9
 PROG_SOCK_OPS = 13
 PROG_SK_MSG = 16
 PROG_CGROUP_SOCK_ADDR = 18

@@ -52,6 +52,8 @@ class Program:
     attach_type: int
     target: str          # "cgroup" | "netns" | "sockhash"
     needs_sockmap: bool = False
+    #: Hardening extras: used where the kernel accepts them, skipped (and logged) where not.
+    optional: bool = False
 
 
 PROGRAMS: tuple[Program, ...] = (
@@ -65,6 +67,10 @@ PROGRAMS: tuple[Program, ...] = (
     Program("ie_recvmsg6", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP6_RECVMSG, "cgroup"),
     Program("ie_getpeername4", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_GETPEERNAME, "cgroup"),
     Program("ie_getpeername6", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET6_GETPEERNAME, "cgroup"),
+    Program("ie_sock_create", "sock.c", libbpf.PROG_CGROUP_SOCK, libbpf.CGROUP_INET_SOCK_CREATE, "cgroup",
+            optional=True),
+    Program("ie_sock_release", "sock.c", libbpf.PROG_CGROUP_SOCK, libbpf.CGROUP_INET_SOCK_RELEASE, "cgroup",
+            optional=True),
     Program("ie_inbound", "sk_lookup.c", libbpf.PROG_SK_LOOKUP, libbpf.SK_LOOKUP, "netns"),
     Program("ie_accel", "sk_msg.c", libbpf.PROG_SK_MSG, libbpf.SK_MSG_VERDICT, "sockhash", needs_sockmap=True),
 )
@@ -197,15 +203,21 @@ class Datapath:
             raise
         return self
 
+    @property
+    def loaded_programs(self) -> tuple[Program, ...]:
+        return tuple(p for p in self.programs if p.func in self.prog_fds)
+
     def _complete_pins(self) -> bool:
         return all((self.pin_dir / "maps" / m).exists() for m in self.map_names) and \
-            all((self.pin_dir / "progs" / p.func).exists() for p in self.programs)
+            all((self.pin_dir / "progs" / p.func).exists() for p in self.programs if not p.optional)
 
     def _adopt(self) -> None:
         for m in self.map_names:
             self.map_fds[m] = libbpf.obj_get(str(self.pin_dir / "maps" / m))
         for p in self.programs:
-            self.prog_fds[p.func] = libbpf.obj_get(str(self.pin_dir / "progs" / p.func))
+            path = self.pin_dir / "progs" / p.func
+            if path.exists() or not p.optional:
+                self.prog_fds[p.func] = libbpf.obj_get(str(path))
         self.adopted = True
         log.info("adopted pinned datapath %s", self.pin_dir)
 
@@ -233,6 +245,9 @@ class Datapath:
             try:
                 fn = self._bpf.load_func(p.func.encode(), p.prog_type, None, attach)
             except Exception as exc:
+                if p.optional:
+                    log.warning("kernel refused optional program %s (%s): %s", p.func, p.source, exc)
+                    continue
                 raise KernelError(f"loading {p.func} ({p.source}) failed: {exc}") from exc
             self.prog_fds[p.func] = os.dup(fn.fd)
             libbpf.obj_pin(self.prog_fds[p.func], str(self.pin_dir / "progs" / p.func))
@@ -260,7 +275,7 @@ class Datapath:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             ino = os.fstat(fd).st_ino
-            for p in self.programs:
+            for p in self.loaded_programs:
                 if p.target != "cgroup":
                     continue
                 name = f"cg-{ino}-{p.func}"
@@ -286,7 +301,7 @@ class Datapath:
         fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             return {p.func: libbpf.prog_query(fd, p.attach_type)
-                    for p in self.programs if p.target == "cgroup"}
+                    for p in self.loaded_programs if p.target == "cgroup"}
         finally:
             os.close(fd)
 
@@ -341,11 +356,17 @@ class Datapath:
         cgroup v2 directory is cgroup_path). Returns its handle (the pod's map key)."""
         cookie = self.pod_key(netns_path, cgroup_path)
         index = self._pod_index()
-        if cookie not in index:
+        new = cookie not in index
+        if new:
             used = {e.pod_id for e in index.values()}
             pod_id = next(i for i in range(1, len(used) + 2) if i not in used)
             index[cookie] = _PodIndex(pod_id)
-        self._write_pod(cookie, cfg)
+        try:
+            self._write_pod(cookie, cfg)
+        except KernelError:
+            if new:
+                index.pop(cookie, None)   # refused whole: _write_pod rolled its entries back
+            raise
         self._attach_netns(netns_path, cookie)
         self.register_listeners(netns_path, cookie, cfg)
         return cookie
@@ -364,23 +385,42 @@ class Datapath:
         want_ports = {(k.kind, k.port) for k in entries.ports}
         want_cidrs = {_cidr_tuple(k) for k in entries.cidrs}
         want_ips = {bytes(ip) for ip, _ in entries.ips}
+        added_ports, added_cidrs, added_ips = set(), set(), {}   # what this call adds (rollback)
         try:
             for k in entries.ports:
                 libbpf.map_update(self.map_fds["pod_ports"], k, one)
+                added_ports.add((k.kind, k.port))
             for k in entries.cidrs:
                 libbpf.map_update(self.map_fds["pod_cidrs"], k, one)
+                added_cidrs.add(_cidr_tuple(k))
             for ip, val in entries.ips:
+                old = maps.PodIpVal()
+                had = libbpf.map_lookup(self.map_fds["pod_by_ip"], ip, old)
                 libbpf.map_update(self.map_fds["pod_by_ip"], ip, val)
+                added_ips[bytes(ip)] = old if had else None
             libbpf.map_update(self.map_fds["pod_by_netns"], ctypes.c_uint64(cookie), entries.cfg)
         except OSError as exc:
+            # Refused whole (hardening finding: a full map left half a pod behind): undo
+            # what this call added, give a reused IP back to its previous owner.
+            for kind, port in added_ports - entry.ports:
+                libbpf.map_delete(self.map_fds["pod_ports"], maps.PortKey(pod_id=entry.pod_id, kind=kind, port=port))
+            for t in added_cidrs - entry.cidrs:
+                libbpf.map_delete(self.map_fds["pod_cidrs"], _cidr_key(entry.pod_id, t))
+            for raw, old in added_ips.items():
+                if raw in entry.ips:
+                    continue
+                k = maps.IpAddr.from_buffer_copy(raw)
+                if old is not None:
+                    libbpf.map_update(self.map_fds["pod_by_ip"], k, old)
+                else:
+                    libbpf.map_delete(self.map_fds["pod_by_ip"], k)
             if exc.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
                 raise KernelError(f"datapath maps are full ({exc.strerror}): pod not captured; "
                                   f"raise the map sizes") from exc
             raise
-        finally:
-            entry.ports |= want_ports
-            entry.cidrs |= want_cidrs
-            entry.ips |= want_ips
+        entry.ports |= want_ports
+        entry.cidrs |= want_cidrs
+        entry.ips |= want_ips
         self._delete_entries(entry, entry.ports - want_ports, entry.cidrs - want_cidrs,
                              entry.ips - want_ips)
 

@@ -22,7 +22,7 @@ CIDR_EXCLUDE, CIDR_INCLUDE = 1, 2
 COUNTERS = (
     "out_redirect", "in_redirect_local", "inbound_assign", "inbound_no_listener",
     "dns_redirect", "origdst_hit", "origdst_miss", "tuple_stored", "podip_bind_fail",
-    "sockmap_insert", "sockmap_msgs", "sockmap_bytes",
+    "sockmap_insert", "sockmap_msgs", "sockmap_bytes", "raw_socket_denied",
 )
 
 

@@ -1,0 +1,43 @@
+/* sock.c - cgroup/sock_create and cgroup/sock_release.
+ *
+ * sock_create: a raw TCP socket (SOCK_RAW with IPPROTO_TCP or IPPROTO_RAW)
+ * crafts its own SYNs and never passes through the connect hooks, so in a
+ * captured pod only Envoy's UID may open one. Kubernetes grants NET_RAW by
+ * default; with iptables such a SYN would still meet the nat table, with
+ * eBPF it would leave uncaptured, so it is refused instead (fail closed).
+ * ICMP (ping) and UDP raw sockets are unaffected.
+ *
+ * sock_release: a captured connect that never completes (nothing listening
+ * yet) leaves its original destination under the socket cookie; drop it with
+ * the socket instead of waiting for LRU eviction.
+ */
+#include "outbound_policy.h"
+
+#ifndef SOCK_RAW
+#define SOCK_RAW 3
+#endif
+#ifndef IPPROTO_RAW
+#define IPPROTO_RAW 255
+#endif
+
+int ie_sock_create(struct bpf_sock *sk)
+{
+    if (sk->type != SOCK_RAW || (sk->protocol != IPPROTO_TCP && sk->protocol != IPPROTO_RAW))
+        return 1;
+    struct pod_cfg *cfg = find_pod(sk);
+    if (!cfg)
+        return 1;
+    __u64 ugid = bpf_get_current_uid_gid();
+    if ((__u32)ugid == cfg->proxy_uid)
+        return 1;
+    count(C_RAW_SOCKET_DENIED, 1);
+    return 0;           /* EPERM */
+}
+
+int ie_sock_release(struct bpf_sock *sk)
+{
+    __u64 cookie = bpf_get_socket_cookie(sk);
+    origin_by_cookie.delete(&cookie);
+    dns_origin.delete(&cookie);
+    return 1;
+}
