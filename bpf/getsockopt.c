@@ -3,7 +3,8 @@
  * redirected, as netfilter's conntrack would after an iptables REDIRECT.
  *
  * Runs after the kernel's own handler; only overrides the result when the
- * connection is ours, so every other getsockopt is untouched.
+ * connection is ours, so every other getsockopt is untouched. On Envoy's
+ * 15001/15006 listeners a miss is EPERM (fail closed).
  */
 #include "istio_ebpf_maps.h"
 
@@ -42,9 +43,14 @@ int ie_getsockopt(struct bpf_sockopt *ctx)
     k.port = bpf_ntohs(sk->dst_port);
     struct origin *o = origin_by_tuple.lookup(&k);
     if (!o || o->listener != lport) {
-        if (lport == OUTBOUND_PORT || lport == INBOUND_PORT)
+        if (lport == OUTBOUND_PORT || lport == INBOUND_PORT) {
+            /* A redirect listener without our entry (evicted, or an app that
+             * dialled 15001 itself): answer EPERM. With conntrack active the
+             * kernel would name the listener itself and Envoy would loop. */
             count(C_ORIGDST_MISS, 1);
-        return 1;   /* the kernel's answer stands (an error: fail closed) */
+            return 0;
+        }
+        return 1;   /* not ours: the kernel's answer stands */
     }
 
     if (ctx->level == SOL_IP) {
