@@ -105,6 +105,27 @@ static __always_inline void count_verdict(int verdict)
         count(C_DNS_REDIRECT, 1);
 }
 
+/* The tail both connect hooks share: decide, bind (pod-IP mode), remember, redirect. */
+static __always_inline int capture(struct bpf_sock_addr *ctx, struct pod_cfg *cfg, struct flow *f,
+                                   int ipv6, int mapped)
+{
+    __u64 ugid = bpf_get_current_uid_gid();
+    int verdict = outbound_verdict(cfg, f, (__u32)ugid, (__u32)(ugid >> 32));
+    if (verdict == V_PASS || (!f->tcp && verdict != V_DNS))
+        return 1;
+#if !ISTIO_EBPF_COOKIE
+    if (verdict != V_DNS && !(ipv6 ? bind_pod_ip6(ctx, cfg, mapped) : bind_pod_ip4(ctx, cfg))) {
+        count(C_PODIP_BIND_FAIL, 1);
+        return 0;
+    }
+#endif
+    __u16 port = target_port(verdict);
+    store_origin(ctx, f, port, !f->tcp);
+    redirect_to(ctx, ipv6, mapped, port);
+    count_verdict(verdict);
+    return 1;
+}
+
 int ie_connect4(struct bpf_sock_addr *ctx)
 {
     if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
@@ -112,7 +133,6 @@ int ie_connect4(struct bpf_sock_addr *ctx)
     struct pod_cfg *cfg = find_pod(ctx);
     if (!cfg)
         return 1;
-
     struct flow f = {};
     f.dst.family = AF_INET;
     f.dst.a[0] = ctx->user_ip4;
@@ -120,24 +140,7 @@ int ie_connect4(struct bpf_sock_addr *ctx)
     f.tcp = ctx->protocol == IPPROTO_TCP;
     struct bpf_sock *sk = ctx->sk;
     f.src_passthrough = sk && sk->src_ip4 == PASSTHROUGH4;
-
-    __u64 ugid = bpf_get_current_uid_gid();
-    int verdict = outbound_verdict(cfg, &f, (__u32)ugid, (__u32)(ugid >> 32));
-    if (verdict == V_PASS)
-        return 1;
-    if (!f.tcp && verdict != V_DNS)
-        return 1;
-#if !ISTIO_EBPF_COOKIE
-    if (verdict != V_DNS && !bind_pod_ip4(ctx, cfg)) {
-        count(C_PODIP_BIND_FAIL, 1);
-        return 0;
-    }
-#endif
-    __u16 port = target_port(verdict);
-    store_origin(ctx, &f, port, !f.tcp);
-    redirect_to(ctx, 0, 0, port);
-    count_verdict(verdict);
-    return 1;
+    return capture(ctx, cfg, &f, 0, 0);
 }
 
 int ie_connect6(struct bpf_sock_addr *ctx)
@@ -147,7 +150,6 @@ int ie_connect6(struct bpf_sock_addr *ctx)
     struct pod_cfg *cfg = find_pod(ctx);
     if (!cfg)
         return 1;
-
     struct flow f = {};
     int mapped = read_dst6(ctx, &f.dst);
     f.dport = bpf_ntohs(ctx->user_port);
@@ -158,22 +160,5 @@ int ie_connect6(struct bpf_sock_addr *ctx)
         f.src_passthrough = src[2] == bpf_htonl(0xffff) && src[3] == PASSTHROUGH4;
     else
         f.src_passthrough = (src[0] | src[1] | src[2]) == 0 && src[3] == bpf_htonl(6);
-
-    __u64 ugid = bpf_get_current_uid_gid();
-    int verdict = outbound_verdict(cfg, &f, (__u32)ugid, (__u32)(ugid >> 32));
-    if (verdict == V_PASS)
-        return 1;
-    if (!f.tcp && verdict != V_DNS)
-        return 1;
-#if !ISTIO_EBPF_COOKIE
-    if (verdict != V_DNS && !bind_pod_ip6(ctx, cfg, mapped)) {
-        count(C_PODIP_BIND_FAIL, 1);
-        return 0;
-    }
-#endif
-    __u16 port = target_port(verdict);
-    store_origin(ctx, &f, port, !f.tcp);
-    redirect_to(ctx, 1, mapped, port);
-    count_verdict(verdict);
-    return 1;
+    return capture(ctx, cfg, &f, 1, mapped);
 }

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import select
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import KernelError
-from .probe import PYTHON
+from .probe import PYTHON, wait_ready
 from .staging import staged
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,16 +37,6 @@ for _ in range(n):
         out.append({"status": getattr(exc, "code", 0), "error": f"{type(exc).__name__}: {exc}"})
 print(json.dumps(out))
 """
-
-
-def wait_ready(proc: subprocess.Popen, what: str, timeout: float = 10.0) -> None:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    line = proc.stdout.readline().strip() if ready else ""
-    if line != "READY":
-        proc.kill()
-        err = proc.stderr.read() if proc.stderr else ""
-        raise KernelError(f"{what} did not start: {line!r} {str(err).strip()[-500:]}")
 
 
 @dataclass

@@ -33,6 +33,17 @@ CLIENT_SCRIPT = HERE / "probe_client.py"
 PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
 
 
+def wait_ready(proc: subprocess.Popen, what: str, timeout: float = 10.0) -> None:
+    """Wait for a helper process's "READY" line; kill it and raise if it does not come."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline().strip() if ready else ""
+    if line != "READY":
+        proc.kill()
+        err = proc.stderr.read() if proc.stderr else ""
+        raise KernelError(f"{what} did not start: {line!r} {str(err).strip()[-500:]}")
+
+
 def _norm_ip(ip: str) -> str:
     return str(ipaddress.ip_address(ip))
 
@@ -107,13 +118,7 @@ def start_probe_server(pod: "Pod", targets: Iterable[int] = (), udp_targets: Ite
     if not sidecar_ports:
         argv.append("--no-sidecar-ports")
     proc = pod.spawn(argv, uid=uid, gid=gid, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    line = proc.stdout.readline().strip() if ready else ""
-    if line != "READY":
-        proc.kill()
-        err = proc.stderr.read() if proc.stderr else ""
-        raise KernelError(f"probe server in pod {pod.name} did not start: {line!r} {err.strip()[-500:]}")
+    wait_ready(proc, f"probe server in pod {pod.name}", timeout)
     return ProbeServer(pod=pod, proc=proc, targets=targets, udp_targets=udp_targets)
 
 
