@@ -83,7 +83,9 @@ def yaml_error_summary(exc: Exception) -> str:
     problem = getattr(exc, "problem", None) or getattr(exc, "context", None)
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     if problem:
-        return f"{problem} at line {mark.line + 1}" if mark is not None else str(problem)
+        # The problem text can quote the offending key or value, newlines included.
+        text = " ".join(str(problem).split())
+        return f"{text} at line {mark.line + 1}" if mark is not None else text
     lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
     return lines[0] if lines else type(exc).__name__
 
