@@ -7,6 +7,13 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from hypothesis import settings
+
+# CI runs the property tests on a fixed set of examples (no flaky new finds on a submission,
+# no deadline failures on a busy 2-core machine); local runs explore fresh examples.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 from istio_ebpf_plugin.harness import Node, cleanup, names
 
