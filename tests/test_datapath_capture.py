@@ -181,21 +181,27 @@ def test_cleanup_detaches_everything(node):
     assert not Path(dp.pin_root).exists()
 
 
-def test_envoy_restart_inbound_follows_new_listener(node, datapath_factory):
-    """Envoy restarted: the new 15006 socket becomes the sk_lookup target (sockops)."""
+@pytest.mark.parametrize("mode", MODES)
+def test_envoy_restart_inbound_follows_new_listener(node, datapath_factory, mode):
+    """Envoy restarted: the new 15006 socket becomes the sk_lookup target (sockops in
+    cookie mode; in pod-IP mode the agent's periodic refresh_listeners finds it)."""
     from istio_ebpf_plugin.harness.apps import http_get, start_http_server, url_for
 
-    dp = datapath_factory("cookie")
+    dp = datapath_factory(mode)
     dp.attach_cgroup(str(node.parent_cgroup))
     client, server = node.add_pod("client"), node.add_pod("server")
     start_http_server(server, 8080)
-    for p in (client, server):
-        dp.add_pod(p.netns_path, PodConfig(pod_ips=ip_list(p.pod_ips)), str(p.cgroup_path))
+    handles = {p.name: dp.add_pod(p.netns_path, PodConfig(pod_ips=ip_list(p.pod_ips)), str(p.cgroup_path))
+               for p in (client, server)}
     client_env = client.start_envoy()
     env = server.start_envoy()
+    if mode == "podip":
+        assert dp.refresh_listeners({handles["server"]: server.netns_path}) == 2   # IPv4 + IPv6
     assert http_get(client, url_for(server.ipv4, 8080))[0]["status"] == 200
     env.stop()
     env = server.start_envoy()
+    if mode == "podip":
+        assert dp.refresh_listeners({h: p.netns_path for h, p in zip(handles.values(), (client, server))}) == 4
     r = http_get(client, url_for(server.ipv4, 8080), count=5)
     assert [x["status"] for x in r] == [200] * 5
     assert all(x["info"]["peer"][0] == "127.0.0.6" for x in r)   # through the new Envoy

@@ -48,19 +48,31 @@ def _getfd(pid: int, target_fd: int) -> int:
         os.close(pidfd)
 
 
-def find_listeners(netns_path: str, port: int, proc: str = "/proc") -> Iterator[tuple[int, int]]:
+def processes_by_netns(proc: str = "/proc") -> dict[int, list[Path]]:
+    """One pass over /proc: network-namespace inode -> /proc/<pid> directories."""
+    out: dict[int, list[Path]] = {}
+    for pid_dir in Path(proc).iterdir():
+        if pid_dir.name.isdigit():
+            try:
+                out.setdefault(os.stat(pid_dir / "ns" / "net").st_ino, []).append(pid_dir)
+            except OSError:
+                continue      # the process went away meanwhile
+    return out
+
+
+def find_listeners(netns_path: str, port: int, proc: str = "/proc",
+                   by_netns: dict[int, list[Path]] | None = None) -> Iterator[tuple[int, int]]:
     """Yield (family, fd) for each socket listening on port inside the namespace.
 
-    The caller owns (and must close) each fd.
+    by_netns (from processes_by_netns) saves a /proc pass per pod when many are
+    refreshed at once. The caller owns (and must close) each fd.
     """
     ns_ino = os.stat(netns_path).st_ino
+    if by_netns is None:
+        by_netns = processes_by_netns(proc)
     seen: set[int] = set()
-    for pid_dir in Path(proc).iterdir():
-        if not pid_dir.name.isdigit():
-            continue
+    for pid_dir in by_netns.get(ns_ino, ()):
         try:
-            if os.stat(pid_dir / "ns" / "net").st_ino != ns_ino:
-                continue
             inodes = _listening_inodes(pid_dir, port)
             if not inodes or inodes.keys() <= seen:
                 continue

@@ -466,7 +466,8 @@ class Datapath:
 
     # ---- inbound listener (userspace path) ----------------------------------------
     def register_listeners(self, netns_path: str, cookie: int | None = None,
-                           cfg: PodConfig | None = None, proc: str = "/proc") -> int:
+                           cfg: PodConfig | None = None, proc: str = "/proc",
+                           by_netns: dict | None = None) -> int:
         """Find sockets listening on 15006 in the pod and make them the sk_lookup target.
 
         Cookie mode does this in sockops when Envoy starts listening; this path
@@ -485,7 +486,7 @@ class Datapath:
             return 0
         ips = [maps.IpAddr.from_buffer_copy(raw) for raw in entry.ips]
         written = 0
-        for family, fd in find_listeners(netns_path, INBOUND_PORT, proc):
+        for family, fd in find_listeners(netns_path, INBOUND_PORT, proc, by_netns):
             try:
                 for ip in ips:
                     if ip.family == family:
@@ -497,7 +498,11 @@ class Datapath:
 
     def refresh_listeners(self, netns_paths: dict[int, str]) -> int:
         """Re-register listeners for all given pods (handle -> netns path), e.g. after Envoy restarts."""
-        return sum(self.register_listeners(path, handle) for handle, path in netns_paths.items())
+        from .listeners import processes_by_netns
+
+        by_netns = processes_by_netns()     # one /proc pass for every pod
+        return sum(self.register_listeners(path, handle, by_netns=by_netns)
+                   for handle, path in netns_paths.items())
 
     # ---- observation --------------------------------------------------------------
     def counters(self) -> dict[str, int]:
