@@ -292,6 +292,25 @@ def test_opt_in_needs_the_exact_value(go):
         assert go.render(_ebpf_template("master"), [case])[0]["rendered"].strip() == "{}"
 
 
+@pytest.mark.parametrize("templates,opted", [
+    ("sidecar,ebpf", True), ("ebpf,sidecar", True), ("sidecar, ebpf", True), ("sidecar,ebpf-canary", True),
+    ("sidecar", False), ("sidecar,ebpfx", False), ("sidecar,myebpf", False), ("", False),
+])
+def test_opt_in_by_listing_the_template(go, templates, opted):
+    """`inject.istio.io/templates: sidecar,ebpf` opts in without the redirect annotation,
+    with the same list rule as the agent's is_opted_in."""
+    from istio_ebpf_plugin.agent.pod_spec import is_opted_in
+
+    pod = next(p for v, n, p in PODS if v == "master" and n == "hello.yaml.injected#0")
+    case = _case("master", pod, False)
+    case["ObjectMeta"]["Annotations"]["inject.istio.io/templates"] = templates
+    out = go.render(_ebpf_template("master"), [case])[0]["rendered"]
+    assert (out.strip() != "{}") is opted
+    if opted:
+        assert "$patch: delete" in out and "istio-validation" in out
+    assert is_opted_in({"metadata": {"annotations": {"inject.istio.io/templates": templates}}}) is opted
+
+
 def test_validation_block_is_cut_from_the_stock_template():
     for version in VERSIONS:
         block = tpl.validation_block(_sidecar_template(version))

@@ -124,14 +124,20 @@ def build(sidecar: str) -> str:
     """Our ``ebpf`` template for a ConfigMap whose ``sidecar`` template is ``sidecar``."""
     body = validation_block(sidecar)
     defines, decls = _preamble(sidecar, body)
+    # Opted in: the istio-ebpf.io/redirect annotation, or the pod listing this template itself
+    # (inject.istio.io/templates: sidecar,ebpf), the same rule as the agent's is_opted_in. The
+    # list is matched as ",<list>," with only functions the stock template uses (no splitList).
+    listed = " ".join(f"(contains `{sep}{OPT_IN_VALUE}{end}` $ebpfTemplates)"
+                      for sep in (",", ", ") for end in (",", "-"))
     opted_in = (
-        f"and (eq (index .ObjectMeta.Annotations `{OPT_IN_ANNOTATION}`) `{OPT_IN_VALUE}`) "
+        f"and (or (eq (index .ObjectMeta.Annotations `{OPT_IN_ANNOTATION}`) `{OPT_IN_VALUE}`) {listed}) "
         "(eq (annotation .ObjectMeta `sidecar.istio.io/interceptionMode` .ProxyConfig.InterceptionMode) `REDIRECT`)")
     modes = ",".join(f'"{m}"' for m in CAPTURE_MODES)
     parts = [MARKER, "\n"]
     for block in defines:
         parts += [block, "\n"]
-    parts += ["{{- if ", opted_in, " }}\n"]
+    parts += ["{{- $ebpfTemplates := printf `,%s,` (annotation .ObjectMeta `inject.istio.io/templates` ``) }}\n",
+              "{{- if ", opted_in, " }}\n"]
     for decl in decls:
         parts += [decl, "\n"]
     parts += ["spec:\n", _AFFINITY % {"label": NODE_MODE_LABEL, "modes": modes},
