@@ -207,11 +207,6 @@ static __always_inline int is_loopback6(const __u32 *a)
     return a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == bpf_htonl(1);
 }
 
-static __always_inline int is_v4mapped(const __u32 *a)
-{
-    return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff);
-}
-
 static __always_inline int port_listed(__u32 pod_id, __u16 kind, __u16 port)
 {
     struct port_key k = {.pod_id = pod_id, .kind = kind, .port = port};

@@ -15,7 +15,6 @@ import copy
 import queue
 import threading
 import uuid
-from pathlib import Path
 from typing import Any, Iterator
 
 import yaml

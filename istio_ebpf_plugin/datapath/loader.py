@@ -21,12 +21,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
-import ipaddress
-import json
 import logging
 import os
 import shutil
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -519,15 +516,6 @@ class Datapath:
                      "origin_by_cookie": ctypes.c_uint64, "dns_origin": ctypes.c_uint64}
         return {name: len(libbpf.map_keys(self.map_fds[name], kt)) for name, kt in key_types.items()}
 
-    def origin_of(self, netns: int, ip: str, port: int) -> tuple[str, int, int] | None:
-        """The stored original destination for an app endpoint (tests, debugging)."""
-        k = maps.ConnKey(netns=netns if self.mode == "cookie" else 0,
-                         ip=maps.IpAddr.of(ipaddress.ip_address(ip)), port=port)
-        o = maps.Origin()
-        if not libbpf.map_lookup(self.map_fds["origin_by_tuple"], k, o):
-            return None
-        return (str(o.ip.address()), o.port, o.listener)
-
     def describe(self) -> dict:
         return {"mode": self.mode, "sockmap": self.sockmap, "version": self.version,
                 "pin_dir": str(self.pin_dir), "adopted": self.adopted,
@@ -601,7 +589,3 @@ def cleanup_pins(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:
         pass
     return removed
 
-
-def dump_state(dp: Datapath) -> str:
-    return json.dumps({"describe": dp.describe(), "counters": dp.counters(), "occupancy": dp.occupancy()},
-                      indent=2)
