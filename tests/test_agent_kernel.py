@@ -19,6 +19,7 @@ from istio_ebpf_plugin.agent.fake_kube import FakeKube, fixture_pod
 from istio_ebpf_plugin.agent.node_agent import AgentConfig, NodeAgent
 from istio_ebpf_plugin.datapath.loader import Datapath, cleanup_pins
 from istio_ebpf_plugin.datapath.netns import netns_cookie
+from polling import wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -62,14 +63,6 @@ def agent_config(node, pin_root, cgroups, mode=None) -> AgentConfig:
 def outbound_entries(envoy) -> list[dict]:
     return [e for e in envoy.access_log() if e.get("listener") == "virtualOutbound"]
 
-
-def wait_for(cond, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.parametrize("mode", ["cookie", "podip"])

@@ -21,6 +21,7 @@ from istio_ebpf_plugin.agent.fake_kube import FakeKube, fixture_pod
 from istio_ebpf_plugin.agent.locate import PodLocator
 from istio_ebpf_plugin.datapath import probe
 from istio_ebpf_plugin.agent.node_agent import REASON_ANNOTATION, AgentConfig, NodeAgent
+from polling import wait_for
 
 NODE = "node-a"
 OPT_IN = {"istio-ebpf.io/redirect": "ebpf"}
@@ -120,14 +121,6 @@ class Running:
         self.thread.join(5)
         self.agent.shutdown()
 
-
-def wait_for(cond, timeout=5.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def make_agent(proc: FakeProc, store: dict, mode: str | None = None, release="6.8.0-1015-gke",
