@@ -51,6 +51,7 @@ def lib() -> ctypes.CDLL:
     except OSError as exc:
         raise KernelError(f"libbpf not found ({name}): install Debian's libbpf1") from exc
     handle.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    handle.bpf_link_detach.argtypes = [ctypes.c_int]
     handle.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
     handle.bpf_obj_get.argtypes = [ctypes.c_char_p]
     handle.bpf_prog_attach.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_uint]
@@ -76,6 +77,10 @@ def _check(ret: int, what: str) -> int:
 
 def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
     return _check(lib().bpf_link_create(prog_fd, target_fd, attach_type, None), "bpf_link_create")
+
+
+def link_detach(link_fd: int) -> None:
+    _check(lib().bpf_link_detach(link_fd), "bpf_link_detach")
 
 
 def obj_pin(fd: int, path: str) -> None:

@@ -91,6 +91,27 @@ def build_flags(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = Non
     return flags
 
 
+def unpin_link(path: Path) -> None:
+    """Detach a pinned link now, then remove its pin.
+
+    Dropping the last reference by unlinking the pin also detaches, but the
+    kernel releases a link freed from bpffs in a workqueue, i.e. a moment
+    later; an explicit detach makes clean-up synchronous.
+    """
+    try:
+        fd = libbpf.obj_get(str(path))
+    except OSError:
+        fd = -1
+    if fd >= 0:
+        try:
+            libbpf.link_detach(fd)
+        except OSError:
+            pass            # already detached (its cgroup or netns is gone)
+        finally:
+            os.close(fd)
+    path.unlink(missing_ok=True)
+
+
 def _inline_local_includes(text: str, seen: set[str]) -> str:
     """Expand ``#include "x.h"`` from bpf/ in place, once each.
 
@@ -291,7 +312,7 @@ class Datapath:
     def detach_cgroup(self, cgroup_path: str) -> None:
         ino = os.stat(cgroup_path).st_ino
         for link in self.pin_dir.joinpath("links").glob(f"cg-{ino}-*"):
-            link.unlink()
+            unpin_link(link)
 
     def attached_program_ids(self, cgroup_path: str) -> dict[str, list[int]]:
         """What the kernel reports attached to a cgroup, per program of ours."""
@@ -445,7 +466,7 @@ class Datapath:
             self._delete_entries(entry, set(entry.ports), set(entry.cidrs), set(entry.ips))
         link = self._link_path(f"netns-{handle}")
         if link.exists():
-            link.unlink()
+            unpin_link(link)
 
     def _attach_netns(self, netns_path: str, cookie: int) -> None:
         name = f"netns-{cookie}"
@@ -527,7 +548,7 @@ class Datapath:
         if cleanup and self.pin_dir.exists():
             links = self.pin_dir / "links"
             for link in links.glob("*") if links.exists() else ():
-                link.unlink()          # the last reference: the kernel detaches
+                unpin_link(link)
             if self.sockmap and "accel_socks" in self.map_fds and "ie_accel" in self.prog_fds:
                 try:
                     libbpf.prog_detach(self.prog_fds["ie_accel"], self.map_fds["accel_socks"],
@@ -562,7 +583,7 @@ class Datapath:
         gone = []
         for old in self.other_versions():
             for link in (old / "links").glob("*"):
-                link.unlink()
+                unpin_link(link)
             shutil.rmtree(old, ignore_errors=True)
             gone.append(old.name)
         return gone
@@ -579,7 +600,7 @@ def cleanup_pins(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:
         return removed
     for version in sorted(root.iterdir()):
         for link in sorted((version / "links").glob("*")):
-            link.unlink()
+            unpin_link(link)
             removed.append(str(link))
         shutil.rmtree(version, ignore_errors=True)
         removed.append(str(version))
