@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from istio_ebpf_plugin.agent.fake_kube import FakeKube, fixture_pod
+from fake_kube import FakeKube, fixture_pod
 from istio_ebpf_plugin.agent.node_agent import AgentConfig, NodeAgent
 from istio_ebpf_plugin.datapath.loader import Datapath, cleanup_pins
 from istio_ebpf_plugin.datapath.netns import netns_cookie
@@ -205,7 +205,7 @@ def test_kill_9_during_load_zero_failures_no_duplicates(cluster, pin_root):
 def test_500_pods_reconcile_and_memory_measured():
     """500 pods' worth of map entries: a fresh agent and a restarted one (adopting the pins)
     both converge to exactly 500 pods; the figures go into docs/agent.md."""
-    from istio_ebpf_plugin.agent.scale import measure
+    from agent_scale import measure
 
     r = measure(500)
     print(r)

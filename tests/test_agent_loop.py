@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from istio_ebpf_plugin import NODE_MODE_LABEL
-from istio_ebpf_plugin.agent.fake_kube import FakeKube, fixture_pod
+from fake_kube import FakeKube, fixture_pod
 from istio_ebpf_plugin.agent.locate import PodLocator
 from istio_ebpf_plugin.datapath import probe
 from istio_ebpf_plugin.agent.node_agent import REASON_ANNOTATION, AgentConfig, NodeAgent

@@ -295,7 +295,7 @@ def test_probe_forced_to_fail_falls_back_and_says_why(fail, mode, says):
 def test_agent_on_a_node_without_the_feature_publishes_unsupported(monkeypatch):
     """A kernel missing sk_lookup (forced): the agent attaches nothing, labels the node
     unsupported (opted-in pods stay off it) and says why, in the annotation and an Event."""
-    from istio_ebpf_plugin.agent.fake_kube import FakeKube
+    from fake_kube import FakeKube
     from istio_ebpf_plugin.agent.node_agent import REASON_ANNOTATION, AgentConfig, NodeAgent
 
     monkeypatch.setenv("ISTIO_EBPF_PROBE_FAIL", "sk_lookup_assign")
@@ -333,7 +333,7 @@ def _cgroup_for(parent: str, stable: dict):
 def _churn_agent(pods: list[dict], inbox, cfg_kwargs: dict, ready: str) -> None:
     """A separate agent process (SIGKILLed by the test); its API is a FakeKube fed by the test."""
     from istio_ebpf_plugin import kube_api
-    from istio_ebpf_plugin.agent.fake_kube import FakeKube
+    from fake_kube import FakeKube
     from istio_ebpf_plugin.agent.node_agent import AgentConfig, NodeAgent
 
     kube = FakeKube(NODE)
@@ -361,7 +361,7 @@ def test_agent_kill_9_during_pod_churn(node):
     churn goes on without it (events lost), a new agent starts from the current pod list.
     After it settles: each program attached once (kernel query, cgroup and every pod netns),
     and the maps hold exactly the live pods: zero entries, links or IPs of deleted pods."""
-    from istio_ebpf_plugin.agent.fake_kube import fixture_pod
+    from fake_kube import fixture_pod
 
     pin_root = _pin_root()
     ready = f"/tmp/{os.path.basename(pin_root)}.ready"

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from istio_ebpf_plugin import MANIFESTS_DIR
 from istio_ebpf_plugin.errors import UsageError
 from istio_ebpf_plugin.install import injector_config, manifests, plan
-from istio_ebpf_plugin.install import strategic_merge
+import strategic_merge
 
 K8S_VERSION = kubernetes_validate.latest_version()
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "istio"

@@ -16,7 +16,8 @@ import pytest
 from ruamel.yaml import YAML
 
 from istio_ebpf_plugin import NODE_MODE_LABEL, OPT_IN_ANNOTATION, OPT_IN_VALUE
-from istio_ebpf_plugin.install import gotemplate, injector_config, strategic_merge
+import strategic_merge
+from istio_ebpf_plugin.install import gotemplate, injector_config
 from istio_ebpf_plugin.install import template as tpl
 
 from install_gorender import GO_BUILTINS, STUB_FUNCTIONS, GoRenderer, go_binary

@@ -19,8 +19,8 @@ from typing import Any, Iterator
 
 import yaml
 
-from .. import PROJECT_ROOT, kube_api
-from .pod_spec import pod_from_manifest
+from istio_ebpf_plugin import PROJECT_ROOT, kube_api
+from istio_ebpf_plugin.agent.pod_spec import pod_from_manifest
 
 FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures" / "istio"
 
@@ -143,7 +143,7 @@ class FakeKube:
     def patch_node_metadata(self, node_name: str, labels: dict, annotations: dict) -> None:
         if self.fail_patch:
             self.fail_patch -= 1
-            from ..errors import TemporaryError
+            from istio_ebpf_plugin.errors import TemporaryError
             raise TemporaryError("patch node: connection refused")
         for target, values in ((self.node_labels, labels), (self.node_annotations, annotations)):
             for k, v in values.items():

@@ -7,7 +7,7 @@ datapath, reconciles, and reports: time to the first complete reconcile,
 agent RSS, and map occupancy. A second agent (restart) adopts the pins and
 reconciles against the same state. Everything is removed at the end.
 
-    .venv/bin/python -m istio_ebpf_plugin.agent.scale --pods 500
+    .venv/bin/python tests/agent_scale.py --pods 500
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import time
 import uuid
 from pathlib import Path
 
-from .fake_kube import FakeKube, fixture_pod
-from .locate import PodLocation
+from fake_kube import FakeKube, fixture_pod
+from istio_ebpf_plugin.agent.locate import PodLocation
 
 NODE = "scale-node"
 
@@ -45,8 +45,8 @@ class _NetnsLocator:
 
 def _agent_run(pods: list[dict], by_uid: dict[str, str], pin_root: str, cgroup: str, mode: str,
                out: "multiprocessing.connection.Connection") -> None:
-    from .. import kube_api
-    from .node_agent import AgentConfig, NodeAgent
+    from istio_ebpf_plugin import kube_api
+    from istio_ebpf_plugin.agent.node_agent import AgentConfig, NodeAgent
 
     kube = FakeKube(NODE)
     for p in pods:
@@ -77,8 +77,8 @@ def _agent_run(pods: list[dict], by_uid: dict[str, str], pin_root: str, cgroup: 
 
 
 def measure(n: int = 500, mode: str = "cookie") -> dict:
-    from ..datapath.loader import cleanup_pins
-    from ..harness.names import cgroup_v2_root
+    from istio_ebpf_plugin.datapath.loader import cleanup_pins
+    from istio_ebpf_plugin.harness.names import cgroup_v2_root
 
     token = uuid.uuid4().hex[:6]
     names = [f"ie-{token}-{i}" for i in range(n)]
