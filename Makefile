@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench bench-quick soak clean-host
+.PHONY: setup demo test wheel bench bench-quick soak clean-host
 
 setup:
 	bash scripts/setup.sh all
@@ -13,6 +13,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The release wheel (bpf/ and manifests/ inside as package data) in dist/.
+wheel: setup
+	rm -rf build dist/istio_ebpf-*.whl
+	$(VENV)/bin/pip wheel --no-deps -q -w dist .
+	rm -rf build
+	@ls dist/istio_ebpf-*.whl
 
 bench: setup
 	$(VENV)/bin/istio-ebpf bench --json out/bench.json --plot out/bench.png
