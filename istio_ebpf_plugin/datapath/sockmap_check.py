@@ -52,13 +52,16 @@ SERVER = textwrap.dedent(r"""
                 left -= n
         finally:
             c.close()
+    def accept_loop(s):
+        while True:
+            threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
     for fam, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
         s = socket.socket(fam, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if fam == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         s.bind((host, port)); s.listen(1024)
-        threading.Thread(target=lambda s=s: [threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start() for _ in iter(int, 1)], daemon=True).start()
+        threading.Thread(target=accept_loop, args=(s,), daemon=True).start()
     print("READY", flush=True)
     threading.Event().wait()
 """)
