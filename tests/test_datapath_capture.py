@@ -202,7 +202,8 @@ def test_envoy_restart_inbound_follows_new_listener(node, datapath_factory, mode
     env.stop()
     env = server.start_envoy()
     if mode == "podip":
-        assert dp.refresh_listeners({h: p.netns_path for h, p in zip(handles.values(), (client, server))}) == 4
+        pods = zip(handles.values(), (client, server), strict=True)
+        assert dp.refresh_listeners({h: p.netns_path for h, p in pods}) == 4
     r = http_get(client, url_for(server.ipv4, 8080), count=5)
     assert [x["status"] for x in r] == [200] * 5
     assert all(x["info"]["peer"][0] == "127.0.0.6" for x in r)   # through the new Envoy

@@ -194,21 +194,27 @@ def _config_cases() -> list[Case]:
     for f in ("4", "6"):
         e = "excl-ports"
         cs += [
-            _c(f"exclport-app-c{f}-9090", e, "a", APP, f"c{f}", 9090, "direct", "c", "-o 9090: ISTIO_OUTPUT --dport 9090 -j RETURN"),
+            _c(f"exclport-app-c{f}-9090", e, "a", APP, f"c{f}", 9090, "direct", "c",
+               "-o 9090: ISTIO_OUTPUT --dport 9090 -j RETURN"),
             _c(f"exclport-app-c{f}-8080", e, "a", APP, f"c{f}", 8080, "outbound", "a", R_OUT),
             _c(f"exclport-in-b{f}-7070", e, "c", APP, f"b{f}", 7070, "direct", "b", R_IN_EXCL),
-            _c(f"exclport-in-b{f}-9090", e, "c", APP, f"b{f}", 9090, "inbound", "b", "-o only affects outbound; " + R_IN),
+            _c(f"exclport-in-b{f}-9090", e, "c", APP, f"b{f}", 9090, "inbound", "b",
+               "-o only affects outbound; " + R_IN),
         ]
         e = "excl-cidr"
         cs += [
-            _c(f"exclcidr-app-c{f}-8080", e, "a", APP, f"c{f}", 8080, "direct", "c", "-x: ISTIO_OUTPUT -d <cidr> -j RETURN"),
+            _c(f"exclcidr-app-c{f}-8080", e, "a", APP, f"c{f}", 8080, "direct", "c",
+               "-x: ISTIO_OUTPUT -d <cidr> -j RETURN"),
             _c(f"exclcidr-app-b{f}-8080", e, "a", APP, f"b{f}", 8080, "outbound", "a", R_OUT),
         ]
         e = "incl-cidr"
         cs += [
-            _c(f"inclcidr-app-b{f}-8080", e, "a", APP, f"b{f}", 8080, "outbound", "a", "-i: ISTIO_OUTPUT -d <cidr> -j ISTIO_REDIRECT"),
-            _c(f"inclcidr-app-c{f}-8080", e, "a", APP, f"c{f}", 8080, "direct", "c", "not in -i: falls off ISTIO_OUTPUT"),
-            _c(f"inclcidr-app-c{f}-8081", e, "a", APP, f"c{f}", 8081, "outbound", "a", "-q 8081: ISTIO_OUTPUT -p tcp --dport 8081 -j ISTIO_REDIRECT"),
+            _c(f"inclcidr-app-b{f}-8080", e, "a", APP, f"b{f}", 8080, "outbound", "a",
+               "-i: ISTIO_OUTPUT -d <cidr> -j ISTIO_REDIRECT"),
+            _c(f"inclcidr-app-c{f}-8080", e, "a", APP, f"c{f}", 8080, "direct", "c",
+               "not in -i: falls off ISTIO_OUTPUT"),
+            _c(f"inclcidr-app-c{f}-8081", e, "a", APP, f"c{f}", 8081, "outbound", "a",
+               "-q 8081: ISTIO_OUTPUT -p tcp --dport 8081 -j ISTIO_REDIRECT"),
             _c(f"inclcidr-app-self{f}-8080", e, "a", APP, f"a{f}", 8080, "direct", "a", R_LO_APP),
         ]
         e = "incl-port-excl-cidr"
@@ -221,7 +227,8 @@ def _config_cases() -> list[Case]:
         ]
         e = "incl-inbound"
         cs += [
-            _c(f"inclin-in-b{f}-8080", e, "c", APP, f"b{f}", 8080, "inbound", "b", "-b 8080: --dport 8080 -j ISTIO_IN_REDIRECT"),
+            _c(f"inclin-in-b{f}-8080", e, "c", APP, f"b{f}", 8080, "inbound", "b",
+               "-b 8080: --dport 8080 -j ISTIO_IN_REDIRECT"),
             _c(f"inclin-in-b{f}-8081", e, "c", APP, f"b{f}", 8081, "direct", "b", "port not in -b"),
         ]
         e = "no-inbound"
