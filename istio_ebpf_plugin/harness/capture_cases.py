@@ -486,7 +486,7 @@ def failures(results: Sequence[CaseResult], allowed: dict[str, frozenset[str]] |
     allowed = allowed or {}
     out = []
     for r in results:
-        fields = {f for f, e, g in zip(View._fields, r.expected, r.got) if e != g}
+        fields = {f for f, e, g in zip(View._fields, r.expected, r.got, strict=True) if e != g}
         if fields - allowed.get(r.case.id, frozenset()):
             out.append(r)
     return out
@@ -496,7 +496,7 @@ def report(results: Sequence[CaseResult], allowed: dict[str, frozenset[str]] | N
     """Readable table of mismatches (empty string if none)."""
     lines = []
     for r in failures(results, allowed):
-        diff = {f: (e, g) for f, e, g in zip(View._fields, r.expected, r.got) if e != g}
+        diff = {f: (e, g) for f, e, g in zip(View._fields, r.expected, r.got, strict=True) if e != g}
         lines.append(f"{r.case.id} [{r.case.config}] uid/gid={r.case.uid}/{r.case.gid} "
                      f"{r.case.proto} -> {r.case.dst}:{r.case.port}\n"
                      f"    differs (expected, got): {diff}\n    raw={r.outcome.raw}\n"
