@@ -9,7 +9,6 @@ the result is parsed again to prove only that value changed.
 from __future__ import annotations
 
 import io
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
