@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench bench-quick soak clean-host
+.PHONY: setup demo lint test bench bench-quick soak clean-host
 
 setup:
 	bash scripts/setup.sh all
@@ -11,7 +11,12 @@ setup:
 demo: setup
 	$(VENV)/bin/istio-ebpf demo
 
-test: setup
+# ruff (E,F,W,B; line length 120) on everything, mypy on the product (config in pyproject.toml).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup

@@ -375,7 +375,8 @@ def test_original_dst_miss_stays_an_error_with_conntrack_loaded(lab):
     conntrack would answer, so Envoy never forwards to its own listener. Any conntrack-using
     rule in the pod (another tool, a CNI, a sidecar of another kind) turns conntrack on:
     here one harmless filter rule with -m conntrack."""
-    lab.bpf.ns_exec(["iptables", "-t", "filter", "-A", "OUTPUT", "-m", "conntrack", "--ctstate", "INVALID", "-j", "RETURN"])
+    lab.bpf.ns_exec(["iptables", "-t", "filter", "-A", "OUTPUT",
+                     "-m", "conntrack", "--ctstate", "INVALID", "-j", "RETURN"])
     try:
         run_escape(lab.bpf, {"dst": lab.dst.ipv4, "port": 8080}, APP)   # a first tracked flow
         rec = run_escape(lab.bpf, {"dst": "127.0.0.1", "port": 15001}, APP)

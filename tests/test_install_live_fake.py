@@ -78,7 +78,7 @@ class FakeCluster:
         try:
             new = jsonpatch.JsonPatch(ops).apply(cm)
         except jsonpatch.JsonPatchTestFailed as exc:
-            raise ApiError(422, json.dumps({"message": f"testing value failed: test failed: {exc}"}))
+            raise ApiError(422, json.dumps({"message": f"testing value failed: test failed: {exc}"})) from exc
         new["metadata"]["resourceVersion"] = str(int(cm["metadata"]["resourceVersion"]) + 1)
         self.configmaps[(ns, name)] = new
         self.patches.append((name, ops))

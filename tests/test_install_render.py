@@ -69,7 +69,7 @@ def test_render_changes_only_the_injector_and_appends_the_agent(agent_dir, golde
     after = manifests.split(out).documents
     agent = manifests.agent_documents(agent_dir)
     assert len(after) == len(before) + len(agent)
-    for old, new in zip(before, after):
+    for old, new in zip(before, after, strict=False):
         if old.kind == "ConfigMap" and old.name == "istio-sidecar-injector":
             old_cfg = injector_config.parse(old.data["data"]["config"])
             new_cfg = injector_config.parse(new.data["data"]["config"])

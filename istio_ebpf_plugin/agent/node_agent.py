@@ -141,7 +141,8 @@ class NodeAgent:
                                             cgroup_for_uid=cfg.cgroup_for_uid, search_root=cfg.cgroup_root)
         self.reconciler = Reconciler(self.datapath, locator, self._report_pod)
         self.watcher = PodWatcher(cfg.node_name, self.events, resync_seconds=cfg.resync_seconds,
-                                  watch_timeout=cfg.watch_timeout, on_relist=lambda reason: self.metrics.relists.labels(reason=reason).inc())
+                                  watch_timeout=cfg.watch_timeout,
+                                  on_relist=lambda reason: self.metrics.relists.labels(reason=reason).inc())
         self.watcher.start()
 
     def _record_decision(self, d: ModeDecision) -> None:

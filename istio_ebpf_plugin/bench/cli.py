@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--duration", type=float, help="seconds per measurement (default 5, quick 3)")
     p.add_argument("--workloads", help="comma list of workload names (default: all, or the quick set)")
     p.add_argument("--variants", help="comma list among direct,iptables,ebpf,ebpf-sockmap,explicit")
-    p.add_argument("--mode", choices=("auto", "cookie", "podip"), default="auto", help="datapath mode for the ebpf variants")
+    p.add_argument("--mode", choices=("auto", "cookie", "podip"), default="auto",
+                   help="datapath mode for the ebpf variants")
     p.set_defaults(func=_bench)
 
 

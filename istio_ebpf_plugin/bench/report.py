@@ -54,7 +54,7 @@ def plot(doc: dict, path: Path) -> None:
               ("cpu_vs_iptables", "CPU per request vs iptables (lower is better)"))
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 1.6 * len(workloads) + 3), 11), sharex=True)
     width = 0.8 / max(1, len(variants))
-    for ax, (key, title) in zip(axes, panels):
+    for ax, (key, title) in zip(axes, panels, strict=True):
         for i, v in enumerate(variants):
             xs, ys, lo, hi = [], [], [], []
             for j, w in enumerate(workloads):

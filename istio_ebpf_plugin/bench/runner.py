@@ -177,7 +177,8 @@ def run(settings: Settings, progress: Callable[[str], None] = lambda s: None) ->
                                  f"{m['rps']:10.0f} rps  p99 {m['p99_ms']:7.2f} ms  errors {m['errors']}")
             for v, vp in variants.items():
                 info: dict[str, Any] = {"available": vp.error is None, "error": vp.error,
-                                        "iptables_rules": vp.client.iptables_rule_count() + vp.server.iptables_rule_count()}
+                                        "iptables_rules": (vp.client.iptables_rule_count()
+                                                           + vp.server.iptables_rule_count())}
                 if vp.error is None:
                     info["envoy_requests"] = vp.proxied_requests()
                 if vp.datapath is not None and vp.error is None:
@@ -212,7 +213,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
-def aggregate(settings: Settings, rounds: dict[tuple[str, str], list[dict]], errors: dict[str, str | None]) -> list[dict]:
+def aggregate(settings: Settings, rounds: dict[tuple[str, str], list[dict]],
+              errors: dict[str, str | None]) -> list[dict]:
     results = []
     for w in settings.workloads:
         row: dict[str, dict] = {}
@@ -234,7 +236,7 @@ def aggregate(settings: Settings, rounds: dict[tuple[str, str], list[dict]], err
                       "rounds": len(ms), "rps_min": round(min(m["rps"] for m in ms), 1),
                       "rps_max": round(max(m["rps"] for m in ms), 1)}
         base, direct = row.get("iptables", {}), row.get("direct", {})
-        for v, r in row.items():
+        for r in row.values():
             r["rps_vs_iptables"] = _ratio(r.get("rps"), base.get("rps"))
             r["rps_vs_direct"] = _ratio(r.get("rps"), direct.get("rps"))
             r["p99_vs_iptables"] = _ratio(r.get("p99_ms"), base.get("p99_ms"))

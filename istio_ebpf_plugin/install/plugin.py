@@ -132,7 +132,7 @@ def daemonset_progress(ds: dict[str, Any]) -> tuple[bool, str]:
 def wait_for_daemonset(body: dict[str, Any], timeout: float, interval: float = 2.0,
                        clock=time.monotonic, sleep=time.sleep) -> dict[str, Any]:
     meta = body.get("metadata") or {}
-    name, ns = meta.get("name"), meta.get("namespace")
+    name, ns = str(meta.get("name")), str(meta.get("namespace"))
     deadline = clock() + timeout
     last = ""
     while True:
