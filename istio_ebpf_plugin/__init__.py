@@ -13,3 +13,4 @@ OPT_IN_ANNOTATION = "istio-ebpf.io/redirect"
 OPT_IN_VALUE = "ebpf"
 #: Node label published by the agent and the installer: cookie | podip | unsupported.
 NODE_MODE_LABEL = "istio-ebpf.io/mode"
+

@@ -54,8 +54,11 @@ def bpf_dir() -> Path:
 def manifests_dir() -> Path:
     """The agent manifests: ``$ISTIO_EBPF_MANIFESTS_DIR`` if set, else the shipped ones."""
     override = os.environ.get(MANIFESTS_ENV)
-    if override:
-        return Path(override)
+    return Path(override) if override else shipped_manifests_dir()
+
+
+def shipped_manifests_dir() -> Path:
+    """The agent manifests that come with the package."""
     path = _data_dir("manifests")
     if path is None:
         raise UsageError(f"agent manifests not found (package data {__package__}.manifests is missing: "
