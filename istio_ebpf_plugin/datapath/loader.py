@@ -62,8 +62,14 @@ PROGRAMS: tuple[Program, ...] = (
     Program("ie_sendmsg6", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP6_SENDMSG, "cgroup"),
     Program("ie_recvmsg4", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP4_RECVMSG, "cgroup"),
     Program("ie_recvmsg6", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP6_RECVMSG, "cgroup"),
-    Program("ie_getpeername4", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_GETPEERNAME, "cgroup"),
-    Program("ie_getpeername6", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET6_GETPEERNAME, "cgroup"),
+    Program("ie_getpeername4", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_GETPEERNAME,
+            "cgroup"),
+    Program("ie_getpeername6", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET6_GETPEERNAME,
+            "cgroup"),
+    Program("ie_getsockname4", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_GETSOCKNAME,
+            "cgroup"),
+    Program("ie_getsockname6", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET6_GETSOCKNAME,
+            "cgroup"),
     Program("ie_sock_create", "sock.c", libbpf.PROG_CGROUP_SOCK, libbpf.CGROUP_INET_SOCK_CREATE, "cgroup",
             optional=True),
     Program("ie_sock_release", "sock.c", libbpf.PROG_CGROUP_SOCK, libbpf.CGROUP_INET_SOCK_RELEASE, "cgroup",
@@ -73,7 +79,7 @@ PROGRAMS: tuple[Program, ...] = (
 )
 
 MAPS = ("pod_by_netns", "pod_by_ip", "pod_ports", "pod_cidrs", "origin_by_cookie",
-        "origin_by_tuple", "inbound_listeners", "dns_origin", "counters")
+        "origin_by_tuple", "inbound_listeners", "dns_origin", "app_view", "counters")
 SOCKMAP_MAPS = ("accel_socks",)
 
 
@@ -500,7 +506,8 @@ class Datapath:
     def occupancy(self) -> dict[str, int]:
         key_types = {"pod_by_netns": ctypes.c_uint64, "pod_by_ip": maps.IpAddr, "pod_ports": maps.PortKey,
                      "pod_cidrs": maps.CidrKey, "origin_by_tuple": maps.ConnKey,
-                     "origin_by_cookie": ctypes.c_uint64, "dns_origin": ctypes.c_uint64}
+                     "origin_by_cookie": ctypes.c_uint64, "dns_origin": ctypes.c_uint64,
+                     "app_view": ctypes.c_uint64}
         return {name: len(libbpf.map_keys(self.map_fds[name], kt)) for name, kt in key_types.items()}
 
     # ---- teardown -----------------------------------------------------------------

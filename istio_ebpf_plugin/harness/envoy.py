@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from ..datapath import envoy as sidecar
-from ..datapath.envoy import (ADMIN_PORT, LISTENER_INBOUND, LISTENER_OUTBOUND, Envoy, access_log_config,
-                              circuit_breakers, envoy_binary, envoy_version, sock_addr, terminal_filter, typed)
+from ..datapath.envoy import (ADMIN_PORT, LISTENER_INBOUND, LISTENER_OUTBOUND, Envoy, access_log_config, bootstrap,
+                              circuit_breakers, envoy_binary, envoy_source, envoy_version, sock_addr,
+                              terminal_filter, typed)
 from ..datapath.topology import Pod
 
-__all__ = ["ADMIN_PORT", "LISTENER_INBOUND", "LISTENER_OUTBOUND", "Envoy", "StaticRoute", "envoy_binary",
-           "envoy_version", "direct_response_listener", "start_envoy"]
+__all__ = ["ADMIN_PORT", "LISTENER_INBOUND", "LISTENER_OUTBOUND", "Envoy", "StaticRoute", "bootstrap", "envoy_binary",
+           "envoy_source", "envoy_version", "direct_response_listener", "start_envoy"]
 
 
 @dataclass(frozen=True)

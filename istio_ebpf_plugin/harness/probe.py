@@ -60,6 +60,12 @@ class Outcome:
     local: tuple[str, int] | None = None
     client_local: tuple[str, int] | None = None
     reply_from: tuple[str, int] | None = None
+    #: getpeername() of the client socket: what the application believes it is connected to.
+    client_peer: tuple[str, int] | None = None
+    #: errno name of a failed connection (ECONNREFUSED, ETIMEDOUT, ...), None on success.
+    errno: str | None = None
+    #: errno of the listener's SO_ORIGINAL_DST query (0 = answered).
+    orig_dst_errno: int | None = None
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -68,7 +74,8 @@ class Outcome:
                    orig_dst=_pair(rec.get("orig_dst")), seen_peer=_pair(rec.get("peer")),
                    port=rec.get("port"), local=_pair(rec.get("local")),
                    client_local=_pair(rec.get("client_local")), reply_from=_pair(rec.get("reply_from")),
-                   raw=rec)
+                   client_peer=_pair(rec.get("client_peer")), errno=rec.get("errno"),
+                   orig_dst_errno=rec.get("orig_dst_errno"), raw=rec)
 
     def key(self) -> tuple:
         """What the differential test compares: listener, answering pod, original destination."""
