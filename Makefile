@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo lint test bench bench-quick forwarder soak clean-host
+.PHONY: setup demo lint test wheel bench bench-quick forwarder soak clean-host
 
 setup:
 	bash scripts/setup.sh all
@@ -18,6 +18,13 @@ lint: setup
 
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The release wheel (bpf/ and manifests/ inside as package data) in dist/.
+wheel: setup
+	rm -rf build dist/istio_ebpf-*.whl
+	$(VENV)/bin/pip wheel --no-deps -q -w dist .
+	rm -rf build
+	@ls dist/istio_ebpf-*.whl
 
 # The capture-only sidecar of the bench (tools/capture_forwarder.c), cached in /var/cache/istio-ebpf.
 forwarder:

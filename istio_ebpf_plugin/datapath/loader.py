@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .. import BPF_DIR
 from ..errors import KernelError, UsageError
+from ..resources import bpf_dir
 from . import libbpf, maps
 from .headers import find_kernel_headers
 from .host import DEFAULT_PIN_ROOT, ensure_bpffs, remove_version, unpin_link
@@ -110,7 +110,7 @@ def _inline_local_includes(text: str, seen: set[str]) -> str:
             name = stripped[len('#include "'):-1]
             if name not in seen:
                 seen.add(name)
-                out.append(_inline_local_includes((BPF_DIR / name).read_text(), seen))
+                out.append(_inline_local_includes((bpf_dir() / name).read_text(), seen))
             continue
         out.append(line)
     return "\n".join(out)
@@ -122,12 +122,13 @@ def source_text(programs: Iterable[Program]) -> str:
         if p.source not in files:
             files.append(p.source)
     seen: set[str] = set()
-    return "\n".join(_inline_local_includes((BPF_DIR / f).read_text(), seen) for f in files)
+    directory = bpf_dir()
+    return "\n".join(_inline_local_includes((directory / f).read_text(), seen) for f in files)
 
 
 def datapath_version(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = None) -> str:
     h = hashlib.sha256()
-    for f in sorted(BPF_DIR.glob("*.[ch]")):
+    for f in sorted(bpf_dir().glob("*.[ch]")):
         h.update(f.name.encode())
         h.update(f.read_bytes())
     h.update(" ".join(build_flags(mode, sockmap, map_sizes)).encode())
@@ -224,7 +225,7 @@ class Datapath:
         # A half-written directory from a crash: start it again.
         if self.pin_dir.exists():
             shutil.rmtree(self.pin_dir, ignore_errors=True)
-        cflags = [f"-I{BPF_DIR}", *build_flags(self.mode, self.sockmap, self.map_sizes),
+        cflags = [f"-I{bpf_dir()}", *build_flags(self.mode, self.sockmap, self.map_sizes),
                   "-Wno-unused-function"]
         try:
             self._bpf = bpf = BPF(text=source_text(self.programs), cflags=cflags)
