@@ -16,11 +16,10 @@ import hashlib
 import logging
 import os
 import socket
-from pathlib import Path
 
 from ..errors import KernelError, UsageError
 from ..kernel import mode_for_release, validate_mode
-from . import libbpf
+from . import host, libbpf
 
 log = logging.getLogger(__name__)
 
@@ -79,21 +78,6 @@ SOCKMAP_REQUIREMENTS = {"cookie": ("sk_msg_redirect", "sk_msg_netns_cookie"), "p
 FORCE_FAIL_ENV = "ISTIO_EBPF_PROBE_FAIL"
 
 
-def _cgroup2_mounted() -> bool:
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        if line.split()[2:3] == ["cgroup2"]:
-            return True
-    return False
-
-
-def _bpffs_mounted() -> bool:
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        f = line.split()
-        if len(f) > 2 and f[2] == "bpf":
-            return True
-    return False
-
-
 def _so_netns_cookie() -> bool:
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -105,7 +89,8 @@ def _so_netns_cookie() -> bool:
 
 def cheap_checks() -> dict[str, bool]:
     """What needs no compiler: cgroup v2, bpffs, SO_NETNS_COOKIE (never cached, always fresh)."""
-    return {"cgroup_v2": _cgroup2_mounted(), "bpffs": _bpffs_mounted(), "so_netns_cookie": _so_netns_cookie()}
+    return {"cgroup_v2": host.cgroup_v2_root() is not None, "bpffs": host.is_bpffs(host.BPFFS_ROOT),
+            "so_netns_cookie": _so_netns_cookie()}
 
 
 def probe_source_fingerprint() -> str:
