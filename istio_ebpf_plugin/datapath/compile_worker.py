@@ -11,6 +11,7 @@ stdout) that exits; the parent adopts the pins with libbpf and reads the verdict
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -52,28 +53,15 @@ def run(task: str, args: dict[str, Any], timeout: float = TIMEOUT_S) -> Any:
     return reply.get("result")
 
 
-def _task_probe(_args: dict[str, Any]) -> dict[str, bool]:
-    from .probe import probe_programs
-
-    return probe_programs()
-
-
-def _task_datapath(args: dict[str, Any]) -> list[str]:
-    from .loader import Datapath
-
-    dp = Datapath(mode=args["mode"], sockmap=args["sockmap"], pin_root=args["pin_root"],
-                  map_sizes=args.get("map_sizes") or {})
-    try:
-        dp.compile_and_pin_here()
-    except BaseException:
-        dp.close(cleanup=True)     # never leave half a datapath pinned
-        raise
-    loaded = sorted(dp.prog_fds)
-    dp.close(cleanup=False)        # the pins stay; the parent adopts them
-    return loaded
+#: task -> "module:function(args: dict) -> JSON-able result"; named, not imported, so the
+#: modules that call run() are not imported by this one (no import cycle).
+TASKS = {"probe": "istio_ebpf_plugin.datapath.probe:probe_programs_task",
+         "datapath": "istio_ebpf_plugin.datapath.loader:compile_task"}
 
 
-TASKS = {"probe": _task_probe, "datapath": _task_datapath}
+def _call(task: str, args: dict[str, Any]) -> Any:
+    module, _, func = TASKS[task].partition(":")
+    return getattr(importlib.import_module(module), func)(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: compile_worker {{{'|'.join(TASKS)}}} < args.json", file=sys.stderr)
         return 2
     try:
-        result = TASKS[argv[0]](json.loads(sys.stdin.read() or "{}"))
+        result = _call(argv[0], json.loads(sys.stdin.read() or "{}"))
         reply: dict[str, Any] = {"ok": True, "result": result}
     except Exception as exc:  # noqa: BLE001 - every failure becomes the parent's one-line error
         reply = {"ok": False, "error": str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__}

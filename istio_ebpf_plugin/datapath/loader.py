@@ -571,6 +571,20 @@ class Datapath:
         return gone
 
 
+def compile_task(args: dict) -> list[str]:
+    """The compile worker's "datapath" task: compile, load and pin here, keep the pins, exit."""
+    dp = Datapath(mode=args["mode"], sockmap=args["sockmap"], pin_root=args["pin_root"],
+                  map_sizes=args.get("map_sizes") or {})
+    try:
+        dp.compile_and_pin_here()
+    except BaseException:
+        dp.close(cleanup=True)     # never leave half a datapath pinned
+        raise
+    loaded = sorted(dp.prog_fds)
+    dp.close(cleanup=False)        # the pins stay; the parent adopts them
+    return loaded
+
+
 def cleanup_pins(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:
     """Remove every pinned istio-ebpf object below pin_root (agent --cleanup).
 

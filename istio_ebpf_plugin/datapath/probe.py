@@ -124,6 +124,11 @@ def probe_programs() -> dict[str, bool]:
     return results
 
 
+def probe_programs_task(_args: dict) -> dict[str, bool]:
+    """The compile worker's "probe" task."""
+    return probe_programs()
+
+
 def probe_programs_isolated() -> dict[str, bool]:
     """probe_programs() in a short-lived worker process (LLVM's memory leaves with it)."""
     from . import compile_worker
