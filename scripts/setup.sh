@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 
 APT_PACKAGES=(python3-bpfcc bpfcc-tools bpftool libbpf1 linux-headers-amd64 iptables iproute2 procps util-linux
-              python3-venv python3-dev wrk hey iperf3 golang-go make ca-certificates)
+              python3-venv python3-dev wrk hey iperf3 golang-go make ca-certificates gcc libc6-dev)
 
 apt_install() {
   local missing=()

@@ -9,8 +9,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from istio_ebpf_plugin import MANIFESTS_DIR, PROJECT_ROOT
+from istio_ebpf_plugin import PROJECT_ROOT
 from istio_ebpf_plugin.cli import build_parser
+
+MANIFESTS_DIR = PROJECT_ROOT / "manifests"
 
 VERSIONS = ["1.29.0", "1.33.0"]
 FILES = ["namespace.yaml", "rbac.yaml", "daemonset.yaml", "service.yaml"]

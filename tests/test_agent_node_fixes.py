@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from istio_ebpf_plugin import MANIFESTS_DIR, PROJECT_ROOT
+from istio_ebpf_plugin import PROJECT_ROOT
 from istio_ebpf_plugin.agent.locate import PodLocator, mount_of
 from istio_ebpf_plugin.harness.names import CGROUP_PREFIX, TMP_PREFIX, cgroup_v2_root, new_token
 
@@ -124,7 +124,7 @@ def test_bpffs_check_mounts_bpffs_over_a_plain_bind_mount(tmp_path):
 
 
 def test_daemonset_is_scheduled_on_linux_amd64_and_needs_no_header_directories():
-    (ds,) = [d for d in yaml.safe_load_all((MANIFESTS_DIR / "daemonset.yaml").read_text()) if d]
+    (ds,) = [d for d in yaml.safe_load_all((PROJECT_ROOT / "manifests" / "daemonset.yaml").read_text()) if d]
     spec = ds["spec"]["template"]["spec"]
     assert spec["nodeSelector"] == {"kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"}
     types = {v["hostPath"]["path"]: v["hostPath"]["type"] for v in spec["volumes"] if "hostPath" in v}

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from .. import NODE_MODE_LABEL, kube_api
+from ..datapath.host import DEFAULT_PIN_ROOT
 from ..errors import IstioEbpfError
 from .health_server import HealthServer
 from .locate import PodLocator, mount_of
@@ -32,7 +33,6 @@ REASON_ANNOTATION = "istio-ebpf.io/mode-reason"
 PROBES_ANNOTATION = "istio-ebpf.io/probes"
 #: The loader pins below <root>/<version>, so an upgrade with another layout pins beside, never on
 #: top of, the old one, and retires the old one once its own programs are attached.
-DEFAULT_PIN_ROOT = "/sys/fs/bpf/istio-ebpf"
 
 
 @dataclass

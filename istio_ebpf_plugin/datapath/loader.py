@@ -28,16 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .. import BPF_DIR
 from ..errors import KernelError, UsageError
+from ..resources import bpf_dir
 from . import libbpf, maps
 from .headers import find_kernel_headers
+from .host import DEFAULT_PIN_ROOT, ensure_bpffs, remove_version, unpin_link
 from .netns import netns_cookie
 from .podconfig import INBOUND_PORT, PodConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PIN_ROOT = "/sys/fs/bpf/istio-ebpf"
 LAYOUT_VERSION = "v1"
 
 
@@ -97,27 +97,6 @@ def build_flags(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = Non
     return flags
 
 
-def unpin_link(path: Path) -> None:
-    """Detach a pinned link now, then remove its pin.
-
-    Dropping the last reference by unlinking the pin also detaches, but the
-    kernel releases a link freed from bpffs in a workqueue, i.e. a moment
-    later; an explicit detach makes clean-up synchronous.
-    """
-    try:
-        fd = libbpf.obj_get(str(path))
-    except OSError:
-        fd = -1
-    if fd >= 0:
-        try:
-            libbpf.link_detach(fd)
-        except OSError:
-            pass            # already detached (its cgroup or netns is gone)
-        finally:
-            os.close(fd)
-    path.unlink(missing_ok=True)
-
-
 def _inline_local_includes(text: str, seen: set[str]) -> str:
     """Expand ``#include "x.h"`` from bpf/ in place, once each.
 
@@ -131,7 +110,7 @@ def _inline_local_includes(text: str, seen: set[str]) -> str:
             name = stripped[len('#include "'):-1]
             if name not in seen:
                 seen.add(name)
-                out.append(_inline_local_includes((BPF_DIR / name).read_text(), seen))
+                out.append(_inline_local_includes((bpf_dir() / name).read_text(), seen))
             continue
         out.append(line)
     return "\n".join(out)
@@ -143,27 +122,17 @@ def source_text(programs: Iterable[Program]) -> str:
         if p.source not in files:
             files.append(p.source)
     seen: set[str] = set()
-    return "\n".join(_inline_local_includes((BPF_DIR / f).read_text(), seen) for f in files)
+    directory = bpf_dir()
+    return "\n".join(_inline_local_includes((directory / f).read_text(), seen) for f in files)
 
 
 def datapath_version(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = None) -> str:
     h = hashlib.sha256()
-    for f in sorted(BPF_DIR.glob("*.[ch]")):
+    for f in sorted(bpf_dir().glob("*.[ch]")):
         h.update(f.name.encode())
         h.update(f.read_bytes())
     h.update(" ".join(build_flags(mode, sockmap, map_sizes)).encode())
     return f"{LAYOUT_VERSION}-{mode}{'-sockmap' if sockmap else ''}-{h.hexdigest()[:12]}"
-
-
-def _ensure_bpffs(path: str) -> None:
-    root = Path(path)
-    while not root.exists():
-        root = root.parent
-    # statfs magic of bpffs
-    import subprocess
-    out = subprocess.run(["stat", "-f", "-c", "%T", str(root)], capture_output=True, text=True)
-    if "bpf" not in out.stdout:
-        raise KernelError(f"{root} is not on a bpffs mount: mount it with 'mount -t bpf bpf /sys/fs/bpf'")
 
 
 @dataclass
@@ -216,7 +185,7 @@ class Datapath:
         self.close(cleanup=True)
 
     def load(self) -> "Datapath":
-        _ensure_bpffs(str(self.pin_root))
+        ensure_bpffs(self.pin_root)
         if self._complete_pins():
             self._adopt()
             return self
@@ -256,7 +225,7 @@ class Datapath:
         # A half-written directory from a crash: start it again.
         if self.pin_dir.exists():
             shutil.rmtree(self.pin_dir, ignore_errors=True)
-        cflags = [f"-I{BPF_DIR}", *build_flags(self.mode, self.sockmap, self.map_sizes),
+        cflags = [f"-I{bpf_dir()}", *build_flags(self.mode, self.sockmap, self.map_sizes),
                   "-Wno-unused-function"]
         try:
             self._bpf = bpf = BPF(text=source_text(self.programs), cflags=cflags)
@@ -314,11 +283,6 @@ class Datapath:
         finally:
             os.close(fd)
         return created
-
-    def detach_cgroup(self, cgroup_path: str) -> None:
-        ino = os.stat(cgroup_path).st_ino
-        for link in self.pin_dir.joinpath("links").glob(f"cg-{ino}-*"):
-            unpin_link(link)
 
     def attached_program_ids(self, cgroup_path: str) -> dict[str, list[int]]:
         """What the kernel reports attached to a cgroup, per program of ours."""
@@ -547,18 +511,10 @@ class Datapath:
                      "app_view": ctypes.c_uint64}
         return {name: len(libbpf.map_keys(self.map_fds[name], kt)) for name, kt in key_types.items()}
 
-    def describe(self) -> dict:
-        return {"mode": self.mode, "sockmap": self.sockmap, "version": self.version,
-                "pin_dir": str(self.pin_dir), "adopted": self.adopted,
-                "links": sorted(p.name for p in (self.pin_dir / "links").glob("*"))}
-
     # ---- teardown -----------------------------------------------------------------
     def close(self, cleanup: bool = False) -> None:
         """Close our descriptors; with cleanup also detach and unpin everything."""
         if cleanup and self.pin_dir.exists():
-            links = self.pin_dir / "links"
-            for link in links.glob("*") if links.exists() else ():
-                unpin_link(link)
             if self.sockmap and "accel_socks" in self.map_fds and "ie_accel" in self.prog_fds:
                 try:
                     libbpf.prog_detach(self.prog_fds["ie_accel"], self.map_fds["accel_socks"],
@@ -566,7 +522,7 @@ class Datapath:
                 except OSError as exc:
                     if exc.errno != errno.ENOENT:
                         raise
-            shutil.rmtree(self.pin_dir, ignore_errors=True)
+            remove_version(self.pin_dir)
             try:
                 self.pin_root.rmdir()     # only when no other version is left
             except OSError:
@@ -592,9 +548,7 @@ class Datapath:
         """After an upgrade: detach what an older agent pinned (after ours is attached)."""
         gone = []
         for old in self.other_versions():
-            for link in (old / "links").glob("*"):
-                unpin_link(link)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_version(old)
             gone.append(old.name)
         return gone
 
@@ -609,11 +563,7 @@ def cleanup_pins(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:
     if not root.exists():
         return removed
     for version in sorted(root.iterdir()):
-        for link in sorted((version / "links").glob("*")):
-            unpin_link(link)
-            removed.append(str(link))
-        shutil.rmtree(version, ignore_errors=True)
-        removed.append(str(version))
+        removed += remove_version(version)
     try:
         root.rmdir()
     except OSError:

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 
 from ..errors import UsageError
 from ..kernel import mode_for_release, validate_mode
-from . import libbpf
+from . import host, libbpf
 
 # name -> (function, program type, expected attach type or -1)
 _PROBES: dict[str, tuple[str, int, int]] = {
@@ -75,21 +74,6 @@ SOCKMAP_REQUIREMENTS = {"cookie": ("sk_msg_redirect", "sk_msg_netns_cookie"), "p
 FORCE_FAIL_ENV = "ISTIO_EBPF_PROBE_FAIL"
 
 
-def _cgroup2_mounted() -> bool:
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        if line.split()[2:3] == ["cgroup2"]:
-            return True
-    return False
-
-
-def _bpffs_mounted() -> bool:
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        f = line.split()
-        if len(f) > 2 and f[2] == "bpf":
-            return True
-    return False
-
-
 def _so_netns_cookie() -> bool:
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -101,7 +85,8 @@ def _so_netns_cookie() -> bool:
 
 def probe_features() -> dict[str, bool]:
     """Probe this kernel. Needs CAP_BPF; a probe that cannot run counts as failed."""
-    results: dict[str, bool] = {"cgroup_v2": _cgroup2_mounted(), "bpffs": _bpffs_mounted(),
+    results: dict[str, bool] = {"cgroup_v2": host.cgroup_v2_root() is not None,
+                                "bpffs": host.is_bpffs(host.BPFFS_ROOT),
                                 "so_netns_cookie": _so_netns_cookie()}
     try:
         from bcc import BPF

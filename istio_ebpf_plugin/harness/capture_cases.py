@@ -186,6 +186,10 @@ def _default_cases() -> list[Case]:
                  "istio-validation check: " + R_PROXY_SELF))
     # The same from the app identity is not captured (lo RETURN), so nothing listens there.
     cs.append(_c("out-app-pt4-15002", d, "a", APP, "pt4", 15002, "refused", None, R_LO_APP))
+    # An app that binds (wildcard, port 0: the port is taken at bind time) before connecting.
+    for f in ("4", "6"):
+        cs.append(replace(_c(f"out-app-bound-c{f}-8080", d, "a", APP, f"c{f}", 8080, "outbound", "a",
+                             "bind() first changes nothing for iptables: " + R_OUT), bind=f"any{f}"))
     return cs
 
 
@@ -381,7 +385,7 @@ class CaptureLab:
         """``b4``/``b6``: pod b's addresses; ``b4m``: b's IPv4 as ``::ffff:`` on an IPv6 socket."""
         if symbol.endswith("m"):
             return "::ffff:" + self.address(symbol[:-1])
-        fixed = {"lo4": "127.0.0.1", "lo6": "::1", "pt4": "127.0.0.6", "pt6": "::6"}
+        fixed = {"lo4": "127.0.0.1", "lo6": "::1", "pt4": "127.0.0.6", "pt6": "::6", "any4": "0.0.0.0", "any6": "::"}
         if symbol in fixed:
             return fixed[symbol]
         pod = self.pod(symbol[0])
@@ -476,8 +480,14 @@ class CaptureLab:
 #: IP (its tuples must be unique on the node), so for a captured loopback destination (only the
 #: proxy's own 127.0.0.6 connections, e.g. istio-validation) the listener sees the pod IP as
 #: peer while the app, through getsockname(), sees loopback as under iptables.
+#: A socket bound to a port before connect() cannot be bound to the pod IP any more: cookie mode
+#: leaves it on loopback (the listener sees 127.0.0.1 as peer; the app's getsockname() still
+#: shows the pod IP), pod-IP mode refuses the connection (fail closed, counter podip_bind_fail).
+_BOUND = ("out-app-bound-c4-8080", "out-app-bound-c6-8080")
 KNOWN_DIFFERENCES: dict[str, dict[str, frozenset[str]]] = {
-    "podip": {"validation-pt4-15002": frozenset({"peer_is_app"})},
+    "cookie": {c: frozenset({"peer_is_app"}) for c in _BOUND},
+    "podip": {"validation-pt4-15002": frozenset({"peer_is_app"}),
+              **{c: frozenset(View._fields) for c in _BOUND}},
 }
 
 
