@@ -47,10 +47,14 @@ from . import names
 
 LOCK_FILE = Path("/run/lock/istio-ebpf-node-lab.lock")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: kube-controller-manager controllers for a cluster with this node: nodelifecycle lifts the
+#: node.kubernetes.io/not-ready taint once kubelet reports Ready.
+CONTROLLERS = "*,-nodeipam,-attachdetach,-persistentvolume-binder"
 SERVICE_IP = "10.96.0.1"          # first address of the control plane's service range
 #: Directories the runtime and kubelet write outside their configurable roots: tmpfs in the node's
 #: mount namespace, so nothing lands on the host.
-PRIVATE_TMPFS = ("/run/netns", "/run/containerd", "/var/log/pods", "/var/log/containers", "/var/lib/cni")
+PRIVATE_TMPFS = ("/run/netns", "/run/containerd", "/var/log/pods", "/var/log/containers", "/var/lib/cni",
+                 "/var/lib/kubelet")   # kubelet 1.20 puts device-plugins/kubelet.sock there whatever --root-dir
 #: Sysctls kubelet sets at start (setupKernelTunables): shadowed inside the node's mount namespace.
 KUBELET_SYSCTLS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops",
                    "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes")
