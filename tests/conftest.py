@@ -52,3 +52,11 @@ def _no_harness_leftovers() -> Iterator[None]:
     if problems:
         pytest.fail(f"test session left harness objects behind: {problems} "
                     f"(remove with: .venv/bin/istio-ebpf harness-cleanup)", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def kube_control_plane():
+    """A real Kubernetes 1.20.2 control plane (etcd, apiserver, controller-manager, scheduler) on loopback."""
+    from kube_cluster import start_control_plane
+
+    yield from start_control_plane()
