@@ -22,6 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--paths", help="comma list among http,l4,capture-only (default: all)")
     p.add_argument("--discard-flagged", action="store_true",
                    help="leave rounds taken under other load (CPU of other processes, steal) out of the ratios")
+    p.add_argument("--agent", action="store_true",
+                   help="also measure the real agent: RSS and time to capture, fresh and restarted over its pins")
     p.add_argument("--workloads", help="comma list of workload names (default: all, or the quick set)")
     p.add_argument("--variants", help="comma list among direct,iptables,ebpf,ebpf-sockmap,explicit")
     p.add_argument("--mode", choices=("auto", "cookie", "podip"), default="auto",
@@ -50,6 +52,10 @@ def _bench(args: argparse.Namespace) -> int:
         from dataclasses import replace
         settings = replace(settings, variants=chosen)
     doc = runner.run(settings, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    if args.agent:
+        from . import agent_footprint
+
+        doc["meta"].update(agent_footprint.measure())
     print(report.table(doc))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
