@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo lint test wheel bench bench-quick forwarder soak clean-host
+.PHONY: setup demo lint test wheel bench bench-quick forwarder soak clean-host kubernetes cluster-up cluster-down
 
 setup:
 	bash scripts/setup.sh all
@@ -16,8 +16,19 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-test: setup lint
+# The real Kubernetes 1.20.2 binaries (cached in /var/cache/istio-ebpf; ~15-20 min cold, instant warm).
+kubernetes:
+	bash scripts/build-kubernetes.sh
+
+test: setup lint kubernetes
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# A real control plane on loopback for humans: `eval "$$(make -s cluster-up)"` sets KUBECONFIG.
+cluster-up: setup kubernetes
+	@$(PY) -m istio_ebpf_plugin.harness.control_plane up
+
+cluster-down: setup
+	@$(PY) -m istio_ebpf_plugin.harness.control_plane down
 
 # The release wheel (bpf/ and manifests/ inside as package data) in dist/.
 wheel: setup
@@ -42,3 +53,8 @@ soak: setup
 # Removes whatever a crashed run may have left (only objects carrying our prefix).
 clean-host: setup
 	$(VENV)/bin/istio-ebpf harness-cleanup
+
+# A real node end to end (kubelet + containerd + the agent's DaemonSet pod); prints every step.
+e2e: setup
+	bash scripts/setup-node.sh
+	$(PY) -m pytest -x -s -p no:cacheprovider -m node_e2e tests/test_node_e2e.py $(PYTEST_ARGS)

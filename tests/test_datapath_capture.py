@@ -74,7 +74,7 @@ def test_capture_table_matches_istio_iptables(node, datapath_factory, mode, sock
                                           ("podip", True)])
 def test_demo_real_envoy_end_to_end(mode, sockmap):
     """App -> client Envoy (15001) -> server Envoy (15006) -> app, IPv4 and IPv6, no iptables."""
-    from istio_ebpf_plugin.datapath.demo import run_demo
+    from istio_ebpf_plugin.harness.demo import run_demo
 
     require_mode(mode)
     s = run_demo(mode=mode, sockmap=sockmap, requests=40, log=open(os.devnull, "w"))
