@@ -2,9 +2,11 @@
 
 All API calls go through :mod:`istio_ebpf_plugin.kube_api`; the work itself is
 done by the plugins' hooks. Injector ConfigMaps are changed only with JSON
-patches whose ``test`` operations pin the value being replaced: when someone
-edits the ConfigMap at the same moment, the patch fails, we read it again,
-recompute and retry.
+patches that begin with a ``test`` of ``metadata.resourceVersion`` (optimistic
+concurrency the Kubernetes way): when someone edits the ConfigMap at the same
+moment, the server answers 409/422, we read it again, recompute and retry.
+(A ``test`` of the config text itself would fail on a real apiserver whenever the
+text holds <, >, & or non-ASCII characters, equal or not.)
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ def _patch_one(pm: pluggy.PluginManager, cm: dict[str, Any], options: argparse.N
         if not ops:
             _err(f"ConfigMap {ns}/{name}: unchanged")
             return edit, []
+        version = (current.get("metadata") or {}).get("resourceVersion")
+        if version:
+            ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": str(version)}, *ops]
         if getattr(options, "dry_run", False):
             return edit, ops
         if before_patch is not None:
