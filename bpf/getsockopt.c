@@ -14,6 +14,9 @@
 #ifndef SOL_IPV6
 #define SOL_IPV6 41
 #endif
+#ifndef EPERM
+#define EPERM 1
+#endif
 
 int ie_getsockopt(struct bpf_sockopt *ctx)
 {
@@ -48,6 +51,11 @@ int ie_getsockopt(struct bpf_sockopt *ctx)
              * dialled 15001 itself): answer EPERM. With conntrack active the
              * kernel would name the listener itself and Envoy would loop. */
             count(C_ORIGDST_MISS, 1);
+            /* Returning 0 alone is EPERM only where the kernel had no
+             * error of its own: since 5.19 an earlier error (ENOENT
+             * without conntrack) stands. Setting retval makes it EPERM
+             * everywhere (before 5.19 a 0 return is EPERM at once). */
+            ctx->retval = -EPERM;
             return 0;
         }
         return 1;   /* not ours: the kernel's answer stands */

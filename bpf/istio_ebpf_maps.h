@@ -157,6 +157,18 @@ IE_SOCKHASH(inbound_listeners, struct ip_addr, MAX_PODS * 4);
 /* UDP DNS redirected to 15053: original server per socket, for recvmsg. */
 BPF_TABLE("lru_hash", __u64, struct origin, dns_origin, MAX_CONNS);
 
+/* What a captured TCP socket's owner must see (sockname.c), keyed by the app
+ * socket's cookie, written by the connect hooks: getpeername() names the
+ * original destination, getsockname() the address the kernel would have
+ * chosen for it (the pod IP) as under iptables REDIRECT. local.family 0 =
+ * leave the local address alone (loopback destinations). Dropped with the
+ * socket (sock_release), LRU as a guard. */
+struct app_view {
+    struct origin peer;
+    struct ip_addr local;
+};
+BPF_TABLE("lru_hash", __u64, struct app_view, app_view, MAX_CONNS);
+
 #if ISTIO_EBPF_SOCKMAP
 /* app <-> sidecar sockets of one node, keyed by their own 4-tuple (+netns). */
 struct sock_key {
@@ -184,6 +196,7 @@ enum counter {
     C_SOCKMAP_MSGS,
     C_SOCKMAP_BYTES,
     C_RAW_SOCKET_DENIED,    /* raw TCP socket refused to a non-proxy UID */
+    C_APP_VIEW_RESTORED,    /* getpeername/getsockname answered as under iptables */
     C_MAX,
 };
 BPF_ARRAY(counters, __u64, 16);

@@ -77,7 +77,7 @@ def _agent_run(pods: list[dict], by_uid: dict[str, str], pin_root: str, cgroup: 
 
 def measure(n: int = 500, mode: str = "cookie") -> dict:
     from istio_ebpf_plugin.datapath.loader import cleanup_pins
-    from istio_ebpf_plugin.harness.names import cgroup_v2_root
+    from istio_ebpf_plugin.datapath.host import require_cgroup_v2_root as cgroup_v2_root
 
     token = uuid.uuid4().hex[:6]
     names = [f"ie-{token}-{i}" for i in range(n)]

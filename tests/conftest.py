@@ -9,13 +9,13 @@ from typing import Iterator
 import pytest
 from hypothesis import settings
 
+from istio_ebpf_plugin.harness import Node, cleanup, names
+
 # CI runs the property tests on a fixed set of examples (no flaky new finds on a submission,
 # no deadline failures on a busy 2-core machine); local runs explore fresh examples.
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("dev", deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
-
-from istio_ebpf_plugin.harness import Node, cleanup, names
 
 ISTIO_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "istio"
 

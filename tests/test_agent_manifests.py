@@ -9,8 +9,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from istio_ebpf_plugin import MANIFESTS_DIR, PROJECT_ROOT
+from istio_ebpf_plugin import PROJECT_ROOT
 from istio_ebpf_plugin.cli import build_parser
+
+MANIFESTS_DIR = PROJECT_ROOT / "manifests"
 
 VERSIONS = ["1.29.0", "1.33.0"]
 FILES = ["namespace.yaml", "rbac.yaml", "daemonset.yaml", "service.yaml"]
@@ -78,7 +80,7 @@ def test_commands_in_the_daemonset_parse_with_our_cli():
     assert pre_stop[0] == "istio-ebpf"
     args = parser.parse_args(pre_stop[1:])
     assert args.cleanup and args.if_uninstalled
-    line = next(l for l in agent["args"][0].splitlines() if l.strip().startswith("exec "))
+    line = next(ln for ln in agent["args"][0].splitlines() if ln.strip().startswith("exec "))
     argv = shlex.split(line.strip())[1:]
     assert argv[0] == "istio-ebpf"
     args = parser.parse_args(argv[1:])
@@ -111,6 +113,6 @@ def test_containerfile_uses_setup_sh_steps_that_exist():
     for step in set(used):
         assert re.search(rf"^\s+{step}\)", setup, re.M), step
     # `host` is a run-time step: the DaemonSet's init container runs it, the image build does not
-    assert "setup.sh host" not in "\n".join(l for l in text.splitlines() if l.startswith("RUN"))
+    assert "setup.sh host" not in "\n".join(ln for ln in text.splitlines() if ln.startswith("RUN"))
     init = daemonset()["spec"]["template"]["spec"]["initContainers"][0]
     assert init["command"][-2:] == ["/opt/istio-ebpf/src/scripts/setup.sh", "host"]

@@ -260,7 +260,8 @@ def test_property_garbage_never_crashes(values):
 
 @settings(max_examples=100, deadline=None)
 @given(garbage=st.recursive(st.one_of(st.none(), st.integers(), st.text(max_size=10)),
-                            lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=8), c, max_size=3)),
+                            lambda c: st.one_of(st.lists(c, max_size=3),
+                                                      st.dictionaries(st.text(max_size=8), c, max_size=3)),
                             max_leaves=12),
        where=st.sampled_from(["metadata", "spec", "status", "annotations", "containers", "podIPs"]))
 def test_property_malformed_pod_objects(garbage, where):

@@ -80,7 +80,7 @@ class FakeCluster:
         try:
             new = jsonpatch.JsonPatch(ops).apply(cm)
         except jsonpatch.JsonPatchTestFailed as exc:
-            raise ApiError(422, json.dumps({"message": f"testing value failed: test failed: {exc}"}))
+            raise ApiError(422, json.dumps({"message": f"testing value failed: test failed: {exc}"})) from exc
         new["metadata"]["resourceVersion"] = str(int(cm["metadata"]["resourceVersion"]) + 1)
         self.configmaps[(ns, name)] = new
         self.patches.append((name, ops))
@@ -272,3 +272,27 @@ def test_mode_override_labels_every_node(cluster):
     assert {n["metadata"]["labels"][NODE_MODE_LABEL] for n in cluster.nodes.values()} == {"podip"}
     ds = cluster.objects[("apps/v1", "DaemonSet", "istio-ebpf-test", "istio-ebpf-agent")]
     assert {"name": "ISTIO_EBPF_MODE", "value": "podip"} in ds["spec"]["template"]["spec"]["containers"][0]["env"]
+
+
+def test_install_without_agent_manifests_changes_nothing(cluster, tmp_path, monkeypatch, capsys):
+    before = copy.deepcopy(cluster.configmaps)
+    monkeypatch.setenv("ISTIO_EBPF_MANIFESTS_DIR", str(tmp_path / "absent"))
+    assert main(["install", "--timeout", "0"]) == 2
+    err = capsys.readouterr().err.splitlines()   # the rollout plan table, then the error
+    assert err[-1].startswith("istio-ebpf: error: agent manifests not found")
+    assert not any("error" in line for line in err[:-1])
+    assert cluster.configmaps == before and cluster.patches == [] and cluster.objects == {}
+
+
+def test_install_image_flag_and_environment(cluster, monkeypatch):
+    def images():
+        ds = cluster.objects[("apps/v1", "DaemonSet", "istio-ebpf-test", "istio-ebpf-agent")]
+        return {c["image"] for c in ds["spec"]["template"]["spec"]["containers"]}
+
+    monkeypatch.setenv("ISTIO_EBPF_IMAGE", "registry.example/env:2")
+    assert main(["install", "--timeout", "0"]) == 0
+    assert images() == {"registry.example/env:2"}
+    assert main(["install", "--timeout", "0", "--image", "registry.example/flag:3"]) == 0
+    assert images() == {"registry.example/flag:3"}
+    assert main(["install", "--timeout", "0", "--image", "bad ref"]) == 2
+    assert images() == {"registry.example/flag:3"}

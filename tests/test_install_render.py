@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from istio_ebpf_plugin import MANIFESTS_DIR
+from istio_ebpf_plugin import PROJECT_ROOT
 from istio_ebpf_plugin.cli import main
 from istio_ebpf_plugin.install import injector_config, manifests
+
+MANIFESTS_DIR = PROJECT_ROOT / "manifests"
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "istio"
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +71,7 @@ def test_render_changes_only_the_injector_and_appends_the_agent(agent_dir, golde
     after = manifests.split(out).documents
     agent = manifests.agent_documents(agent_dir)
     assert len(after) == len(before) + len(agent)
-    for old, new in zip(before, after):
+    for old, new in zip(before, after, strict=False):
         if old.kind == "ConfigMap" and old.name == "istio-sidecar-injector":
             old_cfg = injector_config.parse(old.data["data"]["config"])
             new_cfg = injector_config.parse(new.data["data"]["config"])
@@ -234,3 +236,21 @@ def test_real_manifests_dir_is_rendered_when_present(capsys, monkeypatch):
         assert [d.text for d in docs[len(docs) - len(agent):]] == [d.text for d in agent]
     else:  # manifests/ still empty: nothing appended
         assert len(docs) == len(manifests.split(GOLDENS[0].read_text()).documents)
+
+
+def test_release_image_follows_the_package_version_and_a_site_image_stays(agent_dir, tmp_path, capsys, monkeypatch):
+    from istio_ebpf_plugin import __version__
+
+    monkeypatch.delenv("ISTIO_EBPF_IMAGE", raising=False)
+    assert main(["render", "-f", str(GOLDENS[0])]) == 0   # the site's own image: kept byte for byte
+    assert "image: example.invalid/istio-ebpf:test\n" in capsys.readouterr().out
+    (agent_dir / "10-agent.yaml").write_text(AGENT.replace("example.invalid/istio-ebpf:test",
+                                                           "ghcr.io/istio-ebpf/agent:0.0.1"))
+    assert main(["render", "-f", str(GOLDENS[0])]) == 0   # an older release tag: this version's
+    out = capsys.readouterr().out
+    assert f"image: ghcr.io/istio-ebpf/agent:{__version__}\n" in out and "agent:0.0.1" not in out
+    monkeypatch.delenv("ISTIO_EBPF_MANIFESTS_DIR")
+    assert main(["render", "-f", str(GOLDENS[0])]) == 0   # the shipped manifests already carry it
+    daemonset = (MANIFESTS_DIR / "daemonset.yaml").read_text()
+    assert daemonset.count(f"image: ghcr.io/istio-ebpf/agent:{__version__}\n") == 2
+    assert daemonset in capsys.readouterr().out

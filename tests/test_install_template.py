@@ -161,7 +161,7 @@ def rendered(go):
             for opted in (False, True):
                 keys.append((v, name, opted))
                 cases.append(_case(v, pod, opted))
-        for key, out in zip(keys, go.render(template, cases)):
+        for key, out in zip(keys, go.render(template, cases), strict=True):
             assert not out["error"], f"{key}: {out['error']}"
             results[key] = (out["rendered"], YAML(typ="safe", pure=True).load(out["rendered"]))
     return results

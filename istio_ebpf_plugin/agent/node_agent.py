@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from .. import NODE_MODE_LABEL, kube_api
+from ..datapath.host import DEFAULT_PIN_ROOT
 from ..errors import IstioEbpfError
 from .health_server import HealthServer
-from .locate import PodLocator
+from .locate import PodLocator, mount_of
 from .metrics import AgentMetrics
 from .mode import ModeDecision, decide
 from .reconcile import Reconciler
@@ -32,7 +33,6 @@ REASON_ANNOTATION = "istio-ebpf.io/mode-reason"
 PROBES_ANNOTATION = "istio-ebpf.io/probes"
 #: The loader pins below <root>/<version>, so an upgrade with another layout pins beside, never on
 #: top of, the old one, and retires the old one once its own programs are attached.
-DEFAULT_PIN_ROOT = "/sys/fs/bpf/istio-ebpf"
 
 
 @dataclass
@@ -153,10 +153,14 @@ class NodeAgent:
             for old in retire():   # upgrade: ours is attached, now drop the old version's
                 log.info("retired datapath version %s", old)
         self.attached = True
-        locator = cfg.locator or PodLocator(cfg.proc_root, cgroup_for_uid=cfg.cgroup_for_uid)
+        # Pod cgroup paths in /proc are relative to the v2 mount (on hybrid hosts that is
+        # /sys/fs/cgroup/unified, not /sys/fs/cgroup): pod-IP mode keys pods by that directory.
+        locator = cfg.locator or PodLocator(cfg.proc_root, mount_of(cfg.cgroup_root),
+                                            cgroup_for_uid=cfg.cgroup_for_uid, search_root=cfg.cgroup_root)
         self.reconciler = Reconciler(self.datapath, locator, self._report_pod)
         self.watcher = PodWatcher(cfg.node_name, self.events, resync_seconds=cfg.resync_seconds,
-                                  watch_timeout=cfg.watch_timeout, on_relist=lambda reason: self.metrics.relists.labels(reason=reason).inc())
+                                  watch_timeout=cfg.watch_timeout,
+                                  on_relist=lambda reason: self.metrics.relists.labels(reason=reason).inc())
         self.watcher.start()
 
     def _record_decision(self, d: ModeDecision) -> None:

@@ -146,7 +146,7 @@ def exclude_inbound_port(status_port: str, excluded: str) -> str:
 
 # --------------------------------------------------------------------------- pod parts
 def _containers(spec: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    out = []
+    out: list[Mapping[str, Any]] = []
     for key in ("initContainers", "containers"):
         out.extend(_obj(c, f"spec.{key}[]") for c in _list(spec.get(key), f"spec.{key}"))
     return out

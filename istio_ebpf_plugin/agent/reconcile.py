@@ -79,7 +79,8 @@ class Reconciler:
         uid = str(_meta(pod).get("uid") or "")
         if not uid:
             return
-        spec = pod.get("spec") if isinstance(pod.get("spec"), Mapping) else {}
+        spec = pod.get("spec")
+        spec = spec if isinstance(spec, Mapping) else {}
         phase = (pod.get("status") or {}).get("phase") if isinstance(pod.get("status"), Mapping) else None
         if phase in ("Succeeded", "Failed") or spec.get("hostNetwork") or not is_opted_in(pod):
             self.remove(uid)

@@ -11,15 +11,21 @@ from ..errors import UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("bench", help="benchmark direct / iptables / ebpf / ebpf-sockmap / explicit, interleaved")
-    p.add_argument("--quick", action="store_true", help="3 workloads, 1 round of 3 s (under two minutes)")
+    p = subparsers.add_parser("bench", help="benchmark iptables / ebpf / ebpf-sockmap / explicit (/ direct) on the "
+                                            "http, l4 and capture-only paths: paired rounds, 95%% intervals")
+    p.add_argument("--quick", action="store_true",
+                   help="every path, one keep-alive and one churn workload, 7 rounds of 1 s (under 6 minutes)")
     p.add_argument("--json", metavar="FILE", help="write the results document (one entry per variant and workload)")
     p.add_argument("--plot", metavar="FILE.png", help="write a matplotlib PNG")
-    p.add_argument("--rounds", type=int, help="interleaved rounds per workload (default 3, quick 1)")
-    p.add_argument("--duration", type=float, help="seconds per measurement (default 5, quick 3)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds per workload (default 10, quick 7)")
+    p.add_argument("--duration", type=float, help="seconds per measurement (default 2, quick 1; wrk rounds to whole s)")
+    p.add_argument("--paths", help="comma list among http,l4,capture-only (default: all)")
+    p.add_argument("--discard-flagged", action="store_true",
+                   help="leave rounds taken under other load (CPU of other processes, steal) out of the ratios")
     p.add_argument("--workloads", help="comma list of workload names (default: all, or the quick set)")
     p.add_argument("--variants", help="comma list among direct,iptables,ebpf,ebpf-sockmap,explicit")
-    p.add_argument("--mode", choices=("auto", "cookie", "podip"), default="auto", help="datapath mode for the ebpf variants")
+    p.add_argument("--mode", choices=("auto", "cookie", "podip"), default="auto",
+                   help="datapath mode for the ebpf variants")
     p.set_defaults(func=_bench)
 
 
@@ -33,7 +39,9 @@ def _bench(args: argparse.Namespace) -> int:
     if args.plot and not args.plot.endswith(".png"):
         raise UsageError("--plot needs a .png file name")
     settings = runner.settings_for(args.quick, rounds=args.rounds, duration=args.duration,
-                                   workloads=args.workloads.split(",") if args.workloads else None, mode=args.mode)
+                                   workloads=args.workloads.split(",") if args.workloads else None, mode=args.mode,
+                                   paths=args.paths.split(",") if args.paths else None,
+                                   discard_flagged=args.discard_flagged)
     if args.variants:
         chosen = tuple(v.strip() for v in args.variants.split(","))
         bad = [v for v in chosen if v not in topology.VARIANTS]

@@ -28,16 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .. import BPF_DIR
 from ..errors import KernelError, UsageError
+from ..resources import bpf_dir
 from . import libbpf, maps
 from .headers import find_kernel_headers
+from .host import DEFAULT_PIN_ROOT, ensure_bpffs, remove_version, unpin_link
 from .netns import netns_cookie
 from .podconfig import INBOUND_PORT, PodConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PIN_ROOT = "/sys/fs/bpf/istio-ebpf"
 LAYOUT_VERSION = "v1"
 
 
@@ -62,8 +62,14 @@ PROGRAMS: tuple[Program, ...] = (
     Program("ie_sendmsg6", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP6_SENDMSG, "cgroup"),
     Program("ie_recvmsg4", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP4_RECVMSG, "cgroup"),
     Program("ie_recvmsg6", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP6_RECVMSG, "cgroup"),
-    Program("ie_getpeername4", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_GETPEERNAME, "cgroup"),
-    Program("ie_getpeername6", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET6_GETPEERNAME, "cgroup"),
+    Program("ie_getpeername4", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_GETPEERNAME,
+            "cgroup"),
+    Program("ie_getpeername6", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET6_GETPEERNAME,
+            "cgroup"),
+    Program("ie_getsockname4", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_GETSOCKNAME,
+            "cgroup"),
+    Program("ie_getsockname6", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET6_GETSOCKNAME,
+            "cgroup"),
     Program("ie_sock_create", "sock.c", libbpf.PROG_CGROUP_SOCK, libbpf.CGROUP_INET_SOCK_CREATE, "cgroup",
             optional=True),
     Program("ie_sock_release", "sock.c", libbpf.PROG_CGROUP_SOCK, libbpf.CGROUP_INET_SOCK_RELEASE, "cgroup",
@@ -73,7 +79,7 @@ PROGRAMS: tuple[Program, ...] = (
 )
 
 MAPS = ("pod_by_netns", "pod_by_ip", "pod_ports", "pod_cidrs", "origin_by_cookie",
-        "origin_by_tuple", "inbound_listeners", "dns_origin", "counters")
+        "origin_by_tuple", "inbound_listeners", "dns_origin", "app_view", "counters")
 SOCKMAP_MAPS = ("accel_socks",)
 
 
@@ -91,27 +97,6 @@ def build_flags(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = Non
     return flags
 
 
-def unpin_link(path: Path) -> None:
-    """Detach a pinned link now, then remove its pin.
-
-    Dropping the last reference by unlinking the pin also detaches, but the
-    kernel releases a link freed from bpffs in a workqueue, i.e. a moment
-    later; an explicit detach makes clean-up synchronous.
-    """
-    try:
-        fd = libbpf.obj_get(str(path))
-    except OSError:
-        fd = -1
-    if fd >= 0:
-        try:
-            libbpf.link_detach(fd)
-        except OSError:
-            pass            # already detached (its cgroup or netns is gone)
-        finally:
-            os.close(fd)
-    path.unlink(missing_ok=True)
-
-
 def _inline_local_includes(text: str, seen: set[str]) -> str:
     """Expand ``#include "x.h"`` from bpf/ in place, once each.
 
@@ -125,7 +110,7 @@ def _inline_local_includes(text: str, seen: set[str]) -> str:
             name = stripped[len('#include "'):-1]
             if name not in seen:
                 seen.add(name)
-                out.append(_inline_local_includes((BPF_DIR / name).read_text(), seen))
+                out.append(_inline_local_includes((bpf_dir() / name).read_text(), seen))
             continue
         out.append(line)
     return "\n".join(out)
@@ -137,27 +122,17 @@ def source_text(programs: Iterable[Program]) -> str:
         if p.source not in files:
             files.append(p.source)
     seen: set[str] = set()
-    return "\n".join(_inline_local_includes((BPF_DIR / f).read_text(), seen) for f in files)
+    directory = bpf_dir()
+    return "\n".join(_inline_local_includes((directory / f).read_text(), seen) for f in files)
 
 
 def datapath_version(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = None) -> str:
     h = hashlib.sha256()
-    for f in sorted(BPF_DIR.glob("*.[ch]")):
+    for f in sorted(bpf_dir().glob("*.[ch]")):
         h.update(f.name.encode())
         h.update(f.read_bytes())
     h.update(" ".join(build_flags(mode, sockmap, map_sizes)).encode())
     return f"{LAYOUT_VERSION}-{mode}{'-sockmap' if sockmap else ''}-{h.hexdigest()[:12]}"
-
-
-def _ensure_bpffs(path: str) -> None:
-    root = Path(path)
-    while not root.exists():
-        root = root.parent
-    # statfs magic of bpffs
-    import subprocess
-    out = subprocess.run(["stat", "-f", "-c", "%T", str(root)], capture_output=True, text=True)
-    if "bpf" not in out.stdout:
-        raise KernelError(f"{root} is not on a bpffs mount: mount it with 'mount -t bpf bpf /sys/fs/bpf'")
 
 
 @dataclass
@@ -210,7 +185,7 @@ class Datapath:
         self.close(cleanup=True)
 
     def load(self) -> "Datapath":
-        _ensure_bpffs(str(self.pin_root))
+        ensure_bpffs(self.pin_root)
         if self._complete_pins():
             self._adopt()
             return self
@@ -250,10 +225,10 @@ class Datapath:
         # A half-written directory from a crash: start it again.
         if self.pin_dir.exists():
             shutil.rmtree(self.pin_dir, ignore_errors=True)
-        cflags = [f"-I{BPF_DIR}", *build_flags(self.mode, self.sockmap, self.map_sizes),
+        cflags = [f"-I{bpf_dir()}", *build_flags(self.mode, self.sockmap, self.map_sizes),
                   "-Wno-unused-function"]
         try:
-            self._bpf = BPF(text=source_text(self.programs), cflags=cflags)
+            self._bpf = bpf = BPF(text=source_text(self.programs), cflags=cflags)
         except Exception as exc:
             raise KernelError(f"compiling the datapath failed: {exc}") from exc
         for sub in ("maps", "progs", "links"):
@@ -261,7 +236,7 @@ class Datapath:
         for p in self.programs:
             attach = p.attach_type if p.target != "sockhash" else -1
             try:
-                fn = self._bpf.load_func(p.func.encode(), p.prog_type, None, attach)
+                fn = bpf.load_func(p.func.encode(), p.prog_type, None, attach)
             except Exception as exc:
                 if p.optional:
                     log.warning("kernel refused optional program %s (%s): %s", p.func, p.source, exc)
@@ -270,7 +245,7 @@ class Datapath:
             self.prog_fds[p.func] = os.dup(fn.fd)
             libbpf.obj_pin(self.prog_fds[p.func], str(self.pin_dir / "progs" / p.func))
         for m in self.map_names:
-            fd = bcclib.bpf_table_fd(self._bpf.module, m.encode())
+            fd = bcclib.bpf_table_fd(bpf.module, m.encode())
             if fd < 0:
                 raise KernelError(f"map {m} missing from the compiled datapath")
             self.map_fds[m] = os.dup(fd)
@@ -309,11 +284,6 @@ class Datapath:
             os.close(fd)
         return created
 
-    def detach_cgroup(self, cgroup_path: str) -> None:
-        ino = os.stat(cgroup_path).st_ino
-        for link in self.pin_dir.joinpath("links").glob(f"cg-{ino}-*"):
-            unpin_link(link)
-
     def attached_program_ids(self, cgroup_path: str) -> dict[str, list[int]]:
         """What the kernel reports attached to a cgroup, per program of ours."""
         fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
@@ -340,9 +310,9 @@ class Datapath:
                     entry = _PodIndex(val.pod_id)
                     index[key.value] = by_id[val.pod_id] = entry
             for k in libbpf.map_keys(self.map_fds["pod_by_ip"], maps.IpAddr):
-                val = maps.PodIpVal()
-                if libbpf.map_lookup(self.map_fds["pod_by_ip"], k, val) and val.pod_id in by_id:
-                    by_id[val.pod_id].ips.add(bytes(k))
+                owner = maps.PodIpVal()
+                if libbpf.map_lookup(self.map_fds["pod_by_ip"], k, owner) and owner.pod_id in by_id:
+                    by_id[owner.pod_id].ips.add(bytes(k))
             for k in libbpf.map_keys(self.map_fds["pod_ports"], maps.PortKey):
                 if k.pod_id in by_id:
                     by_id[k.pod_id].ports.add((k.kind, k.port))
@@ -403,19 +373,22 @@ class Datapath:
         want_ports = {(k.kind, k.port) for k in entries.ports}
         want_cidrs = {_cidr_tuple(k) for k in entries.cidrs}
         want_ips = {bytes(ip) for ip, _ in entries.ips}
-        added_ports, added_cidrs, added_ips = set(), set(), {}   # what this call adds (rollback)
+        # what this call adds (rollback)
+        added_ports: set[tuple[int, int]] = set()
+        added_cidrs: set[tuple] = set()
+        added_ips: dict[bytes, maps.PodIpVal | None] = {}
         try:
-            for k in entries.ports:
-                libbpf.map_update(self.map_fds["pod_ports"], k, one)
-                added_ports.add((k.kind, k.port))
-            for k in entries.cidrs:
-                libbpf.map_update(self.map_fds["pod_cidrs"], k, one)
-                added_cidrs.add(_cidr_tuple(k))
+            for pk in entries.ports:
+                libbpf.map_update(self.map_fds["pod_ports"], pk, one)
+                added_ports.add((pk.kind, pk.port))
+            for ck in entries.cidrs:
+                libbpf.map_update(self.map_fds["pod_cidrs"], ck, one)
+                added_cidrs.add(_cidr_tuple(ck))
             for ip, val in entries.ips:
-                old = maps.PodIpVal()
-                had = libbpf.map_lookup(self.map_fds["pod_by_ip"], ip, old)
+                prev = maps.PodIpVal()
+                had = libbpf.map_lookup(self.map_fds["pod_by_ip"], ip, prev)
                 libbpf.map_update(self.map_fds["pod_by_ip"], ip, val)
-                added_ips[bytes(ip)] = old if had else None
+                added_ips[bytes(ip)] = prev if had else None
             libbpf.map_update(self.map_fds["pod_by_netns"], ctypes.c_uint64(cookie), entries.cfg)
         except OSError as exc:
             # Refused whole (hardening finding: a full map left half a pod behind): undo
@@ -427,11 +400,11 @@ class Datapath:
             for raw, old in added_ips.items():
                 if raw in entry.ips:
                     continue
-                k = maps.IpAddr.from_buffer_copy(raw)
+                addr = maps.IpAddr.from_buffer_copy(raw)
                 if old is not None:
-                    libbpf.map_update(self.map_fds["pod_by_ip"], k, old)
+                    libbpf.map_update(self.map_fds["pod_by_ip"], addr, old)
                 else:
-                    libbpf.map_delete(self.map_fds["pod_by_ip"], k)
+                    libbpf.map_delete(self.map_fds["pod_by_ip"], addr)
             if exc.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
                 raise KernelError(f"datapath maps are full ({exc.strerror}): pod not captured; "
                                   f"raise the map sizes") from exc
@@ -534,21 +507,14 @@ class Datapath:
     def occupancy(self) -> dict[str, int]:
         key_types = {"pod_by_netns": ctypes.c_uint64, "pod_by_ip": maps.IpAddr, "pod_ports": maps.PortKey,
                      "pod_cidrs": maps.CidrKey, "origin_by_tuple": maps.ConnKey,
-                     "origin_by_cookie": ctypes.c_uint64, "dns_origin": ctypes.c_uint64}
+                     "origin_by_cookie": ctypes.c_uint64, "dns_origin": ctypes.c_uint64,
+                     "app_view": ctypes.c_uint64}
         return {name: len(libbpf.map_keys(self.map_fds[name], kt)) for name, kt in key_types.items()}
-
-    def describe(self) -> dict:
-        return {"mode": self.mode, "sockmap": self.sockmap, "version": self.version,
-                "pin_dir": str(self.pin_dir), "adopted": self.adopted,
-                "links": sorted(p.name for p in (self.pin_dir / "links").glob("*"))}
 
     # ---- teardown -----------------------------------------------------------------
     def close(self, cleanup: bool = False) -> None:
         """Close our descriptors; with cleanup also detach and unpin everything."""
         if cleanup and self.pin_dir.exists():
-            links = self.pin_dir / "links"
-            for link in links.glob("*") if links.exists() else ():
-                unpin_link(link)
             if self.sockmap and "accel_socks" in self.map_fds and "ie_accel" in self.prog_fds:
                 try:
                     libbpf.prog_detach(self.prog_fds["ie_accel"], self.map_fds["accel_socks"],
@@ -556,7 +522,7 @@ class Datapath:
                 except OSError as exc:
                     if exc.errno != errno.ENOENT:
                         raise
-            shutil.rmtree(self.pin_dir, ignore_errors=True)
+            remove_version(self.pin_dir)
             try:
                 self.pin_root.rmdir()     # only when no other version is left
             except OSError:
@@ -582,9 +548,7 @@ class Datapath:
         """After an upgrade: detach what an older agent pinned (after ours is attached)."""
         gone = []
         for old in self.other_versions():
-            for link in (old / "links").glob("*"):
-                unpin_link(link)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_version(old)
             gone.append(old.name)
         return gone
 
@@ -595,15 +559,11 @@ def cleanup_pins(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:
     Unpinning a link is what detaches it; sk_msg attachments die with the map.
     """
     root = Path(pin_root)
-    removed = []
+    removed: list[str] = []
     if not root.exists():
         return removed
     for version in sorted(root.iterdir()):
-        for link in sorted((version / "links").glob("*")):
-            unpin_link(link)
-            removed.append(str(link))
-        shutil.rmtree(version, ignore_errors=True)
-        removed.append(str(version))
+        removed += remove_version(version)
     try:
         root.rmdir()
     except OSError:

@@ -22,7 +22,7 @@ CIDR_EXCLUDE, CIDR_INCLUDE = 1, 2
 COUNTERS = (
     "out_redirect", "in_redirect_local", "inbound_assign", "inbound_no_listener",
     "dns_redirect", "origdst_hit", "origdst_miss", "tuple_stored", "podip_bind_fail",
-    "sockmap_insert", "sockmap_msgs", "sockmap_bytes", "raw_socket_denied",
+    "sockmap_insert", "sockmap_msgs", "sockmap_bytes", "raw_socket_denied", "app_view_restored",
 )
 
 
@@ -63,6 +63,10 @@ class CidrKey(ctypes.Structure):
 
 class Origin(ctypes.Structure):
     _fields_ = [("ip", IpAddr), ("port", ctypes.c_uint16), ("listener", ctypes.c_uint16)]
+
+
+class AppView(ctypes.Structure):
+    _fields_ = [("peer", Origin), ("local", IpAddr)]
 
 
 class ConnKey(ctypes.Structure):

@@ -121,9 +121,9 @@ def variables_used(text: str) -> list[str]:
             elif name not in declared and name not in used:
                 used.append(name)
         # range $i, $v := ... declares both
-        m = re.match(r"range\s+\$(\w+)\s*,\s*\$(\w+)\s*:=", act.inner)
-        if m:
-            declared.update(m.groups())
+        rng = re.match(r"range\s+\$(\w+)\s*,\s*\$(\w+)\s*:=", act.inner)
+        if rng:
+            declared.update(rng.groups())
     return [v for v in used if v not in declared]
 
 

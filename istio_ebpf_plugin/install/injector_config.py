@@ -136,7 +136,7 @@ def _add_default(config: str, where: str) -> str:
                 raise UsageError(f"{where}: 'defaultTemplates' is written in a layout we cannot edit safely")
             space = "" if config[start - 1:start] in (" ", "\t") else " "
             return config[:start] + f"{space}[sidecar, {NAME}]{_WAS_NULL}" + config[m.end():]
-        indent = re.match(r"^(\s*)-", items[-1]).group(1)
+        indent = items[-1][:len(items[-1]) - len(items[-1].lstrip())]   # items all start with "-" after blanks
         addition = f"{indent}- {NAME}\n"
         if not block.endswith("\n"):
             addition = "\n" + addition.rstrip("\n")

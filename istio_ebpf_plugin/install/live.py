@@ -127,16 +127,17 @@ def install(pm: pluggy.PluginManager, options: argparse.Namespace) -> int:
     plan = _plan(pm, options)
     if plan and not any(p.captures for p in plan):
         _err("warning: no node can capture with eBPF; opted-in pods will stay Pending")
-    out: list[str] = []
-    for cm in _injectors(options):
-        edit, ops = _patch_one(pm, cm, options, revert=False, before_patch=_save_backup)
-        if getattr(options, "dry_run", False) and ops:
-            out.append(_print_patch(edit, ops))
+    # The agent objects first: missing manifests or a bad --image must stop us before any change.
     agent: list[manifests.Document] = []
     for docs in pm.hook.istio_ebpf_agent_manifests(options=options, plan=plan):
         agent.extend(docs or [])
     stream = manifests.Stream(agent)
     pm.hook.istio_ebpf_transform_manifests(stream=stream, options=options, plan=plan)
+    out: list[str] = []
+    for cm in _injectors(options):
+        edit, ops = _patch_one(pm, cm, options, revert=False, before_patch=_save_backup)
+        if getattr(options, "dry_run", False) and ops:
+            out.append(_print_patch(edit, ops))
     if getattr(options, "dry_run", False):
         out.append(stream.text())
         sys.stdout.write("".join(out))

@@ -14,7 +14,7 @@ import os
 
 import pluggy
 
-from .. import hookspecs
+from .. import hookspecs  # type: ignore[attr-defined]  # hooks/, installed under this name
 from ..errors import UsageError
 
 PROJECT = hookspecs.PROJECT

@@ -48,7 +48,8 @@ def build(nodes: Iterable[dict[str, Any]], mode: str = "auto") -> list[NodePlan]
     kernel.validate_mode(mode)
     plans = []
     for i, node in enumerate(nodes):
-        meta = node.get("metadata") if isinstance(node.get("metadata"), dict) else {}
+        meta = node.get("metadata")
+        meta = meta if isinstance(meta, dict) else {}
         name = str(meta.get("name") or f"node #{i + 1}")
         info = (node.get("status") or {}).get("nodeInfo") or {}
         release = info.get("kernelVersion")
@@ -58,7 +59,8 @@ def build(nodes: Iterable[dict[str, Any]], mode: str = "auto") -> list[NodePlan]
             rule = kernel.mode_for_release(release)
         except UsageError:
             raise UsageError(f"node {name}: unparseable kernel version {release[:60]!r}") from None
-        labels = meta.get("labels") if isinstance(meta.get("labels"), dict) else {}
+        labels = meta.get("labels")
+        labels = labels if isinstance(labels, dict) else {}
         plans.append(NodePlan(name, release.strip(), rule, rule if mode == "auto" else mode,
                               str(labels.get(NODE_MODE_LABEL, ""))))
     return plans

@@ -13,8 +13,8 @@ import sys
 import time
 from typing import Any
 
-from .. import NODE_MODE_LABEL, kernel, kube_api
-from ..errors import PermanentError, TemporaryError
+from .. import NODE_MODE_LABEL, kernel, kube_api, resources
+from ..errors import PermanentError, TemporaryError, UsageError
 from . import injector_config, manifests
 from . import plan as planmod
 from . import template as tpl
@@ -44,6 +44,9 @@ def istio_ebpf_add_options(parser: argparse.ArgumentParser, command: str) -> Non
     if command in ("render", "install", "status"):
         parser.add_argument("--mode", default="auto", metavar="MODE",
                             help="capture mode for every node: auto (by kernel version), cookie, podip, unsupported")
+    if command in ("render", "install"):
+        parser.add_argument("--image", default=None, metavar="REF",
+                            help=f"agent image (default: ${resources.IMAGE_ENV}, else {resources.release_image()})")
     if command in ("install", "uninstall"):
         parser.add_argument("--dry-run", action="store_true",
                             help="print the JSON patches and manifests instead of applying them")
@@ -100,17 +103,32 @@ def istio_ebpf_live_patches(configmap: dict[str, Any], edit: InjectorEdit,
 def istio_ebpf_agent_manifests(options: argparse.Namespace, plan: list[planmod.NodePlan] | None) -> list:
     docs = manifests.agent_documents()
     mode = getattr(options, "mode", "auto") or "auto"
+    image = agent_image(options)
     if mode != "auto":
         kernel.validate_mode(mode)
-        for doc in docs:
-            if doc.kind == "DaemonSet":
-                manifests.set_daemonset_env(doc, MODE_ENV, mode)
+    for doc in docs:
+        if doc.kind != "DaemonSet":
+            continue
+        if image:
+            manifests.set_daemonset_image(doc, image)
+        else:  # the release image follows the package version; a site's own images stay
+            manifests.set_daemonset_image(doc, resources.release_image(), resources.IMAGE_REPOSITORY)
+        if mode != "auto":
+            manifests.set_daemonset_env(doc, MODE_ENV, mode)
     return docs
 
 
 def _agent_published(node: dict[str, Any]) -> bool:
     """The agent labelled this node from its feature probes (it writes the reason annotation too)."""
     return AGENT_REASON_ANNOTATION in (((node.get("metadata") or {}).get("annotations")) or {})
+
+
+def agent_image(options: argparse.Namespace) -> str | None:
+    """The agent image chosen by ``--image`` or ``$ISTIO_EBPF_IMAGE``; None when neither is set."""
+    image = getattr(options, "image", None) or resources.chosen_image()
+    if image is not None and (not image.strip() or any(ch.isspace() for ch in image) or image.startswith("-")):
+        raise UsageError(f"invalid agent image reference {image!r}")
+    return image
 
 
 @hookimpl
@@ -150,7 +168,7 @@ def daemonset_progress(ds: dict[str, Any]) -> tuple[bool, str]:
 def wait_for_daemonset(body: dict[str, Any], timeout: float, interval: float = 2.0,
                        clock=time.monotonic, sleep=time.sleep) -> dict[str, Any]:
     meta = body.get("metadata") or {}
-    name, ns = meta.get("name"), meta.get("namespace")
+    name, ns = str(meta.get("name")), str(meta.get("namespace"))
     deadline = clock() + timeout
     last = ""
     while True:

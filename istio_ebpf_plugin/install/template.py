@@ -117,7 +117,7 @@ _AFFINITY = """\
   {{- else }}
         - matchExpressions: [{{ $ebpfNodes }}]
   {{- end }}
-"""
+"""  # noqa: E501 (a Go template line: a break would change the rendered output)
 
 
 def build(sidecar: str) -> str:
