@@ -290,7 +290,7 @@ def test_watch_thread_survives_bugs_cuts_and_410_with_backoff(monkeypatch):
         assert len(backend.watches) >= 4
         assert w.health(60)[0] and w._thread.is_alive()
         assert backend.watches[:3] == ["10", "20", "30"]   # every failure relists (list RV 10, 20, 30)
-        gaps = [b - a for a, b in zip(backend.lists, backend.lists[1:])][:3]
+        gaps = [b - a for a, b in zip(backend.lists, backend.lists[1:], strict=False)][:3]
         assert gaps[0] >= 0.18 and gaps[1] >= 0.38 and gaps[2] >= 0.75   # 0.2, 0.4, 0.8: backoff doubles
         assert w.errors == 3 and "relisting" in w.last_error
     finally:

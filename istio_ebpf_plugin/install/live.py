@@ -43,9 +43,13 @@ def _injectors(options: argparse.Namespace) -> list[dict[str, Any]]:
     revision = getattr(options, "revision", None)
     if revision is not None:
         cms = [cm for cm in cms if manifests.injector_revision(cm["metadata"]["name"]) == revision]
+    ns_filter = getattr(options, "istio_namespace", None)
+    if ns_filter:   # before the ambiguity check: naming the namespace is how a user resolves it
+        cms = [cm for cm in cms if cm["metadata"].get("namespace") == ns_filter]
     if not cms:
         raise PermanentError("no istio-sidecar-injector ConfigMap in the cluster"
                              + (f" for revision {revision!r}" if revision is not None else "")
+                             + (f" in namespace {ns_filter}" if ns_filter else "")
                              + ": is Istio installed?")
     seen: dict[str, str] = {}
     for cm in cms:
@@ -54,9 +58,6 @@ def _injectors(options: argparse.Namespace) -> list[dict[str, Any]]:
             raise UsageError(f"ambiguous revisions: ConfigMap {meta['name']} exists in namespaces "
                              f"{seen[meta['name']]} and {meta.get('namespace')}; use --revision/--istio-namespace")
         seen[meta["name"]] = meta.get("namespace", "")
-    ns_filter = getattr(options, "istio_namespace", None)
-    if ns_filter:
-        cms = [cm for cm in cms if cm["metadata"].get("namespace") == ns_filter]
     return cms
 
 
