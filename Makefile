@@ -53,3 +53,8 @@ soak: setup
 # Removes whatever a crashed run may have left (only objects carrying our prefix).
 clean-host: setup
 	$(VENV)/bin/istio-ebpf harness-cleanup
+
+# A real node end to end (kubelet + containerd + the agent's DaemonSet pod); prints every step.
+e2e: setup
+	bash scripts/setup-node.sh
+	$(PY) -m pytest -x -s -p no:cacheprovider -m node_e2e tests/test_node_e2e.py $(PYTEST_ARGS)

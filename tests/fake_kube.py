@@ -19,10 +19,10 @@ from typing import Any, Iterator
 
 import yaml
 
-from istio_ebpf_plugin import PROJECT_ROOT, kube_api
+from istio_fixtures import FIXTURES
+from istio_ebpf_plugin import kube_api
 from istio_ebpf_plugin.agent.pod_spec import pod_from_manifest
 
-FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures" / "istio"
 
 
 def fixture_pod(relpath: str, name: str, node: str, ips: list[str], uid: str | None = None,

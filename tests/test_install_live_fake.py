@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import jsonpatch
 import pytest
 
+from istio_fixtures import FIXTURES
 from istio_ebpf_plugin import NODE_MODE_LABEL, kube_api
 from istio_ebpf_plugin.cli import main
 from istio_ebpf_plugin.errors import TemporaryError
 from istio_ebpf_plugin.install import injector_config
 from istio_ebpf_plugin.install.plugin import BACKUP_CONFIGMAP, INSTALLED_ANNOTATION
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "istio"
 CONFIG = (FIXTURES / "master" / "rendered" / "istio-sidecar-injector.config.yaml").read_text()
 CONFIG_114 = (FIXTURES / "v1.14.0" / "rendered" / "istio-sidecar-injector.config.yaml").read_text()
 

@@ -126,12 +126,23 @@ class NodeAgent:
         if serve and self.server is None:
             self.server = HealthServer(cfg.host, cfg.port, self.healthy, self.ready,
                                        self.metrics.registry).start()
+        features = cfg.features
+        if features is None:
+            # Verdicts cached in the pin root: a restart does not compile the probes again.
+            from ..datapath import probe_cache
+
+            features, cached = probe_cache.probe_features(cfg.pin_root)
+            log.info("feature probes: %s", "cached in the pin root" if cached else "compiled, now cached")
         self.decision = d = decide(release=cfg.kernel_release, override=cfg.mode_override,
-                                   features=cfg.features)
+                                   features=features)
         log.info("mode %s: %s", d.mode, d.reason)
         self._record_decision(d)
-        self._publish()
         if d.mode == "unsupported":
+            if cfg.features is None:
+                from ..datapath import probe_cache
+
+                probe_cache.discard(cfg.pin_root)    # nothing of ours stays on an iptables node
+            self._publish()
             return
         sockmap = cfg.sockmap and d.sockmap
         if cfg.sockmap and not d.sockmap:
@@ -153,6 +164,9 @@ class NodeAgent:
             for old in retire():   # upgrade: ours is attached, now drop the old version's
                 log.info("retired datapath version %s", old)
         self.attached = True
+        # Published once capture is up: talking to the API (and importing its client) takes about
+        # a second, which a restarted agent should not spend before it captures new pods.
+        self._publish()
         # Pod cgroup paths in /proc are relative to the v2 mount (on hybrid hosts that is
         # /sys/fs/cgroup/unified, not /sys/fs/cgroup): pod-IP mode keys pods by that directory.
         locator = cfg.locator or PodLocator(cfg.proc_root, mount_of(cfg.cgroup_root),

@@ -188,6 +188,7 @@ class Datapath:
         ensure_bpffs(self.pin_root)
         if self._complete_pins():
             self._adopt()
+            log.info("adopted pinned datapath %s", self.pin_dir)
             return self
         try:
             self._compile_and_pin()
@@ -195,6 +196,20 @@ class Datapath:
             self.close(cleanup=True)   # never leave half a datapath pinned
             raise
         return self
+
+    def _compile_and_pin(self) -> None:
+        """Compile and pin in a worker process that exits (LLVM's ~200 MiB go with it), then adopt."""
+        from . import compile_worker
+
+        if compile_worker.in_process():
+            self.compile_and_pin_here()
+            return
+        compile_worker.run("datapath", {"mode": self.mode, "sockmap": self.sockmap,
+                                        "pin_root": str(self.pin_root), "map_sizes": self.map_sizes})
+        if not self._complete_pins():
+            raise KernelError(f"the BCC worker reported success but {self.pin_dir} is incomplete")
+        self._adopt()
+        self.adopted = False       # compiled now, not inherited from an earlier agent
 
     @property
     def loaded_programs(self) -> tuple[Program, ...]:
@@ -212,9 +227,10 @@ class Datapath:
             if path.exists() or not p.optional:
                 self.prog_fds[p.func] = libbpf.obj_get(str(path))
         self.adopted = True
-        log.info("adopted pinned datapath %s", self.pin_dir)
+        log.debug("opened pinned datapath %s", self.pin_dir)
 
-    def _compile_and_pin(self) -> None:
+    def compile_and_pin_here(self) -> None:
+        """BCC compile, load and pin in this process (the worker's job; holds LLVM's memory)."""
         find_kernel_headers()
         try:
             from bcc import BPF  # Debian python3-bpfcc
@@ -542,7 +558,9 @@ class Datapath:
     def other_versions(self) -> list[Path]:
         if not self.pin_root.exists():
             return []
-        return [p for p in self.pin_root.iterdir() if p.is_dir() and p.name != self.version]
+        # probes_<key> is the probe cache (probe_cache.py), not a datapath version.
+        return [p for p in self.pin_root.iterdir()
+                if p.is_dir() and p.name != self.version and not p.name.startswith("probes_")]
 
     def retire_other_versions(self) -> list[str]:
         """After an upgrade: detach what an older agent pinned (after ours is attached)."""
@@ -551,6 +569,20 @@ class Datapath:
             remove_version(old)
             gone.append(old.name)
         return gone
+
+
+def compile_task(args: dict) -> list[str]:
+    """The compile worker's "datapath" task: compile, load and pin here, keep the pins, exit."""
+    dp = Datapath(mode=args["mode"], sockmap=args["sockmap"], pin_root=args["pin_root"],
+                  map_sizes=args.get("map_sizes") or {})
+    try:
+        dp.compile_and_pin_here()
+    except BaseException:
+        dp.close(cleanup=True)     # never leave half a datapath pinned
+        raise
+    loaded = sorted(dp.prog_fds)
+    dp.close(cleanup=False)        # the pins stay; the parent adopts them
+    return loaded
 
 
 def cleanup_pins(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:

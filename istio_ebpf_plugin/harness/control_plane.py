@@ -80,6 +80,9 @@ class ControlPlane:
     apiserver_port: int = field(default_factory=free_port)
     admin_token: str = field(default_factory=lambda: secrets.token_hex(16))
     watch_cache: bool = True          # False: watches go to etcd, so an etcd compaction gives 410
+    #: Controllers off by default: no node runs (nodelifecycle), no volumes. A cluster with a real
+    #: node (tests/test_node_e2e.py) turns nodelifecycle on: it lifts the node's not-ready taint.
+    controllers: str = "*,-nodeipam,-nodelifecycle,-attachdetach,-persistentvolume-binder"
     pids: dict[str, int] = field(default_factory=dict)
     _procs: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
 
@@ -199,7 +202,7 @@ class ControlPlane:
                 f"--root-ca-file={self.ca_file}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--use-service-account-credentials=false",
-                "--controllers=*,-nodeipam,-nodelifecycle,-attachdetach,-persistentvolume-binder"]
+                f"--controllers={self.controllers}"]
 
     def _scheduler_args(self) -> list[str]:
         return [str(self.bin_dir / "kube-scheduler"), f"--kubeconfig={self.kubeconfig}",

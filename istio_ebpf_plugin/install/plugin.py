@@ -18,8 +18,9 @@ from ..errors import PermanentError, TemporaryError, UsageError
 from . import injector_config, manifests
 from . import plan as planmod
 from . import template as tpl
-from .manager import hookimpl
-from .pipeline import InjectorEdit
+from ..plugin import hookimpl
+from .edit import InjectorEdit
+from .options import DEFAULTS, Options
 
 #: ConfigMap (in each injector's namespace) holding the config as it was before install.
 BACKUP_CONFIGMAP = "istio-ebpf-injector-backup"
@@ -42,40 +43,40 @@ def _json_pointer(key: str) -> str:
 @hookimpl
 def istio_ebpf_add_options(parser: argparse.ArgumentParser, command: str) -> None:
     if command in ("render", "install", "status"):
-        parser.add_argument("--mode", default="auto", metavar="MODE",
+        parser.add_argument("--mode", default=DEFAULTS.mode, metavar="MODE",
                             help="capture mode for every node: auto (by kernel version), cookie, podip, unsupported")
     if command in ("render", "install"):
-        parser.add_argument("--image", default=None, metavar="REF",
+        parser.add_argument("--image", default=DEFAULTS.image, metavar="REF",
                             help=f"agent image (default: ${resources.IMAGE_ENV}, else {resources.release_image()})")
     if command in ("install", "uninstall"):
         parser.add_argument("--dry-run", action="store_true",
                             help="print the JSON patches and manifests instead of applying them")
-        parser.add_argument("--timeout", type=float, default=300.0,
+        parser.add_argument("--timeout", type=float, default=DEFAULTS.timeout,
                             help="seconds to wait for the agent DaemonSet rollout (install) or for its pods "
                                  "to finish their clean-up (uninstall); 0: do not wait")
     if command == "install":
-        parser.add_argument("--retries", type=int, default=5,
+        parser.add_argument("--retries", type=int, default=DEFAULTS.retries,
                             help="attempts when an injector ConfigMap changes under us")
 
 
 @hookimpl
-def istio_ebpf_plan_nodes(nodes: list[dict[str, Any]], options: argparse.Namespace) -> list[planmod.NodePlan]:
-    return planmod.build(nodes, getattr(options, "mode", "auto") or "auto")
+def istio_ebpf_plan_nodes(nodes: list[dict[str, Any]], options: Options) -> list[planmod.NodePlan]:
+    return planmod.build(nodes, Options.of(options).mode or DEFAULTS.mode)
 
 
 @hookimpl
-def istio_ebpf_edit_injector_config(edit: InjectorEdit, options: argparse.Namespace) -> None:
+def istio_ebpf_edit_injector_config(edit: InjectorEdit, options: Options) -> None:
     edit.config = injector_config.add(edit.config, edit.where())
 
 
 @hookimpl
-def istio_ebpf_revert_injector_config(edit: InjectorEdit, options: argparse.Namespace) -> None:
+def istio_ebpf_revert_injector_config(edit: InjectorEdit, options: Options) -> None:
     edit.config = injector_config.remove(edit.config, edit.where())
 
 
 @hookimpl
 def istio_ebpf_live_patches(configmap: dict[str, Any], edit: InjectorEdit,
-                            options: argparse.Namespace) -> list[dict[str, Any]]:
+                            options: Options) -> list[dict[str, Any]]:
     # No `test` of old values here: the caller guards the whole patch with a test of
     # metadata.resourceVersion (a real apiserver fails `test` on strings holding <, >, & or
     # non-ASCII characters even when they are equal, and Istio's config holds all of them).
@@ -100,9 +101,9 @@ def istio_ebpf_live_patches(configmap: dict[str, Any], edit: InjectorEdit,
 
 
 @hookimpl
-def istio_ebpf_agent_manifests(options: argparse.Namespace, plan: list[planmod.NodePlan] | None) -> list:
+def istio_ebpf_agent_manifests(options: Options, plan: list[planmod.NodePlan] | None) -> list:
     docs = manifests.agent_documents()
-    mode = getattr(options, "mode", "auto") or "auto"
+    mode = Options.of(options).mode or DEFAULTS.mode
     image = agent_image(options)
     if mode != "auto":
         kernel.validate_mode(mode)
@@ -123,16 +124,16 @@ def _agent_published(node: dict[str, Any]) -> bool:
     return AGENT_REASON_ANNOTATION in (((node.get("metadata") or {}).get("annotations")) or {})
 
 
-def agent_image(options: argparse.Namespace) -> str | None:
+def agent_image(options: Options | None) -> str | None:
     """The agent image chosen by ``--image`` or ``$ISTIO_EBPF_IMAGE``; None when neither is set."""
-    image = getattr(options, "image", None) or resources.chosen_image()
+    image = Options.of(options).image or resources.chosen_image()
     if image is not None and (not image.strip() or any(ch.isspace() for ch in image) or image.startswith("-")):
         raise UsageError(f"invalid agent image reference {image!r}")
     return image
 
 
 @hookimpl
-def istio_ebpf_post_install(options: argparse.Namespace, plan: list[planmod.NodePlan] | None) -> None:
+def istio_ebpf_post_install(options: Options, plan: list[planmod.NodePlan] | None) -> None:
     # The plan is the kernel-version rule; an agent's label comes from real probes and wins
     # (it may have fallen back after a failed probe). Only nodes without such a label are labelled.
     agent_owned = {(n.get("metadata") or {}).get("name") for n in kube_api.list_nodes() if _agent_published(n)}
@@ -146,7 +147,7 @@ def istio_ebpf_post_install(options: argparse.Namespace, plan: list[planmod.Node
         if p.current_label != p.mode:
             kube_api.label_node(p.node, {NODE_MODE_LABEL: p.mode})
             print(f"node {p.node}: label {NODE_MODE_LABEL}={p.mode}", file=sys.stderr)
-    timeout = float(getattr(options, "timeout", 300.0))
+    timeout = float(Options.of(options).timeout)
     if timeout > 0:
         for doc in manifests.agent_documents():
             if doc.kind == "DaemonSet":
@@ -187,7 +188,7 @@ def wait_for_daemonset(body: dict[str, Any], timeout: float, interval: float = 2
 
 
 @hookimpl
-def istio_ebpf_status(options: argparse.Namespace, plan: list[planmod.NodePlan] | None) -> list[str]:
+def istio_ebpf_status(options: Options, plan: list[planmod.NodePlan] | None) -> list[str]:
     lines: list[str] = []
     cms = kube_api.list_injector_configmaps()
     if not cms:
@@ -261,11 +262,11 @@ def _selector(daemonset: dict[str, Any]) -> str:
 
 
 @hookimpl
-def istio_ebpf_uninstall_cleanup(options: argparse.Namespace) -> None:
+def istio_ebpf_uninstall_cleanup(options: Options) -> None:
     # Reverse install order, DaemonSet first (agent_documents() is in kind order). Its pods'
     # preStop hook detaches the programs with the agent's own token: RBAC, ServiceAccount and
     # Namespace must outlive them, so we wait until the pods are gone before going on.
-    timeout = float(getattr(options, "timeout", 300.0))
+    timeout = Options.of(options).timeout
     for doc in reversed(manifests.agent_documents()):
         gone = kube_api.delete_object(doc.data.get("apiVersion", ""), doc.kind, doc.namespace or None, doc.name)
         print(f"{doc.kind} {doc.name}: {'deleted' if gone else 'already absent'}", file=sys.stderr)
