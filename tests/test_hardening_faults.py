@@ -334,8 +334,7 @@ def _churn_agent(pods: list[dict], inbox, cfg_kwargs: dict, ready: str) -> None:
     kube = FakeKube(NODE)
     for p in pods:
         kube.add(p)
-    for name in ("list_node_pods", "watch_node_pods", "patch_node_metadata", "create_event", "get_daemonset"):
-        setattr(kube_api, name, getattr(kube, name))
+    kube_api.use_backend(kube)
 
     def feed():
         while True:
