@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo lint test wheel image bench bench-quick forwarder soak clean-host
+.PHONY: setup demo lint test test-deep wheel image bench bench-quick forwarder soak clean-host kubernetes cluster-up cluster-down
 
 setup:
 	bash scripts/setup.sh all
@@ -16,9 +16,26 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-# The image is built first (cached: 2 s when unchanged) so its time shows apart from the tests'.
-test: setup lint image
+# The real Kubernetes 1.20.2 binaries (cached in /var/cache/istio-ebpf; ~15-20 min cold, instant warm).
+kubernetes:
+	bash scripts/build-kubernetes.sh
+
+# The agent image is built first (cached: instant when unchanged) so its time shows apart from the tests'.
+test: setup lint kubernetes image
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The in-kernel property test (Istio's iptables vs eBPF on random pod configurations) at depth,
+# in both modes; `make test` runs 40 fixed examples in the mode the probes select.
+test-deep: setup
+	CAPTURE_PROPERTY_EXAMPLES=400 CAPTURE_PROPERTY_MODE=cookie $(PY) -m pytest -x -p no:cacheprovider tests/test_capture_property.py
+	CAPTURE_PROPERTY_EXAMPLES=400 CAPTURE_PROPERTY_MODE=podip $(PY) -m pytest -x -p no:cacheprovider tests/test_capture_property.py
+
+# A real control plane on loopback for humans: `eval "$$(make -s cluster-up)"` sets KUBECONFIG.
+cluster-up: setup kubernetes
+	@$(PY) -m istio_ebpf_plugin.harness.control_plane up
+
+cluster-down: setup
+	@$(PY) -m istio_ebpf_plugin.harness.control_plane down
 
 # The release wheel (bpf/ and manifests/ inside as package data) in dist/.
 wheel: setup
@@ -48,3 +65,8 @@ soak: setup
 # Removes whatever a crashed run may have left (only objects carrying our prefix).
 clean-host: setup
 	$(VENV)/bin/istio-ebpf harness-cleanup
+
+# A real node end to end (kubelet + containerd + the agent's DaemonSet pod); prints every step.
+e2e: setup
+	bash scripts/setup-node.sh
+	$(PY) -m pytest -x -s -p no:cacheprovider -m node_e2e tests/test_node_e2e.py $(PYTEST_ARGS)

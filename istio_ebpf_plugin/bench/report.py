@@ -61,6 +61,9 @@ def table(doc: dict) -> str:
                      f"CPUs or steal > 5%)"
                      f"{'; flagged rounds discarded' if m['settings'].get('discard_flagged') else ''}")
     lines.extend(bpf_lines(doc))
+    if "agent_rss_mib" in m:
+        lines.append(f"agent: RSS {m['agent_rss_mib']:.0f} MiB; start to capture {m['agent_start_to_capture_s']:.2f} s "
+                     f"fresh (probes + compile), {m['agent_restart_to_capture_s']:.2f} s restarted over its pins")
     for key, info in m["variants"].items():
         if info.get("error"):
             lines.append(f"{key}: {info['error']}")

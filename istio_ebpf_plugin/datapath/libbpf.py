@@ -147,13 +147,6 @@ def enable_stats() -> int:
     return _check(lib().bpf_enable_stats(BPF_STATS_RUN_TIME), "bpf_enable_stats")
 
 
-def link_prog_id(link_fd: int) -> int:
-    buf = (ctypes.c_ubyte * 256)()
-    size = ctypes.c_uint(256)
-    _check(lib().bpf_obj_get_info_by_fd(link_fd, buf, ctypes.byref(size)), "bpf_obj_get_info_by_fd")
-    return int.from_bytes(bytes(buf[8:12]), "little")
-
-
 def map_update(fd: int, key: ctypes.Structure | ctypes._SimpleCData,
                value: ctypes.Structure | ctypes._SimpleCData, flags: int = BPF_ANY) -> None:
     _check(lib().bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), flags), "map update")

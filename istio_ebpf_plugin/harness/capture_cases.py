@@ -11,8 +11,11 @@ Every pod runs :mod:`.probe_server` as UID/GID 1337: sidecar listeners 15001/150
 and "direct" targets on :data:`TARGET_PORTS` (TCP) and 53 (UDP). A case names a
 configuration (:data:`CONFIGS`), the source pod and credentials, a symbolic destination
 (``b4`` = pod b's IPv4, ``a6`` = pod a's own IPv6, ``lo4`` = 127.0.0.1, ``pt4`` = 127.0.0.6,
-``pt6`` = ::6, ...) and the expected outcome derived from Istio's rules
-(``cni-plugin/*.txt.golden``; the rule that decides is quoted in each case's ``why``).
+``pt6`` = ::6, ``c4m`` = pod c's IPv4 as IPv4-mapped IPv6, ...) and the expected outcome derived
+from Istio's rules (``cni-plugin/*.txt.golden``; the rule that decides is quoted in each case's
+``why``). What is compared per connection is a :class:`View`: listener or errno, strict
+SO_ORIGINAL_DST, the app's getpeername/getsockname, the listener's local address and peer, the
+UDP reply's source. :data:`KNOWN_DIFFERENCES` lists, per mode, the fields eBPF may differ in.
 
 Usage against Istio's iptables (tests/test_harness_iptables.py) and, unchanged, against the
 eBPF datapath::
@@ -33,7 +36,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, Sequence
 
 from ..datapath.podconfig import PodConfig
-from .node import POD_SYSCTLS
+from ..datapath.topology import POD_SYSCTLS
 from .probe import Outcome, ProbeServer, start_probe_server
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -186,6 +189,10 @@ def _default_cases() -> list[Case]:
                  "istio-validation check: " + R_PROXY_SELF))
     # The same from the app identity is not captured (lo RETURN), so nothing listens there.
     cs.append(_c("out-app-pt4-15002", d, "a", APP, "pt4", 15002, "refused", None, R_LO_APP))
+    # An app that binds (wildcard, port 0: the port is taken at bind time) before connecting.
+    for f in ("4", "6"):
+        cs.append(replace(_c(f"out-app-bound-c{f}-8080", d, "a", APP, f"c{f}", 8080, "outbound", "a",
+                             "bind() first changes nothing for iptables: " + R_OUT), bind=f"any{f}"))
     return cs
 
 
@@ -381,7 +388,7 @@ class CaptureLab:
         """``b4``/``b6``: pod b's addresses; ``b4m``: b's IPv4 as ``::ffff:`` on an IPv6 socket."""
         if symbol.endswith("m"):
             return "::ffff:" + self.address(symbol[:-1])
-        fixed = {"lo4": "127.0.0.1", "lo6": "::1", "pt4": "127.0.0.6", "pt6": "::6"}
+        fixed = {"lo4": "127.0.0.1", "lo6": "::1", "pt4": "127.0.0.6", "pt6": "::6", "any4": "0.0.0.0", "any6": "::"}
         if symbol in fixed:
             return fixed[symbol]
         pod = self.pod(symbol[0])
@@ -476,8 +483,14 @@ class CaptureLab:
 #: IP (its tuples must be unique on the node), so for a captured loopback destination (only the
 #: proxy's own 127.0.0.6 connections, e.g. istio-validation) the listener sees the pod IP as
 #: peer while the app, through getsockname(), sees loopback as under iptables.
+#: A socket bound to a port before connect() cannot be bound to the pod IP any more: cookie mode
+#: leaves it on loopback (the listener sees 127.0.0.1 as peer; the app's getsockname() still
+#: shows the pod IP), pod-IP mode refuses the connection (fail closed, counter podip_bind_fail).
+_BOUND = ("out-app-bound-c4-8080", "out-app-bound-c6-8080")
 KNOWN_DIFFERENCES: dict[str, dict[str, frozenset[str]]] = {
-    "podip": {"validation-pt4-15002": frozenset({"peer_is_app"})},
+    "cookie": {c: frozenset({"peer_is_app"}) for c in _BOUND},
+    "podip": {"validation-pt4-15002": frozenset({"peer_is_app"}),
+              **{c: frozenset(View._fields) for c in _BOUND}},
 }
 
 

@@ -53,7 +53,7 @@ def _sidecar_bootstrap() -> bytes:
 
 def _envoy_files() -> list[oci_archive.ImageFile]:
     """Envoy and the glibc libraries it links (the image has no distribution underneath)."""
-    binary = envoy._envoy_source()
+    binary = envoy.envoy_source()
     files = [oci_archive.ImageFile("/usr/local/bin/envoy", binary)]
     out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True).stdout
     for line in out.splitlines():
@@ -94,7 +94,7 @@ def build(cache_root: Path = CACHE_ROOT) -> LabImages:
     """Build (or reuse) the three archives; safe to call concurrently (flock)."""
     pause_c = _pause_source()
     boot = _sidecar_bootstrap()
-    envoy_id = f"{envoy._envoy_source()}:{os.path.getsize(envoy._envoy_source())}".encode()
+    envoy_id = f"{envoy.envoy_source()}:{os.path.getsize(envoy.envoy_source())}".encode()
     key = _key(pause_c.read_bytes(), LAB_SOURCE.read_bytes(), boot, envoy_id,
                Path(oci_archive.__file__).read_bytes())
     d = cache_root / f"node-images-{key}"

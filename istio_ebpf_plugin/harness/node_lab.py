@@ -47,10 +47,14 @@ from . import names
 
 LOCK_FILE = Path("/run/lock/istio-ebpf-node-lab.lock")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: kube-controller-manager controllers for a cluster with this node: nodelifecycle lifts the
+#: node.kubernetes.io/not-ready taint once kubelet reports Ready.
+CONTROLLERS = "*,-nodeipam,-attachdetach,-persistentvolume-binder"
 SERVICE_IP = "10.96.0.1"          # first address of the control plane's service range
 #: Directories the runtime and kubelet write outside their configurable roots: tmpfs in the node's
 #: mount namespace, so nothing lands on the host.
-PRIVATE_TMPFS = ("/run/netns", "/run/containerd", "/var/log/pods", "/var/log/containers", "/var/lib/cni")
+PRIVATE_TMPFS = ("/run/netns", "/run/containerd", "/var/log/pods", "/var/log/containers", "/var/lib/cni",
+                 "/var/lib/kubelet")   # kubelet 1.20 puts device-plugins/kubelet.sock there whatever --root-dir
 #: Sysctls kubelet sets at start (setupKernelTunables): shadowed inside the node's mount namespace.
 KUBELET_SYSCTLS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops",
                    "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes")
@@ -179,6 +183,7 @@ class NodeLab:
     subnet: ipaddress.IPv4Network
     kubelet_bin: Path
     pause_ref: str
+    bpffs: bool = True        # False: the node starts without bpffs (the agent's init container mounts it)
     holder: subprocess.Popen | None = None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     relay: TcpRelay | None = None
@@ -186,13 +191,13 @@ class NodeLab:
     _created_dirs: list[str] = field(default_factory=list)
 
     @classmethod
-    def create(cls, kubelet_bin: Path, pause_ref: str) -> "NodeLab":
+    def create(cls, kubelet_bin: Path, pause_ref: str, bpffs: bool = True) -> "NodeLab":
         token = names.new_token()
         names.created_tokens.add(token)
         workdir = Path(tempfile.mkdtemp(prefix=f"{names.TMP_PREFIX}node-{token}-", dir=names.TMP_ROOT))
         workdir.chmod(0o755)
         return cls(workdir=workdir, token=token, node_name=f"ie-node-{token}", bridge=f"ie-br-{token}",
-                   subnet=pick_subnet(token), kubelet_bin=kubelet_bin, pause_ref=pause_ref)
+                   subnet=pick_subnet(token), kubelet_bin=kubelet_bin, pause_ref=pause_ref, bpffs=bpffs)
 
     # ------------------------------------------------------------------ paths
     @property
@@ -249,7 +254,10 @@ class NodeLab:
             if not os.path.isdir(d):
                 os.makedirs(d)
                 self._created_dirs.append(d)
-        script = " && ".join(["mount --make-rprivate /", "mount --make-rshared /",
+        # Without bpffs, pins made inside the node live in the bpffs the node mounts itself: they
+        # vanish with the namespace and never meet the host's /sys/fs/bpf.
+        no_bpffs = [] if self.bpffs else ["{ ! mountpoint -q /sys/fs/bpf || umount /sys/fs/bpf; }"]
+        script = " && ".join(["mount --make-rprivate /", *no_bpffs, "mount --make-rshared /",
                               *(f"mount -t tmpfs -o mode=755 ie-node {d}" for d in PRIVATE_TMPFS),
                               *binds, "echo ready", "exec sleep infinity"])
         self.holder = subprocess.Popen(["unshare", "--mount", "--propagation", "unchanged", "sh", "-c", script],

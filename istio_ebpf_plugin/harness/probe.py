@@ -13,35 +13,21 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import select
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
+from ..datapath.staging import staged
+from ..datapath.topology import PYTHON, Pod, wait_ready
 from ..errors import KernelError
-from .staging import staged
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .node import Pod
+__all__ = ["PYTHON", "Outcome", "ProbeServer", "probe_connect", "start_probe_server", "wait_ready"]
 
 HERE = Path(__file__).resolve().parent
 SERVER_SCRIPT = HERE / "probe_server.py"
 CLIENT_SCRIPT = HERE / "probe_client.py"
-PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
-
-
-def wait_ready(proc: subprocess.Popen, what: str, timeout: float = 10.0) -> None:
-    """Wait for a helper process's "READY" line; kill it and raise if it does not come."""
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    line = proc.stdout.readline().strip() if ready else ""
-    if line != "READY":
-        proc.kill()
-        err = proc.stderr.read() if proc.stderr else ""
-        raise KernelError(f"{what} did not start: {line!r} {str(err).strip()[-500:]}")
 
 
 def _norm_ip(ip: str) -> str:
@@ -99,7 +85,7 @@ class Outcome:
 
 @dataclass
 class ProbeServer:
-    pod: "Pod"
+    pod: Pod
     proc: subprocess.Popen
     targets: tuple[int, ...]
     udp_targets: tuple[int, ...]
@@ -114,7 +100,7 @@ class ProbeServer:
                 self.proc.wait(timeout=3)
 
 
-def start_probe_server(pod: "Pod", targets: Iterable[int] = (), udp_targets: Iterable[int] = (), *,
+def start_probe_server(pod: Pod, targets: Iterable[int] = (), udp_targets: Iterable[int] = (), *,
                        uid: int = 1337, gid: int = 1337, sidecar_ports: bool = True,
                        timeout: float = 10.0) -> ProbeServer:
     """Start the probe server in ``pod`` and wait until all its sockets are bound."""
@@ -129,7 +115,7 @@ def start_probe_server(pod: "Pod", targets: Iterable[int] = (), udp_targets: Ite
     return ProbeServer(pod=pod, proc=proc, targets=targets, udp_targets=udp_targets)
 
 
-def probe_connect(src_pod: "Pod", uid: int, gid: int, dst_ip: str, dst_port: int, *,
+def probe_connect(src_pod: Pod, uid: int, gid: int, dst_ip: str, dst_port: int, *,
                   bind: tuple[str, int] | None = None, proto: str = "tcp", timeout: float = 3.0,
                   count: int = 1) -> Outcome | list[Outcome]:
     """Connect from ``src_pod`` as uid/gid to dst; an :class:`Outcome` (a list if count > 1)."""

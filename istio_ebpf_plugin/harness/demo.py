@@ -17,19 +17,18 @@ import time
 import uuid
 from typing import Any
 
+from ..datapath.loader import Datapath
+from ..datapath.podconfig import PodConfig, ip_list
+from ..datapath.probe import probe_features, select_mode
 from ..errors import KernelError
-from .loader import Datapath
-from .podconfig import PodConfig, ip_list
-from .probe import probe_features, select_mode
+from .apps import http_get, start_http_server, url_for
+from .node import Node
 
 SERVER_PORT = 8080
 
 
 def run_demo(mode: str = "auto", sockmap: bool = False, requests: int = 50,
              log: Any = sys.stderr) -> dict:
-    from ..harness.apps import http_get, start_http_server, url_for
-    from ..harness.node import Node
-
     features = probe_features()
     selected, reason = select_mode(os.uname().release, features, override=mode)
     print(f"mode: {selected} ({reason})", file=log)
