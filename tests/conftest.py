@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Iterator
 
 import pytest
 from hypothesis import settings
 
+from istio_ebpf_plugin.datapath.host import BPFFS_ROOT
 from istio_ebpf_plugin.harness import Node, cleanup, names
 
 # CI runs the property tests on a fixed set of examples (no flaky new finds on a submission,
@@ -60,3 +62,14 @@ def kube_control_plane():
     from kube_cluster import start_control_plane
 
     yield from start_control_plane()
+
+
+@pytest.fixture
+def pin_root() -> Iterator[str]:
+    """A fresh bpffs pin root for one Datapath; everything pinned below it is removed afterwards."""
+    from istio_ebpf_plugin.datapath.loader import cleanup_pins
+
+    root = f"{BPFFS_ROOT}/istio-ebpf-test-{uuid.uuid4().hex[:8]}"
+    yield root
+    cleanup_pins(root)
+    assert not os.path.exists(root)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from .. import PROJECT_ROOT
 from ..datapath.podconfig import PROXY_GID, PROXY_UID
+from ..datapath.topology import stop_process
 from ..errors import KernelError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,13 +67,7 @@ class Forwarder:
 
     def stop(self) -> int:
         """Stop it; returns the connections it accepted (its exit line), 0 if unknown."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc)
         if not self._log.closed:
             self._log.close()
         m = re.search(r"accepted (\d+) failed (\d+)", self.log_tail())
