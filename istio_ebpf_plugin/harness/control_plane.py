@@ -142,6 +142,11 @@ class ControlPlane:
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # token,user,uid,"group1,group2"
         _write_private(self.workdir / "tokens.csv", f'{self.admin_token},admin,admin,"system:masters"\n')
+        # Every write, with who made it and the answer's code (tests count refused calls with it).
+        policy = {"apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
+                  "rules": [{"level": "Metadata", "verbs": ["create", "update", "patch", "delete"]},
+                            {"level": "None"}]}
+        (self.workdir / "audit-policy.json").write_text(json.dumps(policy))
 
     def _spawn(self, name: str, args: list[str]) -> None:
         logf = open(self.log(name), "ab")
@@ -181,7 +186,9 @@ class ControlPlane:
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true",
                 "--enable-priority-and-fairness=false",
-                "--profiling=false"]
+                "--profiling=false",
+                f"--audit-policy-file={w / 'audit-policy.json'}", f"--audit-log-path={w / 'audit.log'}",
+                "--audit-log-mode=blocking"]
         if not self.watch_cache:
             args.append("--watch-cache=false")
         return args
@@ -286,6 +293,13 @@ class ControlPlane:
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
+
+    def audit_events(self) -> list[dict]:
+        """The audit log so far: one dict per write (verb, user, objectRef, responseStatus)."""
+        path = self.workdir / "audit.log"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     # ------------------------------------------------------------------ credentials
     def write_kubeconfig(self, path: Path, token: str, user: str = "admin") -> Path:
