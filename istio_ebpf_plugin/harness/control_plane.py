@@ -24,7 +24,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -88,10 +87,21 @@ class ControlPlane:
 
     @classmethod
     def create(cls, bin_dir: Path | None = None, watch_cache: bool = True,
-               prefix: str = f"{names.TMP_PREFIX}kube-") -> "ControlPlane":
-        workdir = Path(tempfile.mkdtemp(prefix=f"{prefix}{names.new_token()}-", dir=names.TMP_ROOT))
-        workdir.chmod(0o755)
-        return cls(workdir=workdir, bin_dir=bin_dir or binaries(), watch_cache=watch_cache)
+               prefix: str = names.TMP_PREFIX) -> "ControlPlane":
+        bin_dir = bin_dir or binaries()
+        while True:   # <prefix><token>, like a harness Node's directory, so harness-cleanup knows it
+            token = names.new_token()
+            workdir = names.TMP_ROOT / f"{prefix}{token}"
+            try:
+                workdir.mkdir(mode=0o755)
+                break
+            except FileExistsError:
+                continue
+        names.created_tokens.add(token)   # the session's leftover check then looks for it too
+        # Owner pid: `harness-cleanup` leaves a live session's control plane alone, and kills the
+        # processes of a dead one (their command lines name this directory) before removing it.
+        (workdir / "owner.pid").write_text(f"{os.getpid()}\n")
+        return cls(workdir=workdir, bin_dir=bin_dir, watch_cache=watch_cache)
 
     # ------------------------------------------------------------------ paths
     @property
