@@ -30,7 +30,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import names
+from . import names, processes
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = PROJECT_ROOT / "scripts" / "build-kubernetes.sh"
@@ -257,27 +257,9 @@ class ControlPlane:
 
     def _kill(self, name: str, sig: int = signal.SIGTERM, wait: float = 15.0) -> None:
         pid = self.pids.pop(name, None)
-        proc = self._procs.pop(name, None)
-        if pid is None:
-            return
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if proc is not None:
-                if proc.poll() is not None:
-                    return
-            elif not _alive(pid):
-                return
-            time.sleep(0.1)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        if proc is not None:
-            proc.wait(timeout=10)
+        self._procs.pop(name, None)
+        if pid is not None:
+            processes.stop(pid, sig, wait)
 
     def stop(self, remove: bool = True) -> None:
         """Stop every process (by PID, reverse start order) and remove the work directory."""
@@ -361,14 +343,6 @@ class ControlPlane:
         return cls(workdir=Path(s["workdir"]), bin_dir=Path(s["bin_dir"]), etcd_port=s["etcd_port"],
                    etcd_peer_port=s["etcd_peer_port"], apiserver_port=s["apiserver_port"],
                    admin_token=s["admin_token"], watch_cache=s["watch_cache"], pids=dict(s["pids"]))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------- make cluster-up / cluster-down
