@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import uuid
 from typing import Iterator
 
 import pytest
 from hypothesis import settings
 
-from istio_ebpf_plugin.datapath.host import BPFFS_ROOT
 from istio_ebpf_plugin.harness import Node, cleanup, names
 
 # CI runs the property tests on a fixed set of examples (no flaky new finds on a submission,
@@ -22,6 +20,19 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 def _require_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root: network namespaces, cgroups and BPF are created for real")
+
+
+@pytest.fixture
+def pin_root() -> Iterator[str]:
+    """A unique bpffs pin root; everything pinned below it (probe cache too) is removed afterwards."""
+    import uuid
+
+    from istio_ebpf_plugin.datapath.loader import cleanup_pins
+
+    root = f"/sys/fs/bpf/{names.BPF_PIN_PREFIX}-{uuid.uuid4().hex[:8]}"
+    yield root
+    cleanup_pins(root)
+    assert not os.path.exists(root)
 
 
 @pytest.fixture
@@ -62,14 +73,3 @@ def kube_control_plane():
     from kube_cluster import start_control_plane
 
     yield from start_control_plane()
-
-
-@pytest.fixture
-def pin_root() -> Iterator[str]:
-    """A fresh bpffs pin root for one Datapath; everything pinned below it is removed afterwards."""
-    from istio_ebpf_plugin.datapath.loader import cleanup_pins
-
-    root = f"{BPFFS_ROOT}/istio-ebpf-test-{uuid.uuid4().hex[:8]}"
-    yield root
-    cleanup_pins(root)
-    assert not os.path.exists(root)

@@ -6,7 +6,9 @@ with it the capture (NAT + conntrack, or the eBPF programs) is a large share of 
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from .. import PROJECT_ROOT
 from ..datapath.podconfig import PROXY_GID, PROXY_UID
-from ..datapath.topology import stop_process
 from ..errors import KernelError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -67,7 +68,11 @@ class Forwarder:
 
     def stop(self) -> int:
         """Stop it; returns the connections it accepted (its exit line), 0 if unknown."""
-        stop_process(self.proc)
+        for sig in (signal.SIGTERM, signal.SIGKILL):    # SIGTERM makes it print its counters
+            if self.proc.poll() is None:
+                self.proc.send_signal(sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=5)
         if not self._log.closed:
             self._log.close()
         m = re.search(r"accepted (\d+) failed (\d+)", self.log_tail())

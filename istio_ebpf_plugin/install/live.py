@@ -2,9 +2,11 @@
 
 All API calls go through :mod:`istio_ebpf_plugin.kube_api`; the work itself is
 done by the plugins' hooks. Injector ConfigMaps are changed only with JSON
-patches whose ``test`` operations pin the value being replaced: when someone
-edits the ConfigMap at the same moment, the patch fails, we read it again,
-recompute and retry.
+patches that begin with a ``test`` of ``metadata.resourceVersion`` (optimistic
+concurrency the Kubernetes way): when someone edits the ConfigMap at the same
+moment, the server answers 409/422, we read it again, recompute and retry.
+(A ``test`` of the config text itself would fail on a real apiserver whenever the
+text holds <, >, & or non-ASCII characters, equal or not.)
 """
 
 from __future__ import annotations
@@ -42,9 +44,13 @@ def _injectors(options: Options) -> list[dict[str, Any]]:
     revision = options.revision
     if revision is not None:
         cms = [cm for cm in cms if manifests.injector_revision(cm["metadata"]["name"]) == revision]
+    ns_filter = options.istio_namespace
+    if ns_filter:   # before the ambiguity check: naming the namespace is how a user resolves it
+        cms = [cm for cm in cms if cm["metadata"].get("namespace") == ns_filter]
     if not cms:
         raise PermanentError("no istio-sidecar-injector ConfigMap in the cluster"
                              + (f" for revision {revision!r}" if revision is not None else "")
+                             + (f" in namespace {ns_filter}" if ns_filter else "")
                              + ": is Istio installed?")
     seen: dict[str, str] = {}
     for cm in cms:
@@ -53,9 +59,6 @@ def _injectors(options: Options) -> list[dict[str, Any]]:
             raise UsageError(f"ambiguous revisions: ConfigMap {meta['name']} exists in namespaces "
                              f"{seen[meta['name']]} and {meta.get('namespace')}; use --revision/--istio-namespace")
         seen[meta["name"]] = meta.get("namespace", "")
-    ns_filter = options.istio_namespace
-    if ns_filter:
-        cms = [cm for cm in cms if cm["metadata"].get("namespace") == ns_filter]
     return cms
 
 
@@ -76,6 +79,9 @@ def _patch_one(pm: pluggy.PluginManager, cm: dict[str, Any], options: Options, r
         if not ops:
             _err(f"ConfigMap {ns}/{name}: unchanged")
             return edit, []
+        version = (current.get("metadata") or {}).get("resourceVersion")
+        if version:
+            ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": str(version)}, *ops]
         if options.dry_run:
             return edit, ops
         if before_patch is not None:

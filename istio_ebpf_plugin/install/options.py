@@ -22,7 +22,7 @@ class Options:
     mode: str = "auto"               # auto | cookie | podip | unsupported
     image: str | None = None         # agent image; None: $ISTIO_EBPF_IMAGE, else the release image
     dry_run: bool = False
-    timeout: float = 300.0           # install: seconds to wait for the DaemonSet rollout (0: no wait)
+    timeout: float = 300.0           # install: DaemonSet rollout; uninstall: agent pods' clean-up (0: no wait)
     retries: int = 5                 # install: attempts when an injector ConfigMap changes under us
     extra: dict[str, Any] = field(default_factory=dict)
 
