@@ -81,8 +81,8 @@ QUICK_WORKLOADS = ("ka-1k-c16", "conn-1k-c16")
 class Settings:
     workloads: tuple[Workload, ...]
     variants: tuple[str, ...] = topology.VARIANTS
-    rounds: int = 10
-    duration_s: float = 2.0
+    rounds: int = 12
+    duration_s: float = 1.0
     warmup_s: float = 1.0
     mode: str = "auto"
     paths: tuple[str, ...] = topology.PATHS
@@ -115,8 +115,8 @@ def settings_for(quick: bool, *, rounds: int | None = None, duration: float | No
     if bad:
         raise UsageError(f"unknown path(s) {', '.join(bad)}; known: {', '.join(topology.PATHS)}")
     return Settings(workloads=tuple(by_name[n] for n in names),
-                    rounds=rounds if rounds is not None else (QUICK_ROUNDS if quick else 10),
-                    duration_s=duration if duration is not None else (QUICK_DURATION_S if quick else 2.0),
+                    rounds=rounds if rounds is not None else (QUICK_ROUNDS if quick else 12),
+                    duration_s=duration if duration is not None else (QUICK_DURATION_S if quick else 1.0),
                     warmup_s=1.0, mode=mode, paths=chosen_paths, discard_flagged=discard_flagged)
 
 
