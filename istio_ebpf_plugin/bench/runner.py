@@ -18,7 +18,7 @@ JSON schema (``istio-ebpf bench --json FILE``)::
                   "requests", "rounds", "rounds_used", "rps_min", "rps_max",
                   "rps_vs_iptables", "rps_vs_iptables_ci": [lo, hi], "rps_vs_iptables_spread": [min, max],
                   "rps_vs_explicit", "rps_vs_explicit_ci": [lo, hi], "rps_vs_explicit_spread",
-                  "rps_vs_direct", "p99_vs_iptables", "cpu_vs_iptables",
+                  "rps_vs_direct", "p99_vs_iptables", "cpu_vs_iptables", "cpu_vs_iptables_ci",
                   "bpf_ns_per_connection", "bpf_ns_per_message", "bpf"}, ...]}
 
 Ratios are medians of per-round paired ratios; ``*_ci`` their bootstrap 95% intervals (null with
@@ -336,6 +336,8 @@ def aggregate(settings: Settings, measured: dict[tuple[str, str, str], list[dict
                 p99 = _paired(ms, ipt, "p99_ms", used) if ms and ipt else None
                 cpu = _paired(ms, ipt, "cpu_s_per_req", used) if ms and ipt else None
                 r["p99_vs_iptables"] = _r(p99.median if p99 else None)
-                r["cpu_vs_iptables"] = _r(cpu.median if cpu else None)
+                # CPU per request is a cost, not a share of the machine: steadier than requests/s
+                # when other processes take CPU time away.
+                r.update(_ratio_fields("cpu_vs_iptables", cpu))
                 results.append(r)
     return results
