@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo lint test wheel bench bench-quick forwarder soak clean-host kubernetes cluster-up cluster-down
+.PHONY: setup demo lint test test-deep wheel bench bench-quick forwarder soak clean-host kubernetes cluster-up cluster-down
 
 setup:
 	bash scripts/setup.sh all
@@ -18,10 +18,16 @@ lint: setup
 
 # The real Kubernetes 1.20.2 binaries (cached in /var/cache/istio-ebpf; ~15-20 min cold, instant warm).
 kubernetes:
-	bash scripts/build-kubernetes.sh
+	bash scripts/build-kubernetes.sh >&2   # stdout stays clean for `eval "$$(make -s cluster-up)"`
 
 test: setup lint kubernetes
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The in-kernel property test (Istio's iptables vs eBPF on random pod configurations) at depth,
+# in both modes; `make test` runs 40 fixed examples in the mode the probes select.
+test-deep: setup
+	CAPTURE_PROPERTY_EXAMPLES=400 CAPTURE_PROPERTY_MODE=cookie $(PY) -m pytest -x -p no:cacheprovider tests/test_capture_property.py
+	CAPTURE_PROPERTY_EXAMPLES=400 CAPTURE_PROPERTY_MODE=podip $(PY) -m pytest -x -p no:cacheprovider tests/test_capture_property.py
 
 # A real control plane on loopback for humans: `eval "$$(make -s cluster-up)"` sets KUBECONFIG.
 cluster-up: setup kubernetes

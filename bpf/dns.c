@@ -90,18 +90,7 @@ static __always_inline int restore6(struct bpf_sock_addr *ctx)
     struct origin *o = dns_origin.lookup(&cookie);
     if (!o)
         return 1;
-    if (o->ip.family == AF_INET) {
-        ctx->user_ip6[0] = 0;
-        ctx->user_ip6[1] = 0;
-        ctx->user_ip6[2] = bpf_htonl(0xffff);
-        ctx->user_ip6[3] = o->ip.a[0];
-    } else {
-        ctx->user_ip6[0] = o->ip.a[0];
-        ctx->user_ip6[1] = o->ip.a[1];
-        ctx->user_ip6[2] = o->ip.a[2];
-        ctx->user_ip6[3] = o->ip.a[3];
-    }
-    asm volatile("" ::: "memory");
+    put6(ctx, &o->ip);
     ctx->user_port = bpf_htons(o->port);
     return 1;
 }

@@ -31,23 +31,6 @@ static __always_inline struct app_view *view_of(struct bpf_sock_addr *ctx)
     return app_view.lookup(&cookie);
 }
 
-/* Write ip into an IPv6 context (IPv4 as ::ffff:a.b.c.d). */
-static __always_inline void put6(struct bpf_sock_addr *ctx, const struct ip_addr *ip)
-{
-    if (ip->family == AF_INET) {
-        ctx->user_ip6[0] = 0;
-        ctx->user_ip6[1] = 0;
-        ctx->user_ip6[2] = bpf_htonl(0xffff);
-        ctx->user_ip6[3] = ip->a[0];
-    } else {
-        ctx->user_ip6[0] = ip->a[0];
-        ctx->user_ip6[1] = ip->a[1];
-        ctx->user_ip6[2] = ip->a[2];
-        ctx->user_ip6[3] = ip->a[3];
-    }
-    asm volatile("" ::: "memory");
-}
-
 int ie_getpeername4(struct bpf_sock_addr *ctx)
 {
     if (ctx->protocol == IPPROTO_UDP)

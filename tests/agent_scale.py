@@ -51,8 +51,7 @@ def _agent_run(pods: list[dict], by_uid: dict[str, str], pin_root: str, cgroup: 
     kube = FakeKube(NODE)
     for p in pods:
         kube.add(p)
-    for name in ("list_node_pods", "watch_node_pods", "patch_node_metadata", "create_event", "get_daemonset"):
-        setattr(kube_api, name, getattr(kube, name))
+    kube_api.use_backend(kube)
     rss_start = _rss_kib()
     t0 = time.monotonic()
     agent = NodeAgent(AgentConfig(node_name=NODE, mode_override=mode, pin_root=pin_root, cgroup_root=cgroup,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -17,12 +16,23 @@ settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True
 settings.register_profile("dev", deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
-ISTIO_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "istio"
-
 
 def _require_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root: network namespaces, cgroups and BPF are created for real")
+
+
+@pytest.fixture
+def pin_root() -> Iterator[str]:
+    """A unique bpffs pin root; everything pinned below it (probe cache too) is removed afterwards."""
+    import uuid
+
+    from istio_ebpf_plugin.datapath.loader import cleanup_pins
+
+    root = f"/sys/fs/bpf/{names.BPF_PIN_PREFIX}-{uuid.uuid4().hex[:8]}"
+    yield root
+    cleanup_pins(root)
+    assert not os.path.exists(root)
 
 
 @pytest.fixture

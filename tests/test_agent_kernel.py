@@ -11,13 +11,12 @@ import os
 import signal
 import threading
 import time
-import uuid
 
 import pytest
 
 from fake_kube import FakeKube, fixture_pod
 from istio_ebpf_plugin.agent.node_agent import AgentConfig, NodeAgent
-from istio_ebpf_plugin.datapath.loader import Datapath, cleanup_pins
+from istio_ebpf_plugin.datapath.loader import Datapath
 from istio_ebpf_plugin.datapath.netns import netns_cookie
 from polling import wait_for
 
@@ -25,14 +24,6 @@ pytestmark = pytest.mark.kernel
 
 NODE = "harness-node"
 PORT = 8080
-
-
-@pytest.fixture
-def pin_root():
-    root = f"/sys/fs/bpf/istio-ebpf-test-{uuid.uuid4().hex[:8]}"
-    yield root
-    cleanup_pins(root)
-    assert not os.path.exists(root)
 
 
 @pytest.fixture
@@ -127,8 +118,7 @@ def _child_agent(pods: list[dict], node_name: str, cfg_kwargs: dict) -> None:
     kube = FakeKube(node_name)
     for p in pods:
         kube.add(p)
-    for name in ("list_node_pods", "watch_node_pods", "patch_node_metadata", "create_event", "get_daemonset"):
-        setattr(kube_api, name, getattr(kube, name))
+    kube_api.use_backend(kube)
     cgroups = cfg_kwargs.pop("cgroups")
     agent = NodeAgent(AgentConfig(cgroup_for_uid=cgroups.get, **cfg_kwargs))
     agent.start(serve=False)

@@ -119,3 +119,44 @@ def test_bpf_cost_arithmetic() -> None:
     assert c.per_message() == 500.0
     assert c.plus(c).per_connection(2)["capture_ns"] == 2000.0
     assert c.per_connection(0) is None
+
+
+def test_markdown_page_and_goals_from_a_document(tmp_path) -> None:
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from istio_ebpf_plugin.bench import markdown
+
+    settings = runner.settings_for(False, rounds=4, workloads=["ka-1k-c16", "conn-1k-c16"], paths=["capture-only"])
+    gains = {"iptables": 1.0, "ebpf": 1.5, "ebpf-sockmap": 1.6, "explicit": 1.4}
+    measured = {("capture-only", v, w.name): [_m(i, 1000.0 * g * (1 + 0.01 * i)) for i in range(4)]
+                for v, g in gains.items() for w in settings.workloads}
+    rounds = [{"path": "capture-only", "workload": w.name, "round": i, "conditions": {"flagged": i == 0}}
+              for w in settings.workloads for i in range(4)]
+    cost = bpf_cost.Cost(ns={"ie_connect4": 12_000_000}, runs={"ie_connect4": 4000})
+    results = runner.aggregate(settings, measured, rounds, {}, {("capture-only", "ebpf", "conn-1k-c16"): cost})
+    doc = {"results": results, "rounds": rounds,
+           "meta": {"command": "istio-ebpf bench --test", "date": "2026-12-02T00:00:00+00:00", "elapsed_s": 1.0,
+                    "machine": {"cpus": 2, "cpu_model": "x", "kernel": "6.18", "memory_mb": 24000, "os": "Debian"},
+                    "tools": {"wrk": "4"}, "settings": {**settings.describe(), "mode": "cookie"}, "variants": {},
+                    "loadavg_start": [9.0, 8.0, 7.0], "loadavg_end": [9.5, 8.0, 7.0], "rounds_total": 8,
+                    "rounds_flagged": 2, "agent_rss_mib": 50.0, "agent_rss_mib_fresh": 50.0,
+                    "agent_rss_mib_restart": 45.0, "agent_start_to_capture_s": 9.0,
+                    "agent_restart_to_capture_s": 1.5}}
+    g = {x["goal"].split(":")[0]: x for x in markdown.goals(doc)}
+    assert g["capture-only churn (conn-1k-c16)"]["met"]                  # lower bound 1.5 >= 1.15
+    assert not g["BPF cost per captured connection <= 2 us (capture programs, eBPF without sockmap)"]["met"]
+    assert g["time to capture after a restart with pins <= 1 s"]["gap"] == "0.50 s over"
+    page = markdown.page(doc, "## Notes\nhand-written\n")
+    assert "| conn-1k-c16 | ebpf | 1522 (1500-1545) | 1.50 [1.50-1.50] | 1.07 [1.07-1.07] |" in page
+    assert "2 of 8 rounds flagged" in page and "## Notes" in page and "3000 | 0 |" in page
+    # The same page again from the recorded JSON, without a run.
+    src = tmp_path / "doc.json"
+    src.write_text(json.dumps(doc))
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "page.md"
+    proc = subprocess.run([str(root / ".venv/bin/istio-ebpf"), "bench", "--from-json", str(src), "--markdown",
+                           str(out)], capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text() == markdown.page(doc)

@@ -28,6 +28,7 @@ from istio_ebpf_plugin.harness import Node
 from istio_ebpf_plugin.harness.probe import PYTHON, start_probe_server
 
 from datapath_modes import host_mode
+from polling import wait_for
 from hardening_support import ESCAPE_CLIENT, RAW_SYN, SYN_SNIFFER, outcome, run_escape
 
 pytestmark = pytest.mark.kernel
@@ -354,15 +355,19 @@ def test_app_to_envoy_port_real_envoy(envoy_lab, port):
 
     node, dp, ipt, bpf, dst, envoys = envoy_lab
     before = {p: len(envoys[p].access_log()) for p in (ipt, bpf)}
+    misses = dp.counters()["origdst_miss"]
     res, took = {}, {}
     for p in (bpf, ipt):
         t0 = time.monotonic()
         res[p] = http_get(p, url_for("127.0.0.1", port), count=1, timeout=5)[0]
         took[p] = time.monotonic() - t0
-    time.sleep(0.5)
+    # Envoy writes the access log line when the request ends: wait for it, no fixed sleep.
+    wait_for(lambda: all(_new_entries(envoys[p], before[p]) for p in (ipt, bpf)), what="access log lines")
     new = {p: _new_entries(envoys[p], before[p]) for p in (ipt, bpf)}
     assert res[bpf]["status"] == 503, res
     assert len(new[bpf]) == 1 and new[bpf][0]["upstream_host"] in (None, "-", ""), new[bpf]
+    # The eBPF pod's Envoy asked once and was refused (EPERM): it had nothing to loop to.
+    assert dp.counters()["origdst_miss"] > misses
     assert res[ipt]["status"] != 200, res
     ipt_hosts = {e.get("upstream_host") for e in new[ipt]}
     assert ipt_hosts <= {f"127.0.0.1:{port}", None, "-", ""}, ipt_hosts      # only itself

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from istio_fixtures import FIXTURES
 from istio_ebpf_plugin import PROJECT_ROOT
 from istio_ebpf_plugin.cli import main
 from istio_ebpf_plugin.install import injector_config, manifests
 
 MANIFESTS_DIR = PROJECT_ROOT / "manifests"
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "istio"
 ROOT = Path(__file__).resolve().parents[1]
 GOLDENS = [FIXTURES / "master" / "manifest-generate" / "output" / "pilot_default.golden.yaml",
            FIXTURES / "master" / "manifest-generate" / "output" / "sidecar_template.golden.yaml",

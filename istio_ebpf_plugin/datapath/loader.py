@@ -26,7 +26,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from ..errors import KernelError, UsageError
 from ..resources import bpf_dir
@@ -89,12 +89,24 @@ DEFAULT_MAP_SIZES = {"MAX_PODS": 16384, "MAX_CONNS": 131072, "MAX_PORTS": 262144
 
 def build_flags(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = None) -> list[str]:
     flags = [f"-DISTIO_EBPF_COOKIE={1 if mode == 'cookie' else 0}",
-             f"-DISTIO_EBPF_SOCKMAP={1 if sockmap else 0}"]
+             f"-DISTIO_EBPF_SOCKMAP={1 if sockmap else 0}",
+             # the counters array is sized from the names userspace reads (C asserts they agree)
+             f"-DISTIO_EBPF_COUNTERS={len(maps.COUNTERS)}"]
     for name, value in sorted((map_sizes or {}).items()):
         if name not in DEFAULT_MAP_SIZES or not 1 <= int(value) <= 1 << 24:
             raise UsageError(f"bad map size {name}={value}")
         flags.append(f"-D{name}={int(value)}")
     return flags
+
+
+def compile_bpf(bpf_class: Any, programs: Iterable[Program], mode: str, sockmap: bool,
+                map_sizes: dict[str, int] | None = None) -> Any:
+    """The BCC module of ``programs`` built for mode/sockmap (maps created, programs not loaded yet)."""
+    cflags = [f"-I{bpf_dir()}", *build_flags(mode, sockmap, map_sizes), "-Wno-unused-function"]
+    try:
+        return bpf_class(text=source_text(programs), cflags=cflags)
+    except Exception as exc:
+        raise KernelError(f"compiling the datapath failed: {exc}") from exc
 
 
 def _inline_local_includes(text: str, seen: set[str]) -> str:
@@ -188,6 +200,7 @@ class Datapath:
         ensure_bpffs(self.pin_root)
         if self._complete_pins():
             self._adopt()
+            log.info("adopted pinned datapath %s", self.pin_dir)
             return self
         try:
             self._compile_and_pin()
@@ -195,6 +208,20 @@ class Datapath:
             self.close(cleanup=True)   # never leave half a datapath pinned
             raise
         return self
+
+    def _compile_and_pin(self) -> None:
+        """Compile and pin in a worker process that exits (LLVM's ~200 MiB go with it), then adopt."""
+        from . import compile_worker
+
+        if compile_worker.in_process():
+            self.compile_and_pin_here()
+            return
+        compile_worker.run("datapath", {"mode": self.mode, "sockmap": self.sockmap,
+                                        "pin_root": str(self.pin_root), "map_sizes": self.map_sizes})
+        if not self._complete_pins():
+            raise KernelError(f"the BCC worker reported success but {self.pin_dir} is incomplete")
+        self._adopt()
+        self.adopted = False       # compiled now, not inherited from an earlier agent
 
     @property
     def loaded_programs(self) -> tuple[Program, ...]:
@@ -212,9 +239,10 @@ class Datapath:
             if path.exists() or not p.optional:
                 self.prog_fds[p.func] = libbpf.obj_get(str(path))
         self.adopted = True
-        log.info("adopted pinned datapath %s", self.pin_dir)
+        log.debug("opened pinned datapath %s", self.pin_dir)
 
-    def _compile_and_pin(self) -> None:
+    def compile_and_pin_here(self) -> None:
+        """BCC compile, load and pin in this process (the worker's job; holds LLVM's memory)."""
         find_kernel_headers()
         try:
             from bcc import BPF  # Debian python3-bpfcc
@@ -225,12 +253,7 @@ class Datapath:
         # A half-written directory from a crash: start it again.
         if self.pin_dir.exists():
             shutil.rmtree(self.pin_dir, ignore_errors=True)
-        cflags = [f"-I{bpf_dir()}", *build_flags(self.mode, self.sockmap, self.map_sizes),
-                  "-Wno-unused-function"]
-        try:
-            self._bpf = bpf = BPF(text=source_text(self.programs), cflags=cflags)
-        except Exception as exc:
-            raise KernelError(f"compiling the datapath failed: {exc}") from exc
+        self._bpf = bpf = compile_bpf(BPF, self.programs, self.mode, self.sockmap, self.map_sizes)
         for sub in ("maps", "progs", "links"):
             (self.pin_dir / sub).mkdir(parents=True, exist_ok=True)
         for p in self.programs:
@@ -505,11 +528,9 @@ class Datapath:
         return out
 
     def occupancy(self) -> dict[str, int]:
-        key_types = {"pod_by_netns": ctypes.c_uint64, "pod_by_ip": maps.IpAddr, "pod_ports": maps.PortKey,
-                     "pod_cidrs": maps.CidrKey, "origin_by_tuple": maps.ConnKey,
-                     "origin_by_cookie": ctypes.c_uint64, "dns_origin": ctypes.c_uint64,
-                     "app_view": ctypes.c_uint64}
-        return {name: len(libbpf.map_keys(self.map_fds[name], kt)) for name, kt in key_types.items()}
+        hashes = ("pod_by_netns", "pod_by_ip", "pod_ports", "pod_cidrs", "origin_by_tuple", "origin_by_cookie",
+                  "dns_origin", "app_view")
+        return {name: len(libbpf.map_keys(self.map_fds[name], maps.MAP_TYPES[name][0])) for name in hashes}
 
     # ---- teardown -----------------------------------------------------------------
     def close(self, cleanup: bool = False) -> None:
@@ -542,7 +563,9 @@ class Datapath:
     def other_versions(self) -> list[Path]:
         if not self.pin_root.exists():
             return []
-        return [p for p in self.pin_root.iterdir() if p.is_dir() and p.name != self.version]
+        # probes_<key> is the probe cache (probe_cache.py), not a datapath version.
+        return [p for p in self.pin_root.iterdir()
+                if p.is_dir() and p.name != self.version and not p.name.startswith("probes_")]
 
     def retire_other_versions(self) -> list[str]:
         """After an upgrade: detach what an older agent pinned (after ours is attached)."""
@@ -551,6 +574,20 @@ class Datapath:
             remove_version(old)
             gone.append(old.name)
         return gone
+
+
+def compile_task(args: dict) -> list[str]:
+    """The compile worker's "datapath" task: compile, load and pin here, keep the pins, exit."""
+    dp = Datapath(mode=args["mode"], sockmap=args["sockmap"], pin_root=args["pin_root"],
+                  map_sizes=args.get("map_sizes") or {})
+    try:
+        dp.compile_and_pin_here()
+    except BaseException:
+        dp.close(cleanup=True)     # never leave half a datapath pinned
+        raise
+    loaded = sorted(dp.prog_fds)
+    dp.close(cleanup=False)        # the pins stay; the parent adopts them
+    return loaded
 
 
 def cleanup_pins(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:

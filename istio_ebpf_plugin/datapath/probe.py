@@ -12,12 +12,16 @@ otherwise it is ``unsupported`` and keeps iptables.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import socket
 
-from ..errors import UsageError
+from ..errors import KernelError, UsageError
 from ..kernel import mode_for_release, validate_mode
 from . import host, libbpf
+
+log = logging.getLogger(__name__)
 
 # name -> (function, program type, expected attach type or -1)
 _PROBES: dict[str, tuple[str, int, int]] = {
@@ -83,11 +87,20 @@ def _so_netns_cookie() -> bool:
         return False
 
 
-def probe_features() -> dict[str, bool]:
-    """Probe this kernel. Needs CAP_BPF; a probe that cannot run counts as failed."""
-    results: dict[str, bool] = {"cgroup_v2": host.cgroup_v2_root() is not None,
-                                "bpffs": host.is_bpffs(host.BPFFS_ROOT),
-                                "so_netns_cookie": _so_netns_cookie()}
+def cheap_checks() -> dict[str, bool]:
+    """What needs no compiler: cgroup v2, bpffs, SO_NETNS_COOKIE (never cached, always fresh)."""
+    return {"cgroup_v2": host.cgroup_v2_root() is not None, "bpffs": host.is_bpffs(host.BPFFS_ROOT),
+            "so_netns_cookie": _so_netns_cookie()}
+
+
+def probe_source_fingerprint() -> str:
+    """Changes whenever the probe programs do (the probe cache's key includes it)."""
+    return hashlib.sha256((_SOURCE + repr(sorted(_PROBES.items()))).encode()).hexdigest()
+
+
+def probe_programs() -> dict[str, bool]:
+    """Compile the probe programs with BCC and load each one, in this process."""
+    results: dict[str, bool] = {}
     try:
         from bcc import BPF
         from .headers import find_kernel_headers
@@ -97,7 +110,7 @@ def probe_features() -> dict[str, bool]:
     except Exception:
         results.update({name: False for name in _PROBES})
         results["bcc_compile"] = False
-        return _apply_forced(results)
+        return results
     results["bcc_compile"] = True
     try:
         for name, (func, prog_type, attach) in _PROBES.items():
@@ -108,10 +121,33 @@ def probe_features() -> dict[str, bool]:
                 results[name] = False
     finally:
         module.cleanup()
-    return _apply_forced(results)
+    return results
 
 
-def _apply_forced(results: dict[str, bool]) -> dict[str, bool]:
+def probe_programs_task(_args: dict) -> dict[str, bool]:
+    """The compile worker's "probe" task."""
+    return probe_programs()
+
+
+def probe_programs_isolated() -> dict[str, bool]:
+    """probe_programs() in a short-lived worker process (LLVM's memory leaves with it)."""
+    from . import compile_worker
+
+    if compile_worker.in_process():
+        return probe_programs()
+    try:
+        return dict(compile_worker.run("probe", {}))
+    except KernelError as exc:
+        log.warning("probe worker failed: %s", exc)
+        return {**{name: False for name in _PROBES}, "bcc_compile": False}
+
+
+def probe_features() -> dict[str, bool]:
+    """Probe this kernel. Needs CAP_BPF; a probe that cannot run counts as failed."""
+    return apply_forced({**cheap_checks(), **probe_programs_isolated()})
+
+
+def apply_forced(results: dict[str, bool]) -> dict[str, bool]:
     for name in filter(None, os.environ.get(FORCE_FAIL_ENV, "").split(",")):
         results[name.strip()] = False
     return results

@@ -11,8 +11,11 @@ Every pod runs :mod:`.probe_server` as UID/GID 1337: sidecar listeners 15001/150
 and "direct" targets on :data:`TARGET_PORTS` (TCP) and 53 (UDP). A case names a
 configuration (:data:`CONFIGS`), the source pod and credentials, a symbolic destination
 (``b4`` = pod b's IPv4, ``a6`` = pod a's own IPv6, ``lo4`` = 127.0.0.1, ``pt4`` = 127.0.0.6,
-``pt6`` = ::6, ...) and the expected outcome derived from Istio's rules
-(``cni-plugin/*.txt.golden``; the rule that decides is quoted in each case's ``why``).
+``pt6`` = ::6, ``c4m`` = pod c's IPv4 as IPv4-mapped IPv6, ...) and the expected outcome derived
+from Istio's rules (``cni-plugin/*.txt.golden``; the rule that decides is quoted in each case's
+``why``). What is compared per connection is a :class:`View`: listener or errno, strict
+SO_ORIGINAL_DST, the app's getpeername/getsockname, the listener's local address and peer, the
+UDP reply's source. :data:`KNOWN_DIFFERENCES` lists, per mode, the fields eBPF may differ in.
 
 Usage against Istio's iptables (tests/test_harness_iptables.py) and, unchanged, against the
 eBPF datapath::
@@ -33,7 +36,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, Sequence
 
 from ..datapath.podconfig import PodConfig
-from .node import POD_SYSCTLS
+from ..datapath.topology import POD_SYSCTLS
 from .probe import Outcome, ProbeServer, start_probe_server
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -240,11 +240,28 @@ def manifests_dir() -> Path:
 _NOT_OBJECTS = ("kustomize.config.k8s.io/",)
 
 
-def agent_documents(directory: Path | None = None) -> list[Document]:
-    """Every object of every ``*.yaml`` in the manifests directory (files sorted by name).
+#: Apply order by kind (Helm's install order): an object's dependencies come before it, so
+#: ``render | kubectl apply -f -`` works on a fresh cluster. Deletion runs in reverse.
+KIND_ORDER = ("Namespace", "NetworkPolicy", "ResourceQuota", "LimitRange", "PodSecurityPolicy",
+              "PodDisruptionBudget", "ServiceAccount", "Secret", "ConfigMap", "StorageClass",
+              "PersistentVolume", "PersistentVolumeClaim", "CustomResourceDefinition", "ClusterRole",
+              "ClusterRoleBinding", "Role", "RoleBinding", "Service", "DaemonSet", "Pod",
+              "ReplicationController", "ReplicaSet", "Deployment", "HorizontalPodAutoscaler", "StatefulSet",
+              "Job", "CronJob", "Ingress", "APIService", "MutatingWebhookConfiguration",
+              "ValidatingWebhookConfiguration")
 
-    A ``kustomization.yaml`` is skipped: it configures kustomize, it is not applied. A missing or
-    empty directory is an error: rendering without the agent would be a silently partial result.
+
+def kind_rank(kind: str) -> int:
+    """Position of ``kind`` in :data:`KIND_ORDER`; unknown kinds (custom resources) go last."""
+    return KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER)
+
+
+def agent_documents(directory: Path | None = None) -> list[Document]:
+    """Every object of every ``*.yaml`` in the manifests directory, in apply order (:data:`KIND_ORDER`).
+
+    Files are read sorted by name; the sort by kind is stable. A ``kustomization.yaml`` is
+    skipped: it configures kustomize, it is not applied. A missing or empty directory is an
+    error: rendering without the agent would be a silently partial result.
     """
     directory = directory or manifests_dir()
     files = sorted(directory.glob("*.yaml")) if directory.is_dir() else []
@@ -260,9 +277,12 @@ def agent_documents(directory: Path | None = None) -> list[Document]:
             if doc.data is None or str(doc.data.get("apiVersion", "")).startswith(_NOT_OBJECTS):
                 continue
             body = doc.text if doc.text.endswith("\n") else doc.text + "\n"
-            docs.append(Document("---\n", body, len(docs), doc.data))
+            docs.append(Document("---\n", body, 0, doc.data))
     if not docs:
         raise UsageError(f"agent manifests not found: no Kubernetes object in {directory}")
+    docs.sort(key=lambda d: kind_rank(d.kind))
+    for i, doc in enumerate(docs):
+        doc.index = i
     return docs
 
 
