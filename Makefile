@@ -18,7 +18,7 @@ lint: setup
 
 # The real Kubernetes 1.20.2 binaries (cached in /var/cache/istio-ebpf; ~15-20 min cold, instant warm).
 kubernetes:
-	bash scripts/build-kubernetes.sh
+	bash scripts/build-kubernetes.sh >&2   # stdout stays clean for `eval "$$(make -s cluster-up)"`
 
 # The agent image is built first (cached: instant when unchanged) so its time shows apart from the tests'.
 test: setup lint kubernetes image
@@ -54,10 +54,11 @@ forwarder:
 	bash scripts/build-forwarder.sh
 
 bench: setup forwarder
-	$(VENV)/bin/istio-ebpf bench --json out/bench.json --plot out/bench.png
+	$(VENV)/bin/istio-ebpf bench --agent --json out/bench.json --plot out/bench.png \
+		--markdown out/bench.md --notes docs/bench-notes.md
 
 bench-quick: setup forwarder
-	$(VENV)/bin/istio-ebpf bench --quick --json out/bench-quick.json --plot out/bench-quick.png
+	$(VENV)/bin/istio-ebpf bench --quick --agent --json out/bench-quick.json --plot out/bench-quick.png
 
 soak: setup
 	$(PY) -m pytest -m soak -p no:cacheprovider tests/test_soak.py
