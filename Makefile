@@ -18,7 +18,7 @@ lint: setup
 
 # The real Kubernetes 1.20.2 binaries (cached in /var/cache/istio-ebpf; ~15-20 min cold, instant warm).
 kubernetes:
-	bash scripts/build-kubernetes.sh
+	bash scripts/build-kubernetes.sh >&2   # stdout stays clean for `eval "$$(make -s cluster-up)"`
 
 test: setup lint kubernetes
 	$(PY) -m pytest $(PYTEST_ARGS)

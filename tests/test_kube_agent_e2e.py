@@ -11,7 +11,6 @@ test_agent_loop.py: the kernel side is tested in test_agent_kernel.py.
 from __future__ import annotations
 
 import copy
-import threading
 import time
 import uuid
 
@@ -21,7 +20,7 @@ from fake_kube import fixture_pod
 from istio_ebpf_plugin import NODE_MODE_LABEL, kube_api
 from istio_ebpf_plugin.agent.node_agent import NodeAgent
 from istio_ebpf_plugin.install import manifests
-from test_agent_loop import FakeProc, get, make_agent
+from test_agent_loop import FakeProc, Running, get, make_agent
 
 AGENT_NS = "istio-ebpf-system"
 OPT_IN = {"istio-ebpf.io/redirect": "ebpf"}
@@ -58,24 +57,6 @@ def world(kube_control_plane, monkeypatch, tmp_path):
     yield cp, node, ns, proc
     cp.request("DELETE", f"/api/v1/namespaces/{ns}")
     cp.request("DELETE", f"/api/v1/nodes/{node}")
-
-
-class Running:
-    def __init__(self, agent: NodeAgent) -> None:
-        self.agent = agent
-        self.stop = threading.Event()
-        agent.start()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while not self.stop.is_set():
-            self.agent.step(0.05)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.agent.shutdown()
 
 
 def agent_for(node: str, proc: FakeProc, store: dict, **cfg) -> NodeAgent:

@@ -156,10 +156,28 @@ def results_section(doc: dict) -> str:
                   f"{m['agent_start_to_capture_s']:.2f} s fresh (probes and datapath compiled in a worker process), "
                   f"{m['agent_restart_to_capture_s']:.2f} s restarted over its pins and probe cache (`/readyz` "
                   f"past \"programs not attached\")."]
+    lines += ["", "### Summary (requests/s relative to iptables, median paired ratio [95% CI])", "",
+              summary_table(doc).rstrip()]
     lines += ["", "### Goals (checked with the interval bounds)", "", "| goal | measured | met | short by |",
               "|---|---|---|---|"]
     for g in goals(doc):
         lines.append(f"| {g['goal']} | {g['measured']} | {'yes' if g['met'] else 'no'} | {g['gap'] or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(doc: dict) -> str:
+    """The README's table: per path and workload, x iptables with 95% CI and the claim it supports."""
+    by = _by(doc)
+    lines = ["| path | workload | eBPF | eBPF + sockmap (forced) | explicit (no capture) | eBPF vs iptables |",
+             "|---|---|---|---|---|---|"]
+    seen = []
+    for r in doc["results"]:
+        key = (r.get("path", "http"), r["workload"])
+        if key not in seen:
+            seen.append(key)
+    for p, w in seen:
+        cells = [_fmt_ci(by.get((p, v, w), {}), "rps_vs_iptables") for v in ("ebpf", "ebpf-sockmap", "explicit")]
+        lines.append(f"| {p} | {w} | {' | '.join(cells)} | {verdict(by.get((p, 'ebpf', w), {}))} |")
     return "\n".join(lines) + "\n"
 
 
