@@ -68,6 +68,8 @@ def test_capture_table_matches_istio_iptables(node, datapath_factory, mode, sock
     # Every pod removed: nothing of them is left in the maps.
     occ = dp.occupancy()
     assert occ["pod_by_netns"] == occ["pod_by_ip"] == occ["pod_ports"] == occ["pod_cidrs"] == 0
+    if "ie_sock_release" in dp.prog_fds:    # every client socket is closed: its app view went with it
+        assert occ["app_view"] == 0, occ
 
 
 @pytest.mark.parametrize("mode,sockmap", [("cookie", False), ("podip", False), ("cookie", True),
