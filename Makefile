@@ -48,10 +48,11 @@ forwarder:
 	bash scripts/build-forwarder.sh
 
 bench: setup forwarder
-	$(VENV)/bin/istio-ebpf bench --json out/bench.json --plot out/bench.png
+	$(VENV)/bin/istio-ebpf bench --agent --json out/bench.json --plot out/bench.png \
+		--markdown out/bench.md --notes docs/bench-notes.md
 
 bench-quick: setup forwarder
-	$(VENV)/bin/istio-ebpf bench --quick --json out/bench-quick.json --plot out/bench-quick.png
+	$(VENV)/bin/istio-ebpf bench --quick --agent --json out/bench-quick.json --plot out/bench-quick.png
 
 soak: setup
 	$(PY) -m pytest -m soak -p no:cacheprovider tests/test_soak.py

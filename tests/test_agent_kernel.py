@@ -11,13 +11,12 @@ import os
 import signal
 import threading
 import time
-import uuid
 
 import pytest
 
 from fake_kube import FakeKube, fixture_pod
 from istio_ebpf_plugin.agent.node_agent import AgentConfig, NodeAgent
-from istio_ebpf_plugin.datapath.loader import Datapath, cleanup_pins
+from istio_ebpf_plugin.datapath.loader import Datapath
 from istio_ebpf_plugin.datapath.netns import netns_cookie
 from polling import wait_for
 
@@ -25,14 +24,6 @@ pytestmark = pytest.mark.kernel
 
 NODE = "harness-node"
 PORT = 8080
-
-
-@pytest.fixture
-def pin_root():
-    root = f"/sys/fs/bpf/istio-ebpf-test-{uuid.uuid4().hex[:8]}"
-    yield root
-    cleanup_pins(root)
-    assert not os.path.exists(root)
 
 
 @pytest.fixture

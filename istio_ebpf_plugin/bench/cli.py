@@ -20,8 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--from-json", metavar="FILE", help="no run: re-render the table, plot and page of a recorded run")
     p.add_argument("--markdown", metavar="FILE.md", help="write the results page (docs/bench.md) from this run")
     p.add_argument("--notes", metavar="FILE.md", help="with --markdown: hand-written notes appended to the page")
-    p.add_argument("--rounds", type=int, help="interleaved rounds per workload (default 10, quick 7)")
-    p.add_argument("--duration", type=float, help="seconds per measurement (default 2, quick 1; wrk rounds to whole s)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds per workload (default 12, quick 7)")
+    p.add_argument("--duration", type=float, help="seconds per measurement (default 1; wrk takes whole seconds)")
     p.add_argument("--paths", help="comma list among http,l4,capture-only (default: all)")
     p.add_argument("--discard-flagged", action="store_true",
                    help="leave rounds taken under other load (CPU of other processes, steal) out of the ratios")

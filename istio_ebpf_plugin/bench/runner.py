@@ -18,7 +18,7 @@ JSON schema (``istio-ebpf bench --json FILE``)::
                   "requests", "rounds", "rounds_used", "rps_min", "rps_max",
                   "rps_vs_iptables", "rps_vs_iptables_ci": [lo, hi], "rps_vs_iptables_spread": [min, max],
                   "rps_vs_explicit", "rps_vs_explicit_ci": [lo, hi], "rps_vs_explicit_spread",
-                  "rps_vs_direct", "p99_vs_iptables", "cpu_vs_iptables",
+                  "rps_vs_direct", "p99_vs_iptables", "cpu_vs_iptables", "cpu_vs_iptables_ci",
                   "bpf_ns_per_connection", "bpf_ns_per_message", "bpf"}, ...]}
 
 Ratios are medians of per-round paired ratios; ``*_ci`` their bootstrap 95% intervals (null with
@@ -81,8 +81,8 @@ QUICK_WORKLOADS = ("ka-1k-c16", "conn-1k-c16")
 class Settings:
     workloads: tuple[Workload, ...]
     variants: tuple[str, ...] = topology.VARIANTS
-    rounds: int = 10
-    duration_s: float = 2.0
+    rounds: int = 12
+    duration_s: float = 1.0
     warmup_s: float = 1.0
     mode: str = "auto"
     paths: tuple[str, ...] = topology.PATHS
@@ -115,8 +115,8 @@ def settings_for(quick: bool, *, rounds: int | None = None, duration: float | No
     if bad:
         raise UsageError(f"unknown path(s) {', '.join(bad)}; known: {', '.join(topology.PATHS)}")
     return Settings(workloads=tuple(by_name[n] for n in names),
-                    rounds=rounds if rounds is not None else (QUICK_ROUNDS if quick else 10),
-                    duration_s=duration if duration is not None else (QUICK_DURATION_S if quick else 2.0),
+                    rounds=rounds if rounds is not None else (QUICK_ROUNDS if quick else 12),
+                    duration_s=duration if duration is not None else (QUICK_DURATION_S if quick else 1.0),
                     warmup_s=1.0, mode=mode, paths=chosen_paths, discard_flagged=discard_flagged)
 
 
@@ -336,6 +336,8 @@ def aggregate(settings: Settings, measured: dict[tuple[str, str, str], list[dict
                 p99 = _paired(ms, ipt, "p99_ms", used) if ms and ipt else None
                 cpu = _paired(ms, ipt, "cpu_s_per_req", used) if ms and ipt else None
                 r["p99_vs_iptables"] = _r(p99.median if p99 else None)
-                r["cpu_vs_iptables"] = _r(cpu.median if cpu else None)
+                # CPU per request is a cost, not a share of the machine: steadier than requests/s
+                # when other processes take CPU time away.
+                r.update(_ratio_fields("cpu_vs_iptables", cpu))
                 results.append(r)
     return results

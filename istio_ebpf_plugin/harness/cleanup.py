@@ -64,7 +64,7 @@ def live_tokens() -> set[str]:
             os.kill(pid, 0)
         except (OSError, ValueError, IndexError):
             continue
-        tokens.add(d.name[len(names.TMP_PREFIX):])
+        tokens.add(_token_of(d.name))   # /tmp/istio-ebpf-test-<token>[-<what>...]
     return tokens
 
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import names
+from . import cleanup, names
 from .processes import stop as _stop_pid
 
 LOCK_FILE = Path("/run/lock/istio-ebpf-node-lab.lock")
@@ -59,6 +59,12 @@ PRIVATE_TMPFS = ("/run/netns", "/run/containerd", "/var/log/pods", "/var/log/con
 #: Sysctls kubelet sets at start (setupKernelTunables): shadowed inside the node's mount namespace.
 KUBELET_SYSCTLS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops",
                    "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes")
+
+
+def claim_workdir(workdir: Path) -> None:
+    """Mark a ``/tmp/istio-ebpf-test-<token>-*`` directory as in use by this process, so a
+    concurrent ``harness-cleanup`` (another session) leaves it and its token's objects alone."""
+    (workdir / cleanup.OWNER_FILE).write_text(f"{os.getpid()}\n")
 
 
 class NodeLabError(RuntimeError):
@@ -165,8 +171,9 @@ class NodeLab:
     def create(cls, kubelet_bin: Path, pause_ref: str, bpffs: bool = True) -> "NodeLab":
         token = names.new_token()
         names.created_tokens.add(token)
-        workdir = Path(tempfile.mkdtemp(prefix=f"{names.TMP_PREFIX}node-{token}-", dir=names.TMP_ROOT))
+        workdir = Path(tempfile.mkdtemp(prefix=f"{names.TMP_PREFIX}{token}-node-", dir=names.TMP_ROOT))
         workdir.chmod(0o755)
+        claim_workdir(workdir)
         return cls(workdir=workdir, token=token, node_name=f"ie-node-{token}", bridge=f"ie-br-{token}",
                    subnet=pick_subnet(token), kubelet_bin=kubelet_bin, pause_ref=pause_ref, bpffs=bpffs)
 
@@ -487,6 +494,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         # Overlay and tmpfs mounts lived in the node's mount namespace (gone with it); what is
         # left is plain files, some read-only (snapshots): make them writable where needed.
         def onerror(func: Any, path: str, _exc: Any) -> None:
+            if func not in (os.rmdir, os.unlink):
+                return
             try:
                 os.chmod(os.path.dirname(path), 0o755)
                 func(path)
