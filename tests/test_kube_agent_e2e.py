@@ -22,7 +22,7 @@ from fake_kube import fixture_pod
 from istio_ebpf_plugin import NODE_MODE_LABEL, kube_api
 from istio_ebpf_plugin.agent.node_agent import NodeAgent
 from istio_ebpf_plugin.install import manifests
-from test_agent_kernel import PORT, agent_config, cluster, outbound_entries, pin_root  # noqa: F401 (fixtures)
+from test_agent_kernel import PORT, agent_config, cluster, outbound_entries  # noqa: F401 (a fixture)
 from test_agent_loop import FakeProc, Running, get, make_agent
 
 AGENT_NS = "istio-ebpf-system"
