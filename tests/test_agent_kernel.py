@@ -102,9 +102,10 @@ def test_agent_captures_follows_annotations_and_deletes(cluster, pin_root, monke
         # DELETED: the server's entries leave the maps
         kube.delete(pods["srv"]["metadata"]["uid"])
         client_key = agent.datapath.pod_key(client.netns_path, str(client.cgroup_path))
-        wait_for(lambda: set(agent.datapath.pods()) == {client_key}, what="srv removed")
-        occ = agent.datapath.occupancy()
-        assert occ["pod_by_netns"] == 1 and occ["pod_by_ip"] == 2   # the client's IPv4 + IPv6
+        # remove_pod drops pod_by_netns first, then the pod's other entries: wait for both
+        wait_for(lambda: set(agent.datapath.pods()) == {client_key}
+                 and agent.datapath.occupancy()["pod_by_ip"] == 2, what="srv removed")   # the client's v4 + v6
+        assert agent.datapath.occupancy()["pod_by_netns"] == 1
     finally:
         stop.set()
         loop.join(5)
