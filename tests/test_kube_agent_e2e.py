@@ -6,8 +6,8 @@ sidecars of newer ones) bound to a Node object; there is no kubelet, so the test
 status.podIP as the kubelet would, and the agent finds their processes in a /proc tree written
 the way kubelet names pod cgroups (FakeProc). The datapath is the recording one of
 test_agent_loop.py, except in the last test: harness pods (netns + cgroup v2 + real Envoy) with
-the real datapath and real traffic, their Pod objects on the real apiserver (the harness names its
-cgroups its own way, so the agent is told which cgroup belongs to which UID).
+the real datapath, the real locator and real traffic, their Pod objects on the real apiserver
+and their processes in cgroups named the way kubelet names them (kubepods/pod<uid>).
 """
 
 from __future__ import annotations
@@ -226,15 +226,21 @@ def test_real_datapath_and_envoy_follow_the_real_api(world, cluster, pin_root): 
     cli = create_pod(cp, ns, node_name, "cli", list(client.pod_ips), None, "v1.14.0/inject/hello.yaml.injected")
     srv = create_pod(cp, ns, node_name, "srv", list(server.pod_ips), None, "v1.14.0/inject/hello.yaml.cni.injected",
                      annotations={"inject.istio.io/templates": "sidecar,ebpf"})
-    # The harness names its cgroups its own way: the UIDs the apiserver gave map to them.
-    cgroups = {cli["metadata"]["uid"]: str(client.cgroup_path), srv["metadata"]["uid"]: str(server.cgroup_path)}
-    cfg = agent_config(hnode, pin_root, cgroups)
-    cfg.node_name = node_name
+    # The harness names its cgroups its own way; kubelet names them kubepods/pod<uid> (cgroupfs
+    # driver). The pods' processes move into such directories, so the agent's real locator finds
+    # them from /proc alone, by the UIDs the apiserver gave.
+    kubepods = hnode.parent_cgroup / "kubepods"
+    moved = {client: kubepods / f"pod{cli['metadata']['uid']}", server: kubepods / f"pod{srv['metadata']['uid']}"}
+    cfg = agent_config(hnode, pin_root, {})
+    cfg.node_name, cfg.cgroup_for_uid = node_name, None
     agent = NodeAgent(cfg)
-    run = Running(agent)
+    run = None
     try:
-        _eventually(lambda: agent.ready()[0], 60, "agent ready")
-        assert set(agent.datapath.pods()) == {agent.datapath.pod_key(p.netns_path, str(p.cgroup_path))
+        for pod, target in moved.items():
+            _move_processes(pod.cgroup_path, target)
+        run = Running(agent)
+        _eventually(lambda: agent.ready()[0] and len(agent.datapath.pods()) == 2, 60, "agent ready, both pods")
+        assert set(agent.datapath.pods()) == {agent.datapath.pod_key(p.netns_path, str(moved[p]))
                                               for p in (client, server)}
         url = url_for(server.ipv4, PORT)
         assert [r["status"] for r in http_get(client, url, count=3)] == [200] * 3
@@ -253,9 +259,30 @@ def test_real_datapath_and_envoy_follow_the_real_api(world, cluster, pin_root): 
         # Deleting the Pod object removes its entries.
         assert cp.request("DELETE", f"/api/v1/namespaces/{ns}/pods/srv",
                           {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0})[0] == 200
-        client_key = agent.datapath.pod_key(client.netns_path, str(client.cgroup_path))
+        client_key = agent.datapath.pod_key(client.netns_path, str(moved[client]))
         _eventually(lambda: set(agent.datapath.pods()) == {client_key}, 30, "srv removed")
     finally:
-        run.stop.set()
-        run.thread.join(5)
+        if run is not None:
+            run.stop.set()
+            run.thread.join(5)
         agent.shutdown(cleanup=True)
+        for pod, target in moved.items():   # back where the harness removes them
+            if target.exists():
+                _move_processes(target, pod.cgroup_path)
+                target.rmdir()
+        if kubepods.exists():
+            kubepods.rmdir()
+
+
+def _move_processes(src, dst) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for _ in range(5):   # a process forked meanwhile shows up on the next read
+        pids = (src / "cgroup.procs").read_text().split()
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                (dst / "cgroup.procs").write_text(pid)
+            except ProcessLookupError:
+                pass
+    raise AssertionError(f"processes keep appearing in {src}")
