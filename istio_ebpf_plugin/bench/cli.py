@@ -66,7 +66,10 @@ def _bench(args: argparse.Namespace) -> int:
         if args.agent:
             from . import agent_footprint
 
-            doc["meta"].update(agent_footprint.measure())
+            try:
+                doc["meta"].update(agent_footprint.measure())
+            except Exception as exc:  # noqa: BLE001 - the benchmark's results are kept either way
+                doc["meta"]["agent_error"] = f"{type(exc).__name__}: {exc}"[:300]
     print(report.table(doc))
     if args.json and not args.from_json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
