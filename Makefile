@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo lint test bench bench-quick soak clean-host
+.PHONY: setup demo lint test bench bench-quick soak clean-host kernel-matrix
 
 setup:
 	bash scripts/setup.sh all
@@ -18,6 +18,12 @@ lint: setup
 
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Every step on 5.10, 6.1, 6.12 (virtme-ng VMs) and this host; table in out/kernel-matrix/table.txt.
+# Tens of minutes under TCG: CI runs the subset in tests/test_kernel_matrix.py instead.
+KERNELS ?= 5.10,6.1,6.12,host
+kernel-matrix: setup
+	$(VENV)/bin/istio-ebpf kernel-matrix --kernels $(KERNELS) --out out/kernel-matrix
 
 bench: setup
 	$(VENV)/bin/istio-ebpf bench --json out/bench.json --plot out/bench.png

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import KernelError
+from ..timeouts import scaled
 from .probe import PYTHON, wait_ready
 from .staging import staged
 
@@ -58,8 +59,9 @@ def http_get(pod: "Pod", url: str, count: int = 1, uid: int = APP_UID, gid: int 
              timeout: float = 5.0) -> list[dict]:
     """GET ``url`` ``count`` times from ``pod`` as uid/gid; one dict per request
     (status, bytes, info = the server's JSON first line)."""
+    timeout = scaled(timeout)   # a request's deadline, not a measurement
     proc = pod.run([PYTHON, "-S", "-c", _CLIENT, url, str(count), str(timeout)], uid=uid, gid=gid,
-                   timeout=timeout * count + 15)
+                   timeout=timeout * count + scaled(15))
     if proc.returncode != 0:
         raise KernelError(f"http client in pod {pod.name} failed: {proc.stderr.strip()[-500:]}")
     return json.loads(proc.stdout)

@@ -18,6 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also remove objects of harness runs that are still alive, and all pins")
     p.set_defaults(func=_cleanup)
 
+    from .kernel_matrix import register as register_kernel_matrix
+
+    register_kernel_matrix(subparsers)
+
 
 def _cleanup(args: argparse.Namespace) -> int:
     from . import cleanup

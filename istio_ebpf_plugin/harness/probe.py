@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from ..errors import KernelError
+from ..timeouts import scaled
 from .staging import staged
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,7 +37,7 @@ PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.execut
 def wait_ready(proc: subprocess.Popen, what: str, timeout: float = 10.0) -> None:
     """Wait for a helper process's "READY" line; kill it and raise if it does not come."""
     assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    ready, _, _ = select.select([proc.stdout], [], [], scaled(timeout))
     line = proc.stdout.readline().strip() if ready else ""
     if line != "READY":
         proc.kill()
@@ -136,7 +137,7 @@ def probe_connect(src_pod: "Pod", uid: int, gid: int, dst_ip: str, dst_port: int
     elif proto != "tcp":
         raise ValueError(f"proto must be tcp or udp, not {proto!r}")
     started = time.monotonic()
-    proc = src_pod.run(argv, uid=uid, gid=gid, timeout=timeout * count + 15)
+    proc = src_pod.run(argv, uid=uid, gid=gid, timeout=timeout * count + scaled(15))
     if proc.returncode != 0:
         raise KernelError(f"probe client in pod {src_pod.name} failed ({proc.returncode}): "
                           f"{proc.stderr.strip()[-500:]}")
