@@ -36,6 +36,7 @@ EXPECTED_MODE: dict[str, tuple[tuple[int, int], str]] = {
     "6.12": ((6, 12), "cookie"),
 }
 
-#: what CI runs (`make test`): the pod-IP proof on 5.10 and one cookie kernel.
-#: The full six steps on every kernel are `make kernel-matrix` (tens of minutes under TCG).
-CI_MATRIX: dict[str, tuple[str, ...]] = {"5.10": ("probe", "demo"), "6.12": ("probe", "demo")}
+#: What CI runs (`make test`): the pod-IP proof on 5.10 (probe + demo) and the cookie-mode
+#: selection on 6.12 (probe). Under TCG every BCC compile costs minutes (5.10 probe + demo:
+#: 10 min on this loaded machine), so the full six steps on every kernel are `make kernel-matrix`.
+CI_MATRIX: dict[str, tuple[str, ...]] = {"5.10": ("probe", "demo"), "6.12": ("probe",)}

@@ -194,7 +194,8 @@ def prepare_guest(kernel_dir: str | None) -> list[str]:
         mods = Path("/lib/modules")
         mods.mkdir(parents=True, exist_ok=True)
         link = mods / release
-        if not link.exists():
+        if not link.exists():   # virtme-ng's own link points into /var/cache, hidden in the guest
+            link.unlink(missing_ok=True)
             link.symlink_to(f"{kernel_dir}/modules/lib/modules/{release}")
     if subprocess.run(["mountpoint", "-q", "/sys/fs/bpf"]).returncode != 0:
         subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], check=False)
