@@ -104,7 +104,7 @@ def detect_accel(vng: Path, kernel: GuestKernel, work: Path) -> str:
 
 
 def boot(vng: Path, kernel: GuestKernel, command: str, *, rwdir: Path, accel: str, timeout: float,
-         log_path: Path, cpus: int = 2, memory: str = "2G") -> tuple[int | None, float]:
+         log_path: Path, cpus: int = 2, memory: str = "3G") -> tuple[int | None, float]:
     """Boot ``kernel``, run ``command`` (a shell line) as root, power off.
 
     Returns (virtme-ng's exit code or None on timeout, seconds). The command's own verdict must
