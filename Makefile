@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo lint test bench bench-quick soak clean-host kernel-matrix
+.PHONY: setup demo lint test test-deep wheel bench bench-quick forwarder soak clean-host kubernetes cluster-up cluster-down kernel-matrix
 
 setup:
 	bash scripts/setup.sh all
@@ -16,7 +16,11 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-test: setup lint
+# The real Kubernetes 1.20.2 binaries (cached in /var/cache/istio-ebpf; ~15-20 min cold, instant warm).
+kubernetes:
+	bash scripts/build-kubernetes.sh
+
+test: setup lint kubernetes
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Every step on 5.10, 6.1, 6.12 (virtme-ng VMs) and this host; table in out/kernel-matrix/table.txt.
@@ -25,10 +29,34 @@ KERNELS ?= 5.10,6.1,6.12,host
 kernel-matrix: setup
 	$(VENV)/bin/istio-ebpf kernel-matrix --kernels $(KERNELS) --out out/kernel-matrix
 
-bench: setup
+# The in-kernel property test (Istio's iptables vs eBPF on random pod configurations) at depth,
+# in both modes; `make test` runs 40 fixed examples in the mode the probes select.
+test-deep: setup
+	CAPTURE_PROPERTY_EXAMPLES=400 CAPTURE_PROPERTY_MODE=cookie $(PY) -m pytest -x -p no:cacheprovider tests/test_capture_property.py
+	CAPTURE_PROPERTY_EXAMPLES=400 CAPTURE_PROPERTY_MODE=podip $(PY) -m pytest -x -p no:cacheprovider tests/test_capture_property.py
+
+# A real control plane on loopback for humans: `eval "$$(make -s cluster-up)"` sets KUBECONFIG.
+cluster-up: setup kubernetes
+	@$(PY) -m istio_ebpf_plugin.harness.control_plane up
+
+cluster-down: setup
+	@$(PY) -m istio_ebpf_plugin.harness.control_plane down
+
+# The release wheel (bpf/ and manifests/ inside as package data) in dist/.
+wheel: setup
+	rm -rf build dist/istio_ebpf-*.whl
+	$(VENV)/bin/pip wheel --no-deps -q -w dist .
+	rm -rf build
+	@ls dist/istio_ebpf-*.whl
+
+# The capture-only sidecar of the bench (tools/capture_forwarder.c), cached in /var/cache/istio-ebpf.
+forwarder:
+	bash scripts/build-forwarder.sh
+
+bench: setup forwarder
 	$(VENV)/bin/istio-ebpf bench --json out/bench.json --plot out/bench.png
 
-bench-quick: setup
+bench-quick: setup forwarder
 	$(VENV)/bin/istio-ebpf bench --quick --json out/bench-quick.json --plot out/bench-quick.png
 
 soak: setup
@@ -37,3 +65,8 @@ soak: setup
 # Removes whatever a crashed run may have left (only objects carrying our prefix).
 clean-host: setup
 	$(VENV)/bin/istio-ebpf harness-cleanup
+
+# A real node end to end (kubelet + containerd + the agent's DaemonSet pod); prints every step.
+e2e: setup
+	bash scripts/setup-node.sh
+	$(PY) -m pytest -x -s -p no:cacheprovider -m node_e2e tests/test_node_e2e.py $(PYTEST_ARGS)

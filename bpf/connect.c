@@ -11,7 +11,9 @@
  * Pod-IP mode (no netns cookie in sockops/getsockopt before 5.15): bind the
  * socket to the pod IP first, so the tuple Envoy sees is unique on the node.
  * If that bind is impossible the connection is refused (fail closed) rather
- * than left to collide with another pod's tuple.
+ * than left to collide with another pod's tuple. Cookie mode binds too, where
+ * it can: the source is then the pod IP, as under iptables.
+ * TCP captures also record the app's view (app_view) for sockname.c.
  */
 #include "outbound_policy.h"
 
@@ -45,8 +47,7 @@ static __always_inline void read_src6(struct bpf_sock *sk, __u32 *out)
     out[3] = sk->src_ip6[3];
 }
 
-#if !ISTIO_EBPF_COOKIE
-/* 1 = bound (or already bound to the pod IP), 0 = cannot make the tuple unique. */
+/* 1 = bound (or already bound to the pod IP), 0 = cannot (no pod IP, bound elsewhere). */
 static __always_inline int bind_pod_ip4(struct bpf_sock_addr *ctx, const struct pod_cfg *cfg)
 {
     struct bpf_sock *sk = ctx->sk;
@@ -84,7 +85,6 @@ static __always_inline int bind_pod_ip6(struct bpf_sock_addr *ctx, const struct 
     __builtin_memcpy(&sa.sin6_addr, want, 16);
     return bpf_bind(ctx, (struct sockaddr *)&sa, sizeof(sa)) == 0;
 }
-#endif
 
 static __always_inline __u16 target_port(int verdict)
 {
@@ -105,7 +105,56 @@ static __always_inline void count_verdict(int verdict)
         count(C_DNS_REDIRECT, 1);
 }
 
-/* The tail both connect hooks share: decide, bind (pod-IP mode), remember, redirect. */
+/* The source address the kernel would pick for f without the redirect, as
+ * the app sees it under iptables: the destination itself when it is one of
+ * the pod's IPs or ::6, loopback for other loopback destinations, the pod IP
+ * of the flow's family otherwise (family 0 = unknown: leave it alone).
+ * Returns 1 for a loopback source (nothing to bind in cookie mode). */
+static __always_inline int source_as_iptables(const struct pod_cfg *cfg, const struct flow *f,
+                                              struct ip_addr *local)
+{
+    if (is_own_ip(cfg->pod_id, &f->dst)) {
+        *local = f->dst;
+    } else if (flow_is_local(cfg, f)) {
+        local->family = f->dst.family;
+        if (f->dst.family == AF_INET)
+            local->a[0] = LOOPBACK4;
+        else
+            local->a[3] = f->dst.a[3] == bpf_htonl(6) ? f->dst.a[3] : bpf_htonl(1);
+        return 1;
+    } else if (f->dst.family == AF_INET) {
+        if (cfg->ip4) {
+            local->family = AF_INET;
+            local->a[0] = cfg->ip4;
+        }
+    } else if (cfg->ip6[0] | cfg->ip6[1] | cfg->ip6[2] | cfg->ip6[3]) {
+        local->family = AF_INET6;
+        local->a[0] = cfg->ip6[0]; local->a[1] = cfg->ip6[1];
+        local->a[2] = cfg->ip6[2]; local->a[3] = cfg->ip6[3];
+    }
+    return 0;
+}
+
+/* TCP: remember what getpeername/getsockname must answer (sockname.c). */
+static __always_inline void store_app_view(void *ctx, const struct flow *f, const struct ip_addr *local,
+                                           __u16 listener)
+{
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    struct app_view v = {};
+    v.peer.ip = f->dst;
+    v.peer.port = f->dport;
+    v.peer.listener = listener;
+    v.local = *local;
+    app_view.update(&cookie, &v);
+}
+
+/* The tail both connect hooks share: decide, bind, remember, redirect.
+ * Binding TCP to the pod IP makes the tuple unique in pod-IP mode (refused
+ * when impossible; a loopback destination then shows the pod IP to the
+ * listener, see README). In cookie mode it is what iptables gives too (the
+ * app's source, and the peer Envoy sees, is the pod IP), so a socket that
+ * cannot be bound (already bound to a port) just keeps loopback, and
+ * getsockname() restores the address. UDP DNS is never bound. */
 static __always_inline int capture(struct bpf_sock_addr *ctx, struct pod_cfg *cfg, struct flow *f,
                                    int ipv6, int mapped)
 {
@@ -113,14 +162,25 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, struct pod_cfg *cf
     int verdict = outbound_verdict(cfg, f, (__u32)ugid, (__u32)(ugid >> 32));
     if (verdict == V_PASS || (!f->tcp && verdict != V_DNS))
         return 1;
+    struct ip_addr local = {};
+    int loopback_src = f->tcp ? source_as_iptables(cfg, f, &local) : 1;
 #if !ISTIO_EBPF_COOKIE
-    if (verdict != V_DNS && !(ipv6 ? bind_pod_ip6(ctx, cfg, mapped) : bind_pod_ip4(ctx, cfg))) {
+    if (f->tcp && !(ipv6 ? bind_pod_ip6(ctx, cfg, mapped) : bind_pod_ip4(ctx, cfg))) {
         count(C_PODIP_BIND_FAIL, 1);
         return 0;
+    }
+#else
+    if (local.family != 0 && !loopback_src) {
+        if (ipv6)
+            bind_pod_ip6(ctx, cfg, mapped);
+        else
+            bind_pod_ip4(ctx, cfg);
     }
 #endif
     __u16 port = target_port(verdict);
     store_origin(ctx, f, port, !f->tcp);
+    if (f->tcp)
+        store_app_view(ctx, f, &local, port);
     redirect_to(ctx, ipv6, mapped, port);
     count_verdict(verdict);
     return 1;

@@ -4,7 +4,8 @@
  * Unconnected UDP to port 53 goes to 127.0.0.1:15053 (::1 for IPv6), as
  * ISTIO_OUTPUT_DNS does; replies coming back from 15053 get the original
  * server as their source again, as conntrack's reverse NAT would, and
- * getpeername() of a connected DNS socket names the original server. Connected
+ * getpeername() of a connected DNS socket names the original server (through
+ * sockname.c's getpeername hooks). Connected
  * UDP sockets are handled by the connect hooks (connect.c) and share the
  * dns_origin map.
  */
@@ -89,23 +90,11 @@ static __always_inline int restore6(struct bpf_sock_addr *ctx)
     struct origin *o = dns_origin.lookup(&cookie);
     if (!o)
         return 1;
-    if (o->ip.family == AF_INET) {
-        ctx->user_ip6[0] = 0;
-        ctx->user_ip6[1] = 0;
-        ctx->user_ip6[2] = bpf_htonl(0xffff);
-        ctx->user_ip6[3] = o->ip.a[0];
-    } else {
-        ctx->user_ip6[0] = o->ip.a[0];
-        ctx->user_ip6[1] = o->ip.a[1];
-        ctx->user_ip6[2] = o->ip.a[2];
-        ctx->user_ip6[3] = o->ip.a[3];
-    }
-    asm volatile("" ::: "memory");
+    put6(ctx, &o->ip);
     ctx->user_port = bpf_htons(o->port);
     return 1;
 }
 
 int ie_recvmsg4(struct bpf_sock_addr *ctx) { return restore4(ctx); }
 int ie_recvmsg6(struct bpf_sock_addr *ctx) { return restore6(ctx); }
-int ie_getpeername4(struct bpf_sock_addr *ctx) { return restore4(ctx); }
-int ie_getpeername6(struct bpf_sock_addr *ctx) { return restore6(ctx); }
+/* getpeername of a connected DNS socket: sockname.c calls restore4/restore6. */

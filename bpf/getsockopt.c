@@ -14,6 +14,9 @@
 #ifndef SOL_IPV6
 #define SOL_IPV6 41
 #endif
+#ifndef EPERM
+#define EPERM 1
+#endif
 
 int ie_getsockopt(struct bpf_sockopt *ctx)
 {
@@ -32,13 +35,7 @@ int ie_getsockopt(struct bpf_sockopt *ctx)
         k.ip.a[0] = sk->dst_ip4;
     } else {
         __u32 a0 = sk->dst_ip6[0], a1 = sk->dst_ip6[1], a2 = sk->dst_ip6[2], a3 = sk->dst_ip6[3];
-        if (a0 == 0 && a1 == 0 && a2 == bpf_htonl(0xffff)) {
-            k.ip.family = AF_INET;
-            k.ip.a[0] = a3;
-        } else {
-            k.ip.family = AF_INET6;
-            k.ip.a[0] = a0; k.ip.a[1] = a1; k.ip.a[2] = a2; k.ip.a[3] = a3;
-        }
+        ip_from6(&k.ip, a0, a1, a2, a3);
     }
     k.port = bpf_ntohs(sk->dst_port);
     struct origin *o = origin_by_tuple.lookup(&k);
@@ -48,6 +45,11 @@ int ie_getsockopt(struct bpf_sockopt *ctx)
              * dialled 15001 itself): answer EPERM. With conntrack active the
              * kernel would name the listener itself and Envoy would loop. */
             count(C_ORIGDST_MISS, 1);
+            /* Returning 0 alone is EPERM only where the kernel had no
+             * error of its own: since 5.19 an earlier error (ENOENT
+             * without conntrack) stands. Setting retval makes it EPERM
+             * everywhere (before 5.19 a 0 return is EPERM at once). */
+            ctx->retval = -EPERM;
             return 0;
         }
         return 1;   /* not ours: the kernel's answer stands */

@@ -3,7 +3,8 @@
  * The loader concatenates this header with one .c file per attach point into a
  * single BCC module, so each map below exists once and every program sees it.
  * Userspace (istio_ebpf_plugin/datapath/maps.py) mirrors these structs with
- * ctypes: change both together.
+ * ctypes: change both together (tests/test_maps_layout.py compares them with
+ * what BCC generates from this file).
  *
  * Compile-time switches (set by the loader):
  *   ISTIO_EBPF_COOKIE   1 = key connection state by netns cookie (kernel >= 5.15)
@@ -11,6 +12,7 @@
  *                           tuple is unique on the node without a cookie
  *   ISTIO_EBPF_SOCKMAP  1 = add app<->sidecar sockets to the sockhash for sk_msg
  *   MAX_PODS, MAX_CONNS, MAX_PORTS, MAX_CIDRS  map sizes (no silent small caps)
+ *   ISTIO_EBPF_COUNTERS number of counters (len(maps.COUNTERS))
  */
 #ifndef ISTIO_EBPF_MAPS_H
 #define ISTIO_EBPF_MAPS_H
@@ -157,6 +159,18 @@ IE_SOCKHASH(inbound_listeners, struct ip_addr, MAX_PODS * 4);
 /* UDP DNS redirected to 15053: original server per socket, for recvmsg. */
 BPF_TABLE("lru_hash", __u64, struct origin, dns_origin, MAX_CONNS);
 
+/* What a captured TCP socket's owner must see (sockname.c), keyed by the app
+ * socket's cookie, written by the connect hooks: getpeername() names the
+ * original destination, getsockname() the address the kernel would have
+ * chosen for it (the pod IP) as under iptables REDIRECT. local.family 0 =
+ * leave the local address alone (loopback destinations). Dropped with the
+ * socket (sock_release), LRU as a guard. */
+struct app_view {
+    struct origin peer;
+    struct ip_addr local;
+};
+BPF_TABLE("lru_hash", __u64, struct app_view, app_view, MAX_CONNS);
+
 #if ISTIO_EBPF_SOCKMAP
 /* app <-> sidecar sockets of one node, keyed by their own 4-tuple (+netns). */
 struct sock_key {
@@ -184,9 +198,15 @@ enum counter {
     C_SOCKMAP_MSGS,
     C_SOCKMAP_BYTES,
     C_RAW_SOCKET_DENIED,    /* raw TCP socket refused to a non-proxy UID */
+    C_APP_VIEW_RESTORED,    /* getpeername/getsockname answered as under iptables */
     C_MAX,
 };
-BPF_ARRAY(counters, __u64, 16);
+/* The loader passes len(maps.COUNTERS): a counter added on one side only fails the build. */
+#ifndef ISTIO_EBPF_COUNTERS
+#define ISTIO_EBPF_COUNTERS C_MAX
+#endif
+_Static_assert(ISTIO_EBPF_COUNTERS == C_MAX, "maps.COUNTERS and enum counter differ");
+BPF_ARRAY(counters, __u64, ISTIO_EBPF_COUNTERS);
 
 static __always_inline void count(__u32 idx, __u64 n)
 {
@@ -196,6 +216,37 @@ static __always_inline void count(__u32 idx, __u64 n)
 }
 
 /* ---- small helpers shared by the programs ---- */
+
+/* An IPv6 address as an ip_addr. IPv4-mapped (::ffff:a.b.c.d) becomes IPv4: IPv4 traffic on an
+ * IPv6 socket is decided and keyed as IPv4 (Envoy's IPv4 listener sees an IPv4 peer). 1 if mapped. */
+static __always_inline int ip_from6(struct ip_addr *ip, __u32 a0, __u32 a1, __u32 a2, __u32 a3)
+{
+    if (a0 == 0 && a1 == 0 && a2 == bpf_htonl(0xffff)) {
+        ip->family = AF_INET;
+        ip->a[0] = a3;
+        return 1;
+    }
+    ip->family = AF_INET6;
+    ip->a[0] = a0; ip->a[1] = a1; ip->a[2] = a2; ip->a[3] = a3;
+    return 0;
+}
+
+/* The reverse, into an IPv6 sock_addr context: IPv4 as ::ffff:a.b.c.d. */
+static __always_inline void put6(struct bpf_sock_addr *ctx, const struct ip_addr *ip)
+{
+    if (ip->family == AF_INET) {
+        ctx->user_ip6[0] = 0;
+        ctx->user_ip6[1] = 0;
+        ctx->user_ip6[2] = bpf_htonl(0xffff);
+        ctx->user_ip6[3] = ip->a[0];
+    } else {
+        ctx->user_ip6[0] = ip->a[0];
+        ctx->user_ip6[1] = ip->a[1];
+        ctx->user_ip6[2] = ip->a[2];
+        ctx->user_ip6[3] = ip->a[3];
+    }
+    asm volatile("" ::: "memory");
+}
 
 static __always_inline int is_loopback4(__u32 ip)
 {

@@ -140,14 +140,7 @@ static __always_inline int outbound_verdict(const struct pod_cfg *cfg, const str
 static __always_inline int read_dst6(struct bpf_sock_addr *ctx, struct ip_addr *dst)
 {
     __u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];
-    if (a0 == 0 && a1 == 0 && a2 == bpf_htonl(0xffff)) {
-        dst->family = AF_INET;
-        dst->a[0] = a3;
-        return 1;
-    }
-    dst->family = AF_INET6;
-    dst->a[0] = a0; dst->a[1] = a1; dst->a[2] = a2; dst->a[3] = a3;
-    return 0;
+    return ip_from6(dst, a0, a1, a2, a3);
 }
 
 /* Send the socket to a local listener: 127.0.0.1, ::ffff:127.0.0.1 on a

@@ -24,17 +24,9 @@ int ie_accel(struct sk_msg_md *msg)
     } else {
         __u32 r0 = msg->remote_ip6[0], r1 = msg->remote_ip6[1], r2 = msg->remote_ip6[2], r3 = msg->remote_ip6[3];
         __u32 l0 = msg->local_ip6[0], l1 = msg->local_ip6[1], l2 = msg->local_ip6[2], l3 = msg->local_ip6[3];
-        if (r0 == 0 && r1 == 0 && r2 == bpf_htonl(0xffff)) {
-            peer.local.family = AF_INET;
-            peer.local.a[0] = r3;
-            peer.remote.family = AF_INET;
-            peer.remote.a[0] = l3;
-        } else {
-            peer.local.family = AF_INET6;
-            peer.local.a[0] = r0; peer.local.a[1] = r1; peer.local.a[2] = r2; peer.local.a[3] = r3;
-            peer.remote.family = AF_INET6;
-            peer.remote.a[0] = l0; peer.remote.a[1] = l1; peer.remote.a[2] = l2; peer.remote.a[3] = l3;
-        }
+        /* both ends of a connection are IPv4-mapped or neither is */
+        ip_from6(&peer.local, r0, r1, r2, r3);
+        ip_from6(&peer.remote, l0, l1, l2, l3);
     }
     peer.local_port = bpf_ntohl(msg->remote_port);
     peer.remote_port = msg->local_port;

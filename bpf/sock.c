@@ -7,9 +7,9 @@
  * eBPF it would leave uncaptured, so it is refused instead (fail closed).
  * ICMP (ping) and UDP raw sockets are unaffected.
  *
- * sock_release: a captured connect that never completes (nothing listening
- * yet) leaves its original destination under the socket cookie; drop it with
- * the socket instead of waiting for LRU eviction.
+ * sock_release: a captured connect leaves its original destination (until
+ * it completes) and its app view (for its lifetime) under the socket cookie;
+ * drop them with the socket instead of waiting for LRU eviction.
  */
 #include "outbound_policy.h"
 
@@ -39,5 +39,6 @@ int ie_sock_release(struct bpf_sock *sk)
     __u64 cookie = bpf_get_socket_cookie(sk);
     origin_by_cookie.delete(&cookie);
     dns_origin.delete(&cookie);
+    app_view.delete(&cookie);
     return 1;
 }

@@ -30,12 +30,8 @@ static __always_inline void set_addr(struct ip_addr *ip, __u32 family, __u32 ip4
     if (family == AF_INET) {
         ip->family = AF_INET;
         ip->a[0] = ip4;
-    } else if (ip6[0] == 0 && ip6[1] == 0 && ip6[2] == bpf_htonl(0xffff)) {
-        ip->family = AF_INET;
-        ip->a[0] = ip6[3];
     } else {
-        ip->family = AF_INET6;
-        ip->a[0] = ip6[0]; ip->a[1] = ip6[1]; ip->a[2] = ip6[2]; ip->a[3] = ip6[3];
+        ip_from6(ip, ip6[0], ip6[1], ip6[2], ip6[3]);
     }
 }
 

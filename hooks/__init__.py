@@ -3,7 +3,7 @@
 Installed as ``istio_ebpf_plugin.hookspecs`` (never as a top-level ``hooks``
 module). Every hook name starts with ``istio_ebpf_``. A plugin is any module
 or object with functions marked ``@hookimpl`` (see
-:data:`istio_ebpf_plugin.install.manager.hookimpl`); third-party plugins
+:data:`istio_ebpf_plugin.plugin.hookimpl`); third-party plugins
 register through the entry-point group ``istio_ebpf``.
 
 Call order for the front ends:
@@ -21,25 +21,27 @@ uninstall_cleanup.
 
 ``status``: add_options -> plan_nodes -> status.
 
-``options`` is always the :class:`argparse.Namespace` of the command. Hooks
-reach the cluster only through :mod:`istio_ebpf_plugin.kube_api`.
+``options`` is always an :class:`istio_ebpf_plugin.plugin.Options` (defaults in one
+place; options a plugin added are attributes too). Hooks reach the cluster only
+through :mod:`istio_ebpf_plugin.kube_api`.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import pluggy
+from istio_ebpf_plugin.plugin import NAME as PROJECT
+from istio_ebpf_plugin.plugin import hookspec
 
 if TYPE_CHECKING:  # pragma: no cover
     import argparse
 
     from istio_ebpf_plugin.install.manifests import Document, Stream
-    from istio_ebpf_plugin.install.plan import NodePlan
+    from istio_ebpf_plugin.install.options import Options
     from istio_ebpf_plugin.install.pipeline import InjectorEdit
+    from istio_ebpf_plugin.install.plan import NodePlan
 
-PROJECT = "istio_ebpf"
-hookspec = pluggy.HookspecMarker(PROJECT)
+__all__ = ["PROJECT", "hookspec"]
 
 
 @hookspec
@@ -57,7 +59,7 @@ def istio_ebpf_add_options(parser: "argparse.ArgumentParser", command: str) -> N
 
 
 @hookspec(firstresult=True)
-def istio_ebpf_plan_nodes(nodes: list[dict[str, Any]], options: "argparse.Namespace") -> "list[NodePlan] | None":
+def istio_ebpf_plan_nodes(nodes: list[dict[str, Any]], options: "Options") -> "list[NodePlan] | None":
     """Decide the capture mode of every node (the rollout plan).
 
     When: by ``install`` and ``status`` with the cluster's nodes, and by
@@ -73,7 +75,7 @@ def istio_ebpf_plan_nodes(nodes: list[dict[str, Any]], options: "argparse.Namesp
 
 
 @hookspec
-def istio_ebpf_edit_injector_config(edit: "InjectorEdit", options: "argparse.Namespace") -> None:
+def istio_ebpf_edit_injector_config(edit: "InjectorEdit", options: "Options") -> None:
     """Change the injector's ``config`` (templates, defaultTemplates) for install.
 
     When: by ``render`` and ``install``, once per ``istio-sidecar-injector[-<rev>]``
@@ -90,7 +92,7 @@ def istio_ebpf_edit_injector_config(edit: "InjectorEdit", options: "argparse.Nam
 
 
 @hookspec
-def istio_ebpf_revert_injector_config(edit: "InjectorEdit", options: "argparse.Namespace") -> None:
+def istio_ebpf_revert_injector_config(edit: "InjectorEdit", options: "Options") -> None:
     """Undo :func:`istio_ebpf_edit_injector_config` for uninstall.
 
     When: by ``uninstall``, once per injector ConfigMap, in reverse
@@ -106,7 +108,7 @@ def istio_ebpf_revert_injector_config(edit: "InjectorEdit", options: "argparse.N
 
 @hookspec
 def istio_ebpf_live_patches(configmap: dict[str, Any], edit: "InjectorEdit",
-                            options: "argparse.Namespace") -> list[dict[str, Any]]:
+                            options: "Options") -> list[dict[str, Any]]:
     """RFC 6902 JSON patch operations for one live injector ConfigMap.
 
     When: by ``install`` and ``uninstall`` after the edit/revert hooks, once per
@@ -125,7 +127,7 @@ def istio_ebpf_live_patches(configmap: dict[str, Any], edit: "InjectorEdit",
 
 
 @hookspec
-def istio_ebpf_agent_manifests(options: "argparse.Namespace",
+def istio_ebpf_agent_manifests(options: "Options",
                                plan: "list[NodePlan] | None") -> "list[Document]":
     """Extra Kubernetes objects to ship with the mesh (the node agent).
 
@@ -140,7 +142,7 @@ def istio_ebpf_agent_manifests(options: "argparse.Namespace",
 
 
 @hookspec
-def istio_ebpf_transform_manifests(stream: "Stream", options: "argparse.Namespace",
+def istio_ebpf_transform_manifests(stream: "Stream", options: "Options",
                                    plan: "list[NodePlan] | None") -> None:
     """Last look at the whole stream before it is written or applied.
 
@@ -156,7 +158,7 @@ def istio_ebpf_transform_manifests(stream: "Stream", options: "argparse.Namespac
 
 
 @hookspec
-def istio_ebpf_post_install(options: "argparse.Namespace", plan: "list[NodePlan] | None") -> None:
+def istio_ebpf_post_install(options: "Options", plan: "list[NodePlan] | None") -> None:
     """Work after the patches and manifests were applied (node labels, rollout wait).
 
     When: by ``install`` (not with ``--dry-run``), once, after every patch and
@@ -170,7 +172,7 @@ def istio_ebpf_post_install(options: "argparse.Namespace", plan: "list[NodePlan]
 
 
 @hookspec
-def istio_ebpf_status(options: "argparse.Namespace", plan: "list[NodePlan] | None") -> list[str]:
+def istio_ebpf_status(options: "Options", plan: "list[NodePlan] | None") -> list[str]:
     """Report what is installed and what is missing.
 
     When: by ``status``, once.
@@ -184,7 +186,7 @@ def istio_ebpf_status(options: "argparse.Namespace", plan: "list[NodePlan] | Non
 
 
 @hookspec
-def istio_ebpf_uninstall_cleanup(options: "argparse.Namespace") -> None:
+def istio_ebpf_uninstall_cleanup(options: "Options") -> None:
     """Remove what the plugin added besides the injector config (agent, labels, backups).
 
     When: by ``uninstall`` after the injector ConfigMaps were reverted (not with

@@ -5,10 +5,13 @@ installer's rollout plan (from ``status.nodeInfo.kernelVersion``):
 
 * ``cookie``      kernel >= 5.15: netns/socket cookie helpers exist in sockops,
                   sk_msg and cgroup getsockopt, so map keys carry the netns cookie.
-* ``podip``       5.7 <= kernel < 5.15: the connect hook binds the app socket to
+* ``podip``       5.9 <= kernel < 5.15: the connect hook binds the app socket to
                   the pod IP (``bpf_bind``) so tuples are unique per node.
-* ``unsupported`` below 5.7 (no ``bpf_get_netns_cookie`` in cgroup sock_addr
-                  programs): the node keeps iptables.
+* ``unsupported`` below 5.9: inbound capture needs sk_lookup (5.9), and hiding
+                  the redirect from applications (getpeername/getsockname as
+                  under iptables) needs the cgroup getpeername/getsockname
+                  hooks (5.8). A 5.7/5.8 kernel keeps iptables rather than
+                  show applications loopback addresses.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from .errors import UsageError
 
 MODES = ("cookie", "podip", "unsupported")
 COOKIE_MIN = (5, 15)
-PODIP_MIN = (5, 7)
+PODIP_MIN = (5, 9)
 
 # major.minor[.patch[.extra]] followed by anything a distribution appends
 # ("-1034-aws", ".el8_8.x86_64", "+", "-microsoft-standard-WSL2").

@@ -1,271 +1,421 @@
-"""The one module that talks to the Kubernetes API.
+"""The one module that talks to the Kubernetes API (in the manner of kopf's ``_cogs/clients``).
 
-Everything else (installer, node agent) calls the functions here, so tests
-replace the API by replacing this module's functions and nothing else.
-Objects cross this boundary as plain dicts, exactly as the API serves them.
+Everything else (installer, node agent) calls the functions at the bottom; they all go through
+one backend object, so tests swap the API with :func:`use_backend` and nothing else. Objects
+cross this boundary as plain dicts, exactly as the API serves them.
+
+The real backend speaks HTTP with urllib3 directly: explicit connect/read timeouts, TCP
+keep-alive (a silent API server or a dead NAT entry is noticed), no hidden retries (the
+callers retry with backoff and know what they retry). The ``kubernetes`` package is used
+for what it does well: reading in-cluster and kubeconfig credentials.
+
+Errors are classes (:func:`classify_api_error`): permanent (retrying cannot help),
+temporary (retry with backoff), a conflict (re-read and retry), Gone (relist); the
+original exception is always chained as the cause.
 """
 
-# --- node agent ---
-# The agent needs: its node's pods (list + watch with resourceVersion, bookmarks,
-# 410 Gone), a patch of its own Node's labels/annotations, and Events.
-import json as _json
-import os as _os
-from typing import Any as _Any, Iterator as _Iterator
+from __future__ import annotations
 
-from .errors import PermanentError as _PermanentError, TemporaryError as _TemporaryError
+import datetime
+import json
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+from urllib.parse import quote, urlencode
+
+from .errors import IstioEbpfError, PermanentError, TemporaryError
+
+#: ``fieldManager`` of every write (managedFields show who changed what).
+FIELD_MANAGER = "istio-ebpf"
+INSTALLER_FIELD_MANAGER = FIELD_MANAGER
+#: Istio's injector ConfigMaps carry these labels (istiod chart 1.14 to master): list only those.
+INJECTOR_SELECTOR = "operator.istio.io/component=Pilot,istio.io/rev"
+INJECTOR_NAME = "istio-sidecar-injector"
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 30.0
+#: A watch stream may stay silent until the server ends it after timeoutSeconds; past this
+#: margin the server (or the path to it) is dead and the watch is restarted.
+WATCH_READ_MARGIN = 30.0
+PAGE_SIZE = 100
+IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 
-class ResourceGone(_TemporaryError):
+# ---------------------------------------------------------------------------------- errors
+class ResourceGone(TemporaryError):
     """The watch's resourceVersion is too old (HTTP 410): list again."""
 
 
-def _core_v1() -> _Any:
-    from kubernetes import client, config
+class ConcurrentEditError(TemporaryError):
+    """The object changed since we read it (409, or 422 from a failed JSON-patch ``test``): re-read, retry."""
 
+
+class Forbidden(PermanentError):
+    """401/403: credentials or RBAC. Retrying soon cannot help."""
+
+
+class NotFound(PermanentError):
+    """404."""
+
+
+class ApiStatusError(Exception):
+    """A non-2xx answer of the API server (what the real backend raises before classification)."""
+
+    def __init__(self, status: int, reason: str, body: str, retry_after: float | None = None) -> None:
+        super().__init__(f"HTTP {status} {reason}")
+        self.status, self.reason, self.body, self.retry_after = status, reason, body, retry_after
+
+
+def _status_message(body: str) -> tuple[str, list]:
     try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config(config_file=_os.environ.get("KUBECONFIG"))
-    return client.CoreV1Api()
+        data = json.loads(body)
+    except (ValueError, TypeError):
+        return "", []
+    if not isinstance(data, dict):
+        return "", []
+    causes = (data.get("details") or {}).get("causes") or []
+    return str(data.get("message") or ""), causes if isinstance(causes, list) else []
 
 
-def _classify(exc: Exception, what: str) -> Exception:
-    status = getattr(exc, "status", None)
-    if status == 410:
-        return ResourceGone(f"{what}: resourceVersion too old (410 Gone)")
-    if status in (400, 401, 403, 404, 422):
-        return _PermanentError(f"{what}: HTTP {status} {getattr(exc, 'reason', '')}".strip())
-    return _TemporaryError(f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-
-
-def list_node_pods(node_name: str) -> tuple[list[dict], str]:
-    """Pods bound to ``node_name`` and the list's resourceVersion."""
-    try:
-        resp = _core_v1().list_pod_for_all_namespaces(
-            field_selector=f"spec.nodeName={node_name}", _preload_content=False)
-        body = _json.loads(resp.data)
-    except Exception as exc:  # kubernetes raises ApiException / urllib3 errors
-        raise _classify(exc, "list pods") from None
-    return body.get("items") or [], str((body.get("metadata") or {}).get("resourceVersion", ""))
-
-
-def watch_node_pods(node_name: str, resource_version: str, timeout_seconds: int = 300) -> _Iterator[dict]:
-    """Watch events ``{"type": ADDED|MODIFIED|DELETED|BOOKMARK|ERROR, "object": {...}}``.
-
-    Ends when the server closes the stream (after ``timeout_seconds``); an
-    HTTP 410 when opening raises :class:`ResourceGone`, while a 410 inside the
-    stream arrives as an ERROR event whose object is a Status with code 410.
-    """
-    try:
-        resp = _core_v1().list_pod_for_all_namespaces(
-            field_selector=f"spec.nodeName={node_name}", resource_version=resource_version,
-            watch=True, allow_watch_bookmarks=True, timeout_seconds=timeout_seconds,
-            _preload_content=False)
-    except Exception as exc:
-        raise _classify(exc, "watch pods") from None
-    try:
-        for line in resp:
-            line = line.strip()
-            if line:
-                yield _json.loads(line)
-    finally:
-        resp.release_conn()
-
-
-def patch_node_metadata(node_name: str, labels: dict[str, str | None],
-                        annotations: dict[str, str | None]) -> None:
-    """Merge-patch the Node's labels/annotations (``None`` deletes a key)."""
-    body = {"metadata": {"labels": labels, "annotations": annotations}}
-    try:
-        _core_v1().patch_node(node_name, body)
-    except Exception as exc:
-        raise _classify(exc, f"patch node {node_name}") from None
-
-
-def create_event(namespace: str, involved: dict, reason: str, message: str,
-                 event_type: str = "Normal", component: str = "istio-ebpf-agent") -> None:
-    """A core/v1 Event about ``involved`` (``{"kind","name","namespace","uid"}``)."""
-    import datetime
-
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    name = f"{involved.get('name', 'node')}.{_os.urandom(6).hex()}"
-    body = {"apiVersion": "v1", "kind": "Event",
-            "metadata": {"name": name, "namespace": namespace},
-            "involvedObject": involved, "reason": reason, "message": message[:1024],
-            "type": event_type, "source": {"component": component},
-            "firstTimestamp": now, "lastTimestamp": now, "count": 1}
-    try:
-        _core_v1().create_namespaced_event(namespace, body)
-    except Exception as exc:
-        raise _classify(exc, "create event") from None
-
-def get_daemonset(namespace: str, name: str) -> dict | None:
-    """The DaemonSet as a dict, ``None`` when it does not exist (uninstalled)."""
-    try:
-        from kubernetes import client
-
-        _core_v1()  # loads the configuration
-        resp = client.AppsV1Api().read_namespaced_daemon_set(name, namespace, _preload_content=False)
-        return _json.loads(resp.data)
-    except Exception as exc:
-        if getattr(exc, "status", None) == 404:
-            return None
-        raise _classify(exc, f"get daemonset {namespace}/{name}") from None
-# --- end node agent ---
-
-
-# --- installer ---
-# `istio-ebpf install/uninstall/status` need: injector ConfigMaps (list, get, JSON
-# patch), a backup ConfigMap, Nodes (list, label), and the agent's objects
-# (server-side apply, get, delete). Calls go through one backend object so
-# unit tests swap the whole API here with use_installer_backend(fake).
-
-INSTALLER_FIELD_MANAGER = "istio-ebpf"
-
-
-class ConcurrentEditError(_TemporaryError):
-    """A JSON patch's ``test`` operation failed: someone changed the object meanwhile."""
-
-
-def classify_api_error(exc: Exception, what: str) -> Exception:
-    """kopf-style: PermanentError (retrying cannot help) or TemporaryError (retry later)."""
-    if isinstance(exc, (_PermanentError, _TemporaryError)):
+def classify_api_error(exc: Exception, what: str) -> IstioEbpfError:
+    """Map any client-side exception to our classes; the caller chains ``exc`` as the cause."""
+    if isinstance(exc, IstioEbpfError):
         return exc
     status = getattr(exc, "status", None)
-    body = str(getattr(exc, "body", "") or "")
+    if not isinstance(status, int):
+        # urllib3/socket/SSL errors: connection refused, reset, timeouts, a stream cut mid-chunk.
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return TemporaryError(f"{what}: {type(exc).__name__}: {first}".rstrip(": "))
     reason = str(getattr(exc, "reason", "") or "")
-    if status == 422 and "test" in body.lower() and "fail" in body.lower():
-        return ConcurrentEditError(f"{what}: changed concurrently (JSON patch test failed)")
-    if status in (409,):
-        return _TemporaryError(f"{what}: HTTP 409 conflict")
-    if status in (429, 500, 502, 503, 504):
-        return _TemporaryError(f"{what}: HTTP {status} {reason}".strip(), delay=2.0)
-    if isinstance(status, int) and 400 <= status < 500:
-        msg = ""
+    message, causes = _status_message(str(getattr(exc, "body", "") or ""))
+    detail = f"HTTP {status} {reason}".strip() + (f": {message}" if message else "")
+    if status == 410:
+        return ResourceGone(f"{what}: resourceVersion too old ({detail})")
+    if status == 409:
+        return ConcurrentEditError(f"{what}: changed concurrently ({detail})")
+    if status == 422 and not causes:
+        # A failed JSON-patch `test` (our resourceVersion guard) is a bare 422 without causes;
+        # an invalid object is a 422 naming its causes (fields), which retrying cannot fix.
+        return ConcurrentEditError(f"{what}: changed concurrently (JSON patch test failed: {detail})")
+    if status in (401, 403):
+        return Forbidden(f"{what}: {detail}")
+    if status == 404:
+        return NotFound(f"{what}: {detail}")
+    if status == 429 or status >= 500:
+        retry_after = getattr(exc, "retry_after", None)
+        return TemporaryError(f"{what}: {detail}", delay=float(retry_after or 2.0))
+    return PermanentError(f"{what}: {detail}")
+
+
+# ---------------------------------------------------------------------------------- connection
+@dataclass
+class _Connection:
+    server: str
+    pool: Any                                  # urllib3.PoolManager
+    auth_headers: Callable[[], dict[str, str]]  # Authorization (token refreshed by the kubernetes loader)
+
+
+_conn_lock = threading.Lock()
+_conn_cache: tuple[tuple, _Connection] | None = None
+
+
+def _config_key() -> tuple:
+    """What the connection was built from; a change (token rotated, kubeconfig rewritten) reloads it."""
+    def mtime(path: str) -> float:
         try:
-            msg = _json.loads(body).get("message", "")
-        except (ValueError, AttributeError):
-            msg = ""
-        return _PermanentError(f"{what}: HTTP {status} {reason}{': ' + msg if msg else ''}".strip())
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    return _TemporaryError(f"{what}: {type(exc).__name__}: {first}".rstrip(": "))
+            return os.stat(path).st_mtime
+        except OSError:
+            return 0.0
+
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(IN_CLUSTER_TOKEN):
+        return ("in-cluster", mtime(IN_CLUSTER_TOKEN))
+    path = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    return ("kubeconfig", path, mtime(path))
 
 
-class _KubernetesInstaller:
-    """The real backend: the kubernetes client, in-cluster config first, then kubeconfig."""
+def _keepalive_options() -> list[tuple[int, int, int]]:
+    from urllib3.connection import HTTPConnection
 
-    def __init__(self) -> None:
-        from kubernetes import client, config
+    opts = list(HTTPConnection.default_socket_options) + [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):
+            opts.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    return opts
 
+
+def _load_connection(key: tuple) -> _Connection:
+    import urllib3
+    from kubernetes import client, config
+
+    cfg = client.Configuration()
+    try:
+        if key[0] == "in-cluster":
+            config.load_incluster_config(client_configuration=cfg)
+        else:
+            config.load_kube_config(config_file=key[1], client_configuration=cfg)
+    except (config.ConfigException, OSError, TypeError, ValueError) as exc:
+        raise PermanentError(f"no Kubernetes configuration (in-cluster or kubeconfig {key[1]}): "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    pool = urllib3.PoolManager(
+        num_pools=2, maxsize=4, retries=False,   # urllib3 would retry 3 times silently: fail fast instead
+        timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT, read=READ_TIMEOUT),
+        socket_options=_keepalive_options(),
+        cert_reqs="CERT_REQUIRED" if cfg.verify_ssl else "CERT_NONE",
+        ca_certs=cfg.ssl_ca_cert, cert_file=cfg.cert_file, key_file=cfg.key_file)
+    def auth_headers() -> dict[str, str]:
+        # auth_settings() names the header across client versions (the token key moved in v35).
+        return {a["key"]: a["value"] for a in cfg.auth_settings().values()
+                if a.get("in") == "header" and a.get("value")}
+
+    return _Connection(cfg.host.rstrip("/"), pool, auth_headers)
+
+
+def _connection() -> _Connection:
+    global _conn_cache
+    key = _config_key()
+    with _conn_lock:
+        if _conn_cache is None or _conn_cache[0] != key:
+            _conn_cache = (key, _load_connection(key))
+        return _conn_cache[1]
+
+
+# ---------------------------------------------------------------------------------- resources
+# kind -> (plural, namespaced): the kinds we read and write. No discovery round trips.
+_RESOURCES: dict[str, tuple[str, bool]] = {
+    "Namespace": ("namespaces", False), "Node": ("nodes", False),
+    "ClusterRole": ("clusterroles", False), "ClusterRoleBinding": ("clusterrolebindings", False),
+    "ServiceAccount": ("serviceaccounts", True), "ConfigMap": ("configmaps", True), "Secret": ("secrets", True),
+    "Role": ("roles", True), "RoleBinding": ("rolebindings", True), "Service": ("services", True),
+    "DaemonSet": ("daemonsets", True), "Deployment": ("deployments", True), "Pod": ("pods", True),
+    "Event": ("events", True),
+}
+
+
+def resource_path(api_version: str, kind: str, namespace: str | None = None, name: str | None = None) -> str:
+    try:
+        plural, namespaced = _RESOURCES[kind]
+    except KeyError:
+        raise PermanentError(f"istio-ebpf does not manage objects of kind {kind!r}") from None
+    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    if namespaced and namespace:
+        base += f"/namespaces/{quote(namespace, safe='')}"
+    base += f"/{plural}"
+    return base + (f"/{quote(name, safe='')}" if name else "")
+
+
+class HttpBackend:
+    """The real API: one method per operation the product needs."""
+
+    def _request(self, method: str, path: str, query: dict[str, Any] | None = None, body: Any = None,
+                 content_type: str = "application/json", read_timeout: float | None = None,
+                 stream: bool = False) -> Any:
+        import urllib3
+
+        conn = _connection()
+        url = conn.server + path + ("?" + urlencode({k: v for k, v in (query or {}).items() if v is not None})
+                                    if query else "")
+        headers = {"Accept": "application/json", "User-Agent": "istio-ebpf", **conn.auth_headers()}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = content_type
+        timeout = urllib3.Timeout(connect=CONNECT_TIMEOUT, read=read_timeout or READ_TIMEOUT)
+        resp = conn.pool.request(method, url, body=data, headers=headers, timeout=timeout,
+                                 preload_content=not stream, redirect=False)
+        if resp.status >= 300:
+            text = resp.data.decode("utf-8", "replace") if not stream else resp.read().decode("utf-8", "replace")
+            retry = resp.headers.get("Retry-After")
+            if stream:
+                resp.release_conn()
+            raise ApiStatusError(resp.status, resp.reason or "", text,
+                                 float(retry) if retry and retry.isdigit() else None)
+        if stream:
+            return resp
+        return json.loads(resp.data) if resp.data else {}
+
+    def _list(self, path: str, query: dict[str, Any]) -> tuple[list[dict], str]:
+        """All pages of a list (``limit``/``continue``); items and the list's resourceVersion."""
+        items: list[dict] = []
+        cont = None
+        while True:
+            page = self._request("GET", path, {**query, "limit": PAGE_SIZE, "continue": cont})
+            items.extend(page.get("items") or [])
+            meta = page.get("metadata") or {}
+            cont = meta.get("continue")
+            if not cont:
+                return items, str(meta.get("resourceVersion", ""))
+
+    # ---- node agent
+    def list_node_pods(self, node_name: str) -> tuple[list[dict], str]:
+        # resourceVersion=0: served from the apiserver's watch cache (informers do the same), so a
+        # relist storm after a 410 does not reach etcd.
+        body = self._request("GET", "/api/v1/pods", {"fieldSelector": f"spec.nodeName={node_name}",
+                                                     "resourceVersion": "0"})
+        return body.get("items") or [], str((body.get("metadata") or {}).get("resourceVersion", ""))
+
+    def watch_node_pods(self, node_name: str, resource_version: str, timeout_seconds: int) -> Iterator[dict]:
+        resp = self._request("GET", "/api/v1/pods", {
+            "fieldSelector": f"spec.nodeName={node_name}", "watch": "1", "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true", "timeoutSeconds": str(timeout_seconds)},
+            read_timeout=timeout_seconds + WATCH_READ_MARGIN, stream=True)
         try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            try:
-                config.load_kube_config(config_file=_os.environ.get("KUBECONFIG"))
-            except (config.ConfigException, OSError, TypeError) as exc:
-                raise _PermanentError(f"no Kubernetes configuration (in-cluster or kubeconfig): {exc}") from None
-        self.api = client.ApiClient()
-        self.core = client.CoreV1Api(self.api)
+            buf = b""
+            for chunk in resp.stream(65536):
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if line.strip():
+                        yield json.loads(line)
+            if buf.strip():
+                yield json.loads(buf)
+        finally:
+            resp.release_conn()
 
-    def _json(self, resp: _Any) -> _Any:
-        return _json.loads(resp.data)
+    def patch_node_metadata(self, node_name: str, labels: dict, annotations: dict) -> dict:
+        return self._request("PATCH", resource_path("v1", "Node", name=node_name), {"fieldManager": FIELD_MANAGER},
+                             {"metadata": {"labels": labels, "annotations": annotations}},
+                             "application/merge-patch+json")
 
-    def list_configmaps(self) -> list[dict]:
-        return self._json(self.core.list_config_map_for_all_namespaces(_preload_content=False)).get("items") or []
+    def create_event(self, namespace: str, involved: dict, reason: str, message: str, event_type: str,
+                     component: str) -> None:
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {"apiVersion": "v1", "kind": "Event",
+                "metadata": {"name": f"{involved.get('name', 'node')}.{os.urandom(6).hex()}", "namespace": namespace},
+                "involvedObject": involved, "reason": reason, "message": message[:1024], "type": event_type,
+                "source": {"component": component}, "reportingComponent": component,
+                "firstTimestamp": now, "lastTimestamp": now, "count": 1}
+        self._request("POST", resource_path("v1", "Event", namespace), {"fieldManager": FIELD_MANAGER}, body)
+
+    def get_daemonset(self, namespace: str, name: str) -> dict | None:
+        return self.get("apps/v1", "DaemonSet", namespace, name)
+
+    # ---- installer
+    def list_configmaps(self, label_selector: str) -> list[dict]:
+        return self._list("/api/v1/configmaps", {"labelSelector": label_selector})[0]
 
     def get_configmap(self, namespace: str, name: str) -> dict | None:
-        from kubernetes.client.exceptions import ApiException
+        return self.get("v1", "ConfigMap", namespace, name)
 
+    def json_patch_configmap(self, namespace: str, name: str, ops: list[dict]) -> dict:
+        return self._request("PATCH", resource_path("v1", "ConfigMap", namespace, name),
+                             {"fieldManager": FIELD_MANAGER}, ops, "application/json-patch+json")
+
+    def apply(self, body: dict) -> dict:
+        # Server-side apply (beta and on by default since 1.16, GA in 1.22): we own our fields only.
+        meta = body.get("metadata") or {}
+        path = resource_path(body["apiVersion"], body["kind"], meta.get("namespace"), meta["name"])
+        return self._request("PATCH", path, {"fieldManager": FIELD_MANAGER, "force": "true"}, body,
+                             "application/apply-patch+yaml")   # JSON is YAML
+
+    def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict | None:
         try:
-            return self._json(self.core.read_namespaced_config_map(name, namespace, _preload_content=False))
-        except ApiException as exc:
+            return self._request("GET", resource_path(api_version, kind, namespace, name))
+        except ApiStatusError as exc:
             if exc.status == 404:
                 return None
             raise
 
-    def json_patch_configmap(self, namespace: str, name: str, ops: list[dict]) -> dict:
-        # A list body makes the client send application/json-patch+json.
-        return self._json(self.core.patch_namespaced_config_map(name, namespace, ops, _preload_content=False))
-
-    def apply(self, body: dict) -> dict:
-        from kubernetes.dynamic import DynamicClient
-
-        dyn = DynamicClient(self.api)
-        res = dyn.resources.get(api_version=body["apiVersion"], kind=body["kind"])
-        ns = (body.get("metadata") or {}).get("namespace") if res.namespaced else None
-        out = dyn.server_side_apply(res, body=body, namespace=ns, field_manager=INSTALLER_FIELD_MANAGER,
-                                    force_conflicts=True)
-        return out.to_dict()
-
-    def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict | None:
-        from kubernetes.dynamic import DynamicClient
-        from kubernetes.dynamic.exceptions import NotFoundError
-
-        dyn = DynamicClient(self.api)
-        res = dyn.resources.get(api_version=api_version, kind=kind)
-        try:
-            return dyn.get(res, name=name, namespace=namespace if res.namespaced else None).to_dict()
-        except NotFoundError:
-            return None
-
     def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> bool:
-        from kubernetes.dynamic import DynamicClient
-        from kubernetes.dynamic.exceptions import NotFoundError
-
-        dyn = DynamicClient(self.api)
-        res = dyn.resources.get(api_version=api_version, kind=kind)
         try:
-            dyn.delete(res, name=name, namespace=namespace if res.namespaced else None)
+            self._request("DELETE", resource_path(api_version, kind, namespace, name), None,
+                          {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"})
             return True
-        except NotFoundError:
-            return False
+        except ApiStatusError as exc:
+            if exc.status == 404:
+                return False
+            raise
 
     def list_nodes(self) -> list[dict]:
-        return self._json(self.core.list_node(_preload_content=False)).get("items") or []
+        return self._list("/api/v1/nodes", {})[0]
 
     def patch_node_labels(self, name: str, labels: dict[str, str | None]) -> None:
-        self.core.patch_node(name, {"metadata": {"labels": labels}})
+        self._request("PATCH", resource_path("v1", "Node", name=name), {"fieldManager": FIELD_MANAGER},
+                      {"metadata": {"labels": labels}}, "application/merge-patch+json")
+
+    def list_pods(self, namespace: str, label_selector: str) -> list[dict]:
+        return self._list(resource_path("v1", "Pod", namespace), {"labelSelector": label_selector})[0]
 
 
-_installer_backend: _Any = None
+# ---------------------------------------------------------------------------------- the seam
+_backend_override: Any = None
+_default_backend = HttpBackend()
 
 
-def use_installer_backend(backend: _Any) -> _Any:
-    """Replace the installer's API backend (tests pass a fake); returns the previous one."""
-    global _installer_backend
-    previous, _installer_backend = _installer_backend, backend
+def use_backend(backend: Any) -> Any:
+    """Replace the API backend (tests pass a fake; ``None`` restores the real one); returns the previous one."""
+    global _backend_override
+    previous, _backend_override = _backend_override, backend
     return previous
 
 
-def _installer() -> _Any:
-    global _installer_backend
-    if _installer_backend is None:
-        try:
-            _installer_backend = _KubernetesInstaller()
-        except ImportError as exc:  # pragma: no cover - kubernetes is a dependency
-            raise _PermanentError(f"the kubernetes client is not installed: {exc}") from None
-    return _installer_backend
+#: Older name of the same seam.
+use_installer_backend = use_backend
 
 
-def _call(what: str, fn: str, *args: _Any) -> _Any:
-    backend = _installer()
+def _backend() -> Any:
+    return _backend_override if _backend_override is not None else _default_backend
+
+
+def _call(what: str, method: str, *args: Any) -> Any:
     try:
-        return getattr(backend, fn)(*args)
-    except (_PermanentError, _TemporaryError):
+        return getattr(_backend(), method)(*args)
+    except IstioEbpfError:
         raise
-    except Exception as exc:  # ApiException, urllib3 and socket errors
-        raise classify_api_error(exc, what) from None
+    except Exception as exc:  # ApiStatusError, urllib3, socket and SSL errors
+        raise classify_api_error(exc, what) from exc
 
 
+# ---------------------------------------------------------------------------------- node agent
+def list_node_pods(node_name: str) -> tuple[list[dict], str]:
+    """Pods bound to ``node_name`` and the list's resourceVersion."""
+    return _call("list pods", "list_node_pods", node_name)
+
+
+def watch_node_pods(node_name: str, resource_version: str, timeout_seconds: int = 300) -> Iterator[dict]:
+    """Watch events ``{"type": ADDED|MODIFIED|DELETED|BOOKMARK|ERROR, "object": {...}}``.
+
+    Ends when the server closes the stream (after ``timeout_seconds``). An HTTP 410 when opening
+    raises :class:`ResourceGone`, a 410 inside the stream arrives as an ERROR event (code 410),
+    and a stream cut mid-chunk raises :class:`TemporaryError`.
+    """
+    stream = _call("watch pods", "watch_node_pods", node_name, resource_version, timeout_seconds)
+    try:
+        yield from stream
+    except IstioEbpfError:
+        raise
+    except Exception as exc:
+        raise classify_api_error(exc, "watch pods") from exc
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+
+
+def patch_node_metadata(node_name: str, labels: dict[str, str | None],
+                        annotations: dict[str, str | None]) -> dict | None:
+    """Merge-patch the Node's labels/annotations (``None`` deletes a key); the Node as patched."""
+    return _call(f"patch node {node_name}", "patch_node_metadata", node_name, labels, annotations)
+
+
+def create_event(namespace: str, involved: dict, reason: str, message: str,
+                 event_type: str = "Normal", component: str = "istio-ebpf-agent") -> None:
+    """A core/v1 Event about ``involved`` (``{"kind", "name", "namespace", "uid"}``)."""
+    _call("create event", "create_event", namespace, involved, reason, message, event_type, component)
+
+
+def get_daemonset(namespace: str, name: str) -> dict | None:
+    """The DaemonSet as a dict, ``None`` when it does not exist (uninstalled)."""
+    return _call(f"get daemonset {namespace}/{name}", "get_daemonset", namespace, name)
+
+
+# ---------------------------------------------------------------------------------- installer
 def list_injector_configmaps() -> list[dict]:
-    """Every ``istio-sidecar-injector[-<rev>]`` ConfigMap in the cluster."""
-    items = _call("list configmaps", "list_configmaps")
-    out = []
-    for cm in items:
-        name = (cm.get("metadata") or {}).get("name", "")
-        if name == "istio-sidecar-injector" or name.startswith("istio-sidecar-injector-"):
-            out.append(cm)
-    return out
+    """Every ``istio-sidecar-injector[-<rev>]`` ConfigMap, selected by Istio's labels, page by page."""
+    items = _call("list injector configmaps", "list_configmaps", INJECTOR_SELECTOR)
+    return [cm for cm in items
+            if (name := (cm.get("metadata") or {}).get("name", "")) == INJECTOR_NAME
+            or name.startswith(INJECTOR_NAME + "-")]
 
 
 def get_configmap(namespace: str, name: str) -> dict | None:
@@ -273,7 +423,7 @@ def get_configmap(namespace: str, name: str) -> dict | None:
 
 
 def json_patch_configmap(namespace: str, name: str, ops: list[dict]) -> dict:
-    """Apply RFC 6902 ``ops``; :class:`ConcurrentEditError` when a ``test`` fails."""
+    """Apply RFC 6902 ``ops``; :class:`ConcurrentEditError` when a ``test`` fails or on a conflict."""
     return _call(f"patch configmap {namespace}/{name}", "json_patch_configmap", namespace, name, ops)
 
 
@@ -298,4 +448,7 @@ def list_nodes() -> list[dict]:
 def label_node(name: str, labels: dict[str, str | None]) -> None:
     """Merge-patch node labels (``None`` removes one)."""
     _call(f"label node {name}", "patch_node_labels", name, labels)
-# --- end installer ---
+
+
+def list_pods(namespace: str, label_selector: str) -> list[dict]:
+    return _call(f"list pods in {namespace}", "list_pods", namespace, label_selector)

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 
 APT_PACKAGES=(python3-bpfcc bpfcc-tools bpftool libbpf1 linux-headers-amd64 iptables iproute2 procps util-linux
-              python3-venv python3-dev wrk hey iperf3 golang-go make ca-certificates)
+              python3-venv python3-dev wrk hey iperf3 golang-go make ca-certificates gcc libc6-dev)
 
 apt_install() {
   local missing=()
@@ -41,9 +41,13 @@ python_env() {
 }
 
 host_runtime() {
-  # bpffs for pinned programs and maps.
-  if ! mountpoint -q /sys/fs/bpf; then
-    mkdir -p /sys/fs/bpf && mount -t bpf bpf /sys/fs/bpf
+  # bpffs for pinned programs and maps. Check the file system type, not `mountpoint`: in the
+  # DaemonSet's init container /sys/fs/bpf is kubelet's bind mount of the host directory, a
+  # mount point whether or not bpffs is mounted on the host.
+  local bpffs=${BPFFS:-/sys/fs/bpf}
+  if [ "$(stat -f -c %T "$bpffs" 2>/dev/null)" != bpf_fs ]; then
+    mkdir -p "$bpffs" && mount -t bpf bpf "$bpffs"
+    echo "setup: mounted bpffs at $bpffs"
   fi
   # BCC compiles against /lib/modules/$(uname -r)/build. When the running kernel has no
   # header package (true on this VM), link the newest installed Debian headers: the

@@ -51,8 +51,7 @@ def _agent_run(pods: list[dict], by_uid: dict[str, str], pin_root: str, cgroup: 
     kube = FakeKube(NODE)
     for p in pods:
         kube.add(p)
-    for name in ("list_node_pods", "watch_node_pods", "patch_node_metadata", "create_event", "get_daemonset"):
-        setattr(kube_api, name, getattr(kube, name))
+    kube_api.use_backend(kube)
     rss_start = _rss_kib()
     t0 = time.monotonic()
     agent = NodeAgent(AgentConfig(node_name=NODE, mode_override=mode, pin_root=pin_root, cgroup_root=cgroup,
@@ -78,7 +77,7 @@ def _agent_run(pods: list[dict], by_uid: dict[str, str], pin_root: str, cgroup: 
 
 def measure(n: int = 500, mode: str = "cookie") -> dict:
     from istio_ebpf_plugin.datapath.loader import cleanup_pins
-    from istio_ebpf_plugin.harness.names import cgroup_v2_root
+    from istio_ebpf_plugin.datapath.host import require_cgroup_v2_root as cgroup_v2_root
 
     token = uuid.uuid4().hex[:6]
     names = [f"ie-{token}-{i}" for i in range(n)]

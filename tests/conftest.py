@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -16,8 +15,6 @@ from istio_ebpf_plugin.harness import Node, cleanup, names
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("dev", deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
-
-ISTIO_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "istio"
 
 
 def _require_root() -> None:
@@ -55,3 +52,11 @@ def _no_harness_leftovers() -> Iterator[None]:
     if problems:
         pytest.fail(f"test session left harness objects behind: {problems} "
                     f"(remove with: .venv/bin/istio-ebpf harness-cleanup)", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def kube_control_plane():
+    """A real Kubernetes 1.20.2 control plane (etcd, apiserver, controller-manager, scheduler) on loopback."""
+    from kube_cluster import start_control_plane
+
+    yield from start_control_plane()

@@ -1,7 +1,7 @@
 """A stand-in for the Kubernetes API, used by tests, the soak test and local runs.
 
-It replaces only the node-agent functions of :mod:`istio_ebpf_plugin.kube_api`
-(``install()`` monkeypatches them), keeps pods in memory with increasing
+It is a backend of :mod:`istio_ebpf_plugin.kube_api` (``install()`` or ``kube_api.use_backend``)
+with the node agent's operations only, keeps pods in memory with increasing
 resourceVersions, and streams watch events to the agent like the API server
 does: events after a given resourceVersion, bookmarks on demand, and
 ``ERROR 410`` when the watcher asks for a resourceVersion that was compacted.
@@ -19,10 +19,10 @@ from typing import Any, Iterator
 
 import yaml
 
-from istio_ebpf_plugin import PROJECT_ROOT, kube_api
+from istio_fixtures import FIXTURES
+from istio_ebpf_plugin import kube_api
 from istio_ebpf_plugin.agent.pod_spec import pod_from_manifest
 
-FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures" / "istio"
 
 
 def fixture_pod(relpath: str, name: str, node: str, ips: list[str], uid: str | None = None,
@@ -46,6 +46,7 @@ class FakeKube:
         self.pods: dict[str, dict[str, Any]] = {}              # uid -> pod
         self.history: list[dict[str, Any]] = []               # watch events, each with its rv
         self.compacted_below = 0                              # rvs below this answer 410
+        self.node_uid = str(uuid.uuid4())
         self.node_labels: dict[str, str] = {}
         self.node_annotations: dict[str, str] = {}
         self.events: list[dict[str, Any]] = []
@@ -58,9 +59,8 @@ class FakeKube:
 
     # ------------------------------------------------------------------ install
     def install(self, monkeypatch: Any) -> "FakeKube":
-        for name in ("list_node_pods", "watch_node_pods", "patch_node_metadata", "create_event",
-                     "get_daemonset"):
-            monkeypatch.setattr(kube_api, name, getattr(self, name))
+        """Be kube_api's backend for one test (its one seam; monkeypatch restores the real one)."""
+        monkeypatch.setattr(kube_api, "_backend_override", self)
         return self
 
     # ------------------------------------------------------------------ mutations (the "cluster")
@@ -140,7 +140,7 @@ class FakeKube:
             while not self._injected.empty():
                 yield self._injected.get_nowait()
 
-    def patch_node_metadata(self, node_name: str, labels: dict, annotations: dict) -> None:
+    def patch_node_metadata(self, node_name: str, labels: dict, annotations: dict) -> dict:
         if self.fail_patch:
             self.fail_patch -= 1
             from istio_ebpf_plugin.errors import TemporaryError
@@ -151,6 +151,8 @@ class FakeKube:
                     target.pop(k, None)
                 else:
                     target[k] = v
+        return {"metadata": {"name": node_name, "uid": self.node_uid, "labels": dict(self.node_labels),
+                             "annotations": dict(self.node_annotations)}}
 
     def create_event(self, namespace: str, involved: dict, reason: str, message: str,
                      event_type: str = "Normal", component: str = "istio-ebpf-agent") -> None:

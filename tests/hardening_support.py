@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from istio_ebpf_plugin.harness import names
-from istio_ebpf_plugin.harness.node import delete_netns, kill_cgroup, kill_netns_processes, remove_cgroup
+from istio_ebpf_plugin.datapath.topology import delete_netns, kill_cgroup, kill_netns_processes, remove_cgroup
 from istio_ebpf_plugin.harness.probe import PYTHON
 
 ESCAPE_CLIENT = r"""
@@ -136,16 +136,17 @@ def run_escape(pod, args: dict, uid: int | None, gid: int | None = None, *, pref
 def outcome(rec: dict, src_pod) -> tuple:
     """(listener, whose listener, original destination) with the pod name made relative.
 
-    As in harness.capture_cases: without an SO_ORIGINAL_DST answer the socket's local
-    address stands (what sk_lookup steering and Envoy's original_dst filter rely on)."""
+    As in harness.capture_cases, SO_ORIGINAL_DST is taken strictly: without an answer the
+    outcome says so (``errno N``); the socket's local address never stands in for it (under
+    sk_lookup it is the original destination, which would hide a lost answer)."""
     who = rec.get("pod")
     if who is not None:
         who = "self" if who == src_pod.name else who
     orig = None
     if rec.get("listener") in ("outbound", "inbound"):
-        orig = tuple(rec.get("orig_dst") or rec.get("local") or ()) or None
+        orig = tuple(rec["orig_dst"]) if rec.get("orig_dst") else f"errno {rec.get('orig_dst_errno')}"
         own = {src_pod.ipv4: "<own IPv4>", src_pod.ipv6: "<own IPv6>"}
-        if orig and orig[0] in own:
+        if isinstance(orig, tuple) and orig[0] in own:
             orig = (own[orig[0]], *orig[1:])
     return (rec.get("listener"), who, orig)
 

@@ -14,6 +14,8 @@ FEATURE_SINCE: dict[str, tuple[int, int]] = {
     "getsockopt_prog": (5, 3),                     # BPF_PROG_TYPE_CGROUP_SOCKOPT
     "cgroup_sock_addr_netns_cookie": (5, 7),       # bpf_get_netns_cookie in sock_addr
     "cgroup_sock_addr_ancestor_cgroup": (5, 7),    # bpf_get_current_ancestor_cgroup_id in sock_addr
+    "cgroup_getpeername": (5, 8),                  # BPF_CGROUP_INET{4,6}_GETPEERNAME
+    "cgroup_getsockname": (5, 8),                  # BPF_CGROUP_INET{4,6}_GETSOCKNAME
     "sk_lookup_assign": (5, 9),                    # BPF_PROG_TYPE_SK_LOOKUP + bpf_sk_assign
     "so_netns_cookie": (5, 14),                    # getsockopt(SO_NETNS_COOKIE)
     "sockops_netns_cookie": (5, 15),

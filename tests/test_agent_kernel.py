@@ -127,8 +127,7 @@ def _child_agent(pods: list[dict], node_name: str, cfg_kwargs: dict) -> None:
     kube = FakeKube(node_name)
     for p in pods:
         kube.add(p)
-    for name in ("list_node_pods", "watch_node_pods", "patch_node_metadata", "create_event", "get_daemonset"):
-        setattr(kube_api, name, getattr(kube, name))
+    kube_api.use_backend(kube)
     cgroups = cfg_kwargs.pop("cgroups")
     agent = NodeAgent(AgentConfig(cgroup_for_uid=cgroups.get, **cfg_kwargs))
     agent.start(serve=False)

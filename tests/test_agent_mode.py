@@ -22,7 +22,9 @@ TABLE = [
     ("5.10.162+", "podip"),
     ("5.14.0-362.8.1.el9_3.x86_64", "podip"),          # RHEL 9
     ("5.4.0-1103-azure", "unsupported"),
-    ("5.7.0", "podip"),
+    ("5.7.0", "unsupported"),                           # no sk_lookup, no getpeername/getsockname hooks
+    ("5.8.18", "unsupported"),                          # no sk_lookup
+    ("5.9.0", "podip"),
     ("5.6.19-300.fc32.x86_64", "unsupported"),
     ("6.1.0-18-amd64", "cookie"),                       # Debian 12
     ("6.18.0", "cookie"),

@@ -11,13 +11,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from istio_fixtures import FIXTURES
 from istio_ebpf_plugin.agent import pod_spec
 from istio_ebpf_plugin.agent.pod_spec import (
     A_EXCLUDE_CIDRS, A_EXCLUDE_IN_PORTS, A_EXCLUDE_OUT_PORTS, A_INCLUDE_CIDRS, A_INCLUDE_IN_PORTS,
     A_INCLUDE_OUT_PORTS, A_PROXY_CONFIG, A_STATUS_PORT, init_args, pod_config, pod_from_manifest)
 from istio_ebpf_plugin.errors import UsageError
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "istio"
 INJECTED = sorted(FIXTURES.glob("*/inject/*.injected"))
 
 

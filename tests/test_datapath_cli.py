@@ -21,7 +21,8 @@ def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("release,mode", [
     ("5.15.0-1034-aws", "cookie"), ("5.10.198-187.748.amzn2.x86_64", "podip"),
     ("4.18.0-477.27.1.el8_8.x86_64", "unsupported"), ("6.8.0-1015-gke", "cookie"),
-    ("5.15.90.1-microsoft-standard-WSL2", "cookie"), ("5.10.162+", "podip"), ("5.7.0", "podip"),
+    ("5.15.90.1-microsoft-standard-WSL2", "cookie"), ("5.10.162+", "podip"), ("5.7.0", "unsupported"),
+    ("5.9.1", "podip"),
     ("5.6.19", "unsupported"), ("5.14.21-150400.24.46-default", "podip"),
 ])
 def test_probe_version_rule_json(release, mode):

@@ -13,6 +13,7 @@ docs/hardening.md lists the outcomes.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -26,6 +27,8 @@ from istio_ebpf_plugin.datapath.podconfig import PodConfig, ip_list
 from istio_ebpf_plugin.harness import Node
 from istio_ebpf_plugin.harness.probe import PYTHON, start_probe_server
 
+from datapath_modes import host_mode
+from polling import wait_for
 from hardening_support import ESCAPE_CLIENT, RAW_SYN, SYN_SNIFFER, outcome, run_escape
 
 pytestmark = pytest.mark.kernel
@@ -45,7 +48,7 @@ class Lab:
                         start_probe_server(self.dst, targets=(8080,), udp_targets=(5353,))]
         self.ipt.apply_istio_iptables(self.cfg[self.ipt])
         dp.attach_cgroup(str(node.group_cgroup("ebpf")))
-        self.handle = dp.add_pod(self.bpf.netns_path, self.cfg[self.bpf])
+        self.handle = dp.add_pod(self.bpf.netns_path, self.cfg[self.bpf], str(self.bpf.cgroup_path))
 
     @property
     def pods(self):
@@ -60,7 +63,7 @@ class Lab:
 def lab():
     if os.geteuid() != 0:
         pytest.skip("needs root: network namespaces, cgroups and BPF are created for real")
-    dp = Datapath(mode="cookie", pin_root=f"/sys/fs/bpf/istio-ebpf-test-{uuid.uuid4().hex[:8]}")
+    dp = Datapath(mode=host_mode(), pin_root=f"/sys/fs/bpf/istio-ebpf-test-{uuid.uuid4().hex[:8]}")
     try:
         with Node() as node:
             dp.load()
@@ -87,14 +90,18 @@ def test_app_connects_straight_to_sidecar_port(lab, port):
     """App -> 127.0.0.1:15001/15006: neither mechanism captures lo for apps, so the connection
     reaches the listener as itself. What Envoy then learns as original destination differs:
     iptables' conntrack answers SO_ORIGINAL_DST with the listener's own address
-    (127.0.0.1:<port>), eBPF has no entry and the kernel's ENOENT stands. Either way no
-    upstream address is learned (see test_app_to_envoy_port_real_envoy for what Envoy does)."""
+    (127.0.0.1:<port>), eBPF has no entry and fails closed with EPERM (bpf/getsockopt.c), as
+    the README promises. Either way no upstream address is learned (see
+    test_app_to_envoy_port_real_envoy for what Envoy does)."""
+    misses = lab.dp.counters()["origdst_miss"]
     recs = lab.both({"dst": "127.0.0.1", "port": port}, APP)
     for p in lab.pods:
         assert recs[p]["listener"] == ("outbound" if port == 15001 else "inbound")
         assert recs[p]["pod"] == p.name
     assert recs[lab.ipt]["orig_dst"] == ["127.0.0.1", port]
-    assert recs[lab.bpf]["orig_dst"] is None and recs[lab.bpf]["orig_dst_errno"] == 2   # ENOENT
+    assert recs[lab.bpf]["orig_dst"] is None
+    assert recs[lab.bpf]["orig_dst_errno"] == errno.EPERM, errno.errorcode.get(recs[lab.bpf]["orig_dst_errno"])
+    assert lab.dp.counters()["origdst_miss"] == misses + 1
 
 
 def test_bind_127_0_0_6_then_other_pod_stays_captured(lab):
@@ -106,9 +113,11 @@ def test_bind_127_0_0_6_then_other_pod_stays_captured(lab):
     assert recs[lab.ipt]["setup"]["bind"] == recs[lab.bpf]["setup"]["bind"] == "ok"
     assert recs[lab.ipt]["listener"] == "error" and recs[lab.ipt]["errno"] == "EINVAL"
     assert outcome(recs[lab.bpf], lab.bpf) == ("outbound", "self", (lab.dst.ipv4, 8080))
-    # ... and to the pod's own addresses it is Istio's passthrough (not captured) in both.
+    # ... and to the pod's own addresses it is Istio's passthrough (not captured) in both. The
+    # listener's SO_ORIGINAL_DST: conntrack names the listener itself, eBPF fails closed (EPERM).
     recs = {p: run_escape(p, {"dst": p.ipv4, "port": 15006, "bind": "127.0.0.6"}, APP) for p in lab.pods}
-    same(lab, recs)
+    assert outcome(recs[lab.ipt], lab.ipt) == ("inbound", "self", ("<own IPv4>", 15006))
+    assert outcome(recs[lab.bpf], lab.bpf) == ("inbound", "self", f"errno {errno.EPERM}")
 
 
 @pytest.mark.parametrize("who", ["uid1000", "root-no-netadmin-no-netraw", "root-k8s-default-caps", "root"])
@@ -315,7 +324,7 @@ def envoy_lab():
         pytest.skip("needs root: network namespaces, cgroups and BPF are created for real")
     from istio_ebpf_plugin.harness.apps import start_http_server
 
-    dp = Datapath(mode="cookie", pin_root=f"/sys/fs/bpf/istio-ebpf-test-{uuid.uuid4().hex[:8]}")
+    dp = Datapath(mode=host_mode(), pin_root=f"/sys/fs/bpf/istio-ebpf-test-{uuid.uuid4().hex[:8]}")
     try:
         with Node() as node:
             dp.load()
@@ -324,7 +333,7 @@ def envoy_lab():
             envoys = {p: p.start_envoy() for p in (ipt, bpf)}
             ipt.apply_istio_iptables(PodConfig(pod_ips=ip_list(ipt.pod_ips)))
             dp.attach_cgroup(str(node.group_cgroup("ebpf")))
-            dp.add_pod(bpf.netns_path, PodConfig(pod_ips=ip_list(bpf.pod_ips)))
+            dp.add_pod(bpf.netns_path, PodConfig(pod_ips=ip_list(bpf.pod_ips)), str(bpf.cgroup_path))
             yield node, dp, ipt, bpf, dst, envoys
     finally:
         dp.close(cleanup=True)
@@ -346,15 +355,19 @@ def test_app_to_envoy_port_real_envoy(envoy_lab, port):
 
     node, dp, ipt, bpf, dst, envoys = envoy_lab
     before = {p: len(envoys[p].access_log()) for p in (ipt, bpf)}
+    misses = dp.counters()["origdst_miss"]
     res, took = {}, {}
     for p in (bpf, ipt):
         t0 = time.monotonic()
         res[p] = http_get(p, url_for("127.0.0.1", port), count=1, timeout=5)[0]
         took[p] = time.monotonic() - t0
-    time.sleep(0.5)
+    # Envoy writes the access log line when the request ends: wait for it, no fixed sleep.
+    wait_for(lambda: all(_new_entries(envoys[p], before[p]) for p in (ipt, bpf)), what="access log lines")
     new = {p: _new_entries(envoys[p], before[p]) for p in (ipt, bpf)}
     assert res[bpf]["status"] == 503, res
     assert len(new[bpf]) == 1 and new[bpf][0]["upstream_host"] in (None, "-", ""), new[bpf]
+    # The eBPF pod's Envoy asked once and was refused (EPERM): it had nothing to loop to.
+    assert dp.counters()["origdst_miss"] > misses
     assert res[ipt]["status"] != 200, res
     ipt_hosts = {e.get("upstream_host") for e in new[ipt]}
     assert ipt_hosts <= {f"127.0.0.1:{port}", None, "-", ""}, ipt_hosts      # only itself
@@ -382,5 +395,6 @@ def test_original_dst_miss_stays_an_error_with_conntrack_loaded(lab):
         rec = run_escape(lab.bpf, {"dst": "127.0.0.1", "port": 15001}, APP)
         assert rec["listener"] == "outbound"
         assert rec["orig_dst"] is None, f"SO_ORIGINAL_DST answered {rec['orig_dst']} for an uncaptured connection"
+        assert rec["orig_dst_errno"] == errno.EPERM, rec
     finally:
         lab.bpf.flush_iptables()

@@ -25,6 +25,7 @@ from istio_ebpf_plugin.errors import KernelError
 from istio_ebpf_plugin.harness.probe import PYTHON, start_probe_server
 
 from hardening_support import SYN_SNIFFER, ChurnPod, churn_ips
+from polling import wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -46,15 +47,6 @@ def make_dp():
     for dp in made:
         dp.close(cleanup=True)
         assert not dp.pin_dir.exists()
-
-
-def wait_for(cond, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # ---------------------------------------------------------------------------------------- bpffs
@@ -154,7 +146,8 @@ def test_conn_map_eviction_fails_closed(node, make_dp):
         client.stdin.write("go\n")
         client.stdin.flush()
         res = json.loads(client.stdout.readline())
-        time.sleep(0.5)
+        # Every connection has completed: an uncaptured SYN would already have been seen
+        # (the sniffer still drains 0.2 s after "stop").
         sniff.stdin.write("stop\n")
         sniff.stdin.flush()
         out, _ = sniff.communicate(timeout=70)
@@ -209,13 +202,15 @@ def test_envoy_restart_under_load_inbound_follows(node, make_dp):
     t = threading.Thread(target=load, daemon=True)
     t.start()
     try:
-        time.sleep(2)
+        wait_for(lambda: len(results) >= 20, timeout=30, what="traffic before the restart")
         n_before = len(results)
         t0 = time.monotonic()
         srv_env.stop()
         srv_env = srv.start_envoy()
         gap = time.monotonic() - t0
-        time.sleep(3)
+        n_restarted = len(results)
+        wait_for(lambda: sum(r.get("status") == 200 for r in results[n_restarted:]) >= 20, timeout=30,
+                 what="traffic through the restarted Envoy")
     finally:
         stop.set()
         t.join(60)
@@ -339,8 +334,7 @@ def _churn_agent(pods: list[dict], inbox, cfg_kwargs: dict, ready: str) -> None:
     kube = FakeKube(NODE)
     for p in pods:
         kube.add(p)
-    for name in ("list_node_pods", "watch_node_pods", "patch_node_metadata", "create_event", "get_daemonset"):
-        setattr(kube_api, name, getattr(kube, name))
+    kube_api.use_backend(kube)
 
     def feed():
         while True:

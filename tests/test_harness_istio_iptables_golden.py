@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from istio_fixtures import FIXTURES
 from istio_ebpf_plugin.datapath.podconfig import PodConfig
 from istio_ebpf_plugin.harness.istio_iptables import IstioIptablesFlags, render, render_for_pod
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "istio" / "master" / "iptables"
+IPTABLES_GOLDENS = FIXTURES / "master" / "iptables"
 ISTIO_DNS = dict(redirect_dns=True, dns_servers_v4=("127.0.0.53",))
 
 # Settings of Istio's capture tests (tools/istio-iptables/pkg/capture), as described in the fixtures README.
@@ -50,14 +51,14 @@ def golden_body(path: Path) -> str:
 @pytest.mark.parametrize("name", sorted(CAPTURE_CASES))
 def test_capture_golden(name: str) -> None:
     v4, v6 = render(CAPTURE_CASES[name])
-    assert v4 + v6 == golden_body(FIXTURES / "istio-iptables-capture" / f"{name}.golden")
+    assert v4 + v6 == golden_body(IPTABLES_GOLDENS / "istio-iptables-capture" / f"{name}.golden")
 
 
 @pytest.mark.parametrize("name", sorted(CNI_CASES))
 def test_cni_plugin_golden(name: str) -> None:
     v4, v6 = render_for_pod(CNI_CASES[name], ipv6=False)
     assert v6 == ""
-    assert v4 == (FIXTURES / "cni-plugin" / f"{name}.txt.golden").read_text()
+    assert v4 == (IPTABLES_GOLDENS / "cni-plugin" / f"{name}.txt.golden").read_text()
 
 
 def test_ipv6_rules_mirror_ipv4_with_v6_addresses() -> None:

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import jsonpatch
 import pytest
 
+from istio_fixtures import FIXTURES
 from istio_ebpf_plugin import NODE_MODE_LABEL, kube_api
 from istio_ebpf_plugin.cli import main
+from istio_ebpf_plugin.errors import TemporaryError
 from istio_ebpf_plugin.install import injector_config
 from istio_ebpf_plugin.install.plugin import BACKUP_CONFIGMAP, INSTALLED_ANNOTATION
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "istio"
 CONFIG = (FIXTURES / "master" / "rendered" / "istio-sidecar-injector.config.yaml").read_text()
 CONFIG_114 = (FIXTURES / "v1.14.0" / "rendered" / "istio-sidecar-injector.config.yaml").read_text()
 
@@ -54,7 +54,8 @@ class FakeCluster:
     def __init__(self, configs: dict[str, str], kernels: dict[str, str]) -> None:
         self.configmaps = {("istio-system", name): {
             "apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": name, "namespace": "istio-system", "resourceVersion": "1"},
+            "metadata": {"name": name, "namespace": "istio-system", "resourceVersion": "1",
+                         "labels": {"operator.istio.io/component": "Pilot", "istio.io/rev": "default"}},
             "data": {"config": cfg, "values": "{}"}} for name, cfg in configs.items()}
         self.nodes = {n: {"metadata": {"name": n, "labels": {}}, "status": {"nodeInfo": {"kernelVersion": k}}}
                       for n, k in kernels.items()}
@@ -62,9 +63,9 @@ class FakeCluster:
         self.patches: list[tuple[str, list]] = []
         self.before_patch = None  # callable run before a patch is applied (concurrent editor)
 
-    def list_configmaps(self):
-        return [copy.deepcopy(c) for c in self.configmaps.values()] + \
-            [copy.deepcopy(o) for k, o in self.objects.items() if k[1] == "ConfigMap"]
+    def list_configmaps(self, label_selector):
+        assert label_selector == kube_api.INJECTOR_SELECTOR
+        return [copy.deepcopy(c) for c in self.configmaps.values()]
 
     def get_configmap(self, ns, name):
         cm = self.configmaps.get((ns, name))
@@ -107,6 +108,9 @@ class FakeCluster:
     def list_nodes(self):
         return [copy.deepcopy(n) for n in self.nodes.values()]
 
+    def list_pods(self, namespace, label_selector):
+        return []   # no kubelet here: a DaemonSet never has pods
+
     def patch_node_labels(self, name, labels):
         current = self.nodes[name]["metadata"]["labels"]
         for k, v in labels.items():
@@ -146,9 +150,10 @@ def test_install_patches_every_revision_applies_agent_labels_nodes(cluster, caps
         assert injector_config.is_installed(cfg)
         ann = cluster.configmaps[("istio-system", name)]["metadata"]["annotations"]
         assert len(ann[INSTALLED_ANNOTATION]) == 64
-    # Every replace was guarded by a test of the old value.
+    # Every patch is guarded by a test of the resourceVersion it was computed from.
     for _, ops in cluster.patches:
-        assert ops[0]["op"] == "test" and ops[0]["path"] == "/data/config" and ops[1]["op"] == "replace"
+        assert ops[0] == {"op": "test", "path": "/metadata/resourceVersion", "value": "1"}
+        assert ops[1]["op"] == "replace" and ops[1]["path"] == "/data/config"
     assert ("apps/v1", "DaemonSet", "istio-ebpf-test", "istio-ebpf-agent") in cluster.objects
     backup = cluster.objects[("v1", "ConfigMap", "istio-system", BACKUP_CONFIGMAP)]
     assert backup["data"]["istio-sidecar-injector"] == CONFIG
@@ -183,6 +188,7 @@ def test_concurrent_edit_fails_the_test_op_then_retry_succeeds(cluster, capsys):
     def someone_else(fake):
         cm = fake.configmaps[("istio-system", "istio-sidecar-injector")]
         cm["data"]["config"] = cm["data"]["config"].replace("policy: enabled", "policy: disabled")
+        cm["metadata"]["resourceVersion"] = str(int(cm["metadata"]["resourceVersion"]) + 1)
 
     cluster.before_patch = someone_else
     assert main(["install", "--timeout", "0"]) == 0
@@ -243,10 +249,11 @@ def test_cluster_errors_are_classified(cluster, capsys):
     assert main(["status"]) == 1
     err = capsys.readouterr().err
     assert "HTTP 403" in err and "forbidden" in err and err.count("\n") == 1
-    assert isinstance(kube_api.classify_api_error(ApiError(503), "x"), kube_api._TemporaryError)
-    assert isinstance(kube_api.classify_api_error(ConnectionError("refused"), "x"), kube_api._TemporaryError)
+    assert isinstance(kube_api.classify_api_error(ApiError(503), "x"), TemporaryError)
+    assert isinstance(kube_api.classify_api_error(ConnectionError("refused"), "x"), TemporaryError)
     assert isinstance(kube_api.classify_api_error(
-        ApiError(422, '{"message": "test failed"}'), "x"), kube_api.ConcurrentEditError)
+        ApiError(422, '{"message": "the server rejected our request due to an error in our request"}'), "x"),
+        kube_api.ConcurrentEditError)
 
 
 def test_garbage_kernel_and_bad_mode_exit_2(cluster, capsys):
@@ -264,3 +271,27 @@ def test_mode_override_labels_every_node(cluster):
     assert {n["metadata"]["labels"][NODE_MODE_LABEL] for n in cluster.nodes.values()} == {"podip"}
     ds = cluster.objects[("apps/v1", "DaemonSet", "istio-ebpf-test", "istio-ebpf-agent")]
     assert {"name": "ISTIO_EBPF_MODE", "value": "podip"} in ds["spec"]["template"]["spec"]["containers"][0]["env"]
+
+
+def test_install_without_agent_manifests_changes_nothing(cluster, tmp_path, monkeypatch, capsys):
+    before = copy.deepcopy(cluster.configmaps)
+    monkeypatch.setenv("ISTIO_EBPF_MANIFESTS_DIR", str(tmp_path / "absent"))
+    assert main(["install", "--timeout", "0"]) == 2
+    err = capsys.readouterr().err.splitlines()   # the rollout plan table, then the error
+    assert err[-1].startswith("istio-ebpf: error: agent manifests not found")
+    assert not any("error" in line for line in err[:-1])
+    assert cluster.configmaps == before and cluster.patches == [] and cluster.objects == {}
+
+
+def test_install_image_flag_and_environment(cluster, monkeypatch):
+    def images():
+        ds = cluster.objects[("apps/v1", "DaemonSet", "istio-ebpf-test", "istio-ebpf-agent")]
+        return {c["image"] for c in ds["spec"]["template"]["spec"]["containers"]}
+
+    monkeypatch.setenv("ISTIO_EBPF_IMAGE", "registry.example/env:2")
+    assert main(["install", "--timeout", "0"]) == 0
+    assert images() == {"registry.example/env:2"}
+    assert main(["install", "--timeout", "0", "--image", "registry.example/flag:3"]) == 0
+    assert images() == {"registry.example/flag:3"}
+    assert main(["install", "--timeout", "0", "--image", "bad ref"]) == 2
+    assert images() == {"registry.example/flag:3"}

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import kubernetes_validate
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from istio_ebpf_plugin import MANIFESTS_DIR
+from istio_fixtures import FIXTURES
+from istio_ebpf_plugin import PROJECT_ROOT
 from istio_ebpf_plugin.errors import UsageError
 from istio_ebpf_plugin.install import injector_config, manifests, plan
 import strategic_merge
 
+MANIFESTS_DIR = PROJECT_ROOT / "manifests"
+
 K8S_VERSION = kubernetes_validate.latest_version()
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "istio"
 CONFIG = (FIXTURES / "master" / "rendered" / "istio-sidecar-injector.config.yaml").read_text()
 
 

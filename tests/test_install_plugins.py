@@ -7,6 +7,7 @@ import sys
 import types
 
 import pytest
+from istio_fixtures import FIXTURES
 
 from istio_ebpf_plugin import hookspecs
 from istio_ebpf_plugin.errors import UsageError
@@ -86,10 +87,7 @@ def test_third_party_plugin_from_entry_point_sees_and_changes_the_config(monkeyp
     assert pm.get_plugin("thirdparty") is mod and pm.get_plugin("ebpf") is plugin
     from istio_ebpf_plugin.install.pipeline import edit_config
 
-    from pathlib import Path
-
-    config = (Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "istio" / "master"
-              / "rendered" / "istio-sidecar-injector.config.yaml").read_text()
+    config = (FIXTURES / "master" / "rendered" / "istio-sidecar-injector.config.yaml").read_text()
     edit = edit_config(pm, "istio-sidecar-injector", "istio-system", config, options=None)
     assert edit.config.endswith("# touched by third party") and "\ntemplates:\n  ebpf: |\n" in edit.config
     monkeypatch.setenv(manager.BLOCK_ENV, "thirdparty")

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from istio_ebpf_plugin import MANIFESTS_DIR
+from istio_fixtures import FIXTURES
+from istio_ebpf_plugin import PROJECT_ROOT
 from istio_ebpf_plugin.cli import main
 from istio_ebpf_plugin.install import injector_config, manifests
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "istio"
+MANIFESTS_DIR = PROJECT_ROOT / "manifests"
+
 ROOT = Path(__file__).resolve().parents[1]
 GOLDENS = [FIXTURES / "master" / "manifest-generate" / "output" / "pilot_default.golden.yaml",
            FIXTURES / "master" / "manifest-generate" / "output" / "sidecar_template.golden.yaml",
@@ -234,3 +236,21 @@ def test_real_manifests_dir_is_rendered_when_present(capsys, monkeypatch):
         assert [d.text for d in docs[len(docs) - len(agent):]] == [d.text for d in agent]
     else:  # manifests/ still empty: nothing appended
         assert len(docs) == len(manifests.split(GOLDENS[0].read_text()).documents)
+
+
+def test_release_image_follows_the_package_version_and_a_site_image_stays(agent_dir, tmp_path, capsys, monkeypatch):
+    from istio_ebpf_plugin import __version__
+
+    monkeypatch.delenv("ISTIO_EBPF_IMAGE", raising=False)
+    assert main(["render", "-f", str(GOLDENS[0])]) == 0   # the site's own image: kept byte for byte
+    assert "image: example.invalid/istio-ebpf:test\n" in capsys.readouterr().out
+    (agent_dir / "10-agent.yaml").write_text(AGENT.replace("example.invalid/istio-ebpf:test",
+                                                           "ghcr.io/istio-ebpf/agent:0.0.1"))
+    assert main(["render", "-f", str(GOLDENS[0])]) == 0   # an older release tag: this version's
+    out = capsys.readouterr().out
+    assert f"image: ghcr.io/istio-ebpf/agent:{__version__}\n" in out and "agent:0.0.1" not in out
+    monkeypatch.delenv("ISTIO_EBPF_MANIFESTS_DIR")
+    assert main(["render", "-f", str(GOLDENS[0])]) == 0   # the shipped manifests already carry it
+    daemonset = (MANIFESTS_DIR / "daemonset.yaml").read_text()
+    assert daemonset.count(f"image: ghcr.io/istio-ebpf/agent:{__version__}\n") == 2
+    assert daemonset in capsys.readouterr().out

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
+from istio_fixtures import FIXTURES
 from istio_ebpf_plugin import NODE_MODE_LABEL, OPT_IN_ANNOTATION, OPT_IN_VALUE
 import strategic_merge
 from istio_ebpf_plugin.install import gotemplate, injector_config
@@ -22,7 +23,6 @@ from istio_ebpf_plugin.install import template as tpl
 
 from install_gorender import GO_BUILTINS, STUB_FUNCTIONS, GoRenderer, go_binary
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "istio"
 VERSIONS = ("master", "v1.14.0")
 VALIDATION_FLAGS = ("--run-validation", "--skip-rule-apply")
 EBPF_TERM = {"key": NODE_MODE_LABEL, "operator": "In", "values": ["cookie", "podip"]}

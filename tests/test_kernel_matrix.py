@@ -36,10 +36,11 @@ def test_kernels_before_5_7_keep_iptables(release, version):
 
 @pytest.mark.parametrize("release,version", [("5.7.0-3-amd64", (5, 7)), ("5.8.0-3-amd64", (5, 8))])
 def test_5_7_and_5_8_have_no_sk_lookup_so_they_keep_iptables(release, version):
-    # The version rule alone says podip; the sk_lookup probe fails there (5.9), so inbound
-    # capture is impossible and the agent refuses instead of capturing half the traffic.
-    assert mode_for_release(release) == "podip"
-    mode, reason = select_mode(release, features_for(version))
+    # sk_lookup (inbound capture) arrived in 5.9: the rule keeps iptables there, and even an
+    # operator forcing pod-IP mode is refused by the probe instead of capturing outbound only.
+    assert mode_for_release(release) == "unsupported"
+    assert select_mode(release, features_for(version))[0] == "unsupported"
+    mode, reason = select_mode(release, features_for(version), override="podip")
     assert mode == "unsupported"
     assert "sk_lookup_assign" in reason and "keeping iptables" in reason
 
@@ -50,6 +51,13 @@ def test_rule_and_probes_agree_from_5_9(version, expected):
     release = f"{version[0]}.{version[1]}.0-1-amd64"
     mode, reason = select_mode(release, features_for(version))
     assert mode == expected and "all probes passed" in reason
+
+
+def test_every_probe_has_its_upstream_release():
+    from istio_ebpf_plugin.datapath import probe
+
+    # so_netns_cookie is a getsockopt on a socket, not a program: the one non-BPF probe
+    assert set(FEATURE_SINCE) == set(probe._PROBES) | {"so_netns_cookie"}
 
 
 def test_cookie_kernel_with_a_missing_cookie_helper_falls_back_to_podip():

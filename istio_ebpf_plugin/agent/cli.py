@@ -11,6 +11,7 @@ import sys
 import threading
 
 from .. import kernel
+from ..datapath.host import DEFAULT_PIN_ROOT
 from ..errors import UsageError
 
 
@@ -26,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="this node's name (default: $NODE_NAME, else the hostname)")
     p.add_argument("--mode", default=os.environ.get("ISTIO_EBPF_MODE", "auto"),
                    help="auto|cookie|podip|unsupported: operator override of the mode (default auto)")
-    p.add_argument("--pin-root", default="/sys/fs/bpf/istio-ebpf",
+    p.add_argument("--pin-root", default=DEFAULT_PIN_ROOT,
                    help="bpffs directory for pins (versioned subdirectories below it)")
     p.add_argument("--cgroup-root", default=os.environ.get("ISTIO_EBPF_CGROUP_ROOT"),
                    help="cgroup v2 directory the programs attach to (default: kubepods under the v2 mount)")

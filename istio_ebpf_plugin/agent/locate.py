@@ -6,6 +6,13 @@ container process of the pod lists that directory in ``/proc/<pid>/cgroup``;
 its ``/proc/<pid>/ns/net`` is the pod's network namespace (every container,
 the pause one included, shares it).
 
+Under a private cgroup namespace (what containerd gives a non-privileged
+container on a pure cgroup v2 host) the kernel writes those paths relative to
+the *reader's* namespace root: ``0::/../../pod<uid>/<container>``. Joining that
+onto the mount finds nothing, so such a path is resolved by name instead: the
+pod's directory is looked up below ``search_root`` (the ``kubepods`` parent the
+agent attaches to), matching the components after the last ``..``.
+
 Tests and the local harness name cgroups differently, so ``cgroup_for_uid``
 can be injected: it maps a UID to a cgroup directory, and the processes are
 then taken from that directory's ``cgroup.procs``.
@@ -29,11 +36,21 @@ class PodLocation:
     netns_inode: int      # identity of the namespace (stable while it lives)
 
 
+def mount_of(path: str) -> str:
+    """The mount point holding ``path`` (the cgroup v2 mount for an attach directory)."""
+    p = os.path.abspath(path)
+    while p != "/" and not os.path.ismount(p):
+        p = os.path.dirname(p)
+    return p
+
+
 class PodLocator:
     def __init__(self, proc_root: str = "/proc", cgroup_root: str = "/sys/fs/cgroup",
-                 cgroup_for_uid: Callable[[str], str | None] | None = None) -> None:
+                 cgroup_for_uid: Callable[[str], str | None] | None = None,
+                 search_root: str | None = None) -> None:
         self.proc_root = Path(proc_root)
-        self.cgroup_root = Path(cgroup_root)
+        self.cgroup_root = Path(cgroup_root)     # the cgroup v2 mount the paths are relative to
+        self.search_root = Path(search_root) if search_root else self.cgroup_root
         self.cgroup_for_uid = cgroup_for_uid
         self._index: dict[str, PodLocation] = {}
         self._index_time = -1e9
@@ -67,6 +84,7 @@ class PodLocator:
 
     def _rescan(self, now: float) -> None:
         index: dict[str, PodLocation] = {}
+        pod_dirs: dict[str, list[Path]] | None = None   # built once, only if a path needs it
         for pid in self._pids():
             try:
                 text = (self.proc_root / str(pid) / "cgroup").read_text()
@@ -83,13 +101,48 @@ class PodLocator:
                         uid = m.group(1).replace("_", "-")
                         if uid not in index:
                             ns = self._netns(pid)
-                            if ns:
-                                index[uid] = PodLocation(str(self.cgroup_root.joinpath(*parts[:i + 1])),
-                                                         ns[0], pid, ns[1])
+                            if ".." in parts[:i]:
+                                if pod_dirs is None:
+                                    pod_dirs = self._pod_dirs()
+                                cg = self._resolve_relative(parts[:i + 1], pod_dirs)
+                            else:
+                                cg = self.cgroup_root.joinpath(*parts[:i + 1])
+                            if ns and cg is not None:
+                                index[uid] = PodLocation(str(cg), ns[0], pid, ns[1])
                         break
         self._index, self._index_time = index, now
 
     # ------------------------------------------------------------------ helpers
+    SEARCH_DEPTH = 4   # kubepods[.slice]/<qos>/pod<uid>: room for one more level (a cgroupRoot)
+
+    def _pod_dirs(self) -> dict[str, list[Path]]:
+        """Directory name -> paths, for every pod-named directory below search_root."""
+        found: dict[str, list[Path]] = {}
+        level = [self.search_root]
+        for _ in range(self.SEARCH_DEPTH):
+            nxt: list[Path] = []
+            for d in level:
+                try:
+                    entries = list(os.scandir(d))
+                except OSError:
+                    continue
+                for e in entries:
+                    if e.is_dir(follow_symlinks=False):
+                        p = Path(e.path)
+                        if self._POD_UID.search(e.name):
+                            found.setdefault(e.name, []).append(p)
+                        else:
+                            nxt.append(p)
+            level = nxt
+        return found
+
+    @staticmethod
+    def _resolve_relative(parts: list[str], pod_dirs: dict[str, list[Path]]) -> Path | None:
+        """``[.., .., besteffort, pod<uid>]`` -> the one directory ending in ``besteffort/pod<uid>``."""
+        tail = parts[len(parts) - parts[::-1].index("..") :]
+        hits = [p for p in pod_dirs.get(tail[-1], []) if list(p.parts[-len(tail):]) == tail]
+        return hits[0] if len(hits) == 1 else None
+
     def _netns(self, pid: int) -> tuple[str, int] | None:
         path = self.proc_root / str(pid) / "ns" / "net"
         try:

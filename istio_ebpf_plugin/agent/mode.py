@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .. import kernel
-from ..datapath import probe
+from ..datapath import host, probe
 from ..errors import UsageError
 
 
@@ -29,12 +28,10 @@ class ModeDecision:
     sockmap: bool = False      # acceleration allowed by the probes (still opt-in)
 
 
-def find_cgroup2(candidates: tuple[str, ...] = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")) -> str | None:
+def find_cgroup2() -> str | None:
     """The cgroup v2 mount (pure v2 or the hybrid 'unified' mount), ``None`` without one."""
-    for path in candidates:
-        if Path(path, "cgroup.subtree_control").exists() and Path(path, "cgroup.procs").exists():
-            return path
-    return None
+    root = host.cgroup_v2_root()
+    return str(root) if root is not None else None
 
 
 def decide(release: str | None = None, override: str | None = None,

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from .. import NODE_MODE_LABEL, kube_api
+from ..datapath.host import DEFAULT_PIN_ROOT
 from ..errors import IstioEbpfError
 from .health_server import HealthServer
-from .locate import PodLocator
+from .locate import PodLocator, mount_of
 from .metrics import AgentMetrics
 from .mode import ModeDecision, decide
 from .reconcile import Reconciler
@@ -32,7 +33,6 @@ REASON_ANNOTATION = "istio-ebpf.io/mode-reason"
 PROBES_ANNOTATION = "istio-ebpf.io/probes"
 #: The loader pins below <root>/<version>, so an upgrade with another layout pins beside, never on
 #: top of, the old one, and retires the old one once its own programs are attached.
-DEFAULT_PIN_ROOT = "/sys/fs/bpf/istio-ebpf"
 
 
 @dataclass
@@ -54,6 +54,10 @@ class AgentConfig:
     locator: Any = None                      # tests: a ready PodLocator-like object
     event_namespace: str = "default"         # Events about the Node live here
     listener_refresh_seconds: float = 5.0    # pod-IP mode: re-find Envoy's 15006 sockets this often
+    publish_backoff: float = 1.0             # first retry of a failed node publish; doubles up to 5 min
+    # /readyz fails when the pod watch got no answer this long. A quiet healthy watch hears from the
+    # server at least every watch_timeout (the server ends the stream), so this must exceed it.
+    watch_stale_seconds: float = 300.0
     #: sockmap start-up self-test (mode -> (ok, reason)); None = the real one
     sockmap_self_test: Callable[[str], tuple[bool, str]] | None = None
 
@@ -78,7 +82,11 @@ class NodeAgent:
         self.server: HealthServer | None = None
         self.attached = False
         self.synced = False
-        self.published = False
+        self.published = False              # node label/annotations written
+        self.event_sent = False             # the mode Event (best effort: never blocks readiness)
+        self.node_uid: str | None = None
+        self._publish_delay = config.publish_backoff
+        self._next_publish = 0.0
         self.heartbeat = time.monotonic()
         self._last_retry = 0.0
         self._last_metrics = 0.0
@@ -87,7 +95,13 @@ class NodeAgent:
     # ------------------------------------------------------------------ health
     def healthy(self) -> tuple[bool, str]:
         stale = time.monotonic() - self.heartbeat
-        return (stale < 30, f"loop heartbeat {stale:.1f}s ago")
+        if stale >= 30:
+            return False, f"loop heartbeat {stale:.1f}s ago"
+        if self.watcher is not None:
+            ok, why = self.watcher.health(float("inf"))   # liveness: only a dead thread is fatal
+            if not ok:
+                return False, why
+        return True, f"loop heartbeat {stale:.1f}s ago"
 
     def ready(self) -> tuple[bool, str]:
         d = self.decision
@@ -100,6 +114,10 @@ class NodeAgent:
             return False, "programs not attached"
         if not self.synced:
             return False, "map state not reconciled with the pod list yet"
+        if self.watcher is not None:
+            ok, why = self.watcher.health(self.config.watch_stale_seconds)
+            if not ok:
+                return False, why
         return True, f"{d.mode}: attached, {len(self.reconciler.records) if self.reconciler else 0} pods"
 
     # ------------------------------------------------------------------ start
@@ -108,12 +126,23 @@ class NodeAgent:
         if serve and self.server is None:
             self.server = HealthServer(cfg.host, cfg.port, self.healthy, self.ready,
                                        self.metrics.registry).start()
+        features = cfg.features
+        if features is None:
+            # Verdicts cached in the pin root: a restart does not compile the probes again.
+            from ..datapath import probe_cache
+
+            features, cached = probe_cache.probe_features(cfg.pin_root)
+            log.info("feature probes: %s", "cached in the pin root" if cached else "compiled, now cached")
         self.decision = d = decide(release=cfg.kernel_release, override=cfg.mode_override,
-                                   features=cfg.features)
+                                   features=features)
         log.info("mode %s: %s", d.mode, d.reason)
         self._record_decision(d)
-        self._publish()
         if d.mode == "unsupported":
+            if cfg.features is None:
+                from ..datapath import probe_cache
+
+                probe_cache.discard(cfg.pin_root)    # nothing of ours stays on an iptables node
+            self._publish()
             return
         sockmap = cfg.sockmap and d.sockmap
         if cfg.sockmap and not d.sockmap:
@@ -135,7 +164,13 @@ class NodeAgent:
             for old in retire():   # upgrade: ours is attached, now drop the old version's
                 log.info("retired datapath version %s", old)
         self.attached = True
-        locator = cfg.locator or PodLocator(cfg.proc_root, cgroup_for_uid=cfg.cgroup_for_uid)
+        # Published once capture is up: talking to the API (and importing its client) takes about
+        # a second, which a restarted agent should not spend before it captures new pods.
+        self._publish()
+        # Pod cgroup paths in /proc are relative to the v2 mount (on hybrid hosts that is
+        # /sys/fs/cgroup/unified, not /sys/fs/cgroup): pod-IP mode keys pods by that directory.
+        locator = cfg.locator or PodLocator(cfg.proc_root, mount_of(cfg.cgroup_root),
+                                            cgroup_for_uid=cfg.cgroup_for_uid, search_root=cfg.cgroup_root)
         self.reconciler = Reconciler(self.datapath, locator, self._report_pod)
         self.watcher = PodWatcher(cfg.node_name, self.events, resync_seconds=cfg.resync_seconds,
                                   watch_timeout=cfg.watch_timeout,
@@ -150,20 +185,40 @@ class NodeAgent:
             self.metrics.fallback.labels(reason=d.reason).set(1)
 
     def _publish(self) -> None:
+        """Node label + annotations, then one Event. Failures retry with exponential backoff.
+
+        The Event is best effort: when Events are forbidden (RBAC) the label still counts as
+        published and the Event is not retried at all; other failures retry on the same backoff.
+        """
         d = self.decision
         assert d is not None
+        now = time.monotonic()
+        if now < self._next_publish:
+            return
         try:
-            kube_api.patch_node_metadata(
-                self.config.node_name, {NODE_MODE_LABEL: d.mode},
-                {REASON_ANNOTATION: d.reason, PROBES_ANNOTATION: json.dumps(d.features, sort_keys=True)})
-            kube_api.create_event(self.config.event_namespace,
-                                  {"kind": "Node", "name": self.config.node_name, "apiVersion": "v1"},
-                                  "CaptureMode" if d.mode != "unsupported" else "CaptureUnsupported",
-                                  f"eBPF capture mode {d.mode}: {d.reason}",
-                                  "Normal" if d.mode == d.version_mode else "Warning")
-            self.published = True
+            if not self.published:
+                node = kube_api.patch_node_metadata(
+                    self.config.node_name, {NODE_MODE_LABEL: d.mode},
+                    {REASON_ANNOTATION: d.reason, PROBES_ANNOTATION: json.dumps(d.features, sort_keys=True)})
+                self.published = True
+                self.node_uid = ((node or {}).get("metadata") or {}).get("uid") or self.node_uid
+            if not self.event_sent:
+                involved = {"kind": "Node", "name": self.config.node_name, "apiVersion": "v1"}
+                if self.node_uid:
+                    involved["uid"] = self.node_uid
+                try:
+                    kube_api.create_event(self.config.event_namespace, involved,
+                                          "CaptureMode" if d.mode != "unsupported" else "CaptureUnsupported",
+                                          f"eBPF capture mode {d.mode}: {d.reason}",
+                                          "Normal" if d.mode == d.version_mode else "Warning")
+                except kube_api.Forbidden as exc:
+                    log.warning("not allowed to create Events; the node label is published, no Event: %s", exc)
+                self.event_sent = True
+            self._publish_delay = self.config.publish_backoff
         except IstioEbpfError as exc:
-            log.warning("publishing the node mode failed (will retry): %s", exc)
+            self._next_publish = now + self._publish_delay
+            log.warning("publishing the node mode failed (retry in %.0fs): %s", self._publish_delay, exc)
+            self._publish_delay = min(self._publish_delay * 2, 300.0)
 
     def _report_pod(self, pod: Mapping[str, Any], etype: str, reason: str, message: str) -> None:
         if reason == "InvalidTrafficAnnotation":
@@ -181,7 +236,7 @@ class NodeAgent:
     def step(self, timeout: float = 0.2) -> None:
         """Drain the event queue once; retries, metrics and publishing on their own cadence."""
         self.heartbeat = time.monotonic()
-        if not self.published:
+        if not (self.published and self.event_sent):
             self._publish()
         if self.reconciler is None:
             time.sleep(timeout)

@@ -11,12 +11,22 @@ from ..errors import UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("bench", help="benchmark direct / iptables / ebpf / ebpf-sockmap / explicit, interleaved")
-    p.add_argument("--quick", action="store_true", help="3 workloads, 1 round of 3 s (under two minutes)")
+    p = subparsers.add_parser("bench", help="benchmark iptables / ebpf / ebpf-sockmap / explicit (/ direct) on the "
+                                            "http, l4 and capture-only paths: paired rounds, 95%% intervals")
+    p.add_argument("--quick", action="store_true",
+                   help="every path, one keep-alive and one churn workload, 7 rounds of 1 s (under 6 minutes)")
     p.add_argument("--json", metavar="FILE", help="write the results document (one entry per variant and workload)")
     p.add_argument("--plot", metavar="FILE.png", help="write a matplotlib PNG")
-    p.add_argument("--rounds", type=int, help="interleaved rounds per workload (default 3, quick 1)")
-    p.add_argument("--duration", type=float, help="seconds per measurement (default 5, quick 3)")
+    p.add_argument("--from-json", metavar="FILE", help="no run: re-render the table, plot and page of a recorded run")
+    p.add_argument("--markdown", metavar="FILE.md", help="write the results page (docs/bench.md) from this run")
+    p.add_argument("--notes", metavar="FILE.md", help="with --markdown: hand-written notes appended to the page")
+    p.add_argument("--rounds", type=int, help="interleaved rounds per workload (default 10, quick 7)")
+    p.add_argument("--duration", type=float, help="seconds per measurement (default 2, quick 1; wrk rounds to whole s)")
+    p.add_argument("--paths", help="comma list among http,l4,capture-only (default: all)")
+    p.add_argument("--discard-flagged", action="store_true",
+                   help="leave rounds taken under other load (CPU of other processes, steal) out of the ratios")
+    p.add_argument("--agent", action="store_true",
+                   help="also measure the real agent: RSS and time to capture, fresh and restarted over its pins")
     p.add_argument("--workloads", help="comma list of workload names (default: all, or the quick set)")
     p.add_argument("--variants", help="comma list among direct,iptables,ebpf,ebpf-sockmap,explicit")
     p.add_argument("--mode", choices=("auto", "cookie", "podip"), default="auto",
@@ -33,8 +43,12 @@ def _bench(args: argparse.Namespace) -> int:
         raise UsageError("--duration must be positive")
     if args.plot and not args.plot.endswith(".png"):
         raise UsageError("--plot needs a .png file name")
+    if args.notes and not (args.markdown and Path(args.notes).is_file()):
+        raise UsageError("--notes needs --markdown and an existing file")
     settings = runner.settings_for(args.quick, rounds=args.rounds, duration=args.duration,
-                                   workloads=args.workloads.split(",") if args.workloads else None, mode=args.mode)
+                                   workloads=args.workloads.split(",") if args.workloads else None, mode=args.mode,
+                                   paths=args.paths.split(",") if args.paths else None,
+                                   discard_flagged=args.discard_flagged)
     if args.variants:
         chosen = tuple(v.strip() for v in args.variants.split(","))
         bad = [v for v in chosen if v not in topology.VARIANTS]
@@ -42,12 +56,28 @@ def _bench(args: argparse.Namespace) -> int:
             raise UsageError(f"unknown variant(s) {', '.join(bad)}; known: {', '.join(topology.VARIANTS)}")
         from dataclasses import replace
         settings = replace(settings, variants=chosen)
-    doc = runner.run(settings, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    if args.from_json:
+        try:
+            doc = json.loads(Path(args.from_json).read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read {args.from_json}: {exc}") from exc
+    else:
+        doc = runner.run(settings, progress=lambda s: print(s, file=sys.stderr, flush=True))
+        if args.agent:
+            from . import agent_footprint
+
+            doc["meta"].update(agent_footprint.measure())
     print(report.table(doc))
-    if args.json:
+    if args.json and not args.from_json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         report.plot(doc, Path(args.plot))
+    if args.markdown:
+        from . import markdown
+
+        notes = Path(args.notes).read_text() if args.notes else ""
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(markdown.page(doc, notes))
     return 0

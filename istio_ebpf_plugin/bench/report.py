@@ -1,4 +1,4 @@
-"""Human output of a benchmark document: a text table and a matplotlib PNG."""
+"""Human output of a benchmark document: a text table with 95% intervals, and a matplotlib PNG."""
 
 from __future__ import annotations
 
@@ -9,89 +9,128 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def ratio_text(r: dict, prefix: str) -> str:
+    """``1.05 [0.98-1.12]`` (median paired ratio and its 95% interval), ``-`` when absent."""
+    value, ci = r.get(prefix), r.get(f"{prefix}_ci")
+    if value is None:
+        return "-"
+    return f"{value:.2f} [{ci[0]:.2f}-{ci[1]:.2f}]" if ci else f"{value:.2f}"
+
+
+def verdict(r: dict, prefix: str = "rps_vs_iptables") -> str:
+    """A claim only where the 95% interval excludes 1.0."""
+    ci = r.get(f"{prefix}_ci")
+    if not ci:
+        return "no difference measurable (no interval)"
+    if ci[0] > 1.0:
+        return "faster"
+    if ci[1] < 1.0:
+        return "slower"
+    return "no difference measurable"
+
+
 def table(doc: dict) -> str:
-    """One line per (workload, variant): absolute figures and ratios to iptables (b) and direct (a)."""
-    head = (f"{'workload':13s} {'variant':13s} {'rps':>9s} {'min-max':>15s} {'p50 ms':>8s} {'p99 ms':>8s} "
-            f"{'p99.9 ms':>9s} {'Mbit/s':>8s} {'cpu us/req':>10s} {'err':>5s} {'x ipt':>6s} {'x dir':>6s}")
+    """One line per (path, workload, variant): medians, paired ratios with intervals, BPF cost."""
+    head = (f"{'path':12s} {'workload':12s} {'variant':13s} {'rps':>8s} {'min-max':>13s} {'p99 ms':>8s} "
+            f"{'cpu us/req':>10s} {'err':>4s} {'x iptables [95% CI]':>20s} {'x explicit [95% CI]':>20s} "
+            f"{'bpf ns/conn':>11s}")
     lines = [head, "-" * len(head)]
     last = None
     for r in doc["results"]:
-        if last is not None and r["workload"] != last:
+        group = (r.get("path"), r["workload"])
+        if last is not None and group != last:
             lines.append("")
-        last = r["workload"]
+        last = group
+        prefix = f"{r.get('path', 'http'):12s} {r['workload']:12s} {r['variant']:13s}"
         if r.get("rps") is None:
-            lines.append(f"{r['workload']:13s} {r['variant']:13s} {r.get('error', 'n/a')}")
+            lines.append(f"{prefix} {r.get('error', 'n/a')}")
             continue
         spread = f"{r['rps_min']:.0f}-{r['rps_max']:.0f}"
         cpu = None if r["cpu_s_per_req"] is None else r["cpu_s_per_req"] * 1e6
-        lines.append(f"{r['workload']:13s} {r['variant']:13s} {r['rps']:9.0f} {spread:>15s} {r['p50_ms']:8.3f} "
-                     f"{r['p99_ms']:8.3f} {r['p999_ms']:9.3f} {r['throughput_mbps']:8.0f} {_fmt(cpu, '10.1f')} "
-                     f"{r['errors']:5d} {_fmt(r['rps_vs_iptables'], '6.2f')} {_fmt(r['rps_vs_direct'], '6.2f')}")
+        lines.append(f"{prefix} {r['rps']:8.0f} {spread:>13s} {r['p99_ms']:8.2f} {_fmt(cpu, '10.1f')} "
+                     f"{r['errors']:4d} {ratio_text(r, 'rps_vs_iptables'):>20s} "
+                     f"{ratio_text(r, 'rps_vs_explicit'):>20s} {_fmt(r.get('bpf_ns_per_connection'), '11.0f')}")
     m = doc["meta"]
     lines.append("")
     lines.append(f"machine: {m['machine']['cpus']} CPUs {m['machine']['cpu_model']}, kernel {m['machine']['kernel']}; "
                  f"tools: {', '.join(f'{k} {v}' for k, v in m['tools'].items())}; mode {m['settings']['mode']}; "
-                 f"{m['settings']['rounds']} round(s) x {m['settings']['duration_s']}s")
-    for v, info in m["variants"].items():
+                 f"{m['settings']['rounds']} paired round(s) x {m['settings']['duration_s']}s")
+    if "rounds_total" in m:
+        lines.append(f"load: loadavg {m.get('loadavg_start')} -> {m.get('loadavg_end')}; "
+                     f"{m['rounds_flagged']}/{m['rounds_total']} rounds flagged (other processes > 25% of the "
+                     f"CPUs or steal > 5%)"
+                     f"{'; flagged rounds discarded' if m['settings'].get('discard_flagged') else ''}")
+    lines.extend(bpf_lines(doc))
+    if "agent_rss_mib" in m:
+        lines.append(f"agent: RSS {m['agent_rss_mib']:.0f} MiB; start to capture {m['agent_start_to_capture_s']:.2f} s "
+                     f"fresh (probes + compile), {m['agent_restart_to_capture_s']:.2f} s restarted over its pins")
+    for key, info in m["variants"].items():
         if info.get("error"):
-            lines.append(f"{v}: {info['error']}")
+            lines.append(f"{key}: {info['error']}")
     return "\n".join(lines)
 
 
+def bpf_lines(doc: dict) -> list[str]:
+    """Per-program kernel cost per connection (churn workloads) and sk_msg cost per message."""
+    out = []
+    for r in doc["results"]:
+        bpf = r.get("bpf")
+        if bpf:
+            progs = ", ".join(f"{p.removeprefix('ie_')} {v['ns']:.0f} ns ({v['runs']:.1f} runs)"
+                              for p, v in bpf["programs"].items())
+            out.append(f"bpf {r['path']}/{r['variant']}/{r['workload']}: capture {bpf['capture_ns']:.0f} ns/conn "
+                       f"+ hardening {bpf['hardening_ns']:.0f} ns/conn; {progs}")
+        if r.get("bpf_ns_per_message"):
+            out.append(f"bpf {r['path']}/{r['variant']}/{r['workload']}: "
+                       f"sk_msg {r['bpf_ns_per_message']:.0f} ns/message")
+    return out
+
+
+COLORS = {"direct": "#7f7f7f", "iptables": "#d62728", "ebpf": "#1f77b4", "ebpf-sockmap": "#2ca02c",
+          "explicit": "#9467bd"}
+
+
 def plot(doc: dict, path: Path) -> None:
-    """Three panels per workload: requests/s, p99 latency and CPU per request, relative to iptables."""
+    """One panel per path: requests/s relative to iptables, bars = median paired ratio, whiskers = 95% CI."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    workloads = list(dict.fromkeys(r["workload"] for r in doc["results"]))
-    variants = list(dict.fromkeys(r["variant"] for r in doc["results"]))
-    by = {(r["workload"], r["variant"]): r for r in doc["results"]}
-    colors = {"direct": "#7f7f7f", "iptables": "#d62728", "ebpf": "#1f77b4", "ebpf-sockmap": "#2ca02c",
-              "explicit": "#9467bd"}
-    panels = (("rps_vs_iptables", "requests/s vs iptables (higher is better)"),
-              ("p99_vs_iptables", "p99 latency vs iptables (lower is better)"),
-              ("cpu_vs_iptables", "CPU per request vs iptables (lower is better)"))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 1.6 * len(workloads) + 3), 11), sharex=True)
-    width = 0.8 / max(1, len(variants))
-    for ax, (key, title) in zip(axes, panels, strict=True):
+    paths = list(dict.fromkeys(r.get("path", "http") for r in doc["results"]))
+    fig, axes = plt.subplots(len(paths), 1, figsize=(10, 3.6 * len(paths)), squeeze=False)
+    for ax, p in zip(axes[:, 0], paths, strict=True):
+        rows = [r for r in doc["results"] if r.get("path", "http") == p]
+        workloads = list(dict.fromkeys(r["workload"] for r in rows))
+        variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if v != "direct"]
+        by = {(r["workload"], r["variant"]): r for r in rows}
+        width = 0.8 / max(1, len(variants))
+        top = 1.0
         for i, v in enumerate(variants):
             xs, ys, lo, hi = [], [], [], []
             for j, w in enumerate(workloads):
                 r = by.get((w, v))
-                if not r or r.get(key) is None:
+                if not r or r.get("rps_vs_iptables") is None:
                     continue
+                y = r["rps_vs_iptables"]
+                ci = r.get("rps_vs_iptables_ci") or [y, y]
                 xs.append(j + (i - (len(variants) - 1) / 2) * width)
-                ys.append(r[key])
-                if key == "rps_vs_iptables" and by.get((w, "iptables"), {}).get("rps"):
-                    base = by[(w, "iptables")]["rps"]
-                    lo.append(max(0.0, r[key] - r["rps_min"] / base))
-                    hi.append(max(0.0, r["rps_max"] / base - r[key]))
-            err = [lo, hi] if lo else None
-            ax.bar(xs, ys, width, label=v, color=colors.get(v), yerr=err, capsize=2)
+                ys.append(y)
+                lo.append(max(0.0, y - ci[0]))
+                hi.append(max(0.0, ci[1] - y))
+                top = max(top, ci[1])
+            ax.bar(xs, ys, width, label=v, color=COLORS.get(v), yerr=[lo, hi], capsize=3)
         ax.axhline(1.0, color="black", linewidth=0.8)
-        if key == "rps_vs_iptables":
-            # direct is several times faster: clip it so the sidecar variants stay readable, print its value.
-            others = [r[key] for r in doc["results"] if r["variant"] != "direct" and r.get(key)]
-            top = max(others + [1.0]) * 1.35
-            ax.set_ylim(0, top)
-            if "direct" in variants:
-                i = variants.index("direct")
-                for j, w in enumerate(workloads):
-                    r = by.get((w, "direct"))
-                    if r and r.get(key) and r[key] > top:
-                        ax.text(j + (i - (len(variants) - 1) / 2) * width, top * 0.97, f"{r[key]:.1f}x",
-                                ha="center", va="top", fontsize=7, rotation=90, color="white")
-        ax.set_title(title, fontsize=10)
+        ax.set_ylim(0, top * 1.15)
+        ax.set_xticks(range(len(workloads)))
+        ax.set_xticklabels(workloads, fontsize=8)
+        ax.set_title(f"{p}: requests/s vs iptables (median paired ratio, whiskers = 95% CI)", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, ncol=len(variants), fontsize=9, loc="upper center", bbox_to_anchor=(0.5, 0.965))
-    axes[-1].set_xticks(range(len(workloads)))
-    axes[-1].set_xticklabels(workloads, rotation=20, fontsize=8)
+        ax.legend(fontsize=8, ncol=len(variants), loc="lower right")
     m = doc["meta"]
+    flagged = f", {m['rounds_flagged']}/{m['rounds_total']} rounds under other load" if "rounds_total" in m else ""
     fig.suptitle(f"istio-ebpf bench: {m['machine']['cpus']} CPUs, kernel {m['machine']['kernel']}, "
-                 f"{m['settings']['rounds']} interleaved round(s) x {m['settings']['duration_s']}s, "
-                 f"error bars = min..max over rounds", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
+                 f"{m['settings']['rounds']} paired rounds x {m['settings']['duration_s']}s, "
+                 f"loadavg {m.get('loadavg_start', ['?'])[0]}{flagged}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,4 +1,4 @@
-"""``istio-ebpf probe`` and ``istio-ebpf demo``."""
+"""``istio-ebpf probe``."""
 
 from __future__ import annotations
 
@@ -15,14 +15,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", default="auto", help="operator override: auto|cookie|podip|unsupported")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_probe)
-
-    d = sub.add_parser("demo", help="local demo: pods, real Envoy, traffic through eBPF capture")
-    d.add_argument("--mode", default="auto", help="auto|cookie|podip")
-    d.add_argument("--sockmap", dest="sockmap", action="store_true", help="enable sk_msg acceleration")
-    d.add_argument("--no-sockmap", dest="sockmap", action="store_false", help="(default) no acceleration")
-    d.add_argument("--requests", type=int, default=50)
-    d.add_argument("--json", action="store_true", help="print one JSON object")
-    d.set_defaults(func=cmd_demo, sockmap=False)
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -51,17 +43,3 @@ def cmd_probe(args: argparse.Namespace) -> int:
         print(f"mode            {out['mode']}  ({out['reason']})")
     return 0
 
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import demo_ok, main_json, print_summary, run_demo
-    from .probe import parse_mode_arg
-
-    if parse_mode_arg(args.mode) == "unsupported":
-        from ..errors import UsageError
-        raise UsageError("demo --mode must be auto, cookie or podip")
-    summary = run_demo(mode=args.mode, sockmap=args.sockmap, requests=max(2, args.requests))
-    if args.json:
-        print(main_json(summary))
-    else:
-        print_summary(summary)
-    return 0 if demo_ok(summary) else 1

@@ -28,6 +28,8 @@ CGROUP_UDP6_RECVMSG = 20
 CGROUP_GETSOCKOPT = 21
 CGROUP_INET4_GETPEERNAME = 29
 CGROUP_INET6_GETPEERNAME = 30
+CGROUP_INET4_GETSOCKNAME = 31
+CGROUP_INET6_GETSOCKNAME = 32
 CGROUP_INET_SOCK_RELEASE = 34
 SK_LOOKUP = 36
 
@@ -65,6 +67,7 @@ def lib() -> ctypes.CDLL:
             [ctypes.c_ulonglong] if fn == "bpf_map_update_elem" else [])
     handle.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
     handle.bpf_map_get_next_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    handle.bpf_enable_stats.argtypes = [ctypes.c_int]
     return handle
 
 
@@ -117,11 +120,31 @@ def obj_id(fd: int) -> int:
     return int.from_bytes(bytes(buf[4:8]), "little")
 
 
-def link_prog_id(link_fd: int) -> int:
+#: struct bpf_prog_info offsets of run_time_ns and run_cnt (uapi, stable since 5.1).
+_PROG_INFO_RUN_TIME_NS = 192
+_PROG_INFO_RUN_CNT = 200
+BPF_STATS_RUN_TIME = 0
+
+
+def prog_run_stats(prog_fd: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) the kernel accounted to a program while statistics were enabled."""
     buf = (ctypes.c_ubyte * 256)()
     size = ctypes.c_uint(256)
-    _check(lib().bpf_obj_get_info_by_fd(link_fd, buf, ctypes.byref(size)), "bpf_obj_get_info_by_fd")
-    return int.from_bytes(bytes(buf[8:12]), "little")
+    _check(lib().bpf_obj_get_info_by_fd(prog_fd, buf, ctypes.byref(size)), "bpf_obj_get_info_by_fd")
+    if size.value < _PROG_INFO_RUN_CNT + 8:
+        raise KernelError("this kernel's bpf_prog_info has no run_time_ns/run_cnt (needs 5.1+)")
+    raw = bytes(buf)
+    return (int.from_bytes(raw[_PROG_INFO_RUN_TIME_NS:_PROG_INFO_RUN_TIME_NS + 8], "little"),
+            int.from_bytes(raw[_PROG_INFO_RUN_CNT:_PROG_INFO_RUN_CNT + 8], "little"))
+
+
+def enable_stats() -> int:
+    """BPF_ENABLE_STATS: run-time statistics on while the returned fd is open (5.8+).
+
+    The same switch as ``kernel.bpf_stats_enabled=1``, but it turns itself off when the fd is
+    closed, also if the process dies, so the host's sysctl is never left changed.
+    """
+    return _check(lib().bpf_enable_stats(BPF_STATS_RUN_TIME), "bpf_enable_stats")
 
 
 def map_update(fd: int, key: ctypes.Structure | ctypes._SimpleCData,

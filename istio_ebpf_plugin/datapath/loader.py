@@ -26,18 +26,18 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
-from .. import BPF_DIR
 from ..errors import KernelError, UsageError
+from ..resources import bpf_dir
 from . import libbpf, maps
 from .headers import find_kernel_headers
+from .host import DEFAULT_PIN_ROOT, ensure_bpffs, remove_version, unpin_link
 from .netns import netns_cookie
 from .podconfig import INBOUND_PORT, PodConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PIN_ROOT = "/sys/fs/bpf/istio-ebpf"
 LAYOUT_VERSION = "v1"
 
 
@@ -62,8 +62,14 @@ PROGRAMS: tuple[Program, ...] = (
     Program("ie_sendmsg6", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP6_SENDMSG, "cgroup"),
     Program("ie_recvmsg4", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP4_RECVMSG, "cgroup"),
     Program("ie_recvmsg6", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP6_RECVMSG, "cgroup"),
-    Program("ie_getpeername4", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_GETPEERNAME, "cgroup"),
-    Program("ie_getpeername6", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET6_GETPEERNAME, "cgroup"),
+    Program("ie_getpeername4", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_GETPEERNAME,
+            "cgroup"),
+    Program("ie_getpeername6", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET6_GETPEERNAME,
+            "cgroup"),
+    Program("ie_getsockname4", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_GETSOCKNAME,
+            "cgroup"),
+    Program("ie_getsockname6", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET6_GETSOCKNAME,
+            "cgroup"),
     Program("ie_sock_create", "sock.c", libbpf.PROG_CGROUP_SOCK, libbpf.CGROUP_INET_SOCK_CREATE, "cgroup",
             optional=True),
     Program("ie_sock_release", "sock.c", libbpf.PROG_CGROUP_SOCK, libbpf.CGROUP_INET_SOCK_RELEASE, "cgroup",
@@ -73,7 +79,7 @@ PROGRAMS: tuple[Program, ...] = (
 )
 
 MAPS = ("pod_by_netns", "pod_by_ip", "pod_ports", "pod_cidrs", "origin_by_cookie",
-        "origin_by_tuple", "inbound_listeners", "dns_origin", "counters")
+        "origin_by_tuple", "inbound_listeners", "dns_origin", "app_view", "counters")
 SOCKMAP_MAPS = ("accel_socks",)
 
 
@@ -83,7 +89,9 @@ DEFAULT_MAP_SIZES = {"MAX_PODS": 16384, "MAX_CONNS": 131072, "MAX_PORTS": 262144
 
 def build_flags(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = None) -> list[str]:
     flags = [f"-DISTIO_EBPF_COOKIE={1 if mode == 'cookie' else 0}",
-             f"-DISTIO_EBPF_SOCKMAP={1 if sockmap else 0}"]
+             f"-DISTIO_EBPF_SOCKMAP={1 if sockmap else 0}",
+             # the counters array is sized from the names userspace reads (C asserts they agree)
+             f"-DISTIO_EBPF_COUNTERS={len(maps.COUNTERS)}"]
     for name, value in sorted((map_sizes or {}).items()):
         if name not in DEFAULT_MAP_SIZES or not 1 <= int(value) <= 1 << 24:
             raise UsageError(f"bad map size {name}={value}")
@@ -91,25 +99,14 @@ def build_flags(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = Non
     return flags
 
 
-def unpin_link(path: Path) -> None:
-    """Detach a pinned link now, then remove its pin.
-
-    Dropping the last reference by unlinking the pin also detaches, but the
-    kernel releases a link freed from bpffs in a workqueue, i.e. a moment
-    later; an explicit detach makes clean-up synchronous.
-    """
+def compile_bpf(bpf_class: Any, programs: Iterable[Program], mode: str, sockmap: bool,
+                map_sizes: dict[str, int] | None = None) -> Any:
+    """The BCC module of ``programs`` built for mode/sockmap (maps created, programs not loaded yet)."""
+    cflags = [f"-I{bpf_dir()}", *build_flags(mode, sockmap, map_sizes), "-Wno-unused-function"]
     try:
-        fd = libbpf.obj_get(str(path))
-    except OSError:
-        fd = -1
-    if fd >= 0:
-        try:
-            libbpf.link_detach(fd)
-        except OSError:
-            pass            # already detached (its cgroup or netns is gone)
-        finally:
-            os.close(fd)
-    path.unlink(missing_ok=True)
+        return bpf_class(text=source_text(programs), cflags=cflags)
+    except Exception as exc:
+        raise KernelError(f"compiling the datapath failed: {exc}") from exc
 
 
 def _inline_local_includes(text: str, seen: set[str]) -> str:
@@ -125,7 +122,7 @@ def _inline_local_includes(text: str, seen: set[str]) -> str:
             name = stripped[len('#include "'):-1]
             if name not in seen:
                 seen.add(name)
-                out.append(_inline_local_includes((BPF_DIR / name).read_text(), seen))
+                out.append(_inline_local_includes((bpf_dir() / name).read_text(), seen))
             continue
         out.append(line)
     return "\n".join(out)
@@ -137,27 +134,17 @@ def source_text(programs: Iterable[Program]) -> str:
         if p.source not in files:
             files.append(p.source)
     seen: set[str] = set()
-    return "\n".join(_inline_local_includes((BPF_DIR / f).read_text(), seen) for f in files)
+    directory = bpf_dir()
+    return "\n".join(_inline_local_includes((directory / f).read_text(), seen) for f in files)
 
 
 def datapath_version(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = None) -> str:
     h = hashlib.sha256()
-    for f in sorted(BPF_DIR.glob("*.[ch]")):
+    for f in sorted(bpf_dir().glob("*.[ch]")):
         h.update(f.name.encode())
         h.update(f.read_bytes())
     h.update(" ".join(build_flags(mode, sockmap, map_sizes)).encode())
     return f"{LAYOUT_VERSION}-{mode}{'-sockmap' if sockmap else ''}-{h.hexdigest()[:12]}"
-
-
-def _ensure_bpffs(path: str) -> None:
-    root = Path(path)
-    while not root.exists():
-        root = root.parent
-    # statfs magic of bpffs
-    import subprocess
-    out = subprocess.run(["stat", "-f", "-c", "%T", str(root)], capture_output=True, text=True)
-    if "bpf" not in out.stdout:
-        raise KernelError(f"{root} is not on a bpffs mount: mount it with 'mount -t bpf bpf /sys/fs/bpf'")
 
 
 @dataclass
@@ -210,9 +197,10 @@ class Datapath:
         self.close(cleanup=True)
 
     def load(self) -> "Datapath":
-        _ensure_bpffs(str(self.pin_root))
+        ensure_bpffs(self.pin_root)
         if self._complete_pins():
             self._adopt()
+            log.info("adopted pinned datapath %s", self.pin_dir)
             return self
         try:
             self._compile_and_pin()
@@ -220,6 +208,20 @@ class Datapath:
             self.close(cleanup=True)   # never leave half a datapath pinned
             raise
         return self
+
+    def _compile_and_pin(self) -> None:
+        """Compile and pin in a worker process that exits (LLVM's ~200 MiB go with it), then adopt."""
+        from . import compile_worker
+
+        if compile_worker.in_process():
+            self.compile_and_pin_here()
+            return
+        compile_worker.run("datapath", {"mode": self.mode, "sockmap": self.sockmap,
+                                        "pin_root": str(self.pin_root), "map_sizes": self.map_sizes})
+        if not self._complete_pins():
+            raise KernelError(f"the BCC worker reported success but {self.pin_dir} is incomplete")
+        self._adopt()
+        self.adopted = False       # compiled now, not inherited from an earlier agent
 
     @property
     def loaded_programs(self) -> tuple[Program, ...]:
@@ -237,9 +239,10 @@ class Datapath:
             if path.exists() or not p.optional:
                 self.prog_fds[p.func] = libbpf.obj_get(str(path))
         self.adopted = True
-        log.info("adopted pinned datapath %s", self.pin_dir)
+        log.debug("opened pinned datapath %s", self.pin_dir)
 
-    def _compile_and_pin(self) -> None:
+    def compile_and_pin_here(self) -> None:
+        """BCC compile, load and pin in this process (the worker's job; holds LLVM's memory)."""
         find_kernel_headers()
         try:
             from bcc import BPF  # Debian python3-bpfcc
@@ -250,12 +253,7 @@ class Datapath:
         # A half-written directory from a crash: start it again.
         if self.pin_dir.exists():
             shutil.rmtree(self.pin_dir, ignore_errors=True)
-        cflags = [f"-I{BPF_DIR}", *build_flags(self.mode, self.sockmap, self.map_sizes),
-                  "-Wno-unused-function"]
-        try:
-            self._bpf = bpf = BPF(text=source_text(self.programs), cflags=cflags)
-        except Exception as exc:
-            raise KernelError(f"compiling the datapath failed: {exc}") from exc
+        self._bpf = bpf = compile_bpf(BPF, self.programs, self.mode, self.sockmap, self.map_sizes)
         for sub in ("maps", "progs", "links"):
             (self.pin_dir / sub).mkdir(parents=True, exist_ok=True)
         for p in self.programs:
@@ -308,11 +306,6 @@ class Datapath:
         finally:
             os.close(fd)
         return created
-
-    def detach_cgroup(self, cgroup_path: str) -> None:
-        ino = os.stat(cgroup_path).st_ino
-        for link in self.pin_dir.joinpath("links").glob(f"cg-{ino}-*"):
-            unpin_link(link)
 
     def attached_program_ids(self, cgroup_path: str) -> dict[str, list[int]]:
         """What the kernel reports attached to a cgroup, per program of ours."""
@@ -535,23 +528,14 @@ class Datapath:
         return out
 
     def occupancy(self) -> dict[str, int]:
-        key_types = {"pod_by_netns": ctypes.c_uint64, "pod_by_ip": maps.IpAddr, "pod_ports": maps.PortKey,
-                     "pod_cidrs": maps.CidrKey, "origin_by_tuple": maps.ConnKey,
-                     "origin_by_cookie": ctypes.c_uint64, "dns_origin": ctypes.c_uint64}
-        return {name: len(libbpf.map_keys(self.map_fds[name], kt)) for name, kt in key_types.items()}
-
-    def describe(self) -> dict:
-        return {"mode": self.mode, "sockmap": self.sockmap, "version": self.version,
-                "pin_dir": str(self.pin_dir), "adopted": self.adopted,
-                "links": sorted(p.name for p in (self.pin_dir / "links").glob("*"))}
+        hashes = ("pod_by_netns", "pod_by_ip", "pod_ports", "pod_cidrs", "origin_by_tuple", "origin_by_cookie",
+                  "dns_origin", "app_view")
+        return {name: len(libbpf.map_keys(self.map_fds[name], maps.MAP_TYPES[name][0])) for name in hashes}
 
     # ---- teardown -----------------------------------------------------------------
     def close(self, cleanup: bool = False) -> None:
         """Close our descriptors; with cleanup also detach and unpin everything."""
         if cleanup and self.pin_dir.exists():
-            links = self.pin_dir / "links"
-            for link in links.glob("*") if links.exists() else ():
-                unpin_link(link)
             if self.sockmap and "accel_socks" in self.map_fds and "ie_accel" in self.prog_fds:
                 try:
                     libbpf.prog_detach(self.prog_fds["ie_accel"], self.map_fds["accel_socks"],
@@ -559,7 +543,7 @@ class Datapath:
                 except OSError as exc:
                     if exc.errno != errno.ENOENT:
                         raise
-            shutil.rmtree(self.pin_dir, ignore_errors=True)
+            remove_version(self.pin_dir)
             try:
                 self.pin_root.rmdir()     # only when no other version is left
             except OSError:
@@ -579,17 +563,31 @@ class Datapath:
     def other_versions(self) -> list[Path]:
         if not self.pin_root.exists():
             return []
-        return [p for p in self.pin_root.iterdir() if p.is_dir() and p.name != self.version]
+        # probes_<key> is the probe cache (probe_cache.py), not a datapath version.
+        return [p for p in self.pin_root.iterdir()
+                if p.is_dir() and p.name != self.version and not p.name.startswith("probes_")]
 
     def retire_other_versions(self) -> list[str]:
         """After an upgrade: detach what an older agent pinned (after ours is attached)."""
         gone = []
         for old in self.other_versions():
-            for link in (old / "links").glob("*"):
-                unpin_link(link)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_version(old)
             gone.append(old.name)
         return gone
+
+
+def compile_task(args: dict) -> list[str]:
+    """The compile worker's "datapath" task: compile, load and pin here, keep the pins, exit."""
+    dp = Datapath(mode=args["mode"], sockmap=args["sockmap"], pin_root=args["pin_root"],
+                  map_sizes=args.get("map_sizes") or {})
+    try:
+        dp.compile_and_pin_here()
+    except BaseException:
+        dp.close(cleanup=True)     # never leave half a datapath pinned
+        raise
+    loaded = sorted(dp.prog_fds)
+    dp.close(cleanup=False)        # the pins stay; the parent adopts them
+    return loaded
 
 
 def cleanup_pins(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:
@@ -602,11 +600,7 @@ def cleanup_pins(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:
     if not root.exists():
         return removed
     for version in sorted(root.iterdir()):
-        for link in sorted((version / "links").glob("*")):
-            unpin_link(link)
-            removed.append(str(link))
-        shutil.rmtree(version, ignore_errors=True)
-        removed.append(str(version))
+        removed += remove_version(version)
     try:
         root.rmdir()
     except OSError:

@@ -1,6 +1,9 @@
 """ctypes mirrors of bpf/istio_ebpf_maps.h and the encoding of a PodConfig.
 
-Keep every struct here in the same field order and size as the header.
+Keep every struct here in the same field order and size as the header:
+tests/test_maps_layout.py compares them (sizes, field offsets) with the types BCC
+generates from the header, per map in :data:`MAP_TYPES`, and the counters array with
+:data:`COUNTERS` (whose length the loader passes to the C side).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ CIDR_EXCLUDE, CIDR_INCLUDE = 1, 2
 COUNTERS = (
     "out_redirect", "in_redirect_local", "inbound_assign", "inbound_no_listener",
     "dns_redirect", "origdst_hit", "origdst_miss", "tuple_stored", "podip_bind_fail",
-    "sockmap_insert", "sockmap_msgs", "sockmap_bytes", "raw_socket_denied",
+    "sockmap_insert", "sockmap_msgs", "sockmap_bytes", "raw_socket_denied", "app_view_restored",
 )
 
 
@@ -65,8 +68,28 @@ class Origin(ctypes.Structure):
     _fields_ = [("ip", IpAddr), ("port", ctypes.c_uint16), ("listener", ctypes.c_uint16)]
 
 
+class AppView(ctypes.Structure):
+    _fields_ = [("peer", Origin), ("local", IpAddr)]
+
+
 class ConnKey(ctypes.Structure):
     _fields_ = [("netns", ctypes.c_uint64), ("ip", IpAddr), ("port", ctypes.c_uint32)]
+
+
+#: Key and value types userspace reads each map with (None: userspace never reads that side).
+#: The sockhashes' values are socket fds (u32 as written, u64 cookies as read).
+MAP_TYPES: dict[str, tuple[type, type | None]] = {
+    "pod_by_netns": (ctypes.c_uint64, PodCfg),
+    "pod_by_ip": (IpAddr, PodIpVal),
+    "pod_ports": (PortKey, ctypes.c_uint8),
+    "pod_cidrs": (CidrKey, ctypes.c_uint8),
+    "origin_by_cookie": (ctypes.c_uint64, Origin),
+    "origin_by_tuple": (ConnKey, Origin),
+    "inbound_listeners": (IpAddr, None),
+    "dns_origin": (ctypes.c_uint64, Origin),
+    "app_view": (ctypes.c_uint64, AppView),
+    "counters": (ctypes.c_uint32, ctypes.c_uint64),
+}
 
 
 @dataclass

@@ -1,12 +1,14 @@
-"""Network-namespace helpers: cookie, inode, and running code inside one."""
+"""Network-namespace helpers: cookie, inode, running code inside one, HTTP to a server inside one."""
 
 from __future__ import annotations
 
 import ctypes
+import http.client
+import json
 import os
 import socket
 import threading
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from ..errors import KernelError
 
@@ -58,3 +60,44 @@ def netns_cookie(netns_path: str) -> int:
 
 def netns_inode(netns_path: str) -> int:
     return os.stat(netns_path).st_ino
+
+
+def connect(netns_path: str, host: str, port: int, timeout: float = 5.0) -> socket.socket:
+    """A TCP socket created in ``netns_path`` (a socket stays in the netns it was made in)
+    and connected to host:port there."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = in_netns(netns_path, lambda: socket.socket(family, socket.SOCK_STREAM))
+    try:
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class _NetnsHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, netns_path: str, host: str, port: int, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._netns_path = netns_path
+
+    def connect(self) -> None:
+        self.sock = connect(self._netns_path, self.host, self.port, self.timeout)  # type: ignore[arg-type]
+
+
+def http_get(netns_path: str, host: str, port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
+    """GET http://host:port/path from inside the netns (e.g. Envoy's admin API); (status, body)."""
+    conn = _NetnsHTTPConnection(netns_path, host, port, timeout)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def http_get_json(netns_path: str, host: str, port: int, path: str, timeout: float = 5.0) -> Any:
+    status, body = http_get(netns_path, host, port, path, timeout)
+    if status != 200:
+        raise KernelError(f"GET {path}: HTTP {status}: {body[:200]}")
+    return json.loads(body)

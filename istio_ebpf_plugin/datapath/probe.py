@@ -12,13 +12,16 @@ otherwise it is ``unsupported`` and keeps iptables.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import socket
-from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import KernelError, UsageError
 from ..kernel import mode_for_release, validate_mode
-from . import libbpf
+from . import host, libbpf
+
+log = logging.getLogger(__name__)
 
 # name -> (function, program type, expected attach type or -1)
 _PROBES: dict[str, tuple[str, int, int]] = {
@@ -29,6 +32,8 @@ _PROBES: dict[str, tuple[str, int, int]] = {
     "sockops_netns_cookie": ("p_sockops_cookie", libbpf.PROG_SOCK_OPS, -1),
     "sockops_sockhash": ("p_sockops_hash", libbpf.PROG_SOCK_OPS, -1),
     "getsockopt_prog": ("p_getsockopt", libbpf.PROG_CGROUP_SOCKOPT, libbpf.CGROUP_GETSOCKOPT),
+    "cgroup_getpeername": ("p_getpeername", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_GETPEERNAME),
+    "cgroup_getsockname": ("p_getsockname", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET6_GETSOCKNAME),
     "getsockopt_netns_cookie": ("p_getsockopt_cookie", libbpf.PROG_CGROUP_SOCKOPT, libbpf.CGROUP_GETSOCKOPT),
     "sk_lookup_assign": ("p_sk_lookup", libbpf.PROG_SK_LOOKUP, libbpf.SK_LOOKUP),
     "sk_msg_redirect": ("p_sk_msg", libbpf.PROG_SK_MSG, -1),
@@ -47,39 +52,30 @@ int p_connect_ancestor(struct bpf_sock_addr *ctx) { return bpf_get_current_ances
 int p_sockops_cookie(struct bpf_sock_ops *s) { return bpf_get_netns_cookie(s) != 0; }
 int p_sockops_hash(struct bpf_sock_ops *s) { u32 k = 0; p_hash.sock_hash_update(s, &k, BPF_ANY); return 1; }
 int p_getsockopt(struct bpf_sockopt *ctx) { return 1; }
+int p_getpeername(struct bpf_sock_addr *ctx) { ctx->user_port = bpf_htons(1); return 1; }
+int p_getsockname(struct bpf_sock_addr *ctx) { ctx->user_ip6[3] = 1; return 1; }
 int p_getsockopt_cookie(struct bpf_sockopt *ctx) { return bpf_get_netns_cookie(ctx) != 0; }
 int p_sk_lookup(struct bpf_sk_lookup *ctx) { bpf_sk_assign(ctx, 0, 0); return SK_PASS; }
 int p_sk_msg(struct sk_msg_md *msg) { u32 k = 0; p_hash.msg_redirect_hash(msg, &k, BPF_F_INGRESS); return SK_PASS; }
 int p_sk_msg_cookie(struct sk_msg_md *msg) { return bpf_get_netns_cookie(msg) != 0 ? SK_PASS : SK_PASS; }
 """
 
+#: What the application must see in either mode: getpeername/getsockname as under iptables (5.8).
+APP_VIEW_REQUIREMENTS = ("cgroup_getpeername", "cgroup_getsockname")
+
 #: What each mode needs (besides cgroup v2 and bpffs).
 MODE_REQUIREMENTS: dict[str, tuple[str, ...]] = {
-    "cookie": ("cgroup_sock_addr_netns_cookie", "sockops_netns_cookie", "sockops_sockhash",
-               "getsockopt_prog", "getsockopt_netns_cookie", "sk_lookup_assign", "so_netns_cookie"),
+    "cookie": ("cgroup_sock_addr_netns_cookie", "cgroup_sock_addr_bind", "sockops_netns_cookie",
+               "sockops_sockhash", "getsockopt_prog", "getsockopt_netns_cookie", "sk_lookup_assign",
+               "so_netns_cookie", *APP_VIEW_REQUIREMENTS),
     # pod-IP mode keys pods by cgroup id, so it does not need SO_NETNS_COOKIE (5.14)
     "podip": ("cgroup_sock_addr_ancestor_cgroup", "cgroup_sock_addr_bind", "getsockopt_prog",
-              "sk_lookup_assign"),
+              "sk_lookup_assign", *APP_VIEW_REQUIREMENTS),
 }
 SOCKMAP_REQUIREMENTS = {"cookie": ("sk_msg_redirect", "sk_msg_netns_cookie"), "podip": ("sk_msg_redirect",)}
 
 #: Environment variable naming probes to report as failed (fault injection for tests/operators).
 FORCE_FAIL_ENV = "ISTIO_EBPF_PROBE_FAIL"
-
-
-def _cgroup2_mounted() -> bool:
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        if line.split()[2:3] == ["cgroup2"]:
-            return True
-    return False
-
-
-def _bpffs_mounted() -> bool:
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        f = line.split()
-        if len(f) > 2 and f[2] == "bpf":
-            return True
-    return False
 
 
 def _so_netns_cookie() -> bool:
@@ -91,10 +87,20 @@ def _so_netns_cookie() -> bool:
         return False
 
 
-def probe_features() -> dict[str, bool]:
-    """Probe this kernel. Needs CAP_BPF; a probe that cannot run counts as failed."""
-    results: dict[str, bool] = {"cgroup_v2": _cgroup2_mounted(), "bpffs": _bpffs_mounted(),
-                                "so_netns_cookie": _so_netns_cookie()}
+def cheap_checks() -> dict[str, bool]:
+    """What needs no compiler: cgroup v2, bpffs, SO_NETNS_COOKIE (never cached, always fresh)."""
+    return {"cgroup_v2": host.cgroup_v2_root() is not None, "bpffs": host.is_bpffs(host.BPFFS_ROOT),
+            "so_netns_cookie": _so_netns_cookie()}
+
+
+def probe_source_fingerprint() -> str:
+    """Changes whenever the probe programs do (the probe cache's key includes it)."""
+    return hashlib.sha256((_SOURCE + repr(sorted(_PROBES.items()))).encode()).hexdigest()
+
+
+def probe_programs() -> dict[str, bool]:
+    """Compile the probe programs with BCC and load each one, in this process."""
+    results: dict[str, bool] = {}
     try:
         from bcc import BPF
         from .headers import find_kernel_headers
@@ -104,7 +110,7 @@ def probe_features() -> dict[str, bool]:
     except Exception:
         results.update({name: False for name in _PROBES})
         results["bcc_compile"] = False
-        return _apply_forced(results)
+        return results
     results["bcc_compile"] = True
     try:
         for name, (func, prog_type, attach) in _PROBES.items():
@@ -115,10 +121,33 @@ def probe_features() -> dict[str, bool]:
                 results[name] = False
     finally:
         module.cleanup()
-    return _apply_forced(results)
+    return results
 
 
-def _apply_forced(results: dict[str, bool]) -> dict[str, bool]:
+def probe_programs_task(_args: dict) -> dict[str, bool]:
+    """The compile worker's "probe" task."""
+    return probe_programs()
+
+
+def probe_programs_isolated() -> dict[str, bool]:
+    """probe_programs() in a short-lived worker process (LLVM's memory leaves with it)."""
+    from . import compile_worker
+
+    if compile_worker.in_process():
+        return probe_programs()
+    try:
+        return dict(compile_worker.run("probe", {}))
+    except KernelError as exc:
+        log.warning("probe worker failed: %s", exc)
+        return {**{name: False for name in _PROBES}, "bcc_compile": False}
+
+
+def probe_features() -> dict[str, bool]:
+    """Probe this kernel. Needs CAP_BPF; a probe that cannot run counts as failed."""
+    return apply_forced({**cheap_checks(), **probe_programs_isolated()})
+
+
+def apply_forced(results: dict[str, bool]) -> dict[str, bool]:
     for name in filter(None, os.environ.get(FORCE_FAIL_ENV, "").split(",")):
         results[name.strip()] = False
     return results

@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import json
 import re
-import textwrap
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..harness.node import Pod
+from ..errors import KernelError
+from .envoy import start_envoy
+from .host import BPFFS_ROOT
+from .loader import Datapath
+from .podconfig import PodConfig, ip_list
+from .staging import staged
+from .topology import PYTHON, Pod, PodPair, wait_ready
 
 SIZES = (1, 1000, 65536, 1 << 20, 8 << 20)
 DATA_PORT = 9090
@@ -34,95 +38,9 @@ SLOW_SECONDS = 1.0
 #: (Unbounded, it reached 39 million characters on 5.10 and 6.1: one entry per failed read.)
 MAX_REASON_CHARS = 300
 
-SERVER = textwrap.dedent(r"""
-    import socket, sys, threading
-    port = int(sys.argv[1])
-    chunk = b"x" * 65536
-    def serve(c):
-        try:
-            f = c.makefile("rb")
-            size, mode = f.readline().split()
-            size = int(size)
-            if mode == b"half":
-                while c.recv(65536):
-                    pass
-            left = size
-            while left:
-                n = c.send(chunk[:min(left, len(chunk))])
-                left -= n
-        finally:
-            c.close()
-    def accept_loop(s):
-        while True:
-            threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
-    for fam, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-        s = socket.socket(fam, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if fam == socket.AF_INET6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s.bind((host, port)); s.listen(1024)
-        threading.Thread(target=accept_loop, args=(s,), daemon=True).start()
-    print("READY", flush=True)
-    threading.Event().wait()
-""")
-
-CLIENT = textwrap.dedent(r"""
-    import fcntl, json, os, select, socket, sys, termios, time, struct
-    from concurrent.futures import ThreadPoolExecutor
-    dst, port, sizes, conc = sys.argv[1], int(sys.argv[2]), [int(x) for x in sys.argv[3].split(",")], int(sys.argv[4])
-    def fetch(size, mode, reader):
-        t = time.monotonic()
-        s = socket.create_connection((dst, port), timeout=5)
-        s.sendall(f"{size} {mode}\n".encode())
-        if mode == "half":
-            s.shutdown(socket.SHUT_WR)
-        got, problems, fionread_zero = 0, [], 0
-        if reader == "splice":
-            s.setblocking(True)     # splice(2) on a non-blocking socket answers EAGAIN
-            r, w = os.pipe()
-            while True:
-                n = os.splice(s.fileno(), w, 1 << 20)
-                if n == 0:
-                    break
-                got += n
-                while n:
-                    n -= len(os.read(r, n))
-            os.close(r); os.close(w)
-        elif reader == "fionread":
-            s.setblocking(False)
-            p = select.poll(); p.register(s, select.POLLIN)
-            while True:
-                if not p.poll(5000):
-                    problems.append("poll timeout"); break
-                avail = struct.unpack("i", fcntl.ioctl(s, termios.FIONREAD, b"\0\0\0\0"))[0]
-                data = s.recv(max(avail, 1))
-                if not data:
-                    break
-                if avail == 0:
-                    fionread_zero += 1      # counted, not listed: one entry per read is unbounded
-                got += len(data)
-            if fionread_zero:
-                problems.append(f"FIONREAD 0 with data readable ({fionread_zero} reads)")
-        else:
-            while True:
-                data = s.recv(1 << 20)
-                if not data:
-                    break
-                got += len(data)
-        s.close()
-        dt = time.monotonic() - t
-        if got != size:
-            problems.append(f"got {got} of {size} bytes")
-        return {"size": size, "mode": mode, "reader": reader, "seconds": round(dt, 4), "problems": problems}
-    results = []
-    for size in sizes:
-        for mode in ("close", "half"):
-            for reader in ("recv", "fionread", "splice"):
-                results.append(fetch(size, mode, reader))
-    with ThreadPoolExecutor(max_workers=50) as ex:
-        results += list(ex.map(lambda i: fetch(16384, "close", "recv"), range(conc)))
-    print(json.dumps(results))
-""")
+HERE = Path(__file__).resolve().parent
+SERVER_SCRIPT = HERE / "sockmap_server.py"
+CLIENT_SCRIPT = HERE / "sockmap_client.py"
 
 
 @dataclass
@@ -170,22 +88,16 @@ def bound_reason(text: str, limit: int = MAX_REASON_CHARS) -> str:
     return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
 
 
-def start_data_server(pod: "Pod", port: int = DATA_PORT):
-    from ..harness.apps import wait_ready
-    from ..harness.probe import PYTHON
-
-    proc = pod.spawn([PYTHON, "-S", "-c", SERVER, str(port)], uid=1000, gid=1000,
+def start_data_server(pod: Pod, port: int = DATA_PORT):
+    proc = pod.spawn([PYTHON, "-S", staged(SERVER_SCRIPT), str(port)], uid=1000, gid=1000,
                      stdout=-1, stderr=-1, text=True)
     wait_ready(proc, f"data server in {pod.name}")
     return proc
 
 
-def run_suite(client: "Pod", server_ip: str, port: int = DATA_PORT, sizes: tuple[int, ...] = SIZES,
+def run_suite(client: Pod, server_ip: str, port: int = DATA_PORT, sizes: tuple[int, ...] = SIZES,
               concurrency: int = 200) -> SuiteReport:
-    from ..errors import KernelError
-    from ..harness.probe import PYTHON
-
-    proc = client.run([PYTHON, "-S", "-c", CLIENT, server_ip, str(port), ",".join(map(str, sizes)),
+    proc = client.run([PYTHON, "-S", staged(CLIENT_SCRIPT), server_ip, str(port), ",".join(map(str, sizes)),
                        str(concurrency)], uid=1000, gid=1000, timeout=300)
     if proc.returncode != 0:
         raise KernelError(f"sockmap suite client failed: {proc.stderr.strip()[-800:]}")
@@ -193,25 +105,19 @@ def run_suite(client: "Pod", server_ip: str, port: int = DATA_PORT, sizes: tuple
 
 
 def self_test(mode: str, sizes: tuple[int, ...] = (1, 65536, 1 << 20), concurrency: int = 20) -> tuple[bool, str]:
-    """Start-up self-test: a private two-pod node, Envoy in TCP mode, acceleration on.
+    """Start-up self-test: two private pods (:class:`.topology.PodPair`), Envoy in TCP mode, acceleration on.
 
     Returns (ok, reason); the agent turns acceleration off and logs the reason
     when ok is False. Everything it creates is removed before it returns.
     """
-    import uuid
-
-    from ..harness.node import Node
-    from .loader import Datapath
-    from .podconfig import PodConfig, ip_list
-
     try:
-        with Node() as node:
-            client, server = node.add_pod("stclient"), node.add_pod("stserver")
+        with PodPair() as pair:
+            client, server = pair.client, pair.server
             with Datapath(mode=mode, sockmap=True,
-                          pin_root=f"/sys/fs/bpf/istio-ebpf-selftest-{uuid.uuid4().hex[:8]}") as dp:
-                dp.attach_cgroup(str(node.parent_cgroup))
+                          pin_root=str(BPFFS_ROOT / pair.name)) as dp:
+                dp.attach_cgroup(str(pair.parent_cgroup))
                 srv = start_data_server(server)
-                envs = [p.start_envoy(protocol="tcp", access_log=False) for p in (client, server)]
+                envs = [start_envoy(p, protocol="tcp", access_log=False) for p in (client, server)]
                 for p in (client, server):
                     dp.add_pod(p.netns_path, PodConfig(pod_ips=ip_list(p.pod_ips)), str(p.cgroup_path))
                 try:

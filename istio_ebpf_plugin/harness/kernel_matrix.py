@@ -92,7 +92,7 @@ class GuestRun:
                 "sockmap_probes": sockmap_supported(self.mode, self.features)}
 
     def step_demo(self) -> dict:
-        from ..datapath.demo import demo_ok, run_demo
+        from .demo import demo_ok, run_demo
 
         with open(os.devnull, "w") as devnull:
             s = run_demo(mode="auto", requests=50, log=devnull, features=self.features)
@@ -101,7 +101,7 @@ class GuestRun:
         return {"ok": demo_ok(s), **{k: s[k] for k in keep}, "counters": s["counters"]}
 
     def step_table(self) -> dict:
-        from .capture_cases import CASES, CaptureLab, failures
+        from .capture_cases import CASES, KNOWN_DIFFERENCES, CaptureLab, failures
         from .node import Node
 
         dp = self.datapath()
@@ -113,11 +113,14 @@ class GuestRun:
                                   uninstall=lambda pod, handle: dp.remove_pod(handle))
                 rules = sum(pod.iptables_rule_count() for pod in lab.pods)
             finally:
-                dp.detach_cgroup(str(node.parent_cgroup))
-        bad = failures(results)
+                _detach_cgroup(dp, str(node.parent_cgroup))
+        # the per-mode differences the README documents are allowed, exactly as on the host
+        allowed = KNOWN_DIFFERENCES.get(self.mode, {})
+        bad = failures(results, allowed)
         return {"ok": not bad and rules == 0 and len(results) == len(CASES), "agree": len(results) - len(bad),
                 "total": len(CASES), "iptables_rules_in_pods": rules,
-                "disagree": [f"{r.case.id}[{r.case.config}]: expected {r.expected} got {r.got}" for r in bad][:5]}
+                "documented_differences": sum(1 for r in results if not r.ok and r.case.id in allowed),
+                "disagree": [f"{r.case.id}[{r.case.config}]: {r.got}" for r in bad][:5]}
 
     def step_conflict(self) -> dict:
         from .conflict import run_quadruple_conflict
@@ -129,7 +132,7 @@ class GuestRun:
             try:
                 r = run_quadruple_conflict(node, dp, self.mode)
             finally:
-                dp.detach_cgroup(str(node.parent_cgroup))
+                _detach_cgroup(dp, str(node.parent_cgroup))
         return {"ok": r["bad"] == 0 and r["peer_ok"] and all(p["n"] == r["n"] for p in r["pods"].values()),
                 "connections": 2 * r["n"], "mixed_up": r["bad"], "peer_ok": r["peer_ok"]}
 
@@ -184,6 +187,15 @@ class GuestRun:
         return {"ok": proc.returncode == 0 and attached_before > 0 and not left, "attached_before": attached_before,
                 "agent_exit": proc.returncode, "agent_says": (proc.stdout + proc.stderr).strip()[-300:],
                 "leftovers": left}
+
+
+def _detach_cgroup(dp: Any, cgroup_path: str) -> None:
+    """Detach the shared datapath from one step's node before the next step attaches it elsewhere."""
+    from ..datapath.host import unpin_link
+
+    ino = os.stat(cgroup_path).st_ino
+    for link in (dp.pin_dir / "links").glob(f"cg-{ino}-*"):
+        unpin_link(link)
 
 
 def prepare_guest(kernel_dir: str | None) -> list[str]:
@@ -273,7 +285,8 @@ def run_kernel(name: str, steps: list[str], out_root: Path, timeout: float = 360
         accel = vm.detect_accel(vng, kernel, out)
         meta["accel"] = accel
         log(f"kernel-matrix: {name}: booting {kernel.release} with virtme-ng ({accel.upper()})")
-        env = f"ISTIO_EBPF_TIMEOUT_SCALE={TCG_TIMEOUT_SCALE if accel == 'tcg' else '2'}"
+        # one process for every compile: a BCC worker process would load LLVM again (minutes under TCG)
+        env = f"ISTIO_EBPF_TIMEOUT_SCALE={TCG_TIMEOUT_SCALE if accel == 'tcg' else '2'} ISTIO_EBPF_COMPILE_IN_PROCESS=1"
         stage = STAGE_LIBS if os.environ.get("ISTIO_EBPF_VM_STAGE_LIBS", "0") == "1" else ""
         command = f"{stage}cd {shlex.quote(str(vm.REPO))} && env {env} " + " ".join(
             shlex.quote(a) for a in _guest_command(steps, out, vm.GUEST_KERNEL_DIR))

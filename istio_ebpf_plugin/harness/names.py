@@ -9,22 +9,19 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
+# Where they live is the datapath's knowledge (one cgroup v2 discovery, one bpffs root).
+from ..datapath.host import BPFFS_ROOT
+from ..datapath.host import require_cgroup_v2_root as cgroup_v2_root
+from ..datapath.topology import NETNS_DIR
+
+__all__ = ["BPFFS_ROOT", "NETNS_DIR", "cgroup_v2_root", "new_token", "created_tokens"]
+
 NETNS_PREFIX = "ie-"                      # network namespaces (``ip netns``)
 CGROUP_PREFIX = "istio-ebpf-test-"        # parent cgroups under cgroup_v2_root()
 BPF_PIN_PREFIX = "istio-ebpf-test"        # bpffs pin directories under BPFFS_ROOT
 TMP_PREFIX = "istio-ebpf-test-"           # config / log directories under /tmp
 
-NETNS_DIR = Path("/run/netns")
-BPFFS_ROOT = Path("/sys/fs/bpf")
 TMP_ROOT = Path("/tmp")
-
-
-def cgroup_v2_root() -> Path:
-    """The cgroup v2 mount: ``/sys/fs/cgroup/unified`` on hybrid hosts, else ``/sys/fs/cgroup``."""
-    for candidate in (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup")):
-        if (candidate / "cgroup.controllers").exists():  # a file only cgroup v2 has
-            return candidate
-    raise FileNotFoundError("no cgroup v2 hierarchy mounted at /sys/fs/cgroup/unified or /sys/fs/cgroup")
 
 
 def new_token() -> str:

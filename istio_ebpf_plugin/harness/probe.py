@@ -13,36 +13,22 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import select
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
+from ..datapath.staging import staged
+from ..datapath.topology import PYTHON, Pod, wait_ready
 from ..errors import KernelError
 from ..timeouts import scaled
-from .staging import staged
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .node import Pod
+__all__ = ["PYTHON", "Outcome", "ProbeServer", "probe_connect", "start_probe_server", "wait_ready"]
 
 HERE = Path(__file__).resolve().parent
 SERVER_SCRIPT = HERE / "probe_server.py"
 CLIENT_SCRIPT = HERE / "probe_client.py"
-PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
-
-
-def wait_ready(proc: subprocess.Popen, what: str, timeout: float = 10.0) -> None:
-    """Wait for a helper process's "READY" line; kill it and raise if it does not come."""
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], scaled(timeout))
-    line = proc.stdout.readline().strip() if ready else ""
-    if line != "READY":
-        proc.kill()
-        err = proc.stderr.read() if proc.stderr else ""
-        raise KernelError(f"{what} did not start: {line!r} {str(err).strip()[-500:]}")
 
 
 def _norm_ip(ip: str) -> str:
@@ -75,6 +61,12 @@ class Outcome:
     local: tuple[str, int] | None = None
     client_local: tuple[str, int] | None = None
     reply_from: tuple[str, int] | None = None
+    #: getpeername() of the client socket: what the application believes it is connected to.
+    client_peer: tuple[str, int] | None = None
+    #: errno name of a failed connection (ECONNREFUSED, ETIMEDOUT, ...), None on success.
+    errno: str | None = None
+    #: errno of the listener's SO_ORIGINAL_DST query (0 = answered).
+    orig_dst_errno: int | None = None
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -83,7 +75,8 @@ class Outcome:
                    orig_dst=_pair(rec.get("orig_dst")), seen_peer=_pair(rec.get("peer")),
                    port=rec.get("port"), local=_pair(rec.get("local")),
                    client_local=_pair(rec.get("client_local")), reply_from=_pair(rec.get("reply_from")),
-                   raw=rec)
+                   client_peer=_pair(rec.get("client_peer")), errno=rec.get("errno"),
+                   orig_dst_errno=rec.get("orig_dst_errno"), raw=rec)
 
     def key(self) -> tuple:
         """What the differential test compares: listener, answering pod, original destination."""
@@ -93,7 +86,7 @@ class Outcome:
 
 @dataclass
 class ProbeServer:
-    pod: "Pod"
+    pod: Pod
     proc: subprocess.Popen
     targets: tuple[int, ...]
     udp_targets: tuple[int, ...]
@@ -108,7 +101,7 @@ class ProbeServer:
                 self.proc.wait(timeout=3)
 
 
-def start_probe_server(pod: "Pod", targets: Iterable[int] = (), udp_targets: Iterable[int] = (), *,
+def start_probe_server(pod: Pod, targets: Iterable[int] = (), udp_targets: Iterable[int] = (), *,
                        uid: int = 1337, gid: int = 1337, sidecar_ports: bool = True,
                        timeout: float = 10.0) -> ProbeServer:
     """Start the probe server in ``pod`` and wait until all its sockets are bound."""
@@ -123,7 +116,7 @@ def start_probe_server(pod: "Pod", targets: Iterable[int] = (), udp_targets: Ite
     return ProbeServer(pod=pod, proc=proc, targets=targets, udp_targets=udp_targets)
 
 
-def probe_connect(src_pod: "Pod", uid: int, gid: int, dst_ip: str, dst_port: int, *,
+def probe_connect(src_pod: Pod, uid: int, gid: int, dst_ip: str, dst_port: int, *,
                   bind: tuple[str, int] | None = None, proto: str = "tcp", timeout: float = 3.0,
                   count: int = 1) -> Outcome | list[Outcome]:
     """Connect from ``src_pod`` as uid/gid to dst; an :class:`Outcome` (a list if count > 1)."""

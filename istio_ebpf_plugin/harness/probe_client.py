@@ -2,8 +2,9 @@
 
 Connects (TCP) or sends a datagram (UDP) to ``--dst``/``--port``, optionally from a bound
 ``--bind IP:PORT``, and prints one JSON line per attempt: the probe server's record plus
-``client_local`` (our socket name) and ``reply_from`` (UDP: source of the reply), or
-``{"listener": "refused" | "timeout" | "unreachable" | "error", ...}``.
+``client_local``/``client_peer`` (getsockname/getpeername of our socket, what an application
+sees) and ``reply_from`` (UDP: source of the reply), or
+``{"listener": "refused" | "timeout" | "unreachable" | "error", "errno": NAME, ...}``.
 
     python3 -S probe_client.py --dst 10.244.0.3 --port 8080 [--bind 10.244.0.2:40000] [--udp] [--count N]
 """
@@ -42,7 +43,8 @@ def one(args: argparse.Namespace) -> dict:
             rec["reply_from"] = [src[0], src[1]]
         else:
             s.connect((args.dst, args.port))
-            rec_local = s.getsockname()
+            # What the application sees of its own connection (NAT is invisible under iptables).
+            rec_local, rec_peer = s.getsockname(), s.getpeername()
             chunks = []
             while True:
                 chunk = s.recv(4096)
@@ -52,15 +54,17 @@ def one(args: argparse.Namespace) -> dict:
             text = b"".join(chunks).decode(errors="replace").strip()
             rec = json.loads(text) if text else {"listener": "error", "error": "empty reply (not a probe listener)"}
             rec["client_local"] = [rec_local[0], rec_local[1]]
+            rec["client_peer"] = [rec_peer[0], rec_peer[1]]
         return rec
     except ConnectionRefusedError:
-        return {"listener": "refused"}
+        return {"listener": "refused", "errno": "ECONNREFUSED"}
     except socket.timeout:
-        return {"listener": "timeout"}
+        return {"listener": "timeout", "errno": "ETIMEDOUT"}
     except OSError as exc:
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
         if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
-            return {"listener": "unreachable", "error": str(exc)}
-        return {"listener": "error", "error": f"{type(exc).__name__}: {exc}"}
+            return {"listener": "unreachable", "errno": name, "error": str(exc)}
+        return {"listener": "error", "errno": name, "error": f"{type(exc).__name__}: {exc}"}
     except ValueError as exc:
         return {"listener": "error", "error": f"bad reply: {exc}"}
     finally:

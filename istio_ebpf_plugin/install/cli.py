@@ -9,6 +9,8 @@ from .. import kernel
 from ..errors import UsageError
 from . import manager, manifests, pipeline
 from . import plan as planmod
+from .hookcalls import HookCalls
+from .options import DEFAULTS, Options
 
 COMMANDS = {
     "render": "transform 'istioctl manifest generate' / 'helm template' output (stdin or -f) and append the agent; "
@@ -20,31 +22,28 @@ COMMANDS = {
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    pm = manager.get()
+    hooks = manager.hooks()
     for command, help_text in COMMANDS.items():
         p = subparsers.add_parser(command, help=help_text, description=help_text)
         if command == "render":
-            p.add_argument("-f", "--filename", default="-", metavar="FILE",
+            p.add_argument("-f", "--filename", default=DEFAULTS.filename, metavar="FILE",
                            help="multi-document YAML to transform ('-' = stdin, the default)")
             p.add_argument("--nodes", metavar="FILE",
                            help="output of 'kubectl get nodes -o json': print the rollout plan to stderr")
-        p.add_argument("--revision", default=None,
+        p.add_argument("--revision", default=DEFAULTS.revision,
                        help="only the injector of this Istio revision ('' = the default revision)")
         if command != "render":
-            p.add_argument("--istio-namespace", default=None, help="only injector ConfigMaps in this namespace")
-        pm.hook.istio_ebpf_add_options(parser=p, command=command)
+            p.add_argument("--istio-namespace", default=DEFAULTS.istio_namespace,
+                           help="only injector ConfigMaps in this namespace")
+        hooks.add_options(p, command)
         p.set_defaults(func=_run, install_command=command)
 
 
-def _check_mode(options: argparse.Namespace) -> None:
-    if hasattr(options, "mode"):
-        kernel.validate_mode(options.mode)
-
-
-def _run(options: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
     pm = manager.get()
-    _check_mode(options)
-    command = options.install_command
+    options = Options.from_namespace(args)
+    kernel.validate_mode(options.mode)
+    command = options.command
     if command == "render":
         return render(pm, options)
     from . import live  # imports the kubernetes client only when needed
@@ -52,12 +51,12 @@ def _run(options: argparse.Namespace) -> int:
     return {"install": live.install, "uninstall": live.uninstall, "status": live.status}[command](pm, options)
 
 
-def render(pm, options: argparse.Namespace) -> int:
+def render(pm, options: Options) -> int:
     plan = None
     if options.nodes:
         text, label = manifests.read_text(options.nodes)
         nodes = planmod.nodes_from_json(text, label)
-        plan = pm.hook.istio_ebpf_plan_nodes(nodes=nodes, options=options)
+        plan = HookCalls(pm).plan_nodes(nodes, options)
     text, label = manifests.read_text(options.filename)
     if not text.strip():
         raise UsageError(f"{label}: empty input")

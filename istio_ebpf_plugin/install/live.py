@@ -2,14 +2,15 @@
 
 All API calls go through :mod:`istio_ebpf_plugin.kube_api`; the work itself is
 done by the plugins' hooks. Injector ConfigMaps are changed only with JSON
-patches whose ``test`` operations pin the value being replaced: when someone
-edits the ConfigMap at the same moment, the patch fails, we read it again,
-recompute and retry.
+patches that begin with a ``test`` of ``metadata.resourceVersion`` (optimistic
+concurrency the Kubernetes way): when someone edits the ConfigMap at the same
+moment, the server answers 409/422, we read it again, recompute and retry.
+(A ``test`` of the config text itself would fail on a real apiserver whenever the
+text holds <, >, & or non-ASCII characters, equal or not.)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -21,6 +22,8 @@ from .. import kube_api
 from ..errors import PermanentError, TemporaryError, UsageError
 from . import injector_config, manifests
 from . import plan as planmod
+from .hookcalls import HookCalls
+from .options import DEFAULTS, Options
 from .pipeline import InjectorEdit, edit_config
 from .plugin import BACKUP_CONFIGMAP
 
@@ -29,21 +32,25 @@ def _err(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def _plan(pm: pluggy.PluginManager, options: argparse.Namespace) -> list[planmod.NodePlan]:
+def _plan(pm: pluggy.PluginManager, options: Options) -> list[planmod.NodePlan]:
     nodes = kube_api.list_nodes()
-    plan = pm.hook.istio_ebpf_plan_nodes(nodes=nodes, options=options) or []
+    plan = HookCalls(pm).plan_nodes(nodes, options) or []
     _err(planmod.table(plan).rstrip("\n"))
     return plan
 
 
-def _injectors(options: argparse.Namespace) -> list[dict[str, Any]]:
+def _injectors(options: Options) -> list[dict[str, Any]]:
     cms = kube_api.list_injector_configmaps()
-    revision = getattr(options, "revision", None)
+    revision = options.revision
     if revision is not None:
         cms = [cm for cm in cms if manifests.injector_revision(cm["metadata"]["name"]) == revision]
+    ns_filter = options.istio_namespace
+    if ns_filter:   # before the ambiguity check: naming the namespace is how a user resolves it
+        cms = [cm for cm in cms if cm["metadata"].get("namespace") == ns_filter]
     if not cms:
         raise PermanentError("no istio-sidecar-injector ConfigMap in the cluster"
                              + (f" for revision {revision!r}" if revision is not None else "")
+                             + (f" in namespace {ns_filter}" if ns_filter else "")
                              + ": is Istio installed?")
     seen: dict[str, str] = {}
     for cm in cms:
@@ -52,32 +59,30 @@ def _injectors(options: argparse.Namespace) -> list[dict[str, Any]]:
             raise UsageError(f"ambiguous revisions: ConfigMap {meta['name']} exists in namespaces "
                              f"{seen[meta['name']]} and {meta.get('namespace')}; use --revision/--istio-namespace")
         seen[meta["name"]] = meta.get("namespace", "")
-    ns_filter = getattr(options, "istio_namespace", None)
-    if ns_filter:
-        cms = [cm for cm in cms if cm["metadata"].get("namespace") == ns_filter]
     return cms
 
 
-def _patch_one(pm: pluggy.PluginManager, cm: dict[str, Any], options: argparse.Namespace, revert: bool,
+def _patch_one(pm: pluggy.PluginManager, cm: dict[str, Any], options: Options, revert: bool,
                before_patch: Callable[[InjectorEdit], None] | None = None,
                sleep: Callable[[float], None] = time.sleep) -> tuple[InjectorEdit, list[dict] | None]:
     """Compute and apply one ConfigMap's patch, re-reading and retrying on concurrent edits."""
     meta = cm["metadata"]
     ns, name = meta.get("namespace", ""), meta["name"]
-    retries = max(1, int(getattr(options, "retries", 5) or 5))
+    retries = max(1, int(options.retries or DEFAULTS.retries))
     current = cm
     for attempt in range(1, retries + 1):
         config = (current.get("data") or {}).get("config")
         if not isinstance(config, str):
             raise PermanentError(f"ConfigMap {ns}/{name}: no data.config")
         edit = edit_config(pm, name, ns, config, options, revert=revert)
-        ops: list[dict] = []
-        for part in pm.hook.istio_ebpf_live_patches(configmap=current, edit=edit, options=options):
-            ops.extend(part or [])
+        ops = HookCalls(pm).live_patches(current, edit, options)
         if not ops:
             _err(f"ConfigMap {ns}/{name}: unchanged")
             return edit, []
-        if getattr(options, "dry_run", False):
+        version = (current.get("metadata") or {}).get("resourceVersion")
+        if version:
+            ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": str(version)}, *ops]
+        if options.dry_run:
             return edit, ops
         if before_patch is not None:
             before_patch(edit)
@@ -118,34 +123,33 @@ def _print_patch(edit: InjectorEdit, ops: list[dict]) -> str:
             + json.dumps(ops, indent=2) + "\n")
 
 
-def install(pm: pluggy.PluginManager, options: argparse.Namespace) -> int:
+def install(pm: pluggy.PluginManager, options: Options) -> int:
+    hooks = HookCalls(pm)
     plan = _plan(pm, options)
     if plan and not any(p.captures for p in plan):
         _err("warning: no node can capture with eBPF; opted-in pods will stay Pending")
+    # The agent objects first: missing manifests or a bad --image must stop us before any change.
+    stream = manifests.Stream(hooks.agent_manifests(options, plan))
+    hooks.transform_manifests(stream, options, plan)
     out: list[str] = []
     for cm in _injectors(options):
         edit, ops = _patch_one(pm, cm, options, revert=False, before_patch=_save_backup)
-        if getattr(options, "dry_run", False) and ops:
+        if options.dry_run and ops:
             out.append(_print_patch(edit, ops))
-    agent: list[manifests.Document] = []
-    for docs in pm.hook.istio_ebpf_agent_manifests(options=options, plan=plan):
-        agent.extend(docs or [])
-    stream = manifests.Stream(agent)
-    pm.hook.istio_ebpf_transform_manifests(stream=stream, options=options, plan=plan)
-    if getattr(options, "dry_run", False):
+    if options.dry_run:
         out.append(stream.text())
         sys.stdout.write("".join(out))
         return 0
     for doc in stream.documents:
         kube_api.apply_object(doc.data)
         _err(f"applied {doc.kind} {doc.namespace + '/' if doc.namespace else ''}{doc.name}")
-    pm.hook.istio_ebpf_post_install(options=options, plan=plan)
-    final = pm.hook.istio_ebpf_plan_nodes(nodes=kube_api.list_nodes(), options=options) or []
+    hooks.post_install(options, plan)
+    final = hooks.plan_nodes(kube_api.list_nodes(), options) or []
     sys.stdout.write(planmod.table(final))
     return 0
 
 
-def uninstall(pm: pluggy.PluginManager, options: argparse.Namespace) -> int:
+def uninstall(pm: pluggy.PluginManager, options: Options) -> int:
     out: list[str] = []
     try:
         cms = _injectors(options)
@@ -154,7 +158,7 @@ def uninstall(pm: pluggy.PluginManager, options: argparse.Namespace) -> int:
         cms = []
     for cm in cms:
         edit, ops = _patch_one(pm, cm, options, revert=True)
-        if getattr(options, "dry_run", False):
+        if options.dry_run:
             if ops:
                 out.append(_print_patch(edit, ops))
             continue
@@ -166,17 +170,15 @@ def uninstall(pm: pluggy.PluginManager, options: argparse.Namespace) -> int:
                      "only istio-ebpf's own edits were removed")
             elif saved is not None:
                 _err(f"{edit.where()}: restored exactly (matches the backup in {BACKUP_CONFIGMAP})")
-    if getattr(options, "dry_run", False):
+    if options.dry_run:
         sys.stdout.write("".join(out))
         return 0
-    pm.hook.istio_ebpf_uninstall_cleanup(options=options)
+    HookCalls(pm).uninstall_cleanup(options)
     return 0
 
 
-def status(pm: pluggy.PluginManager, options: argparse.Namespace) -> int:
+def status(pm: pluggy.PluginManager, options: Options) -> int:
     plan = _plan(pm, options)
-    lines: list[str] = []
-    for part in pm.hook.istio_ebpf_status(options=options, plan=plan):
-        lines.extend(part or [])
+    lines = HookCalls(pm).status(options, plan)
     sys.stdout.write("".join(line + "\n" for line in lines))
     return 1 if any(line.startswith("PROBLEM") for line in lines) else 0

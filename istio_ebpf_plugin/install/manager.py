@@ -1,7 +1,8 @@
 """Plugin manager of the install flow (in the manner of tox 4).
 
-Built-in plugins and third-party ones both come from the entry-point group
-``istio_ebpf`` (installing a package is all it takes); ``ISTIO_EBPF_BLOCKED_PLUGINS``
+Internal: plugin authors use :mod:`istio_ebpf_plugin.plugin`. Built-in plugins and
+third-party ones both come from the entry-point group ``istio_ebpf`` (installing a
+package is all it takes); ``ISTIO_EBPF_BLOCKED_PLUGINS``
 (comma-separated plugin names, the entry-point names) blocks some of them, and
 :meth:`pluggy.PluginManager.check_pending` rejects hook implementations whose
 name matches no specification (a misspelled hook).
@@ -16,10 +17,12 @@ import pluggy
 
 from .. import hookspecs  # type: ignore[attr-defined]  # hooks/, installed under this name
 from ..errors import UsageError
+from ..plugin import BLOCKED_PLUGINS_ENV as BLOCK_ENV
+from ..plugin import NAME as PROJECT
+from ..plugin import hookimpl
+from .hookcalls import HookCalls
 
-PROJECT = hookspecs.PROJECT
-hookimpl = pluggy.HookimplMarker(PROJECT)
-BLOCK_ENV = "ISTIO_EBPF_BLOCKED_PLUGINS"
+__all__ = ["BLOCK_ENV", "PROJECT", "hookimpl", "create", "get", "hooks", "reset"]
 #: Built-ins registered even when the package metadata is missing (e.g. running from a checkout).
 BUILTINS = {"ebpf": "istio_ebpf_plugin.install.plugin"}
 
@@ -58,6 +61,11 @@ def get() -> pluggy.PluginManager:
     if _PM is None:
         _PM = create()
     return _PM
+
+
+def hooks() -> HookCalls:
+    """Typed calls of the process-wide manager's hooks."""
+    return HookCalls(get())
 
 
 def reset() -> None:

@@ -9,7 +9,6 @@ the result is parsed again to prove only that value changed.
 from __future__ import annotations
 
 import io
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 from ruamel.yaml.scalarstring import LiteralScalarString
 
-from .. import MANIFESTS_DIR
+from .. import resources
 from ..errors import UsageError
 
 INJECTOR_PREFIX = "istio-sidecar-injector"
@@ -234,22 +233,42 @@ def replace_config(doc: Document, new_config: str) -> None:
 # --- agent manifests -----------------------------------------------------------------------
 
 def manifests_dir() -> Path:
-    override = os.environ.get("ISTIO_EBPF_MANIFESTS_DIR")
-    return Path(override) if override else MANIFESTS_DIR
+    return resources.manifests_dir()
 
 
 # Build-tool files that live beside the manifests but are not cluster objects.
 _NOT_OBJECTS = ("kustomize.config.k8s.io/",)
 
 
-def agent_documents(directory: Path | None = None) -> list[Document]:
-    """Every object of every ``*.yaml`` in the manifests directory (files sorted by name).
+#: Apply order by kind (Helm's install order): an object's dependencies come before it, so
+#: ``render | kubectl apply -f -`` works on a fresh cluster. Deletion runs in reverse.
+KIND_ORDER = ("Namespace", "NetworkPolicy", "ResourceQuota", "LimitRange", "PodSecurityPolicy",
+              "PodDisruptionBudget", "ServiceAccount", "Secret", "ConfigMap", "StorageClass",
+              "PersistentVolume", "PersistentVolumeClaim", "CustomResourceDefinition", "ClusterRole",
+              "ClusterRoleBinding", "Role", "RoleBinding", "Service", "DaemonSet", "Pod",
+              "ReplicationController", "ReplicaSet", "Deployment", "HorizontalPodAutoscaler", "StatefulSet",
+              "Job", "CronJob", "Ingress", "APIService", "MutatingWebhookConfiguration",
+              "ValidatingWebhookConfiguration")
 
-    A ``kustomization.yaml`` is skipped: it configures kustomize, it is not applied.
+
+def kind_rank(kind: str) -> int:
+    """Position of ``kind`` in :data:`KIND_ORDER`; unknown kinds (custom resources) go last."""
+    return KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER)
+
+
+def agent_documents(directory: Path | None = None) -> list[Document]:
+    """Every object of every ``*.yaml`` in the manifests directory, in apply order (:data:`KIND_ORDER`).
+
+    Files are read sorted by name; the sort by kind is stable. A ``kustomization.yaml`` is
+    skipped: it configures kustomize, it is not applied. A missing or empty directory is an
+    error: rendering without the agent would be a silently partial result.
     """
     directory = directory or manifests_dir()
+    files = sorted(directory.glob("*.yaml")) if directory.is_dir() else []
+    if not files:
+        raise UsageError(f"agent manifests not found: no *.yaml in {directory}")
     docs: list[Document] = []
-    for path in sorted(directory.glob("*.yaml")):
+    for path in files:
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -258,8 +277,38 @@ def agent_documents(directory: Path | None = None) -> list[Document]:
             if doc.data is None or str(doc.data.get("apiVersion", "")).startswith(_NOT_OBJECTS):
                 continue
             body = doc.text if doc.text.endswith("\n") else doc.text + "\n"
-            docs.append(Document("---\n", body, len(docs), doc.data))
+            docs.append(Document("---\n", body, 0, doc.data))
+    if not docs:
+        raise UsageError(f"agent manifests not found: no Kubernetes object in {directory}")
+    docs.sort(key=lambda d: kind_rank(d.kind))
+    for i, doc in enumerate(docs):
+        doc.index = i
     return docs
+
+
+def _pod_template_containers(data: Any) -> list:
+    spec = (((data.get("spec") or {}).get("template") or {}).get("spec") or {})
+    return [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
+
+
+def set_daemonset_image(doc: Document, image: str, repository: str | None = None) -> None:
+    """Point the containers of a DaemonSet document at ``image`` (only those whose image is in
+    ``repository`` when given); the document stays byte for byte when nothing changes."""
+    def wanted(container: Any) -> bool:
+        current = str(container.get("image", ""))
+        return current != image and (repository is None or current.startswith(repository + ":"))
+
+    if not any(wanted(c) for c in _pod_template_containers(doc.data)):
+        return
+    rt = _rt_yaml().load(doc.text)
+    for container in _pod_template_containers(rt):
+        if wanted(container):
+            container["image"] = image
+    buf = io.StringIO()
+    _rt_yaml().dump(rt, buf)
+    doc.text = buf.getvalue()
+    doc.data = _safe_load(doc.text, doc.where())
+    doc.changed = True
 
 
 def set_daemonset_env(doc: Document, name: str, value: str) -> None:

@@ -13,19 +13,23 @@ import sys
 import time
 from typing import Any
 
-from .. import NODE_MODE_LABEL, kernel, kube_api
-from ..errors import PermanentError, TemporaryError
+from .. import NODE_MODE_LABEL, kernel, kube_api, resources
+from ..errors import PermanentError, TemporaryError, UsageError
 from . import injector_config, manifests
 from . import plan as planmod
 from . import template as tpl
-from .manager import hookimpl
-from .pipeline import InjectorEdit
+from ..plugin import hookimpl
+from .edit import InjectorEdit
+from .options import DEFAULTS, Options
 
 #: ConfigMap (in each injector's namespace) holding the config as it was before install.
 BACKUP_CONFIGMAP = "istio-ebpf-injector-backup"
 #: Annotation on the injector ConfigMap: sha256 of the config we installed.
 INSTALLED_ANNOTATION = "istio-ebpf.io/installed-config-sha256"
 MODE_ENV = "ISTIO_EBPF_MODE"
+#: Written by the agent beside the label (agent/node_agent.py REASON_ANNOTATION; the installer
+#: does not import the agent).
+AGENT_REASON_ANNOTATION = "istio-ebpf.io/mode-reason"
 
 
 def _sha(text: str) -> str:
@@ -39,41 +43,47 @@ def _json_pointer(key: str) -> str:
 @hookimpl
 def istio_ebpf_add_options(parser: argparse.ArgumentParser, command: str) -> None:
     if command in ("render", "install", "status"):
-        parser.add_argument("--mode", default="auto", metavar="MODE",
+        parser.add_argument("--mode", default=DEFAULTS.mode, metavar="MODE",
                             help="capture mode for every node: auto (by kernel version), cookie, podip, unsupported")
+    if command in ("render", "install"):
+        parser.add_argument("--image", default=DEFAULTS.image, metavar="REF",
+                            help=f"agent image (default: ${resources.IMAGE_ENV}, else {resources.release_image()})")
     if command in ("install", "uninstall"):
         parser.add_argument("--dry-run", action="store_true",
                             help="print the JSON patches and manifests instead of applying them")
+        parser.add_argument("--timeout", type=float, default=DEFAULTS.timeout,
+                            help="seconds to wait for the agent DaemonSet rollout (install) or for its pods "
+                                 "to finish their clean-up (uninstall); 0: do not wait")
     if command == "install":
-        parser.add_argument("--timeout", type=float, default=300.0,
-                            help="seconds to wait for the agent DaemonSet rollout (0: do not wait)")
-        parser.add_argument("--retries", type=int, default=5,
+        parser.add_argument("--retries", type=int, default=DEFAULTS.retries,
                             help="attempts when an injector ConfigMap changes under us")
 
 
 @hookimpl
-def istio_ebpf_plan_nodes(nodes: list[dict[str, Any]], options: argparse.Namespace) -> list[planmod.NodePlan]:
-    return planmod.build(nodes, getattr(options, "mode", "auto") or "auto")
+def istio_ebpf_plan_nodes(nodes: list[dict[str, Any]], options: Options) -> list[planmod.NodePlan]:
+    return planmod.build(nodes, Options.of(options).mode or DEFAULTS.mode)
 
 
 @hookimpl
-def istio_ebpf_edit_injector_config(edit: InjectorEdit, options: argparse.Namespace) -> None:
+def istio_ebpf_edit_injector_config(edit: InjectorEdit, options: Options) -> None:
     edit.config = injector_config.add(edit.config, edit.where())
 
 
 @hookimpl
-def istio_ebpf_revert_injector_config(edit: InjectorEdit, options: argparse.Namespace) -> None:
+def istio_ebpf_revert_injector_config(edit: InjectorEdit, options: Options) -> None:
     edit.config = injector_config.remove(edit.config, edit.where())
 
 
 @hookimpl
 def istio_ebpf_live_patches(configmap: dict[str, Any], edit: InjectorEdit,
-                            options: argparse.Namespace) -> list[dict[str, Any]]:
+                            options: Options) -> list[dict[str, Any]]:
+    # No `test` of old values here: the caller guards the whole patch with a test of
+    # metadata.resourceVersion (a real apiserver fails `test` on strings holding <, >, & or
+    # non-ASCII characters even when they are equal, and Istio's config holds all of them).
     annotations = (configmap.get("metadata") or {}).get("annotations") or {}
     ops: list[dict[str, Any]] = []
     if edit.changed:
-        ops += [{"op": "test", "path": "/data/config", "value": edit.original},
-                {"op": "replace", "path": "/data/config", "value": edit.config}]
+        ops.append({"op": "replace", "path": "/data/config", "value": edit.config})
     installing = injector_config.is_installed(edit.config, edit.where())
     pointer = "/metadata/annotations/" + _json_pointer(INSTALLED_ANNOTATION)
     if installing:
@@ -82,35 +92,62 @@ def istio_ebpf_live_patches(configmap: dict[str, Any], edit: InjectorEdit,
             if not annotations and "annotations" not in (configmap.get("metadata") or {}):
                 ops.append({"op": "add", "path": "/metadata/annotations", "value": {INSTALLED_ANNOTATION: want}})
             elif INSTALLED_ANNOTATION in annotations:
-                ops += [{"op": "test", "path": pointer, "value": annotations[INSTALLED_ANNOTATION]},
-                        {"op": "replace", "path": pointer, "value": want}]
+                ops.append({"op": "replace", "path": pointer, "value": want})
             else:
                 ops.append({"op": "add", "path": pointer, "value": want})
     elif INSTALLED_ANNOTATION in annotations:
-        ops += [{"op": "test", "path": pointer, "value": annotations[INSTALLED_ANNOTATION]},
-                {"op": "remove", "path": pointer}]
+        ops.append({"op": "remove", "path": pointer})
     return ops
 
 
 @hookimpl
-def istio_ebpf_agent_manifests(options: argparse.Namespace, plan: list[planmod.NodePlan] | None) -> list:
+def istio_ebpf_agent_manifests(options: Options, plan: list[planmod.NodePlan] | None) -> list:
     docs = manifests.agent_documents()
-    mode = getattr(options, "mode", "auto") or "auto"
+    mode = Options.of(options).mode or DEFAULTS.mode
+    image = agent_image(options)
     if mode != "auto":
         kernel.validate_mode(mode)
-        for doc in docs:
-            if doc.kind == "DaemonSet":
-                manifests.set_daemonset_env(doc, MODE_ENV, mode)
+    for doc in docs:
+        if doc.kind != "DaemonSet":
+            continue
+        if image:
+            manifests.set_daemonset_image(doc, image)
+        else:  # the release image follows the package version; a site's own images stay
+            manifests.set_daemonset_image(doc, resources.release_image(), resources.IMAGE_REPOSITORY)
+        if mode != "auto":
+            manifests.set_daemonset_env(doc, MODE_ENV, mode)
     return docs
 
 
+def _agent_published(node: dict[str, Any]) -> bool:
+    """The agent labelled this node from its feature probes (it writes the reason annotation too)."""
+    return AGENT_REASON_ANNOTATION in (((node.get("metadata") or {}).get("annotations")) or {})
+
+
+def agent_image(options: Options | None) -> str | None:
+    """The agent image chosen by ``--image`` or ``$ISTIO_EBPF_IMAGE``; None when neither is set."""
+    image = Options.of(options).image or resources.chosen_image()
+    if image is not None and (not image.strip() or any(ch.isspace() for ch in image) or image.startswith("-")):
+        raise UsageError(f"invalid agent image reference {image!r}")
+    return image
+
+
 @hookimpl
-def istio_ebpf_post_install(options: argparse.Namespace, plan: list[planmod.NodePlan] | None) -> None:
+def istio_ebpf_post_install(options: Options, plan: list[planmod.NodePlan] | None) -> None:
+    # The plan is the kernel-version rule; an agent's label comes from real probes and wins
+    # (it may have fallen back after a failed probe). Only nodes without such a label are labelled.
+    agent_owned = {(n.get("metadata") or {}).get("name") for n in kube_api.list_nodes() if _agent_published(n)}
     for p in plan or []:
+        if p.node in agent_owned:
+            if p.current_label != p.mode:
+                shown = p.current_label or "(empty)"
+                print(f"node {p.node}: label {NODE_MODE_LABEL}={shown} kept (set by the agent "
+                      f"from its probes; the kernel rule says {p.mode})", file=sys.stderr)
+            continue
         if p.current_label != p.mode:
             kube_api.label_node(p.node, {NODE_MODE_LABEL: p.mode})
             print(f"node {p.node}: label {NODE_MODE_LABEL}={p.mode}", file=sys.stderr)
-    timeout = float(getattr(options, "timeout", 300.0))
+    timeout = float(Options.of(options).timeout)
     if timeout > 0:
         for doc in manifests.agent_documents():
             if doc.kind == "DaemonSet":
@@ -151,7 +188,7 @@ def wait_for_daemonset(body: dict[str, Any], timeout: float, interval: float = 2
 
 
 @hookimpl
-def istio_ebpf_status(options: argparse.Namespace, plan: list[planmod.NodePlan] | None) -> list[str]:
+def istio_ebpf_status(options: Options, plan: list[planmod.NodePlan] | None) -> list[str]:
     lines: list[str] = []
     cms = kube_api.list_injector_configmaps()
     if not cms:
@@ -173,6 +210,9 @@ def istio_ebpf_status(options: argparse.Namespace, plan: list[planmod.NodePlan] 
         elif injector_config.add(config, where) != config:
             lines.append(f"PROBLEM: {where}: ebpf template is stale for this sidecar template "
                          "(Istio upgraded?); run 'istio-ebpf install'")
+        elif (installed := ((meta.get("annotations") or {}).get(INSTALLED_ANNOTATION))) and installed != _sha(config):
+            lines.append(f"PROBLEM: {where}: config changed since istio-ebpf installed it (sha256 differs from "
+                         f"{INSTALLED_ANNOTATION}); review the change, then run 'istio-ebpf install'")
         else:
             lines.append(f"ok: {where}: ebpf template installed, defaultTemplates "
                          f"{injector_config.effective_defaults(data)}")
@@ -193,11 +233,49 @@ def istio_ebpf_status(options: argparse.Namespace, plan: list[planmod.NodePlan] 
     return lines
 
 
+def wait_for_pods_gone(namespace: str, selector: str, timeout: float, interval: float = 1.0,
+                       clock=time.monotonic, sleep=time.sleep) -> None:
+    """Until no pod matches: their preStop clean-up still needs the RBAC and Namespace we delete next."""
+    deadline = clock() + timeout
+    while True:
+        pods = kube_api.list_pods(namespace, selector)
+        if not pods:
+            return
+        if clock() >= deadline:
+            raise TemporaryError(f"{len(pods)} agent pod(s) in {namespace} still terminating after {timeout:g}s; "
+                                 "run 'istio-ebpf uninstall' again once they are gone")
+        sleep(interval)
+
+
+def wait_for_gone(api_version: str, kind: str, namespace: str | None, name: str, timeout: float,
+                  interval: float = 1.0, clock=time.monotonic, sleep=time.sleep) -> None:
+    deadline = clock() + timeout
+    while kube_api.get_object(api_version, kind, namespace, name) is not None:
+        if clock() >= deadline:
+            raise TemporaryError(f"{kind} {name} still terminating after {timeout:g}s")
+        sleep(interval)
+
+
+def _selector(daemonset: dict[str, Any]) -> str:
+    labels = (((daemonset.get("spec") or {}).get("selector") or {}).get("matchLabels")) or {}
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
 @hookimpl
-def istio_ebpf_uninstall_cleanup(options: argparse.Namespace) -> None:
+def istio_ebpf_uninstall_cleanup(options: Options) -> None:
+    # Reverse install order, DaemonSet first (agent_documents() is in kind order). Its pods'
+    # preStop hook detaches the programs with the agent's own token: RBAC, ServiceAccount and
+    # Namespace must outlive them, so we wait until the pods are gone before going on.
+    timeout = Options.of(options).timeout
     for doc in reversed(manifests.agent_documents()):
         gone = kube_api.delete_object(doc.data.get("apiVersion", ""), doc.kind, doc.namespace or None, doc.name)
         print(f"{doc.kind} {doc.name}: {'deleted' if gone else 'already absent'}", file=sys.stderr)
+        if doc.kind == "DaemonSet" and timeout > 0 and _selector(doc.data):
+            wait_for_pods_gone(doc.namespace, _selector(doc.data), timeout)
+        if doc.kind == "Namespace" and gone and timeout > 0:
+            # Like `kubectl delete`: return once it is gone. A Terminating namespace refuses new
+            # objects (403), so an install right after an uninstall would fail half-way.
+            wait_for_gone(doc.data.get("apiVersion", "v1"), "Namespace", None, doc.name, timeout)
     for node in kube_api.list_nodes():
         meta = node.get("metadata") or {}
         if NODE_MODE_LABEL in (meta.get("labels") or {}):

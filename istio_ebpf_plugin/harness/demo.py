@@ -17,10 +17,12 @@ import time
 import uuid
 from typing import Any
 
+from ..datapath.loader import Datapath
+from ..datapath.podconfig import PodConfig, ip_list
+from ..datapath.probe import probe_features, select_mode
 from ..errors import KernelError
-from .loader import Datapath
-from .podconfig import PodConfig, ip_list
-from .probe import probe_features, select_mode
+from .apps import http_get, start_http_server, url_for
+from .node import Node
 
 SERVER_PORT = 8080
 
@@ -29,9 +31,6 @@ def run_demo(mode: str = "auto", sockmap: bool = False, requests: int = 50,
              log: Any = sys.stderr, features: dict[str, bool] | None = None) -> dict:
     """``features``: probe results already taken on this kernel (probing compiles with BCC:
     minutes in an emulated VM, so the kernel matrix probes once)."""
-    from ..harness.apps import http_get, start_http_server, url_for
-    from ..harness.node import Node
-
     if features is None:
         features = probe_features()
     selected, reason = select_mode(os.uname().release, features, override=mode)

@@ -1,0 +1,181 @@
+// labapp: the one static binary of the node lab's app and proxy images.
+//
+//	app serve NAME PORT          HTTP server answering {"pod","local","remote"} (local = the address
+//	                             the connection really arrived at: the original destination)
+//	app front NAME PORT          HTTP server whose /fetch?url=U makes one new connection to U and
+//	                             relays the answer (502 on failure): the app behind the sidecar
+//	pilot-agent proxy sidecar …  stand-in for Istio's pilot-agent: execs Envoy with the lab bootstrap
+//	pilot-agent istio-iptables … --run-validation
+//	                             stand-in for Istio's istio-iptables validation: listens on
+//	                             127.0.0.1:<-p> and :<-z>, connects to 127.0.0.6:15002 and passes only
+//	                             when a connection arrives captured with original port 15002
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+const soOriginalDst = 80 // SO_ORIGINAL_DST (linux/netfilter_ipv4.h)
+
+func main() {
+	args := os.Args[1:]
+	if filepath.Base(os.Args[0]) == "pilot-agent" {
+		os.Exit(pilotAgent(args))
+	}
+	if len(args) == 3 && (args[0] == "serve" || args[0] == "front") {
+		os.Exit(serveHTTP(args[0], args[1], args[2]))
+	}
+	fmt.Fprintln(os.Stderr, "usage: app serve|front NAME PORT | pilot-agent proxy sidecar ... | pilot-agent istio-iptables ...")
+	os.Exit(2)
+}
+
+func serveHTTP(mode, name, port string) int {
+	client := &http.Client{Timeout: 5 * time.Second,
+		Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil}}
+	http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		local := ""
+		if a, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr); ok {
+			local = a.String()
+		}
+		if mode == "front" && r.URL.Path == "/fetch" {
+			resp, err := client.Get(r.URL.Query().Get("url"))
+			if err != nil {
+				http.Error(w, "fetch failed: "+err.Error(), http.StatusBadGateway)
+				return
+			}
+			defer resp.Body.Close()
+			body, _ := io.ReadAll(resp.Body)
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(resp.StatusCode)
+			w.Write(body)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(map[string]string{"pod": name, "local": local, "remote": r.RemoteAddr})
+	})
+	fmt.Printf("%s %s listening on :%s\n", mode, name, port)
+	if err := http.ListenAndServe(":"+port, nil); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
+}
+
+func pilotAgent(args []string) int {
+	if len(args) >= 2 && args[0] == "proxy" && args[1] == "sidecar" {
+		envoy := []string{"/usr/local/bin/envoy", "-c", "/etc/istio-lab/bootstrap.json",
+			"--concurrency", "1", "--disable-hot-restart", "--log-level", "warning"}
+		err := syscall.Exec(envoy[0], envoy, os.Environ())
+		fmt.Fprintln(os.Stderr, "pilot-agent stand-in: exec envoy:", err)
+		return 1
+	}
+	if len(args) >= 1 && args[0] == "istio-iptables" {
+		return istioIptables(args[1:])
+	}
+	fmt.Fprintf(os.Stderr, "pilot-agent stand-in: unsupported arguments %q\n", args)
+	return 2
+}
+
+func flagValue(args []string, name, def string) string {
+	for i, a := range args {
+		if a == name && i+1 < len(args) {
+			return args[i+1]
+		}
+	}
+	return def
+}
+
+func has(args []string, name string) bool {
+	for _, a := range args {
+		if a == name {
+			return true
+		}
+	}
+	return false
+}
+
+// istioIptables mirrors istio-iptables --run-validation (tools/istio-iptables/pkg/validation):
+// listeners on the outbound and inbound capture ports, a client to 127.0.0.6:15002, and the
+// server's SO_ORIGINAL_DST must say port 15002.
+func istioIptables(args []string) int {
+	if !has(args, "--run-validation") {
+		fmt.Fprintln(os.Stderr, "istio-iptables stand-in: only --run-validation is implemented (no rules are applied)")
+		return 1
+	}
+	ports := []string{flagValue(args, "-p", "15001"), flagValue(args, "-z", "15006")}
+	result := make(chan string, 8)
+	for _, p := range ports {
+		ln, err := net.Listen("tcp", "127.0.0.1:"+p)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "Error listening:", err)
+			return 1
+		}
+		go acceptLoop(ln, result)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	if s := os.Getenv("VALIDATION_TIMEOUT_SECONDS"); s != "" {
+		if n, err := strconv.Atoi(s); err == nil {
+			deadline = time.Now().Add(time.Duration(n) * time.Second)
+		}
+	}
+	for time.Now().Before(deadline) {
+		c, err := net.DialTimeout("tcp", "127.0.0.6:15002", time.Second)
+		if err == nil {
+			c.Write([]byte("validation\n"))
+			c.Close()
+			select {
+			case got := <-result:
+				if got == "15002" {
+					fmt.Println("Validation passed, iptables rules established")
+					return 0
+				}
+				fmt.Printf("Validation failed: original port %s, want 15002\n", got)
+			case <-time.After(time.Second):
+				fmt.Println("Validation failed: connection did not arrive at a capture port")
+			}
+		} else {
+			fmt.Println("Error connecting to 127.0.0.6:15002:", err)
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	fmt.Println("Validation failed: iptables rules (here: eBPF capture) are not in place")
+	return 1
+}
+
+func acceptLoop(ln net.Listener, result chan<- string) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		port := "unknown"
+		if tc, ok := c.(*net.TCPConn); ok {
+			if raw, err := tc.SyscallConn(); err == nil {
+				raw.Control(func(fd uintptr) {
+					// struct sockaddr_in through the IPv6 mreq getter (16 bytes suffice: family, port, addr).
+					mreq, err := syscall.GetsockoptIPv6Mreq(int(fd), syscall.SOL_IP, soOriginalDst)
+					if err == nil {
+						port = strconv.Itoa(int(mreq.Multiaddr[2])<<8 | int(mreq.Multiaddr[3]))
+					} else {
+						port = "error:" + strings.TrimSpace(err.Error())
+					}
+				})
+			}
+		}
+		c.Close()
+		select {
+		case result <- port:
+		default:
+		}
+	}
+}

@@ -1,0 +1,240 @@
+"""Building blocks of the node e2e (tests/test_node_e2e.py): API calls, pods, kernel queries.
+
+Everything here asks the real components: the apiserver (through the control plane's own
+HTTP client, not the product's), containerd's log files, and the kernel (``bpftool``,
+``iptables-save`` in the pod's network namespace).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+import strategic_merge
+from ruamel.yaml import YAML
+
+from istio_ebpf_plugin import OPT_IN_ANNOTATION, OPT_IN_VALUE
+from istio_ebpf_plugin.install import injector_config
+
+ISTIO = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "istio"
+ISTIO_VERSION = "v1.14.0"
+APP_PORT = 8080
+
+
+def step(name: str) -> "Step":
+    return Step(name)
+
+
+class Step:
+    """Prints ``[e2e] name ... ok (1.2 s) details`` (or FAILED) around a block."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.details: list[str] = []
+
+    def note(self, text: str) -> None:
+        self.details.append(text)
+
+    def __enter__(self) -> "Step":
+        self.start = time.monotonic()
+        print(f"\n[e2e] {self.name} ...", flush=True)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        took = time.monotonic() - self.start
+        result = "ok" if exc_type is None else f"FAILED: {str(exc).splitlines()[0][:300] if exc else exc_type}"
+        print(f"[e2e] {self.name}: {result} ({took:.1f} s)", flush=True)
+        for d in self.details:
+            print(f"[e2e]     {d}", flush=True)
+
+
+def wait(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------------- API
+class Api:
+    def __init__(self, cp: Any) -> None:
+        self.cp = cp
+
+    def call(self, method: str, path: str, body: Any = None, ok: tuple[int, ...] = (200, 201, 202),
+             content_type: str = "application/json") -> dict:
+        status, out = self.cp.request(method, path, body, content_type=content_type)
+        if status not in ok:
+            raise AssertionError(f"{method} {path}: HTTP {status} {out.get('message', out)}")
+        return out
+
+    def get(self, path: str) -> dict | None:
+        status, out = self.cp.request("GET", path)
+        return out if status == 200 else None
+
+    def apply_namespace(self, name: str) -> None:
+        self.call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                  "metadata": {"name": name}}, ok=(201, 409))
+
+    def pod(self, ns: str, name: str) -> dict | None:
+        return self.get(f"/api/v1/namespaces/{ns}/pods/{name}")
+
+    def pods(self, ns: str, selector: str = "") -> list[dict]:
+        q = f"?labelSelector={selector}" if selector else ""
+        return (self.get(f"/api/v1/namespaces/{ns}/pods{q}") or {}).get("items", [])
+
+    def node(self, name: str) -> dict | None:
+        return self.get(f"/api/v1/nodes/{name}")
+
+    def delete_pod(self, ns: str, name: str, grace: int | None = None) -> None:
+        body = {"gracePeriodSeconds": grace} if grace is not None else None
+        self.call("DELETE", f"/api/v1/namespaces/{ns}/pods/{name}", body, ok=(200, 202, 404))
+
+
+def pod_ready(pod: dict | None) -> bool:
+    for c in ((pod or {}).get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Ready":
+            return c.get("status") == "True"
+    return False
+
+
+def container_status(pod: dict, name: str, init: bool = False) -> dict:
+    key = "initContainerStatuses" if init else "containerStatuses"
+    return next((s for s in (pod.get("status") or {}).get(key) or [] if s["name"] == name), {})
+
+
+# ---------------------------------------------------------------------- pods
+def server_pod(ns: str, name: str, app_image: str) -> dict:
+    """A plain pod (no sidecar, not opted in): the app answering with its view of the connection."""
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
+            "spec": {"terminationGracePeriodSeconds": 1,
+                     "containers": [{"name": "app", "image": app_image, "args": ["front", name, str(APP_PORT)],
+                                     "ports": [{"containerPort": APP_PORT}]}]}}
+
+
+def _injected_fixture() -> dict:
+    """Istio's own injector output for its ``hello`` Deployment (pkg/kube/inject/testdata)."""
+    docs = [d for d in YAML(typ="safe", pure=True).load_all((ISTIO / ISTIO_VERSION / "inject" /
+                                                              "hello.yaml.injected").read_text()) if d]
+    return docs[0]["spec"]["template"]
+
+
+def ebpf_template_data(pod: dict, values: dict, proxy_image: str) -> dict:
+    """Template data with the field names of Istio's SidecarTemplateData, as istiod fills them."""
+    meta = pod["metadata"]
+    values = copy.deepcopy(values)
+    values.setdefault("istio_cni", {"enabled": False})
+    return {"ObjectMeta": {"Name": meta["name"], "Namespace": meta.get("namespace", ""),
+                           "Annotations": meta.get("annotations") or {}, "Labels": meta.get("labels") or {}},
+            "Spec": pod["spec"], "Values": values,
+            "ProxyConfig": {"InterceptionMode": "REDIRECT", "ProxyMetadata": {}}, "MeshConfig": {},
+            "ProxyImage": proxy_image, "ProxyInitImage": proxy_image, "ProxyUID": 1337, "ProxyGID": 1337,
+            "Revision": ""}
+
+
+def injected_client_pod(ns: str, name: str, images: Any, injector_cm: dict, render: Callable) -> dict:
+    """The opted-in pod: Istio's sidecar injection of ``hello`` with our images, then the ``ebpf``
+    template from the live (patched) injector ConfigMap, executed by Go's text/template and
+    strategic-merged onto the pod exactly as istiod applies its templates."""
+    tpl = copy.deepcopy(_injected_fixture())
+    meta = tpl["metadata"]
+    meta["name"], meta["namespace"] = name, ns
+    meta.pop("creationTimestamp", None)
+    meta["annotations"][OPT_IN_ANNOTATION] = OPT_IN_VALUE
+    spec = tpl["spec"]
+    spec["terminationGracePeriodSeconds"] = 2
+    for c in spec["containers"] + spec.get("initContainers", []):
+        if c["name"] == "hello":
+            # The user's container: our app on 8080 (istio-proxy's ISTIO_META_POD_PORTS follows).
+            c.update(image=images.app_ref, args=["front", name, str(APP_PORT)], ports=[{"containerPort": APP_PORT,
+                                                                                         "name": "http"}])
+        else:
+            c["image"] = images.proxy_ref
+        for e in c.get("env") or []:
+            if e["name"] == "ISTIO_META_POD_PORTS":
+                e["value"] = json.dumps([{"name": "http", "containerPort": APP_PORT}])
+    for v in spec["volumes"]:
+        if len(v) == 1:     # the golden drops empty emptyDir sources
+            v["emptyDir"] = {}
+    config = injector_config.parse(injector_cm["data"]["config"])
+    values = json.loads(injector_cm["data"]["values"])
+    template = config["templates"]["ebpf"]
+    (out,) = render(template, [ebpf_template_data(tpl, values, images.proxy_ref)])
+    assert not out["error"], out["error"]
+    patch = YAML(typ="safe", pure=True).load(out["rendered"]) or {}
+    pod = strategic_merge.merge(tpl, patch)
+    return {"apiVersion": "v1", "kind": "Pod", **pod}
+
+
+# ---------------------------------------------------------------------- kernel and node queries
+def pod_pid(lab: Any, ns: str, pod_name: str, container: str) -> int:
+    """The PID of a container's process, from containerd (the CRI's container labels)."""
+    out = lab.ctr("containers", "ls", "-q").stdout.split()
+    for cid in out:
+        info = json.loads(lab.ctr("containers", "info", cid).stdout)
+        labels = info.get("Labels") or {}
+        if (labels.get("io.kubernetes.pod.namespace") == ns and labels.get("io.kubernetes.pod.name") == pod_name
+                and labels.get("io.kubernetes.container.name") == container):
+            task = lab.ctr("tasks", "ls", check=False).stdout
+            for line in task.splitlines():
+                parts = line.split()
+                if parts and parts[0] == cid and parts[2] == "RUNNING":
+                    return int(parts[1])
+    raise AssertionError(f"no running container {container} of {ns}/{pod_name}")
+
+
+def iptables_rules(pid: int) -> int:
+    """Rules (``-A`` lines) in every iptables table of the process's network namespace."""
+    n = 0
+    for tool in ("iptables-save", "ip6tables-save"):
+        out = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", tool], capture_output=True, text=True)
+        n += sum(1 for line in out.stdout.splitlines() if line.startswith("-A"))
+    return n
+
+
+def cgroup_programs(cgroup: Path) -> list[dict]:
+    """Programs attached to a cgroup, as the kernel reports them (bpftool cgroup show)."""
+    if not cgroup.exists():
+        return []
+    out = subprocess.run(["bpftool", "-j", "cgroup", "show", str(cgroup)], capture_output=True, text=True)
+    return json.loads(out.stdout or "[]") if out.returncode == 0 else []
+
+
+def netns_links(pid: int) -> list[dict]:
+    """BPF links attached to the process's network namespace (sk_lookup), from the kernel."""
+    ino = os.stat(f"/proc/{pid}/ns/net").st_ino
+    out = subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True, check=True)
+    return [link for link in json.loads(out.stdout or "[]")
+            if link.get("type") == "netns" and link.get("netns_ino") == ino]
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    req = urllib.request.Request(url)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def container_log(lab: Any, pod: dict, container: str) -> list[str]:
+    """The container's stdout/stderr lines from kubelet's log files (inside the node)."""
+    meta = pod["metadata"]
+    d = lab.in_node(f"/var/log/pods/{meta['namespace']}_{meta['name']}_{meta['uid']}/{container}")
+    lines: list[str] = []
+    for f in sorted(d.glob("*.log")) if d.exists() else []:
+        for raw in f.read_text(errors="replace").splitlines():
+            parts = raw.split(" ", 3)   # CRI format: <time> <stream> <P|F> <text>
+            lines.append(parts[3] if len(parts) == 4 else raw)
+    return lines

@@ -1,0 +1,227 @@
+"""The node agent against a real kube-apiserver 1.20.2, with the token of its own ServiceAccount.
+
+The agent's RBAC objects are applied from manifests/ as they ship, so the real authorizer decides
+every call. Pods are real Pod objects (Istio 1.14.0's injected fixtures: 1.20 rejects the native
+sidecars of newer ones) bound to a Node object; there is no kubelet, so the test patches their
+status.podIP as the kubelet would, and the agent finds their processes in a /proc tree written
+the way kubelet names pod cgroups (FakeProc). The datapath is the recording one of
+test_agent_loop.py: the kernel side is tested in test_agent_kernel.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+import uuid
+
+import pytest
+
+from fake_kube import fixture_pod
+from istio_ebpf_plugin import NODE_MODE_LABEL, kube_api
+from istio_ebpf_plugin.agent.node_agent import NodeAgent
+from istio_ebpf_plugin.install import manifests
+from test_agent_loop import FakeProc, get, make_agent
+
+AGENT_NS = "istio-ebpf-system"
+OPT_IN = {"istio-ebpf.io/redirect": "ebpf"}
+
+
+def _eventually(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out after {timeout:g}s waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def world(kube_control_plane, monkeypatch, tmp_path):
+    """RBAC from manifests/, a Node, a namespace for pods, and KUBECONFIG = the agent's own token."""
+    cp = kube_control_plane
+    token = uuid.uuid4().hex[:6]
+    node, ns = f"agent-e2e-{token}", f"pods-{token}"
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(cp.kubeconfig))
+    monkeypatch.setattr(kube_api, "_backend_override", None)
+    rbac = [d for d in manifests.agent_documents() if d.kind not in ("DaemonSet", "Service")]
+    for doc in rbac:
+        kube_api.apply_object(doc.data)
+    assert cp.request("POST", "/api/v1/nodes",
+                      {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}})[0] == 201
+    assert cp.request("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                     "metadata": {"name": ns}})[0] == 201
+    _eventually(lambda: cp.request("GET", f"/api/v1/namespaces/{ns}/serviceaccounts/default")[0] == 200,
+                60, "the default ServiceAccount")
+    agent_token = cp.service_account_token(AGENT_NS, "istio-ebpf-agent")
+    monkeypatch.setenv("KUBECONFIG", str(cp.write_kubeconfig(tmp_path / "agent.kubeconfig", agent_token, "agent")))
+    proc = FakeProc(tmp_path / "proc")
+    yield cp, node, ns, proc
+    cp.request("DELETE", f"/api/v1/namespaces/{ns}")
+    cp.request("DELETE", f"/api/v1/nodes/{node}")
+
+
+class Running:
+    def __init__(self, agent: NodeAgent) -> None:
+        self.agent = agent
+        self.stop = threading.Event()
+        agent.start()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            self.agent.step(0.05)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.agent.shutdown()
+
+
+def agent_for(node: str, proc: FakeProc, store: dict, **cfg) -> NodeAgent:
+    agent = make_agent(proc, store)
+    agent.config.node_name = node
+    for k, v in cfg.items():
+        setattr(agent.config, k, v)
+    return agent
+
+
+def create_pod(cp, ns: str, node: str, name: str, ip: str, proc: FakeProc) -> dict:
+    pod = fixture_pod("v1.14.0/inject/traffic-annotations.yaml.injected", name, node, [ip], namespace=ns,
+                      annotations=OPT_IN)
+    body = copy.deepcopy(pod)
+    body["metadata"] = {k: v for k, v in body["metadata"].items() if k not in ("uid", "resourceVersion")}
+    body.pop("status", None)
+    status, made = cp.request("POST", f"/api/v1/namespaces/{ns}/pods", body)
+    assert status == 201, made
+    proc.start(made["metadata"]["uid"])          # its "processes", in a kubelet-named cgroup
+    status, out = cp.request("PATCH", f"/api/v1/namespaces/{ns}/pods/{name}/status",
+                             {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}},
+                             content_type="application/merge-patch+json")
+    assert status == 200, out
+    return made
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_agent_follows_real_pods_with_its_own_token(world):
+    cp, node, ns, proc = world
+    store: dict = {}
+    agent = agent_for(node, proc, store)
+    run = Running(agent)
+    try:
+        _eventually(lambda: agent.synced and agent.published and agent.event_sent, 30, "first sync and publish")
+        node_obj = cp.request("GET", f"/api/v1/nodes/{node}")[1]
+        assert node_obj["metadata"]["labels"][NODE_MODE_LABEL] == "cookie"
+        events = cp.request("GET", "/api/v1/namespaces/default/events")[1]["items"]
+        mine = [e for e in events if e["involvedObject"].get("name") == node]
+        assert mine and mine[0]["involvedObject"]["uid"] == node_obj["metadata"]["uid"]
+
+        pod = create_pod(cp, ns, node, "a", "10.44.0.5", proc)
+        _eventually(lambda: len(store) == 1, 30, "the pod's entry")
+        (cfg,) = store.values()
+        assert str(cfg.pod_ips[0]) == "10.44.0.5"
+        # An annotation PATCH reaches the entry.
+        assert cp.request("PATCH", f"/api/v1/namespaces/{ns}/pods/a", {"metadata": {"annotations": {
+            "traffic.sidecar.istio.io/excludeOutboundPorts": "7,8,9,5432"}}},
+            content_type="application/merge-patch+json")[0] == 200
+        _eventually(lambda: any(5432 in c.exclude_outbound_ports for c in store.values()), 30, "the update")
+        # Deleting the pod removes its entries (no kubelet: confirm the deletion at once).
+        assert cp.request("DELETE", f"/api/v1/namespaces/{ns}/pods/a",
+                          {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0})[0] == 200
+        _eventually(lambda: not store, 30, "removal")
+        assert pod["metadata"]["uid"]
+        # The token really is the agent's: what RBAC does not grant is refused.
+        with pytest.raises(kube_api.Forbidden):
+            kube_api.list_nodes()
+    finally:
+        run.close()
+
+
+def test_watch_survives_apiserver_kill_and_etcd_compaction(world):
+    cp, node, ns, proc = world
+    store: dict = {}
+    agent = agent_for(node, proc, store, watch_timeout=2, watch_stale_seconds=4.0)
+    run = Running(agent)
+    try:
+        _eventually(lambda: agent.synced, 30, "first sync")
+        agent.watcher.max_backoff = 2.0
+        create_pod(cp, ns, node, "before", "10.44.0.10", proc)
+        _eventually(lambda: len(store) == 1, 30, "first pod")
+
+        cp.kill_apiserver()                                 # kill -9: the open watch stream breaks
+        _eventually(lambda: get(agent, "/readyz")[0] == 503, 30, "/readyz to report the dead watch")
+        assert "pod watch" in get(agent, "/readyz")[1]
+        cp.watch_cache = False      # from now on watches read etcd, so a compaction means 410
+        cp.start_apiserver()
+        _eventually(lambda: get(agent, "/readyz")[0] == 200, 60, "/readyz after the restart")
+        assert agent.watcher.errors >= 1 and agent.watcher._thread.is_alive()
+        create_pod(cp, ns, node, "after-restart", "10.44.0.11", proc)
+        _eventually(lambda: len(store) == 2, 30, "a pod created after the restart")
+
+        # etcd compaction past the agent's resourceVersion: its next watch gets 410 and it relists.
+        gone_before = metric(get(agent, "/metrics")[1], "istio_ebpf_pod_relists_total", reason="gone")
+        for i in range(2):   # move etcd past the agent's resourceVersion (it sees only its pods)
+            assert cp.request("POST", f"/api/v1/namespaces/{ns}/configmaps",
+                              {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"bump{i}"}})[0] == 201
+        cp.compact_etcd()
+        _eventually(lambda: metric(get(agent, "/metrics")[1], "istio_ebpf_pod_relists_total", reason="gone")
+                    > gone_before, 30, "a relist after 410 Gone")
+        create_pod(cp, ns, node, "after-compaction", "10.44.0.12", proc)
+        _eventually(lambda: len(store) == 3, 30, "a pod created after the compaction")
+    finally:
+        run.close()
+        if not cp.watch_cache:
+            cp.kill_apiserver()
+            cp.watch_cache = True
+            cp.start_apiserver()
+
+
+def test_forbidden_events_back_off(world):
+    cp, node, ns, proc = world
+    # A ServiceAccount with the agent's rights minus Events.
+    sa = f"noevents-{uuid.uuid4().hex[:6]}"
+    rules = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+             {"apiGroups": [""], "resources": ["nodes"], "verbs": ["patch"]}]
+    assert cp.request("POST", f"/api/v1/namespaces/{ns}/serviceaccounts",
+                      {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa}})[0] == 201
+    assert cp.request("POST", "/apis/rbac.authorization.k8s.io/v1/clusterroles", {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": sa},
+        "rules": rules})[0] == 201
+    assert cp.request("POST", "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings", {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": sa},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": sa},
+        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}]})[0] == 201
+    try:
+        import os
+        cp.write_kubeconfig(__import__("pathlib").Path(os.environ["KUBECONFIG"]), cp.service_account_token(ns, sa), sa)
+
+        def forbidden_event_posts() -> int:   # from the apiserver's audit log
+            return sum(1 for e in cp.audit_events()
+                       if e["verb"] == "create" and e["objectRef"].get("resource") == "events"
+                       and e["user"]["username"] == f"system:serviceaccount:{ns}:{sa}"
+                       and e.get("responseStatus", {}).get("code") == 403)
+
+        before = forbidden_event_posts()
+        store: dict = {}
+        agent = agent_for(node, proc, store)
+        run = Running(agent)
+        try:
+            _eventually(lambda: agent.published and agent.synced, 30, "publish with Events forbidden")
+            time.sleep(3)   # the old loop retried every 0.2 s: 15 forbidden POSTs here
+            assert cp.request("GET", f"/api/v1/nodes/{node}")[1]["metadata"]["labels"][NODE_MODE_LABEL] == "cookie"
+            assert get(agent, "/readyz")[0] == 200
+        finally:
+            run.close()
+        assert forbidden_event_posts() - before == 1
+    finally:
+        cp.request("DELETE", f"/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{sa}")
+        cp.request("DELETE", f"/apis/rbac.authorization.k8s.io/v1/clusterroles/{sa}")

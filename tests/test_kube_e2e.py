@@ -1,0 +1,299 @@
+"""install / status / uninstall and ``render | kubectl apply`` against a real kube-apiserver 1.20.2.
+
+The injector and mesh ConfigMaps are what real Helm renders from Istio's istiod charts
+(../shared/fixtures/istio/full-charts: master, 1.26.0, 1.14.0, and a revision-tagged one).
+Nodes are real Node objects with real kernel version strings. There is no kubelet: where a
+kubelet would act (finishing a terminating agent pod after its preStop hook), the test does
+it, with the agent's own ServiceAccount token, as the preStop hook would.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from istio_ebpf_plugin import NODE_MODE_LABEL, PROJECT_ROOT, kube_api
+from istio_ebpf_plugin.cli import main
+from istio_ebpf_plugin.install import injector_config, manifests
+from istio_ebpf_plugin.install.plugin import BACKUP_CONFIGMAP, INSTALLED_ANNOTATION
+
+CHARTS = PROJECT_ROOT.parent / "shared" / "fixtures" / "istio" / "full-charts"
+AGENT_NS = "istio-ebpf-system"
+KERNELS = {"new": "6.1.0-18-amd64", "mid": "5.10.0-28-amd64", "old": "4.19.0-26-amd64"}
+
+
+@pytest.fixture(scope="module")
+def tools() -> Path:
+    out = subprocess.run(["bash", str(PROJECT_ROOT / "scripts" / "fetch-helm.sh")], check=True,
+                         stdout=subprocess.PIPE, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def cp(kube_control_plane, monkeypatch):
+    """The session's control plane, with kube_api (and kubectl) pointed at it through KUBECONFIG."""
+    monkeypatch.setenv("KUBECONFIG", str(kube_control_plane.kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setattr(kube_api, "_backend_override", None)
+    return kube_control_plane
+
+
+def helm_template(tools: Path, version: str, namespace: str, *sets: str, post_renderer: bool = False) -> str:
+    args = [str(tools / "helm"), "template", "istiod", str(CHARTS / version / "istio-discovery"),
+            "-n", namespace, "--kube-version", "1.20.2"]
+    for s in sets:
+        args += ["--set", s]
+    if post_renderer:
+        args += ["--post-renderer", str(PROJECT_ROOT / ".venv" / "bin" / "istio-ebpf"),
+                 "--post-renderer-args", "render"]
+    return subprocess.run(args, check=True, stdout=subprocess.PIPE, text=True).stdout
+
+
+def istio_configmaps(text: str) -> list[dict]:
+    """The injector and mesh ConfigMaps of a rendered istiod chart."""
+    return [d for d in yaml.safe_load_all(text)
+            if d and d.get("kind") == "ConfigMap" and d["metadata"]["name"].startswith("istio")]
+
+
+def create(cp, path: str, body: dict) -> dict:
+    status, out = cp.request("POST", path, body)
+    assert status == 201, out
+    return out
+
+
+def make_nodes(cp, token: str) -> list[str]:
+    names = []
+    for tag, release in KERNELS.items():
+        name = f"e2e-{token}-{tag}"
+        # The labels every kubelet sets (the DaemonSet selects on them).
+        create(cp, "/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "metadata": {
+            "name": name, "labels": {"kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
+                                     "kubernetes.io/hostname": name}}})
+        status, out = cp.request("PATCH", f"/api/v1/nodes/{name}/status",
+                                 {"status": {"nodeInfo": {"kernelVersion": release},
+                                             # Room for pods, so the scheduler binds the agent's pods.
+                                             "capacity": {"cpu": "4", "memory": "8Gi", "pods": "110"},
+                                             "allocatable": {"cpu": "4", "memory": "8Gi", "pods": "110"},
+                                             "conditions": [{"type": "Ready", "status": "True",
+                                                             "reason": "KubeletReady", "message": "test"}]}},
+                                 content_type="application/merge-patch+json")
+        assert status == 200, out
+        names.append(name)
+    return names
+
+
+class Kubelet:
+    """Stands in for the kubelets (none run here): runs each terminating agent pod's preStop check
+    with the agent's token, then confirms the deletion (grace period 0), as a kubelet would."""
+
+    def __init__(self, cp, token: str) -> None:
+        self.cp, self.token = cp, token
+        self.prestop_status: list[int] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.3):
+            status, pods = self.cp.request("GET", f"/api/v1/namespaces/{AGENT_NS}/pods")
+            for pod in pods.get("items", []) if status == 200 else []:
+                if not pod["metadata"].get("deletionTimestamp"):
+                    continue
+                # The preStop hook (`istio-ebpf agent --cleanup --if-uninstalled`) reads its DaemonSet.
+                st, _ = self.cp.request("GET", f"/apis/apps/v1/namespaces/{AGENT_NS}/daemonsets/istio-ebpf-agent",
+                                        token=self.token)
+                self.prestop_status.append(st)
+                self.cp.request("DELETE", f"/api/v1/namespaces/{AGENT_NS}/pods/{pod['metadata']['name']}",
+                                {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0})
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def istio(cp, tools):
+    """Every chart version's ConfigMaps, each in its own namespace, plus three Nodes. Removed after."""
+    token = uuid.uuid4().hex[:6]
+    namespaces: dict[str, str] = {}
+    for version, sets in (("master", ()), ("1.26.0", ()), ("1.14.0", ()), ("1.26.0", ("revision=canary",))):
+        ns = f"istio-{version.replace('.', '')}-{token}"
+        if "revision=canary" in sets:
+            ns = namespaces["1.26.0"]     # the revision-tagged injector beside the default one
+        else:
+            create(cp, "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+            namespaces[version] = ns
+        for cm in istio_configmaps(helm_template(tools, version, ns, *sets)):
+            create(cp, f"/api/v1/namespaces/{ns}/configmaps", cm)
+    nodes = make_nodes(cp, token)
+    yield namespaces, nodes
+    kubelet = Kubelet(cp, "")
+    try:
+        for ns in namespaces.values():   # after a failure too: leave no agent objects behind
+            main(["uninstall", "--timeout", "120", "--istio-namespace", ns])
+    finally:
+        kubelet.close()
+    for name in nodes:
+        cp.request("DELETE", f"/api/v1/nodes/{name}")
+    for ns in namespaces.values():
+        cp.request("DELETE", f"/api/v1/namespaces/{ns}")
+
+
+def injector_state(cp, ns: str) -> dict[str, dict]:
+    status, out = cp.request("GET", f"/api/v1/namespaces/{ns}/configmaps")
+    assert status == 200
+    return {c["metadata"]["name"]: c for c in out["items"] if c["metadata"]["name"].startswith("istio-sidecar")}
+
+
+def node_labels(cp, names: list[str]) -> dict[str, str | None]:
+    return {n: cp.request("GET", f"/api/v1/nodes/{n}")[1]["metadata"].get("labels", {}).get(NODE_MODE_LABEL)
+            for n in names}
+
+
+def test_install_status_reinstall_uninstall_every_chart(cp, istio, capsys):
+    namespaces, nodes = istio
+    started = time.monotonic()
+    before = {ns: injector_state(cp, ns) for ns in namespaces.values()}
+    # The guard must not depend on the text: add <, >, & and non-ASCII to one config.
+    ns_master = namespaces["master"]
+    cfg = before[ns_master]["istio-sidecar-injector"]["data"]["config"]
+    assert any(c in cfg for c in "<>&")
+    status, _ = cp.request("PATCH", f"/api/v1/namespaces/{ns_master}/configmaps/istio-sidecar-injector",
+                           {"data": {"config": cfg + "\n# café <b> & ü — edited by hand\n"}},
+                           content_type="application/merge-patch+json")
+    assert status == 200
+    before = {ns: injector_state(cp, ns) for ns in namespaces.values()}
+
+    for ns in namespaces.values():
+        assert main(["install", "--timeout", "0", "--istio-namespace", ns]) == 0
+    err = capsys.readouterr().err
+    assert "patched" in err
+    installed = {ns: injector_state(cp, ns) for ns in namespaces.values()}
+    for ns, cms in installed.items():
+        assert set(cms) == set(before[ns])
+        for cm in cms.values():
+            assert injector_config.is_installed(cm["data"]["config"])
+            assert len(cm["metadata"]["annotations"][INSTALLED_ANNOTATION]) == 64
+            managers = {f["manager"] for f in cm["metadata"]["managedFields"]}
+            assert "istio-ebpf" in managers
+    assert node_labels(cp, nodes) == dict(zip(nodes, ["cookie", "podip", "unsupported"], strict=True))
+    for kind, path in (("Namespace", f"/api/v1/namespaces/{AGENT_NS}"),
+                       ("DaemonSet", f"/apis/apps/v1/namespaces/{AGENT_NS}/daemonsets/istio-ebpf-agent"),
+                       ("ClusterRole", "/apis/rbac.authorization.k8s.io/v1/clusterroles/istio-ebpf-agent")):
+        assert cp.request("GET", path)[0] == 200, kind
+
+    assert main(["status"]) == 1      # no kubelet: the DaemonSet's pods never become available
+    out = capsys.readouterr().out
+    assert out.count("ok: ConfigMap") == 4 and "PROBLEM: DaemonSet" in out
+
+    # Again: nothing changes, not even the resourceVersion.
+    for ns in namespaces.values():
+        assert main(["install", "--timeout", "0", "--istio-namespace", ns]) == 0
+    again = {ns: injector_state(cp, ns) for ns in namespaces.values()}
+    assert {ns: {n: c["metadata"]["resourceVersion"] for n, c in cms.items()} for ns, cms in again.items()} == \
+        {ns: {n: c["metadata"]["resourceVersion"] for n, c in cms.items()} for ns, cms in installed.items()}
+    assert "unchanged" in capsys.readouterr().err
+
+    kubelet = Kubelet(cp, cp.service_account_token(AGENT_NS, "istio-ebpf-agent"))
+    try:
+        for ns in namespaces.values():
+            assert main(["uninstall", "--timeout", "120", "--istio-namespace", ns]) == 0
+    finally:
+        kubelet.close()
+    # Agent pods (the DaemonSet controller made one per Node) ran their preStop while RBAC still
+    # existed: their token read "DaemonSet gone" (404), never "forbidden" (403) or "unknown" (401).
+    assert kubelet.prestop_status and set(kubelet.prestop_status) == {404}
+    after = {ns: injector_state(cp, ns) for ns in namespaces.values()}
+    for ns, cms in before.items():
+        for name, cm in cms.items():
+            assert after[ns][name]["data"] == cm["data"]           # byte for byte
+            assert INSTALLED_ANNOTATION not in (after[ns][name]["metadata"].get("annotations") or {})
+        assert cp.request("GET", f"/api/v1/namespaces/{ns}/configmaps/{BACKUP_CONFIGMAP}")[0] == 404
+    assert node_labels(cp, nodes) == dict.fromkeys(nodes)
+    assert cp.request("GET", f"/api/v1/namespaces/{AGENT_NS}")[0] == 404   # waited until really gone
+    assert cp.request("GET", "/apis/rbac.authorization.k8s.io/v1/clusterroles/istio-ebpf-agent")[0] == 404
+    print(f"e2e install/status/reinstall/uninstall: {time.monotonic() - started:.1f}s")
+
+
+def test_concurrent_edit_is_detected_by_the_server_and_retried(cp, istio, capsys):
+    namespaces, _ = istio
+    ns = namespaces["1.14.0"]
+    path = f"/api/v1/namespaces/{ns}/configmaps/istio-sidecar-injector"
+
+    class Racing(kube_api.HttpBackend):
+        raced = 0
+
+        def json_patch_configmap(self, namespace, name, ops):
+            if not Racing.raced:     # someone else edits between our read and our patch
+                Racing.raced += 1
+                cfg = cp.request("GET", path)[1]["data"]["config"]
+                edited = {"data": {"config": cfg.replace("policy: enabled", "policy: disabled")}}
+                assert cp.request("PATCH", path, edited, content_type="application/merge-patch+json")[0] == 200
+            return super().json_patch_configmap(namespace, name, ops)
+
+    previous = kube_api.use_backend(Racing())
+    try:
+        assert main(["install", "--timeout", "0", "--istio-namespace", ns]) == 0
+    finally:
+        kube_api.use_backend(previous)
+    err = capsys.readouterr().err
+    assert "changed by someone else meanwhile" in err
+    cfg = cp.request("GET", path)[1]["data"]["config"]
+    assert "policy: disabled" in cfg and injector_config.is_installed(cfg)
+
+
+def test_status_reports_drift_and_install_keeps_the_agents_label(cp, istio, capsys):
+    namespaces, nodes = istio
+    ns = namespaces["1.26.0"]
+    # The agent on the 6.1 node fell back to podip after a failed probe, and said why.
+    new = nodes[0]
+    assert cp.request("PATCH", f"/api/v1/nodes/{new}", {"metadata": {
+        "labels": {NODE_MODE_LABEL: "podip"},
+        "annotations": {"istio-ebpf.io/mode-reason": "probe sockops_netns_cookie failed"}}},
+        content_type="application/merge-patch+json")[0] == 200
+    assert main(["install", "--timeout", "0", "--istio-namespace", ns]) == 0
+    assert node_labels(cp, [new]) == {new: "podip"}
+    assert "kept (set by the agent" in capsys.readouterr().err
+    path = f"/api/v1/namespaces/{ns}/configmaps/istio-sidecar-injector"
+    cfg = cp.request("GET", path)[1]["data"]["config"]
+    assert cp.request("PATCH", path, {"data": {"config": cfg + "\n# tuned by an operator\n"}},
+                      content_type="application/merge-patch+json")[0] == 200
+    assert main(["status", "--istio-namespace", ns]) == 1
+    assert "config changed since istio-ebpf installed it" in capsys.readouterr().out
+    assert main(["install", "--timeout", "0", "--istio-namespace", ns]) == 0
+    main(["status", "--istio-namespace", ns])
+    assert "config changed since" not in capsys.readouterr().out
+
+
+def test_render_output_applies_on_a_fresh_cluster(cp, tools):
+    """helm template --post-renderer 'istio-ebpf render' | kubectl apply -f - : first try."""
+    ns = f"istio-apply-{uuid.uuid4().hex[:6]}"
+    text = helm_template(tools, "master", ns, f"global.istioNamespace={ns}", "autoscaleEnabled=false",
+                         post_renderer=True)
+    kinds = [d["kind"] for d in yaml.safe_load_all(text) if d]
+    agent = [d.kind for d in manifests.agent_documents()]
+    assert kinds[-len(agent):] == agent and agent.index("Namespace") < agent.index("DaemonSet")
+    # helm does not emit the release namespace; `kubectl create namespace` is the documented first step.
+    kubectl = [str(tools / "kubectl"), "--kubeconfig", str(cp.kubeconfig)]
+    subprocess.run(kubectl + ["create", "namespace", ns], check=True, capture_output=True)
+    try:
+        applied = subprocess.run(kubectl + ["apply", "-f", "-"], input=text, capture_output=True, text=True)
+        assert applied.returncode == 0, applied.stderr
+        assert "daemonset.apps/istio-ebpf-agent created" in applied.stdout
+    finally:
+        subprocess.run(kubectl + ["delete", "--wait=false", "--ignore-not-found", "-f", "-"], input=text,
+                       capture_output=True, text=True)
+        subprocess.run(kubectl + ["delete", "namespace", ns, "--wait=false"], capture_output=True)
+        kubelet = Kubelet(cp, "")
+        try:
+            deadline = time.monotonic() + 120
+            while cp.request("GET", f"/api/v1/namespaces/{AGENT_NS}")[0] != 404 and time.monotonic() < deadline:
+                time.sleep(0.5)
+        finally:
+            kubelet.close()
