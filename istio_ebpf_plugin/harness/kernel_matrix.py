@@ -253,15 +253,6 @@ def _guest_command(steps: list[str], out: Path, kernel_dir: str | None) -> list[
     return argv + (["--kernel-dir", kernel_dir] if kernel_dir else [])
 
 
-#: Guest shell: copy BCC's big shared libraries (LLVM, clang: ~250 MB) into guest RAM first.
-#: Loaded in place they are mmapped from the 9p root and every page fault is a 9p round trip
-#: through an emulated virtio device; copied, they are read in 512 KB requests.
-STAGE_LIBS = ("L=/dev/shm/istio-ebpf-libs; mkdir -p $L; "
-              "for f in /usr/lib/x86_64-linux-gnu/libbcc.so.0 $(ldd /usr/lib/x86_64-linux-gnu/libbcc.so.0 "
-              "| awk '/=> \\//{print $3}' | grep -E 'LLVM|clang|z3|icu|xml2'); do cp -L \"$f\" $L/; done; "
-              "export LD_LIBRARY_PATH=$L; ")
-
-
 def run_kernel(name: str, steps: list[str], out_root: Path, timeout: float = 3600,
                log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     """Run ``steps`` on one kernel of :data:`KERNELS`; returns its report (also written to
@@ -287,8 +278,7 @@ def run_kernel(name: str, steps: list[str], out_root: Path, timeout: float = 360
         log(f"kernel-matrix: {name}: booting {kernel.release} with virtme-ng ({accel.upper()})")
         # one process for every compile: a BCC worker process would load LLVM again (minutes under TCG)
         env = f"ISTIO_EBPF_TIMEOUT_SCALE={TCG_TIMEOUT_SCALE if accel == 'tcg' else '2'} ISTIO_EBPF_COMPILE_IN_PROCESS=1"
-        stage = STAGE_LIBS if os.environ.get("ISTIO_EBPF_VM_STAGE_LIBS", "0") == "1" else ""
-        command = f"{stage}cd {shlex.quote(str(vm.REPO))} && env {env} " + " ".join(
+        command = f"cd {shlex.quote(str(vm.REPO))} && env {env} " + " ".join(
             shlex.quote(a) for a in _guest_command(steps, out, vm.GUEST_KERNEL_DIR))
         rc, seconds = vm.boot(vng, kernel, command, rwdir=out, accel=accel, timeout=timeout,
                               log_path=out / "console.log")
