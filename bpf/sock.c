@@ -37,8 +37,15 @@ int ie_sock_create(struct bpf_sock *sk)
 int ie_sock_release(struct bpf_sock *sk)
 {
     __u64 cookie = bpf_get_socket_cookie(sk);
-    origin_by_cookie.delete(&cookie);
-    dns_origin.delete(&cookie);
-    app_view.delete(&cookie);
+    /* Look before deleting: most sockets of a pod (Envoy's, accepted ones,
+     * completed connects) have no entry left, and a lookup takes no bucket
+     * lock while a delete does (measured: ~0.9 us per release with three
+     * deletes on a loaded 2-vCPU VM). */
+    if (origin_by_cookie.lookup(&cookie))
+        origin_by_cookie.delete(&cookie);
+    if (dns_origin.lookup(&cookie))
+        dns_origin.delete(&cookie);
+    if (app_view.lookup(&cookie))
+        app_view.delete(&cookie);
     return 1;
 }

@@ -12,6 +12,7 @@ import importlib
 import sys
 from typing import Sequence
 
+from . import __version__
 from .errors import IstioEbpfError, UsageError
 
 # Modules that define register(subparsers); each sets args.func.
@@ -31,6 +32,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="istio-ebpf", description="eBPF traffic capture for Istio sidecars")
+    parser.add_argument("--version", action="version", version=f"istio-ebpf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in _SUBCOMMAND_MODULES:
         try:

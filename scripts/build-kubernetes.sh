@@ -26,24 +26,7 @@ exec 9>"$ROOT/.lock"
 flock 9          # another run builds: wait for it, then re-check
 if complete; then echo "$BIN"; exit 0; fi
 
-apt_opts=(-o DPkg::Lock::Timeout=900)
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "build-kubernetes: installing ${missing[*]}" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get "${apt_opts[@]}" update -q >&2
-  # etcd-server's postinst would start a system etcd on :2379: tell invoke-rc.d not to.
-  policy=/usr/sbin/policy-rc.d
-  if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod +x "$policy"
-    trap 'rm -f "$policy"' EXIT
-  fi
-  apt-get "${apt_opts[@]}" install -y -q --no-install-recommends "${missing[@]}" >&2
-  rm -f "$policy"; trap - EXIT
-fi
+bash "$(dirname "$0")/apt-ensure.sh" "${APT_PACKAGES[@]}"
 
 # Source: a private apt configuration holding only a deb-src line; the host's sources stay untouched.
 SRC=$ROOT/src
@@ -57,7 +40,7 @@ if [ ! -f "$SRC/.unpacked" ]; then
   apt-get "${private[@]}" update -q >&2
   rm -rf "$SRC" "$ROOT/fetch" && mkdir -p "$ROOT/fetch"
   (cd "$ROOT/fetch" && apt-get "${private[@]}" source -q --download-only kubernetes >&2 \
-     && dpkg-source -x --no-check kubernetes_*.dsc "$SRC.tmp" >&2)
+     && dpkg-source -x --no-check --no-copy kubernetes_*.dsc "$SRC.tmp" >&2)
   rm -rf "$ROOT/fetch"
   mv "$SRC.tmp" "$SRC"
   touch "$SRC/.unpacked"

@@ -23,6 +23,19 @@ def _require_root() -> None:
 
 
 @pytest.fixture
+def pin_root() -> Iterator[str]:
+    """A unique bpffs pin root; everything pinned below it (probe cache too) is removed afterwards."""
+    import uuid
+
+    from istio_ebpf_plugin.datapath.loader import cleanup_pins
+
+    root = f"/sys/fs/bpf/{names.BPF_PIN_PREFIX}-{uuid.uuid4().hex[:8]}"
+    yield root
+    cleanup_pins(root)
+    assert not os.path.exists(root)
+
+
+@pytest.fixture
 def node() -> Iterator[Node]:
     """A fresh local node (netns + cgroup pods); everything it made is removed afterwards."""
     _require_root()

@@ -1,9 +1,11 @@
 """Helpers shared by tests/test_hardening_*.py and tests/test_soak.py.
 
-* :data:`ESCAPE_CLIENT`: a stdlib client run inside a pod that first tries an escape trick
-  (setuid, SO_MARK, bind) and then connects, printing one JSON line like the probe client.
-* :data:`RAW_SYN` / :data:`SYN_SNIFFER`: a hand-made TCP SYN on a raw socket, and a raw-socket
-  observer in the destination netns that reports which SYNs arrived.
+* :data:`ESCAPE_CLIENT` (``programs/escape_client.py``): a stdlib client run inside a pod that first
+  tries an escape trick (setuid, SO_MARK, bind) and then connects, printing one JSON line like the
+  probe client.
+* :data:`RAW_SYN` / :data:`SYN_SNIFFER` (``programs/raw_syn.py``, ``programs/syn_sniffer.py``): a
+  hand-made TCP SYN on a raw socket, and a raw-socket observer in the destination netns that
+  reports which SYNs arrived.
 * :class:`ChurnPod`: a short-lived pod (netns + cgroup + one process) that can be created and
   deleted many times on one :class:`~istio_ebpf_plugin.harness.Node` (Node has no pod delete).
 """
@@ -21,103 +23,11 @@ from istio_ebpf_plugin.harness import names
 from istio_ebpf_plugin.datapath.topology import delete_netns, kill_cgroup, kill_netns_processes, remove_cgroup
 from istio_ebpf_plugin.harness.probe import PYTHON
 
-ESCAPE_CLIENT = r"""
-import errno, json, os, socket, sys
-a = json.loads(sys.argv[1])
-rec = {"setup": {}}
-def step(name, fn):
-    try:
-        fn(); rec["setup"][name] = "ok"
-    except OSError as e:
-        rec["setup"][name] = errno.errorcode.get(e.errno, str(e.errno))
-if "setuid" in a:
-    step("setgid", lambda: os.setgid(a["setuid"]))
-    step("setuid", lambda: os.setuid(a["setuid"]))
-rec["uid"] = os.getuid()
-fam = socket.AF_INET6 if a.get("family") == 6 or ":" in a["dst"] else socket.AF_INET
-udp = a.get("udp", False)
-s = socket.socket(fam, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
-s.settimeout(a.get("timeout", 2.0))
-if "mark" in a:
-    step("so_mark", lambda: s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, a["mark"]))
-if "bind" in a:
-    step("bind", lambda: s.bind((a["bind"], 0)))
-try:
-    if udp:
-        s.sendto(b"probe", (a["dst"], a["port"]))
-        data, src = s.recvfrom(4096)
-        rec.update(json.loads(data)); rec["reply_from"] = [src[0], src[1]]
-    else:
-        s.connect((a["dst"], a["port"]))
-        buf = b""
-        while True:
-            c = s.recv(4096)
-            if not c:
-                break
-            buf += c
-        rec.update(json.loads(buf) if buf.strip() else {"listener": "error", "error": "empty reply"})
-except ConnectionRefusedError:
-    rec["listener"] = "refused"
-except socket.timeout:
-    rec["listener"] = "timeout"
-except OSError as e:
-    rec["listener"] = "error"; rec["errno"] = errno.errorcode.get(e.errno, str(e.errno))
-print(json.dumps(rec))
-"""
-
-#: argv[1..4] = source IP, destination IP, destination port, source port. Prints
-#: {"socket": "ok"|errno, "reply": [ip, port, flags] | null}.
-RAW_SYN = r"""
-import errno, json, select, socket, struct, sys, time
-src, dst, dport, sport = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-try:
-    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
-except OSError as e:
-    print(json.dumps({"socket": errno.errorcode.get(e.errno, str(e.errno)), "reply": None})); sys.exit(0)
-def csum(b):
-    if len(b) % 2: b += b"\0"
-    t = sum(struct.unpack("!%dH" % (len(b) // 2), b))
-    while t >> 16: t = (t & 0xffff) + (t >> 16)
-    return ~t & 0xffff
-hdr = struct.pack("!HHLLBBHHH", sport, dport, 12345, 0, 5 << 4, 0x02, 64240, 0, 0)
-pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(hdr))
-hdr = hdr[:16] + struct.pack("!H", csum(pseudo + hdr)) + hdr[18:]
-s.sendto(hdr, (dst, 0))
-reply, end = None, time.time() + 1.5
-while reply is None and time.time() < end:
-    if select.select([s], [], [], 0.1)[0]:
-        pkt, addr = s.recvfrom(65535)
-        ihl = (pkt[0] & 0xf) * 4
-        sp, dp = struct.unpack("!HH", pkt[ihl:ihl + 4])
-        if dp == sport:
-            reply = [addr[0], sp, pkt[ihl + 13]]
-print(json.dumps({"socket": "ok", "reply": reply}))
-"""
-
-#: Run as root in the destination netns: argv[1] = port, argv[2] = max seconds; stops early
-#: when a line arrives on stdin. Prints READY, then one JSON list of [source ip, source port]
-#: of every SYN (without ACK) to that port.
-SYN_SNIFFER = r"""
-import json, select, socket, struct, sys, time
-port, dur = int(sys.argv[1]), float(sys.argv[2])
-s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
-print("READY", flush=True)
-watch = [s, sys.stdin]
-seen, end = [], time.time() + dur
-while time.time() < end:
-    r = select.select(watch, [], [], 0.05)[0]
-    if sys.stdin in r:
-        if sys.stdin.readline():
-            end = time.time() + 0.2     # drain what is still in flight
-        watch = [s]
-    if s in r:
-        pkt, addr = s.recvfrom(65535)
-        ihl = (pkt[0] & 0xf) * 4
-        sp, dp = struct.unpack("!HH", pkt[ihl:ihl + 4])
-        if dp == port and pkt[ihl + 13] & 0x12 == 0x02:
-            seen.append([addr[0], sp])
-print(json.dumps(seen), flush=True)
-"""
+PROGRAMS = Path(__file__).with_name("programs")
+#: Program texts, run with ``python3 -S -c`` (see each file's docstring for its arguments).
+ESCAPE_CLIENT = (PROGRAMS / "escape_client.py").read_text()
+RAW_SYN = (PROGRAMS / "raw_syn.py").read_text()
+SYN_SNIFFER = (PROGRAMS / "syn_sniffer.py").read_text()
 
 
 def run_escape(pod, args: dict, uid: int | None, gid: int | None = None, *, prefix: list[str] | None = None,

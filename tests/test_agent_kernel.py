@@ -11,13 +11,12 @@ import os
 import signal
 import threading
 import time
-import uuid
 
 import pytest
 
 from fake_kube import FakeKube, fixture_pod
 from istio_ebpf_plugin.agent.node_agent import AgentConfig, NodeAgent
-from istio_ebpf_plugin.datapath.loader import Datapath, cleanup_pins
+from istio_ebpf_plugin.datapath.loader import Datapath
 from istio_ebpf_plugin.datapath.netns import netns_cookie
 from polling import wait_for
 
@@ -25,14 +24,6 @@ pytestmark = pytest.mark.kernel
 
 NODE = "harness-node"
 PORT = 8080
-
-
-@pytest.fixture
-def pin_root():
-    root = f"/sys/fs/bpf/istio-ebpf-test-{uuid.uuid4().hex[:8]}"
-    yield root
-    cleanup_pins(root)
-    assert not os.path.exists(root)
 
 
 @pytest.fixture
@@ -111,9 +102,10 @@ def test_agent_captures_follows_annotations_and_deletes(cluster, pin_root, monke
         # DELETED: the server's entries leave the maps
         kube.delete(pods["srv"]["metadata"]["uid"])
         client_key = agent.datapath.pod_key(client.netns_path, str(client.cgroup_path))
-        wait_for(lambda: set(agent.datapath.pods()) == {client_key}, what="srv removed")
-        occ = agent.datapath.occupancy()
-        assert occ["pod_by_netns"] == 1 and occ["pod_by_ip"] == 2   # the client's IPv4 + IPv6
+        # remove_pod drops pod_by_netns first, then the pod's other entries: wait for both
+        wait_for(lambda: set(agent.datapath.pods()) == {client_key}
+                 and agent.datapath.occupancy()["pod_by_ip"] == 2, what="srv removed")   # the client's v4 + v6
+        assert agent.datapath.occupancy()["pod_by_netns"] == 1
     finally:
         stop.set()
         loop.join(5)

@@ -146,7 +146,8 @@ def test_markdown_page_and_goals_from_a_document(tmp_path) -> None:
                     "agent_restart_to_capture_s": 1.5}}
     g = {x["goal"].split(":")[0]: x for x in markdown.goals(doc)}
     assert g["capture-only churn (conn-1k-c16)"]["met"]                  # lower bound 1.5 >= 1.15
-    assert not g["BPF cost per captured connection <= 2 us (capture programs, eBPF without sockmap)"]["met"]
+    assert not g["BPF cost per captured connection <= 2 us (capture programs, eBPF without sockmap; "
+                 "per app connection, i.e. all 2-3 TCP connections it causes in the pods)"]["met"]
     assert g["time to capture after a restart with pins <= 1 s"]["gap"] == "0.50 s over"
     page = markdown.page(doc, "## Notes\nhand-written\n")
     assert "| conn-1k-c16 | ebpf | 1522 (1500-1545) | 1.50 [1.50-1.50] | 1.07 [1.07-1.07] |" in page
@@ -160,3 +161,16 @@ def test_markdown_page_and_goals_from_a_document(tmp_path) -> None:
                            str(out)], capture_output=True, text=True, cwd=root)
     assert proc.returncode == 0, proc.stderr
     assert out.read_text() == markdown.page(doc)
+
+
+def test_a_failed_measurement_counts_as_errors_and_is_left_out_of_ratios() -> None:
+    settings = runner.settings_for(False, rounds=3, workloads=["ka-1k-c16"], paths=["l4"])
+    failed = {"round": 1, "rps": None, "errors": 1, "requests": 0, "failed": "wrk timed out"}
+    measured = {("l4", "iptables", "ka-1k-c16"): [_m(i, 1000.0) for i in range(3)],
+                ("l4", "ebpf", "ka-1k-c16"): [_m(0, 1100.0), failed, _m(2, 1300.0)]}
+    rounds = [{"path": "l4", "workload": "ka-1k-c16", "round": i, "conditions": {"flagged": False}} for i in range(3)]
+    by = {r["variant"]: r for r in runner.aggregate(settings, measured, rounds, {}, {})}
+    e = by["ebpf"]
+    assert e["errors"] == 1 and e["rounds"] == 2 and e["rps"] == 1200.0
+    assert e["rps_vs_iptables"] == 1.2 and e["rps_vs_iptables_spread"] == [1.1, 1.3]
+    assert by["explicit"]["error"] == "not measured"

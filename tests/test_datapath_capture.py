@@ -69,6 +69,8 @@ def test_capture_table_matches_istio_iptables(node, datapath_factory, mode, sock
     # Every pod removed: nothing of them is left in the maps.
     occ = dp.occupancy()
     assert occ["pod_by_netns"] == occ["pod_by_ip"] == occ["pod_ports"] == occ["pod_cidrs"] == 0
+    if "ie_sock_release" in dp.prog_fds:    # every client socket is closed: its app view went with it
+        assert occ["app_view"] == 0, occ
 
 
 @pytest.mark.parametrize("mode,sockmap", [("cookie", False), ("podip", False), ("cookie", True),
@@ -312,3 +314,30 @@ def test_connected_udp_dns_names_the_real_server(node, datapath_factory, dns_cap
     rec = json.loads(proc.stdout)
     assert rec["peer"] == [dst, 53] and rec["from"] == [dst, 53], rec
     assert (rec["reply"]["listener"], rec["reply"]["pod"]) == (("dns", "a") if dns_capture else ("direct", "c"))
+
+
+@pytest.mark.parametrize("mechanism", ["iptables", "cookie", "podip"])
+def test_app_sees_its_connection_as_under_iptables(node, datapath_factory, mechanism):
+    """Issue #15's table: an app (UID 1000) in pod a connects to pod b's IP:8080; a plain
+    listener on 15001 (UID 1337) takes the connection. getpeername() must name b:8080 and
+    getsockname() a's pod IP with the real source port (the one the listener sees), under
+    Istio's iptables and under eBPF in both modes, IPv4 and IPv6."""
+    a, b = node.add_pod("a"), node.add_pod("b")
+    server = start_probe_server(a)
+    cfg = PodConfig(pod_ips=ip_list(a.pod_ips))
+    if mechanism == "iptables":
+        a.apply_istio_iptables(cfg)
+    else:
+        dp = datapath_factory(mechanism)
+        dp.attach_cgroup(str(node.parent_cgroup))
+        dp.add_pod(a.netns_path, cfg, str(a.cgroup_path))
+    try:
+        for dst, src in ((b.ipv4, a.ipv4), (b.ipv6, a.ipv6)):
+            out = node.probe_connect(a, 1000, 1000, dst, 8080)
+            assert out.listener == "outbound" and out.orig_dst == (dst, 8080), out.raw
+            assert out.client_peer == (dst, 8080), out.raw
+            assert out.client_local[0] == src and out.seen_peer == out.client_local, out.raw
+        if mechanism != "iptables":
+            assert dp.counters()["app_view_restored"] >= 2      # getpeername answered by sockname.c
+    finally:
+        server.stop()

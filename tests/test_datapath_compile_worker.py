@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 
 import pytest
 
@@ -25,14 +24,6 @@ rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(
 print(json.dumps({"adopted": dp.adopted, "progs": sorted(dp.prog_fds), "ids": dp.program_ids(),
                   "rss_kib": rss, "llvm": "LLVM" in maps or "libbcc" in maps, "bcc": "bcc" in sys.modules}))
 """
-
-
-@pytest.fixture
-def pin_root():
-    root = f"/sys/fs/bpf/istio-ebpf-test-{uuid.uuid4().hex[:8]}"
-    yield root
-    cleanup_pins(root)
-    assert not os.path.exists(root)
 
 
 def _load(root: str, **env: str) -> dict:

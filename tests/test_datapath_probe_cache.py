@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import pytest
@@ -12,14 +11,6 @@ from istio_ebpf_plugin.datapath import probe, probe_cache
 from istio_ebpf_plugin.datapath.loader import Datapath, cleanup_pins
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture
-def pin_root():
-    root = f"/sys/fs/bpf/istio-ebpf-test-{uuid.uuid4().hex[:8]}"
-    yield root
-    cleanup_pins(root)
-    assert not os.path.exists(root)
 
 
 def test_real_probes_run_once_then_come_from_the_cache(pin_root) -> None:

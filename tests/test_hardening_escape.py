@@ -108,11 +108,16 @@ def test_bind_127_0_0_6_then_other_pod_stays_captured(lab):
     """Binding Envoy's inbound passthrough source (127.0.0.6) buys no exemption for traffic
     leaving the pod. iptables: the kernel refuses the route (loopback source off-lo) -> EINVAL,
     nothing sent. eBPF: the connect hook sees a non-local destination, redirects to 15001 ->
-    captured with the original destination. Neither lets it out uncaptured."""
+    captured with the original destination (pod-IP mode: refused, it cannot bind the pod IP).
+    None lets it out uncaptured."""
     recs = lab.both({"dst": lab.dst.ipv4, "port": 8080, "bind": "127.0.0.6"}, APP)
     assert recs[lab.ipt]["setup"]["bind"] == recs[lab.bpf]["setup"]["bind"] == "ok"
     assert recs[lab.ipt]["listener"] == "error" and recs[lab.ipt]["errno"] == "EINVAL"
-    assert outcome(recs[lab.bpf], lab.bpf) == ("outbound", "self", (lab.dst.ipv4, 8080))
+    if lab.dp.mode == "podip":
+        # The socket cannot be bound to the pod IP any more: refused (fail closed, podip_bind_fail).
+        assert (recs[lab.bpf]["listener"], recs[lab.bpf]["errno"]) == ("error", "EPERM"), recs[lab.bpf]
+    else:
+        assert outcome(recs[lab.bpf], lab.bpf) == ("outbound", "self", (lab.dst.ipv4, 8080))
     # ... and to the pod's own addresses it is Istio's passthrough (not captured) in both. The
     # listener's SO_ORIGINAL_DST: conntrack names the listener itself, eBPF fails closed (EPERM).
     recs = {p: run_escape(p, {"dst": p.ipv4, "port": 15006, "bind": "127.0.0.6"}, APP) for p in lab.pods}

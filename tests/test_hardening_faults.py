@@ -24,6 +24,7 @@ from istio_ebpf_plugin.datapath.podconfig import PodConfig, ip_list
 from istio_ebpf_plugin.errors import KernelError
 from istio_ebpf_plugin.harness.probe import PYTHON, start_probe_server
 
+from datapath_modes import host_mode, require_mode
 from hardening_support import SYN_SNIFFER, ChurnPod, churn_ips
 from polling import wait_for
 
@@ -38,7 +39,9 @@ def _pin_root() -> str:
 def make_dp():
     made: list[Datapath] = []
 
-    def make(mode: str = "cookie", **kw) -> Datapath:
+    def make(mode: str | None = None, **kw) -> Datapath:
+        mode = mode or host_mode()     # the mode the probes select: the same tests run on 5.10
+        require_mode(mode)
         dp = Datapath(mode=mode, pin_root=_pin_root(), **kw)
         made.append(dp)
         return dp.load()
@@ -70,11 +73,12 @@ def test_pods_beyond_max_pods_refused_whole(node, make_dp):
     dp.attach_cgroup(str(node.parent_cgroup))
     a, b, c, d = (node.add_pod(n) for n in ("a", "b", "c", "d"))
     server = start_probe_server(d, targets=(8080,))
-    handles = {p: dp.add_pod(p.netns_path, PodConfig(pod_ips=ip_list(p.pod_ips))) for p in (a, b)}
+    handles = {p: dp.add_pod(p.netns_path, PodConfig(pod_ips=ip_list(p.pod_ips)), str(p.cgroup_path))
+               for p in (a, b)}
     before = dp.occupancy()
     links_before = sorted(x.name for x in (dp.pin_dir / "links").iterdir())
     with pytest.raises(KernelError, match="maps are full") as err:
-        dp.add_pod(c.netns_path, PodConfig(pod_ips=ip_list(c.pod_ips)))
+        dp.add_pod(c.netns_path, PodConfig(pod_ips=ip_list(c.pod_ips)), str(c.cgroup_path))
     assert "\n" not in str(err.value)
     assert dp.occupancy() == before, (before, dp.occupancy())
     assert sorted(x.name for x in (dp.pin_dir / "links").iterdir()) == links_before
@@ -82,7 +86,7 @@ def test_pods_beyond_max_pods_refused_whole(node, make_dp):
     assert node.probe_connect(c, 1000, 1000, d.ipv4, 8080).listener == "direct"
     assert node.probe_connect(a, 1000, 1000, d.ipv4, 8080).listener == "refused"   # 15001, nobody there
     dp.remove_pod(handles[a])
-    hc = dp.add_pod(c.netns_path, PodConfig(pod_ips=ip_list(c.pod_ips)))
+    hc = dp.add_pod(c.netns_path, PodConfig(pod_ips=ip_list(c.pod_ips)), str(c.cgroup_path))
     assert set(dp.pods()) == {handles[b], hc}
     assert node.probe_connect(c, 1000, 1000, d.ipv4, 8080).listener == "refused"
     server.stop()
@@ -128,7 +132,7 @@ def test_conn_map_eviction_fails_closed(node, make_dp):
     dp.attach_cgroup(str(node.parent_cgroup))
     cli, dst = node.add_pod("cli"), node.add_pod("dst")
     server = start_probe_server(dst, targets=(8080,))
-    dp.add_pod(cli.netns_path, PodConfig(pod_ips=ip_list(cli.pod_ips)))
+    dp.add_pod(cli.netns_path, PodConfig(pod_ips=ip_list(cli.pod_ips)), str(cli.cgroup_path))
     envoy = cli.start_envoy(protocol="tcp")
     sniff = subprocess.Popen(["nsenter", f"--net={dst.netns_path}", "--", PYTHON, "-S", "-c", SYN_SNIFFER,
                               "8080", "60"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -188,9 +192,11 @@ def test_envoy_restart_under_load_inbound_follows(node, make_dp):
     dp.attach_cgroup(str(node.parent_cgroup))
     cli, srv = node.add_pod("cli"), node.add_pod("srv")
     start_http_server(srv, 8080)
-    for p in (cli, srv):
-        dp.add_pod(p.netns_path, PodConfig(pod_ips=ip_list(p.pod_ips)))
+    handles = {p: dp.add_pod(p.netns_path, PodConfig(pod_ips=ip_list(p.pod_ips)), str(p.cgroup_path))
+               for p in (cli, srv)}
     cli_env, srv_env = cli.start_envoy(), srv.start_envoy()
+    if dp.mode == "podip":      # no sockops listener hook: the agent registers Envoy's socket
+        dp.refresh_listeners({h: p.netns_path for p, h in handles.items()})
     url = url_for(srv.ipv4, 8080)
     results: list[dict] = []
     stop = threading.Event()
@@ -207,6 +213,8 @@ def test_envoy_restart_under_load_inbound_follows(node, make_dp):
         t0 = time.monotonic()
         srv_env.stop()
         srv_env = srv.start_envoy()
+        if dp.mode == "podip":
+            dp.refresh_listeners({handles[srv]: srv.netns_path})
         gap = time.monotonic() - t0
         n_restarted = len(results)
         wait_for(lambda: sum(r.get("status") == 200 for r in results[n_restarted:]) >= 20, timeout=30,
@@ -355,6 +363,7 @@ def test_agent_kill_9_during_pod_churn(node):
     churn goes on without it (events lost), a new agent starts from the current pod list.
     After it settles: each program attached once (kernel query, cgroup and every pod netns),
     and the maps hold exactly the live pods: zero entries, links or IPs of deleted pods."""
+    require_mode("cookie")     # the maps are checked against the pods' netns cookies
     from fake_kube import fixture_pod
 
     pin_root = _pin_root()

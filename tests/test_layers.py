@@ -21,7 +21,9 @@ PACKAGE = ROOT / "istio_ebpf_plugin"
 PKG = "istio_ebpf_plugin"
 LAB = (f"{PKG}.harness", f"{PKG}.bench")
 PRODUCT_DIRS = ("datapath", "agent", "install")
-PRODUCT_MODULES = ("__init__.py", "kube_api.py", "kernel.py", "errors.py")
+PRODUCT_MODULES = ("__init__.py", "kube_api.py", "kernel.py", "errors.py", "plugin.py", "resources.py")
+# The command line registers the lab's subcommands too; building it may load only these of the lab.
+LAB_REGISTRATION = {f"{PKG}.harness", f"{PKG}.harness.cli", f"{PKG}.bench", f"{PKG}.bench.cli"}
 # Test doubles and helpers that live in tests/ (imported there as top-level modules).
 TEST_MODULES = {p.stem for p in (ROOT / "tests").glob("*.py")} - {"conftest"}
 
@@ -102,6 +104,25 @@ def test_importing_the_whole_product_loads_no_lab_module():
     assert not lab, f"the product loads lab modules: {lab}"
     doubles = [m for m in loaded if m.split(".")[0] in TEST_MODULES]
     assert not doubles, f"the product loads test modules: {doubles}"
+
+
+def test_the_command_line_loads_no_lab_code():
+    """``istio-ebpf agent`` (the DaemonSet's command) builds the whole parser: the lab's
+    subcommands register, their code stays unloaded."""
+    code = ("import json, sys\n"
+            "from istio_ebpf_plugin.cli import build_parser\n"
+            "try:\n"
+            "    build_parser().parse_args(['agent', '--help'])\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print(json.dumps(sorted(sys.modules)), file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: istio-ebpf agent" in proc.stdout
+    loaded = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert f"{PKG}.harness.cli" in loaded and f"{PKG}.agent.cli" in loaded
+    lab = sorted(m for m in loaded if _is_lab(m) and m not in LAB_REGISTRATION)
+    assert not lab, f"building the command line loads lab modules: {lab}"
 
 
 def test_no_import_cycle_in_the_package():

@@ -39,7 +39,7 @@ for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
 dists = md.packages_distributions()
 print(json.dumps({"file": pkg.__file__, "modules": modules,
                   "imports": {k: {"by": v, "dists": dists.get(k, [])} for k, v in imports.items()},
-                  "requires": md.requires("istio-ebpf")}))
+                  "requires": md.requires("istio-ebpf"), "version": md.version("istio-ebpf")}))
 """
 
 
@@ -84,6 +84,10 @@ def test_wheel_ships_bpf_and_manifests_from_their_single_source(wheel):
 def test_installed_wheel_imports_everything_and_declares_exactly_its_runtime_imports(venv, outside):
     info = json.loads(check([venv / "bin" / "python", "-c", _INSPECT], cwd=outside, env=user_env()))
     assert info["file"].startswith(str(venv)), info["file"]
+    # One version: the package's __version__ is the distribution's and the CLI's.
+    assert info["version"] == __version__
+    version = check([venv / "bin" / "istio-ebpf", "--version"], cwd=outside, env=user_env())
+    assert version == f"istio-ebpf {__version__}\n"
     assert {"istio_ebpf_plugin.resources", "istio_ebpf_plugin.cli", "istio_ebpf_plugin.kube_api",
             "istio_ebpf_plugin.agent.node_agent", "istio_ebpf_plugin.install.plugin"} <= set(info["modules"])
     runtime = {_requirement_name(r) for r in info["requires"] if "extra ==" not in r}

@@ -71,7 +71,6 @@ class Reconciler:
         self.pending: dict[str, Mapping[str, Any]] = {}
         self.errors: dict[str, str] = {}         # uid -> last config error reported
         self.stale_removed = 0                    # entries removed at resync that no pod owned
-        self.last_resync_seconds = 0.0
 
     # ------------------------------------------------------------------ events
     def apply(self, pod: Mapping[str, Any]) -> None:
@@ -133,7 +132,6 @@ class Reconciler:
 
     def resync(self, pods: Iterable[Mapping[str, Any]]) -> None:
         """A complete list of the node's pods: converge the map state to it."""
-        start = time.monotonic()
         pods = list(pods)
         live = {str(_meta(p).get("uid") or "") for p in pods}
         for uid in [u for u in self.records if u not in live]:
@@ -146,7 +144,6 @@ class Reconciler:
         for handle in [h for h in list(self.datapath.pods()) if h not in self.owners]:
             self.datapath.remove_pod(handle)
             self.stale_removed += 1
-        self.last_resync_seconds = time.monotonic() - start
 
     # ------------------------------------------------------------------ helpers
     def _program(self, pod: Mapping[str, Any], uid: str, config: PodConfig, where: PodLocation) -> None:

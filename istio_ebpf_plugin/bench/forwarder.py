@@ -6,7 +6,9 @@ with it the capture (NAT + conntrack, or the eBPF programs) is a large share of 
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -66,13 +68,11 @@ class Forwarder:
 
     def stop(self) -> int:
         """Stop it; returns the connections it accepted (its exit line), 0 if unknown."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        for sig in (signal.SIGTERM, signal.SIGKILL):    # SIGTERM makes it print its counters
+            if self.proc.poll() is None:
+                self.proc.send_signal(sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=5)
         if not self._log.closed:
             self._log.close()
         m = re.search(r"accepted (\d+) failed (\d+)", self.log_tail())

@@ -125,12 +125,17 @@ def plot(doc: dict, path: Path) -> None:
         ax.set_xticklabels(workloads, fontsize=8)
         ax.set_title(f"{p}: requests/s vs iptables (median paired ratio, whiskers = 95% CI)", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, ncol=len(variants), loc="lower right")
+    handles: dict = {}
+    for ax in axes[:, 0]:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), ncol=len(handles), fontsize=8, loc="upper center",
+               bbox_to_anchor=(0.5, 0.965))
     m = doc["meta"]
     flagged = f", {m['rounds_flagged']}/{m['rounds_total']} rounds under other load" if "rounds_total" in m else ""
     fig.suptitle(f"istio-ebpf bench: {m['machine']['cpus']} CPUs, kernel {m['machine']['kernel']}, "
                  f"{m['settings']['rounds']} paired rounds x {m['settings']['duration_s']}s, "
                  f"loadavg {m.get('loadavg_start', ['?'])[0]}{flagged}", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(path, dpi=110)
     plt.close(fig)

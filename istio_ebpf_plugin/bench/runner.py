@@ -18,7 +18,7 @@ JSON schema (``istio-ebpf bench --json FILE``)::
                   "requests", "rounds", "rounds_used", "rps_min", "rps_max",
                   "rps_vs_iptables", "rps_vs_iptables_ci": [lo, hi], "rps_vs_iptables_spread": [min, max],
                   "rps_vs_explicit", "rps_vs_explicit_ci": [lo, hi], "rps_vs_explicit_spread",
-                  "rps_vs_direct", "p99_vs_iptables", "cpu_vs_iptables",
+                  "rps_vs_direct", "p99_vs_iptables", "cpu_vs_iptables", "cpu_vs_iptables_ci",
                   "bpf_ns_per_connection", "bpf_ns_per_message", "bpf"}, ...]}
 
 Ratios are medians of per-round paired ratios; ``*_ci`` their bootstrap 95% intervals (null with
@@ -35,12 +35,14 @@ import logging
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from .. import kernel
+from ..errors import KernelError
 from ..harness.envoy import envoy_version
 from ..harness.node import Node
 from . import bpf_cost, stats, topology, wrk
@@ -81,8 +83,8 @@ QUICK_WORKLOADS = ("ka-1k-c16", "conn-1k-c16")
 class Settings:
     workloads: tuple[Workload, ...]
     variants: tuple[str, ...] = topology.VARIANTS
-    rounds: int = 10
-    duration_s: float = 2.0
+    rounds: int = 12
+    duration_s: float = 1.0
     warmup_s: float = 1.0
     mode: str = "auto"
     paths: tuple[str, ...] = topology.PATHS
@@ -115,8 +117,8 @@ def settings_for(quick: bool, *, rounds: int | None = None, duration: float | No
     if bad:
         raise UsageError(f"unknown path(s) {', '.join(bad)}; known: {', '.join(topology.PATHS)}")
     return Settings(workloads=tuple(by_name[n] for n in names),
-                    rounds=rounds if rounds is not None else (QUICK_ROUNDS if quick else 10),
-                    duration_s=duration if duration is not None else (QUICK_DURATION_S if quick else 2.0),
+                    rounds=rounds if rounds is not None else (QUICK_ROUNDS if quick else 12),
+                    duration_s=duration if duration is not None else (QUICK_DURATION_S if quick else 1.0),
                     warmup_s=1.0, mode=mode, paths=chosen_paths, discard_flagged=discard_flagged)
 
 
@@ -216,13 +218,19 @@ def run(settings: Settings, progress: Callable[[str], None] = lambda s: None) ->
                             vp = variants[(path, v)]
                             dp = topology.datapath_of(variants, v) if switch.fd is not None else None
                             snap = bpf_cost.snapshot(dp) if dp is not None else None
-                            m = _measure(vp, w, settings.duration_s, script)
+                            try:
+                                m = _measure(vp, w, settings.duration_s, script)
+                            except (KernelError, subprocess.TimeoutExpired) as exc:   # keep the run going
+                                m = {"rps": None, "errors": 1, "requests": 0, "failed": str(exc)[:300]}
+                                progress(f"{w.name:12s} {path:12s} {v:13s} failed: {m['failed']}")
                             if snap is not None:
                                 c = bpf_cost.Cost.between(snap, bpf_cost.snapshot(dp))
                                 key = (path, v, w.name)
                                 costs[key] = costs[key].plus(c) if key in costs else c
                             m["round"] = rnd
                             measured.setdefault((path, v, w.name), []).append(m)
+                            if m["rps"] is None:
+                                continue
                             rps[v] = m["rps"]
                             progress(f"{w.name:12s} {path:12s} round {rnd + 1}/{settings.rounds} {v:13s} "
                                      f"{m['rps']:10.0f} rps  p99 {m['p99_ms']:7.2f} ms  errors {m['errors']}")
@@ -301,7 +309,8 @@ def aggregate(settings: Settings, measured: dict[tuple[str, str, str], list[dict
             used = all_rounds - flagged if settings.discard_flagged else all_rounds
             row: dict[str, dict] = {}
             for v in topology.variants_for(path, settings.variants):
-                ms = measured.get((path, v, w.name), [])
+                tried = measured.get((path, v, w.name), [])
+                ms = [m for m in tried if m.get("rps") is not None]     # failed runs count as errors only
                 base = {"path": path, "variant": v, "workload": w.name, "churn": w.close_each,
                         "description": w.description}
                 if not ms:
@@ -316,7 +325,7 @@ def aggregate(settings: Settings, measured: dict[tuple[str, str, str], list[dict
                           "p999_ms": round(_median([m["p999_ms"] for m in ms]), 3),
                           "throughput_mbps": round(_median([m["throughput_mbps"] for m in ms]), 1),
                           "cpu_s_per_req": _median([m["cpu_s_per_req"] for m in ms]),
-                          "errors": sum(m["errors"] for m in ms), "requests": sum(m["requests"] for m in ms),
+                          "errors": sum(m["errors"] for m in tried), "requests": sum(m["requests"] for m in ms),
                           "rounds": len(ms), "rounds_flagged": len(flagged), "rounds_used": len(used),
                           "rps_min": round(min(m["rps"] for m in ms), 1),
                           "rps_max": round(max(m["rps"] for m in ms), 1)}
@@ -327,15 +336,17 @@ def aggregate(settings: Settings, measured: dict[tuple[str, str, str], list[dict
                     row[v]["bpf_ns_per_connection"] = per_conn["capture_ns"] if per_conn else None
                     row[v]["bpf_ns_per_message"] = cost.per_message() if cost else None
             for v, r in row.items():
-                ms = measured.get((path, v, w.name), [])
+                ms = [m for m in measured.get((path, v, w.name), []) if m.get("rps") is not None]
                 for base_v, prefix in (("iptables", "rps_vs_iptables"), ("explicit", "rps_vs_explicit"),
                                        ("direct", "rps_vs_direct")):
-                    base_ms = measured.get((path, base_v, w.name), [])
+                    base_ms = [m for m in measured.get((path, base_v, w.name), []) if m.get("rps") is not None]
                     r.update(_ratio_fields(prefix, _paired(ms, base_ms, "rps", used) if ms and base_ms else None))
-                ipt = measured.get((path, "iptables", w.name), [])
+                ipt = [m for m in measured.get((path, "iptables", w.name), []) if m.get("rps") is not None]
                 p99 = _paired(ms, ipt, "p99_ms", used) if ms and ipt else None
                 cpu = _paired(ms, ipt, "cpu_s_per_req", used) if ms and ipt else None
                 r["p99_vs_iptables"] = _r(p99.median if p99 else None)
-                r["cpu_vs_iptables"] = _r(cpu.median if cpu else None)
+                # CPU per request is a cost, not a share of the machine: steadier than requests/s
+                # when other processes take CPU time away.
+                r.update(_ratio_fields("cpu_vs_iptables", cpu))
                 results.append(r)
     return results

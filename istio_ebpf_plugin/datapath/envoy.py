@@ -39,7 +39,7 @@ from ..timeouts import scaled
 from . import netns
 from .podconfig import INBOUND_PORT, OUTBOUND_PORT, PROXY_GID, PROXY_UID
 from .staging import staged
-from .topology import Pod
+from .topology import Pod, stop_process
 
 ADMIN_PORT = 15000
 LISTENER_OUTBOUND = "virtualOutbound"
@@ -253,13 +253,7 @@ class Envoy:
             return ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc)
         if self._log_handle:
             self._log_handle.close()
             self._log_handle = None

@@ -9,6 +9,7 @@ from ..errors import KernelError
 
 #: Checked in order; the DaemonSet mounts the host's /lib/modules and /usr/src.
 ENV_OVERRIDE = "ISTIO_EBPF_KERNEL_HEADERS"
+BCC_ENV = "BCC_KERNEL_SOURCE"
 
 
 def find_kernel_headers(release: str | None = None, root: str = "/") -> Path:
@@ -25,6 +26,9 @@ def find_kernel_headers(release: str | None = None, root: str = "/") -> Path:
         if (path / "include" / "uapi" / "linux" / "bpf.h").exists() or \
                 (path / "include" / "linux" / "bpf.h").exists() or \
                 (path.resolve() / "include").is_dir():
+            if override and path == candidates[0]:
+                # BCC itself only reads /lib/modules/<release>/build or $BCC_KERNEL_SOURCE.
+                os.environ.setdefault(BCC_ENV, str(path))
             return path
     tried = ", ".join(str(c) for c in candidates)
     raise KernelError(

@@ -66,6 +66,17 @@ def wait_ready(proc: subprocess.Popen, what: str, timeout: float = 10.0) -> None
         raise KernelError(f"{what} did not start: {line!r} {str(err).strip()[-500:]}")
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds; reaped either way."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+
+
 @dataclass(eq=False)
 class Pod:
     """One pod: a network namespace and a cgroup v2 directory; ``processes`` are ended at teardown."""

@@ -30,6 +30,21 @@ Modules: :mod:`.node` (Node, Pod), :mod:`.envoy` (bootstrap, Envoy), :mod:`.isti
 test process), :mod:`.cleanup` (``istio-ebpf harness-cleanup``).
 """
 
-from .node import Node, Pod
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .node import Node, Pod
 
 __all__ = ["Node", "Pod"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy (PEP 562): the ``istio-ebpf`` command registers the lab's subcommands through
+    # harness.cli, and a node agent started by that command must not load the lab itself.
+    if name in __all__:
+        from . import node
+
+        return getattr(node, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,27 +13,9 @@ from ..errors import KernelError
 from ..timeouts import scaled
 
 HTTP_SERVER_SCRIPT = Path(__file__).resolve().parent / "http_server.py"
+HTTP_CLIENT_SCRIPT = Path(__file__).resolve().parent / "http_client.py"
 APP_UID = 1000
 APP_GID = 1000
-
-_CLIENT = r"""
-import json, sys, urllib.request
-url, n = sys.argv[1], int(sys.argv[2])
-out = []
-for _ in range(n):
-    try:
-        with urllib.request.urlopen(url, timeout=float(sys.argv[3])) as r:
-            body = r.read()
-            first = body.split(b"\n", 1)[0]
-            try:
-                info = json.loads(first)
-            except ValueError:
-                info = None
-            out.append({"status": r.status, "bytes": len(body), "info": info})
-    except Exception as exc:
-        out.append({"status": getattr(exc, "code", 0), "error": f"{type(exc).__name__}: {exc}"})
-print(json.dumps(out))
-"""
 
 
 @dataclass
@@ -56,7 +38,7 @@ def http_get(pod: Pod, url: str, count: int = 1, uid: int = APP_UID, gid: int = 
     """GET ``url`` ``count`` times from ``pod`` as uid/gid; one dict per request
     (status, bytes, info = the server's JSON first line)."""
     timeout = scaled(timeout)   # a request's deadline, not a measurement
-    proc = pod.run([PYTHON, "-S", "-c", _CLIENT, url, str(count), str(timeout)], uid=uid, gid=gid,
+    proc = pod.run([PYTHON, "-S", staged(HTTP_CLIENT_SCRIPT), url, str(count), str(timeout)], uid=uid, gid=gid,
                    timeout=timeout * count + scaled(15))
     if proc.returncode != 0:
         raise KernelError(f"http client in pod {pod.name} failed: {proc.stderr.strip()[-500:]}")

@@ -64,7 +64,7 @@ def live_tokens() -> set[str]:
             os.kill(pid, 0)
         except (OSError, ValueError, IndexError):
             continue
-        tokens.add(d.name[len(names.TMP_PREFIX):])
+        tokens.add(_token_of(d.name))   # /tmp/istio-ebpf-test-<token>[-<what>...]
     return tokens
 
 
@@ -128,8 +128,25 @@ def remove(found: Leftovers) -> list[str]:
         except OSError as exc:
             errors.append(f"cannot remove {pin}: {exc}")
     for d in found.tmpdirs:
+        kill_processes_naming(d)   # e.g. a crashed test's etcd/kube-apiserver (control_plane.py)
         shutil.rmtree(d, ignore_errors=True)
     return errors
+
+
+def kill_processes_naming(directory: Path) -> list[int]:
+    """SIGKILL every process whose command line names ``directory`` (its state lives there)."""
+    needle = str(directory).encode()
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "cmdline").read_bytes():
+                os.kill(int(entry.name), 9)
+                killed.append(int(entry.name))
+        except (OSError, ValueError):
+            continue   # gone meanwhile, or not ours to read
+    return killed
 
 
 def cleanup(force: bool = False) -> tuple[Leftovers, list[str]]:

@@ -24,14 +24,13 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import names
+from . import names, processes
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = PROJECT_ROOT / "scripts" / "build-kubernetes.sh"
@@ -88,10 +87,21 @@ class ControlPlane:
 
     @classmethod
     def create(cls, bin_dir: Path | None = None, watch_cache: bool = True,
-               prefix: str = f"{names.TMP_PREFIX}kube-") -> "ControlPlane":
-        workdir = Path(tempfile.mkdtemp(prefix=f"{prefix}{names.new_token()}-", dir=names.TMP_ROOT))
-        workdir.chmod(0o755)
-        return cls(workdir=workdir, bin_dir=bin_dir or binaries(), watch_cache=watch_cache)
+               prefix: str = names.TMP_PREFIX) -> "ControlPlane":
+        bin_dir = bin_dir or binaries()
+        while True:   # <prefix><token>, like a harness Node's directory, so harness-cleanup knows it
+            token = names.new_token()
+            workdir = names.TMP_ROOT / f"{prefix}{token}"
+            try:
+                workdir.mkdir(mode=0o755)
+                break
+            except FileExistsError:
+                continue
+        names.created_tokens.add(token)   # the session's leftover check then looks for it too
+        # Owner pid: `harness-cleanup` leaves a live session's control plane alone, and kills the
+        # processes of a dead one (their command lines name this directory) before removing it.
+        (workdir / "owner.pid").write_text(f"{os.getpid()}\n")
+        return cls(workdir=workdir, bin_dir=bin_dir, watch_cache=watch_cache)
 
     # ------------------------------------------------------------------ paths
     @property
@@ -247,27 +257,9 @@ class ControlPlane:
 
     def _kill(self, name: str, sig: int = signal.SIGTERM, wait: float = 15.0) -> None:
         pid = self.pids.pop(name, None)
-        proc = self._procs.pop(name, None)
-        if pid is None:
-            return
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if proc is not None:
-                if proc.poll() is not None:
-                    return
-            elif not _alive(pid):
-                return
-            time.sleep(0.1)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        if proc is not None:
-            proc.wait(timeout=10)
+        self._procs.pop(name, None)
+        if pid is not None:
+            processes.stop(pid, sig, wait)
 
     def stop(self, remove: bool = True) -> None:
         """Stop every process (by PID, reverse start order) and remove the work directory."""
@@ -351,14 +343,6 @@ class ControlPlane:
         return cls(workdir=Path(s["workdir"]), bin_dir=Path(s["bin_dir"]), etcd_port=s["etcd_port"],
                    etcd_peer_port=s["etcd_peer_port"], apiserver_port=s["apiserver_port"],
                    admin_token=s["admin_token"], watch_cache=s["watch_cache"], pids=dict(s["pids"]))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------- make cluster-up / cluster-down

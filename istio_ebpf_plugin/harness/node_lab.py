@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import names
+from . import cleanup, names
+from .processes import stop as _stop_pid
 
 LOCK_FILE = Path("/run/lock/istio-ebpf-node-lab.lock")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -60,6 +61,12 @@ KUBELET_SYSCTLS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "k
                    "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes")
 
 
+def claim_workdir(workdir: Path) -> None:
+    """Mark a ``/tmp/istio-ebpf-test-<token>-*`` directory as in use by this process, so a
+    concurrent ``harness-cleanup`` (another session) leaves it and its token's objects alone."""
+    (workdir / cleanup.OWNER_FILE).write_text(f"{os.getpid()}\n")
+
+
 class NodeLabError(RuntimeError):
     """The node could not be set up (message names the log to read)."""
 
@@ -72,36 +79,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def _run(cmd: list[str], check: bool = True, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=timeout, **kw)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _kill(pid: int, sig: int = signal.SIGTERM, wait: float = 10.0) -> None:
-    """Signal our own process ``pid``; SIGKILL when it outlives ``wait``."""
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        except ChildProcessError:
-            if not _alive(pid):
-                return
-        time.sleep(0.05)
-    try:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    except (ProcessLookupError, ChildProcessError):
-        pass
 
 
 def pick_subnet(token: str) -> ipaddress.IPv4Network:
@@ -194,8 +171,9 @@ class NodeLab:
     def create(cls, kubelet_bin: Path, pause_ref: str, bpffs: bool = True) -> "NodeLab":
         token = names.new_token()
         names.created_tokens.add(token)
-        workdir = Path(tempfile.mkdtemp(prefix=f"{names.TMP_PREFIX}node-{token}-", dir=names.TMP_ROOT))
+        workdir = Path(tempfile.mkdtemp(prefix=f"{names.TMP_PREFIX}{token}-node-", dir=names.TMP_ROOT))
         workdir.chmod(0o755)
+        claim_workdir(workdir)
         return cls(workdir=workdir, token=token, node_name=f"ie-node-{token}", bridge=f"ie-br-{token}",
                    subnet=pick_subnet(token), kubelet_bin=kubelet_bin, pause_ref=pause_ref, bpffs=bpffs)
 
@@ -455,7 +433,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         """Remove everything this node created, in dependency order; safe after a partial start."""
         kubelet = self.procs.pop("kubelet", None)
         if kubelet is not None:
-            _kill(kubelet.pid, signal.SIGTERM, wait=15)
+            _stop_pid(kubelet.pid, signal.SIGTERM, wait=15)
         # Containers (they run in their own mount namespaces, inside kubepods cgroups), then the
         # runtime and its shims (in the node's mount namespace), then the namespace holder.
         for _ in range(3):
@@ -470,14 +448,14 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             time.sleep(0.5)
         containerd = self.procs.pop("containerd", None)
         if containerd is not None:
-            _kill(containerd.pid, signal.SIGTERM, wait=10)
+            _stop_pid(containerd.pid, signal.SIGTERM, wait=10)
         for pid in self._ns_pids():
-            _kill(pid, signal.SIGKILL, wait=5)
+            _stop_pid(pid, signal.SIGKILL, wait=5)
         for proc in self.procs.values():
-            _kill(proc.pid, signal.SIGKILL, wait=5)
+            _stop_pid(proc.pid, signal.SIGKILL, wait=5)
         self.procs.clear()
         if self.holder is not None:
-            _kill(self.holder.pid, signal.SIGKILL, wait=5)
+            _stop_pid(self.holder.pid, signal.SIGKILL, wait=5)
             self.holder = None
         if self.relay is not None:
             self.relay.close()
@@ -516,6 +494,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         # Overlay and tmpfs mounts lived in the node's mount namespace (gone with it); what is
         # left is plain files, some read-only (snapshots): make them writable where needed.
         def onerror(func: Any, path: str, _exc: Any) -> None:
+            if func not in (os.rmdir, os.unlink):
+                return
             try:
                 os.chmod(os.path.dirname(path), 0o755)
                 func(path)

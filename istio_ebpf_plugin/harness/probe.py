@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..datapath.staging import staged
-from ..datapath.topology import PYTHON, Pod, wait_ready
+from ..datapath.topology import PYTHON, Pod, stop_process, wait_ready
 from ..errors import KernelError
 from ..timeouts import scaled
 
@@ -92,13 +92,7 @@ class ProbeServer:
     udp_targets: tuple[int, ...]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=3)
+        stop_process(self.proc, timeout=3)
 
 
 def start_probe_server(pod: Pod, targets: Iterable[int] = (), udp_targets: Iterable[int] = (), *,

@@ -17,7 +17,6 @@ back the original bytes.
 
 from __future__ import annotations
 
-import io
 import re
 from typing import Any
 
@@ -253,9 +252,3 @@ def remove(config: str, where: str = "config") -> str:
         return config
     _check(data, parse(text, where), None, where)
     return text
-
-
-def dump_for_check(data: Any) -> str:  # pragma: no cover - debugging aid
-    buf = io.StringIO()
-    YAML(typ="safe", pure=True).dump(data, buf)
-    return buf.getvalue()
