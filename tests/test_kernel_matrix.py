@@ -76,6 +76,14 @@ def test_steps_and_kernels_are_parsed_in_documented_order():
         kernel_matrix.parse_kernels("4.19")
 
 
+def test_command_defaults_are_every_kernel_and_every_step():
+    from istio_ebpf_plugin.cli import build_parser
+
+    args = build_parser().parse_args(["kernel-matrix"])
+    assert kernel_matrix.parse_kernels(args.kernels) == list(kernel_matrix.KERNELS)
+    assert kernel_matrix.parse_steps(args.steps) == list(kernel_matrix.STEPS)
+
+
 def test_table_marks_failed_steps_and_carries_the_selftest_reason():
     reports = [
         {"kernel": "5.10", "release": "5.10.0-32-amd64", "accel": "tcg", "mode": "podip", "wall_seconds": 300,

@@ -342,15 +342,6 @@ def host_main(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("kernel-matrix", help="run the datapath on real Debian kernels in virtme-ng VMs")
-    p.add_argument("--kernels", default="5.10,6.1,6.12,host", help=f"comma list of {', '.join(KERNELS)}")
-    p.add_argument("--steps", default=",".join(STEPS), help=f"comma list of {', '.join(STEPS)}")
-    p.add_argument("--out", default="out/kernel-matrix", help="one <kernel>.json per kernel and table.txt here")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per kernel")
-    p.set_defaults(func=host_main)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kernel_matrix")
     sub = parser.add_subparsers(dest="side", required=True)
