@@ -74,9 +74,11 @@ buildah bud --isolation chroot --network host --pull=never --layers \
   -v "$work/pip.conf:/etc/pip.conf:ro" \
   -t "$IMAGE" -f Containerfile . >&2
 
-# 4. Archive, appearing whole or not at all; keep the three newest.
+# 4. Archive, appearing whole or not at all; keep the three newest, and in the private store only
+# the layers the current image uses (earlier builds' images are dangling now).
 podman save --format docker-archive -o "$work/image.tar" "$IMAGE" >&2
 mv "$work/image.tar" "$ARCHIVE"
+podman image prune -f >/dev/null
 ls -1t "$CACHE"/agent-image-*.tar | tail -n +4 | xargs -r rm -f
 echo "build-image: $IMAGE, $(du -m "$ARCHIVE" | cut -f1) MiB archive" >&2
 echo "$ARCHIVE"

@@ -7,6 +7,11 @@ does: events after a given resourceVersion, bookmarks on demand, and
 ``ERROR 410`` when the watcher asks for a resourceVersion that was compacted.
 
 Pods come from the real injected fixtures (:func:`fixture_pod`).
+
+The same flows run against a real kube-apiserver in test_kube_agent_e2e.py. This fake stays
+where a test needs what the real server cannot give on demand: a BOOKMARK or an in-stream
+ERROR 410 at a chosen moment, a failing node patch, and agents in many short-lived
+processes (kernel, fault and scale tests) without a control plane each.
 """
 
 from __future__ import annotations

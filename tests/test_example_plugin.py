@@ -8,6 +8,7 @@ its dist-info carries the entry point in group ``istio_ebpf``.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +25,11 @@ EXAMPLE = ROOT / "docs" / "example-plugin"
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
     target = tmp_path_factory.mktemp("example-plugin-site")
+    source = tmp_path_factory.mktemp("example-plugin-src") / "example-plugin"
+    shutil.copytree(EXAMPLE, source)    # setuptools writes build/ and egg-info beside the sources
     # --no-deps: istio-ebpf itself is this checkout; --no-build-isolation: build with the venv's setuptools.
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                           "--target", str(target), str(EXAMPLE)], capture_output=True, text=True, timeout=300,
+                           "--target", str(target), str(source)], capture_output=True, text=True, timeout=300,
                           cwd=target)
     assert proc.returncode == 0, proc.stderr
     return target

@@ -1,4 +1,9 @@
-"""install / uninstall / status against a fake API, swapped in at kube_api (and only there)."""
+"""install / uninstall / status against a fake API, swapped in at kube_api (and only there).
+
+The same commands run against a real kube-apiserver in test_kube_e2e.py. The fake stays for
+what the real server does not give on demand: a DaemonSet that rolls out (no kubelet there),
+a 403 on listing nodes, a ConfigMap replaced underneath between two commands, and speed.
+"""
 
 from __future__ import annotations
 

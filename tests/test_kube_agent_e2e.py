@@ -5,7 +5,9 @@ every call. Pods are real Pod objects (Istio 1.14.0's injected fixtures: 1.20 re
 sidecars of newer ones) bound to a Node object; there is no kubelet, so the test patches their
 status.podIP as the kubelet would, and the agent finds their processes in a /proc tree written
 the way kubelet names pod cgroups (FakeProc). The datapath is the recording one of
-test_agent_loop.py: the kernel side is tested in test_agent_kernel.py.
+test_agent_loop.py, except in the last test: harness pods (netns + cgroup v2 + real Envoy) with
+the real datapath, the real locator and real traffic, their Pod objects on the real apiserver
+and their processes in cgroups named the way kubelet names them (kubepods/pod<uid>).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from fake_kube import fixture_pod
 from istio_ebpf_plugin import NODE_MODE_LABEL, kube_api
 from istio_ebpf_plugin.agent.node_agent import NodeAgent
 from istio_ebpf_plugin.install import manifests
+from test_agent_kernel import PORT, agent_config, cluster, outbound_entries  # noqa: F401 (a fixture)
 from test_agent_loop import FakeProc, Running, get, make_agent
 
 AGENT_NS = "istio-ebpf-system"
@@ -67,17 +70,22 @@ def agent_for(node: str, proc: FakeProc, store: dict, **cfg) -> NodeAgent:
     return agent
 
 
-def create_pod(cp, ns: str, node: str, name: str, ip: str, proc: FakeProc) -> dict:
-    pod = fixture_pod("v1.14.0/inject/traffic-annotations.yaml.injected", name, node, [ip], namespace=ns,
-                      annotations=OPT_IN)
+def create_pod(cp, ns: str, node: str, name: str, ip: str | list[str], proc: FakeProc | None,
+               fixture: str = "v1.14.0/inject/traffic-annotations.yaml.injected",
+               annotations: dict[str, str] | None = None) -> dict:
+    """A Pod object bound to ``node``, then its status as the kubelet would write it."""
+    ips = [ip] if isinstance(ip, str) else ip
+    pod = fixture_pod(fixture, name, node, ips, namespace=ns,
+                      annotations=OPT_IN if annotations is None else annotations)
     body = copy.deepcopy(pod)
     body["metadata"] = {k: v for k, v in body["metadata"].items() if k not in ("uid", "resourceVersion")}
     body.pop("status", None)
     status, made = cp.request("POST", f"/api/v1/namespaces/{ns}/pods", body)
     assert status == 201, made
-    proc.start(made["metadata"]["uid"])          # its "processes", in a kubelet-named cgroup
+    if proc is not None:
+        proc.start(made["metadata"]["uid"])          # its "processes", in a kubelet-named cgroup
     status, out = cp.request("PATCH", f"/api/v1/namespaces/{ns}/pods/{name}/status",
-                             {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}},
+                             {"status": {"phase": "Running", "podIP": ips[0], "podIPs": [{"ip": i} for i in ips]}},
                              content_type="application/merge-patch+json")
     assert status == 200, out
     return made
@@ -206,3 +214,75 @@ def test_forbidden_events_back_off(world):
     finally:
         cp.request("DELETE", f"/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{sa}")
         cp.request("DELETE", f"/apis/rbac.authorization.k8s.io/v1/clusterroles/{sa}")
+
+
+@pytest.mark.kernel
+def test_real_datapath_and_envoy_follow_the_real_api(world, cluster, pin_root):  # noqa: F811 (fixtures)
+    """Harness pods (netns + cgroup + real Envoy), their Pod objects on the real apiserver: real traffic."""
+    from istio_ebpf_plugin.harness.apps import http_get, url_for
+
+    cp, node_name, ns, _ = world
+    hnode, client, server, envoys, _, _ = cluster
+    cli = create_pod(cp, ns, node_name, "cli", list(client.pod_ips), None, "v1.14.0/inject/hello.yaml.injected")
+    srv = create_pod(cp, ns, node_name, "srv", list(server.pod_ips), None, "v1.14.0/inject/hello.yaml.cni.injected",
+                     annotations={"inject.istio.io/templates": "sidecar,ebpf"})
+    # The harness names its cgroups its own way; kubelet names them kubepods/pod<uid> (cgroupfs
+    # driver). The pods' processes move into such directories, so the agent's real locator finds
+    # them from /proc alone, by the UIDs the apiserver gave.
+    kubepods = hnode.parent_cgroup / "kubepods"
+    moved = {client: kubepods / f"pod{cli['metadata']['uid']}", server: kubepods / f"pod{srv['metadata']['uid']}"}
+    cfg = agent_config(hnode, pin_root, {})
+    cfg.node_name, cfg.cgroup_for_uid = node_name, None
+    agent = NodeAgent(cfg)
+    run = None
+    try:
+        for pod, target in moved.items():
+            _move_processes(pod.cgroup_path, target)
+        run = Running(agent)
+        _eventually(lambda: agent.ready()[0] and len(agent.datapath.pods()) == 2, 60, "agent ready, both pods")
+        assert set(agent.datapath.pods()) == {agent.datapath.pod_key(p.netns_path, str(moved[p]))
+                                              for p in (client, server)}
+        url = url_for(server.ipv4, PORT)
+        assert [r["status"] for r in http_get(client, url, count=3)] == [200] * 3
+        time.sleep(0.3)
+        assert f"{server.ipv4}:{PORT}" in {e.get("downstream_local_address") for e in outbound_entries(envoys["cli"])}
+        before = len(outbound_entries(envoys["cli"]))
+        # An annotation PATCH on the real API takes effect in the maps, then on the wire.
+        assert cp.request("PATCH", f"/api/v1/namespaces/{ns}/pods/cli", {"metadata": {"annotations": {
+            "traffic.sidecar.istio.io/excludeOutboundPorts": str(PORT)}}},
+            content_type="application/merge-patch+json")[0] == 200
+        _eventually(lambda: PORT in agent.reconciler.records[cli["metadata"]["uid"]].config.exclude_outbound_ports,
+                    30, "the excluded port in the maps")
+        assert [r["status"] for r in http_get(client, url, count=3)] == [200] * 3
+        time.sleep(0.3)
+        assert len(outbound_entries(envoys["cli"])) == before, "excluded port still went through Envoy"
+        # Deleting the Pod object removes its entries.
+        assert cp.request("DELETE", f"/api/v1/namespaces/{ns}/pods/srv",
+                          {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0})[0] == 200
+        client_key = agent.datapath.pod_key(client.netns_path, str(moved[client]))
+        _eventually(lambda: set(agent.datapath.pods()) == {client_key}, 30, "srv removed")
+    finally:
+        if run is not None:
+            run.stop.set()
+            run.thread.join(5)
+        agent.shutdown(cleanup=True)
+        for pod, target in moved.items():   # back where the harness removes them
+            if target.exists():
+                _move_processes(target, pod.cgroup_path)
+                target.rmdir()
+        if kubepods.exists():
+            kubepods.rmdir()
+
+
+def _move_processes(src, dst) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for _ in range(5):   # a process forked meanwhile shows up on the next read
+        pids = (src / "cgroup.procs").read_text().split()
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                (dst / "cgroup.procs").write_text(pid)
+            except ProcessLookupError:
+                pass
+    raise AssertionError(f"processes keep appearing in {src}")
