@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo lint test test-deep wheel image bench bench-quick forwarder soak clean-host kubernetes cluster-up cluster-down
+.PHONY: setup demo lint test test-deep wheel image bench bench-quick forwarder soak clean-host kubernetes cluster-up cluster-down kernel-matrix
 
 setup:
 	bash scripts/setup.sh all
@@ -23,6 +23,12 @@ kubernetes:
 # The agent image is built first (cached: instant when unchanged) so its time shows apart from the tests'.
 test: setup lint kubernetes image
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Every step on 5.10, 6.1, 6.12 (virtme-ng VMs) and this host; table in out/kernel-matrix/table.txt.
+# Tens of minutes under TCG: CI runs the subset in tests/test_kernel_matrix.py instead.
+KERNELS ?= 5.10,6.1,6.12,host
+kernel-matrix: setup
+	$(VENV)/bin/istio-ebpf kernel-matrix --kernels $(KERNELS) --out out/kernel-matrix
 
 # The in-kernel property test (Istio's iptables vs eBPF on random pod configurations) at depth,
 # in both modes; `make test` runs 40 fixed examples in the mode the probes select.

@@ -63,8 +63,9 @@ if [ ! -f "$dest/release" ]; then
   mv "$mods" "$work/out/modules/lib/modules/$rel"
   depmod -b "$work/out/modules" "$rel"
   # BCC compiles against <modules>/build: the extracted headers (the package's own link is absolute).
-  ln -sfn "$dest/root/usr/src/linux-headers-$rel" "$work/out/modules/lib/modules/$rel/build"
-  ln -sfn "$dest/root/usr/src/linux-headers-$flavour_less-common" "$work/out/modules/lib/modules/$rel/source"
+  # Relative links: the guest sees this directory under another path (virtme-ng hides /var/cache).
+  ln -sfn "../../../../root/usr/src/linux-headers-$rel" "$work/out/modules/lib/modules/$rel/build"
+  ln -sfn "../../../../root/usr/src/linux-headers-$flavour_less-common" "$work/out/modules/lib/modules/$rel/source"
   # virtme-ng finds the module tree from the image's path (<root>/boot/vmlinuz-<rel> -> <root>/lib/modules)
   mkdir -p "$work/out/modules/boot"
   mv "$work/out/root/boot/vmlinuz-$rel" "$work/out/modules/boot/"

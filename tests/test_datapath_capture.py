@@ -16,6 +16,7 @@ from istio_ebpf_plugin.datapath.loader import PROGRAMS, Datapath, unpin_link
 from istio_ebpf_plugin.datapath.podconfig import PodConfig, ip_list
 from istio_ebpf_plugin.datapath.probe import sockmap_supported
 from istio_ebpf_plugin.harness.capture_cases import CASES, KNOWN_DIFFERENCES, CaptureLab, failures, report
+from istio_ebpf_plugin.harness.conflict import run_quadruple_conflict
 from istio_ebpf_plugin.harness.probe import PYTHON, start_probe_server
 
 from datapath_modes import features, host_mode, require_mode
@@ -93,27 +94,6 @@ def test_demo_real_envoy_end_to_end(mode, sockmap):
         assert s["sockmap_bytes"] == 0
 
 
-_CONFLICT_CLIENT = textwrap.dedent(r"""
-    import json, socket, sys
-    bind_ip, base, dst, dport, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-    socks = []
-    for i in range(n):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((bind_ip, base + i))
-        s.connect((dst, dport + i))
-        socks.append(s)
-    bad, seen = 0, []
-    for i, s in enumerate(socks):
-        rec = json.loads(s.makefile().readline())
-        seen.append(rec["peer"])
-        if rec["listener"] != "outbound" or rec["orig_dst"] != [dst, dport + i]:
-            bad += 1
-        s.close()
-    print(json.dumps({"bad": bad, "n": n, "peers": seen[:3]}))
-""")
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_quadruple_conflict_same_source_ports(node, datapath_factory, mode):
     """Two pods' apps connect concurrently from the same source ports to different
@@ -121,28 +101,14 @@ def test_quadruple_conflict_same_source_ports(node, datapath_factory, mode):
     original destination for every one of hundreds of connections."""
     dp = datapath_factory(mode)
     dp.attach_cgroup(str(node.parent_cgroup))
-    a, b, c = node.add_pod("a"), node.add_pod("b"), node.add_pod("c")
-    servers = [start_probe_server(p) for p in (a, b)]
-    for p in (a, b):
-        dp.add_pod(p.netns_path, PodConfig(pod_ips=ip_list(p.pod_ips)), str(p.cgroup_path))
     n = 200
+    r = run_quadruple_conflict(node, dp, mode, n)
+    assert set(r["pods"]) == {"a", "b"}
+    for rec in r["pods"].values():
+        assert rec["n"] == n and rec["bad"] == 0, rec
     # cookie mode: identical 127.0.0.1:P -> 127.0.0.1:15001 tuples in both pods;
     # pod-IP mode: the app sockets carry the pod IP (the bind the mode relies on).
-    binds = {a: "0.0.0.0" if mode == "cookie" else a.ipv4, b: "0.0.0.0" if mode == "cookie" else b.ipv4}
-    procs = {p: p.spawn([PYTHON, "-S", "-c", _CONFLICT_CLIENT, binds[p], "40000", c.ipv4,
-                         str(10000 if p is a else 20000), str(n)], uid=1000, gid=1000,
-                        stdout=-1, stderr=-1, text=True) for p in (a, b)}
-    try:
-        results = {p: procs[p].communicate(timeout=60) for p in (a, b)}
-    finally:
-        for s in servers:
-            s.stop()
-    for p, (out, err) in results.items():
-        assert procs[p].returncode == 0, err
-        rec = json.loads(out)
-        assert rec["n"] == n and rec["bad"] == 0, rec
-        peer_ip = rec["peers"][0][0]
-        assert peer_ip == ("127.0.0.1" if mode == "cookie" else p.ipv4)
+    assert r["peer_ok"], r["pods"]
     assert dp.counters()["origdst_hit"] >= 2 * n
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..errors import KernelError
+from ..timeouts import scaled
 from . import netns
 from .podconfig import INBOUND_PORT, OUTBOUND_PORT, PROXY_GID, PROXY_UID
 from .staging import staged
@@ -198,6 +199,7 @@ class Envoy:
 
     def wait_live(self, timeout: float = 30.0) -> None:
         """Wait until /ready says LIVE (raises with Envoy's log tail otherwise)."""
+        timeout = scaled(timeout)
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
@@ -235,7 +237,7 @@ class Envoy:
 
     def wait_access_log(self, predicate: Callable[[dict], bool], timeout: float = 10.0) -> dict:
         """First access-log entry matching ``predicate`` (waits for Envoy's flush)."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while True:
             for entry in self.access_log():
                 if predicate(entry):

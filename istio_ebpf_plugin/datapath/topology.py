@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..errors import KernelError, UsageError
+from ..timeouts import scaled
 from .host import require_cgroup_v2_root
 
 NETNS_DIR = Path("/run/netns")
@@ -57,7 +58,7 @@ def run_checked(argv: Sequence[str], *, check: bool = True, timeout: float = 30,
 def wait_ready(proc: subprocess.Popen, what: str, timeout: float = 10.0) -> None:
     """Wait for a helper process's "READY" line; kill it and raise if it does not come."""
     assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    ready, _, _ = select.select([proc.stdout], [], [], scaled(timeout))
     line = proc.stdout.readline().strip() if ready else ""
     if line != "READY":
         proc.kill()

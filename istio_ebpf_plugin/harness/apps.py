@@ -10,6 +10,7 @@ from pathlib import Path
 from ..datapath.staging import staged
 from ..datapath.topology import PYTHON, Pod, wait_ready
 from ..errors import KernelError
+from ..timeouts import scaled
 
 HTTP_SERVER_SCRIPT = Path(__file__).resolve().parent / "http_server.py"
 HTTP_CLIENT_SCRIPT = Path(__file__).resolve().parent / "http_client.py"
@@ -36,8 +37,9 @@ def http_get(pod: Pod, url: str, count: int = 1, uid: int = APP_UID, gid: int = 
              timeout: float = 5.0) -> list[dict]:
     """GET ``url`` ``count`` times from ``pod`` as uid/gid; one dict per request
     (status, bytes, info = the server's JSON first line)."""
+    timeout = scaled(timeout)   # a request's deadline, not a measurement
     proc = pod.run([PYTHON, "-S", staged(HTTP_CLIENT_SCRIPT), url, str(count), str(timeout)], uid=uid, gid=gid,
-                   timeout=timeout * count + 15)
+                   timeout=timeout * count + scaled(15))
     if proc.returncode != 0:
         raise KernelError(f"http client in pod {pod.name} failed: {proc.stderr.strip()[-500:]}")
     return json.loads(proc.stdout)

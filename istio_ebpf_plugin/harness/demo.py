@@ -28,8 +28,11 @@ SERVER_PORT = 8080
 
 
 def run_demo(mode: str = "auto", sockmap: bool = False, requests: int = 50,
-             log: Any = sys.stderr) -> dict:
-    features = probe_features()
+             log: Any = sys.stderr, features: dict[str, bool] | None = None) -> dict:
+    """``features``: probe results already taken on this kernel (probing compiles with BCC:
+    minutes in an emulated VM, so the kernel matrix probes once)."""
+    if features is None:
+        features = probe_features()
     selected, reason = select_mode(os.uname().release, features, override=mode)
     print(f"mode: {selected} ({reason})", file=log)
     if selected == "unsupported":

@@ -22,6 +22,7 @@ from typing import Iterable
 from ..datapath.staging import staged
 from ..datapath.topology import PYTHON, Pod, stop_process, wait_ready
 from ..errors import KernelError
+from ..timeouts import scaled
 
 __all__ = ["PYTHON", "Outcome", "ProbeServer", "probe_connect", "start_probe_server", "wait_ready"]
 
@@ -123,7 +124,7 @@ def probe_connect(src_pod: Pod, uid: int, gid: int, dst_ip: str, dst_port: int, 
     elif proto != "tcp":
         raise ValueError(f"proto must be tcp or udp, not {proto!r}")
     started = time.monotonic()
-    proc = src_pod.run(argv, uid=uid, gid=gid, timeout=timeout * count + 15)
+    proc = src_pod.run(argv, uid=uid, gid=gid, timeout=timeout * count + scaled(15))
     if proc.returncode != 0:
         raise KernelError(f"probe client in pod {src_pod.name} failed ({proc.returncode}): "
                           f"{proc.stderr.strip()[-500:]}")

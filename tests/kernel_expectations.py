@@ -1,0 +1,44 @@
+"""What each kernel of the matrix must show, and when each probed feature arrived upstream.
+
+The VM tests check the real kernels against this; the unit tests use FEATURE_SINCE to show what
+the rule and the probes do on kernels Debian's registry no longer serves (< 5.7, 5.7/5.8).
+"""
+
+from __future__ import annotations
+
+#: probe name -> first upstream release that passes it (helper or program type introduced)
+FEATURE_SINCE: dict[str, tuple[int, int]] = {
+    "cgroup_sock_addr_bind": (4, 17),              # bpf_bind in cgroup/connect
+    "sk_msg_redirect": (4, 17),                    # sk_msg + msg_redirect_hash
+    "sockops_sockhash": (4, 18),                   # BPF_MAP_TYPE_SOCKHASH
+    "getsockopt_prog": (5, 3),                     # BPF_PROG_TYPE_CGROUP_SOCKOPT
+    "cgroup_sock_addr_netns_cookie": (5, 7),       # bpf_get_netns_cookie in sock_addr
+    "cgroup_sock_addr_ancestor_cgroup": (5, 7),    # bpf_get_current_ancestor_cgroup_id in sock_addr
+    "cgroup_getpeername": (5, 8),                  # BPF_CGROUP_INET{4,6}_GETPEERNAME
+    "cgroup_getsockname": (5, 8),                  # BPF_CGROUP_INET{4,6}_GETSOCKNAME
+    "sk_lookup_assign": (5, 9),                    # BPF_PROG_TYPE_SK_LOOKUP + bpf_sk_assign
+    "so_netns_cookie": (5, 14),                    # getsockopt(SO_NETNS_COOKIE)
+    "sockops_netns_cookie": (5, 15),
+    "getsockopt_netns_cookie": (5, 15),
+    "sk_msg_netns_cookie": (5, 15),
+}
+
+
+def features_for(version: tuple[int, int]) -> dict[str, bool]:
+    """Probe results a vanilla kernel of ``version`` gives (cgroup v2 and bpffs present)."""
+    out = {name: version >= since for name, since in FEATURE_SINCE.items()}
+    out.update(cgroup_v2=True, bpffs=True, bcc_compile=True)
+    return out
+
+
+#: matrix kernel -> (version, mode the agent must select)
+EXPECTED_MODE: dict[str, tuple[tuple[int, int], str]] = {
+    "5.10": ((5, 10), "podip"),
+    "6.1": ((6, 1), "cookie"),
+    "6.12": ((6, 12), "cookie"),
+}
+
+#: What CI runs (`make test`): the pod-IP proof on 5.10 (probe + demo) and the cookie-mode
+#: selection on 6.12 (probe). Under TCG every BCC compile costs minutes (5.10 probe + demo:
+#: 10 min on this loaded machine), so the full six steps on every kernel are `make kernel-matrix`.
+CI_MATRIX: dict[str, tuple[str, ...]] = {"5.10": ("probe", "demo"), "6.12": ("probe",)}
