@@ -16,7 +16,8 @@ from typing import Any
 from istio_ebpf_plugin.install.manager import hookimpl
 
 # linux/capability.h numbers of the capabilities the DaemonSet may ask for.
-CAP_NUMBERS = {"NET_ADMIN": 12, "SYS_PTRACE": 19, "SYS_ADMIN": 21, "SYS_RESOURCE": 24, "PERFMON": 38, "BPF": 39}
+CAP_NUMBERS = {"DAC_READ_SEARCH": 2, "NET_ADMIN": 12, "SYS_PTRACE": 19, "SYS_ADMIN": 21, "SYS_RESOURCE": 24,
+               "PERFMON": 38, "BPF": 39}
 
 
 def bounding_set() -> int:

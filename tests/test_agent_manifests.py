@@ -45,7 +45,8 @@ def test_agent_container_is_not_privileged_and_lists_its_capabilities():
     sc = agent["securityContext"]
     assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"]["drop"] == ["ALL"]
-    assert set(sc["capabilities"]["add"]) == {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "SYS_RESOURCE"}
+    assert set(sc["capabilities"]["add"]) == {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "SYS_RESOURCE",
+                                                "DAC_READ_SEARCH"}
     # each capability carries a justification comment right above it
     text = (MANIFESTS_DIR / "daemonset.yaml").read_text().splitlines()
     for cap in sc["capabilities"]["add"]:

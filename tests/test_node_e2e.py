@@ -152,6 +152,11 @@ def _agent_diagnostics(env: dict, s: Any) -> None:
                    f"state {json.dumps(cs.get('state'))[:300]}, last {json.dumps(cs.get('lastState'))[:300]}")
             for line in container_log(env["lab"], pod, cs["name"])[-15:]:
                 s.note(f"  {cs['name']}| {line[:300]}")
+    root = env["lab"].in_node(PIN_ROOT)
+    for name in ("pod_by_ip", "inbound_listeners", "counters"):
+        for pin in root.rglob(name) if root.exists() else []:
+            out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(pin)], capture_output=True, text=True)
+            s.note(f"bpftool map dump {pin.relative_to(root)}: {(out.stdout or out.stderr)[:600]}")
 
 
 def _metric(name: str) -> float | None:
@@ -366,11 +371,6 @@ def test_uninstall_runs_prestop_and_leaves_nothing_attached(env):
         _uninstall_and_check(env, s)
 
 
-PODIP_FINDING = ("found by this scenario, not fixed yet: with the agent as its DaemonSet pod in forced pod-IP "
-                 "mode, connections to the opted-in pod's captured port are refused (fail-closed inbound); the "
-                 "same mode works with the agent as a host process (tests/test_agent_kernel.py)")
-
-
 def test_pod_ip_mode(env):
     with step("pod-IP mode: istio-ebpf install --mode podip") as s:
         _install(env, s, "--mode", "podip")
@@ -381,13 +381,17 @@ def test_pod_ip_mode(env):
         except BaseException:
             _agent_diagnostics(env, s)
             raise
+        # Found here: without DAC_READ_SEARCH the agent pod could not list Envoy's /proc/<pid>/fd, never
+        # registered its 15006 listener, and inbound was refused (fail closed).
         try:
             _check_traffic(env, s)
-        except (AssertionError, OSError) as exc:
+        except (AssertionError, OSError):
             _agent_diagnostics(env, s)
-            s.note(f"known finding: {exc}")
-            # Only this call is an expected failure: set-up, teardown and the session checks still count.
-            pytest.xfail(PODIP_FINDING)
-        s.note(f"kernel: {len(_our_programs())} programs on kubepods")
+            raise
+        agent = _agent_pod(env)
+        assert agent is not None
+        failures = [line for line in container_log(env["lab"], agent, "agent") if "cannot register" in line]
+        assert failures == [], failures
+        s.note(f"kernel: {len(_our_programs())} programs on kubepods; agent log: no listener registration failure")
     with step("pod-IP mode: uninstall") as s:
         _uninstall_and_check(env, s)

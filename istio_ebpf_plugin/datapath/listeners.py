@@ -7,6 +7,8 @@ Used to register Envoy's 15006 listener for sk_lookup when sockops cannot
 from __future__ import annotations
 
 import ctypes
+import errno
+import logging
 import os
 import socket
 from pathlib import Path
@@ -16,6 +18,19 @@ SYS_PIDFD_OPEN = 434
 SYS_PIDFD_GETFD = 438
 _TCP_LISTEN = "0A"
 _libc = ctypes.CDLL(None, use_errno=True)
+log = logging.getLogger(__name__)
+#: The process exited (or closed the fd) between the /proc read and the syscall: not a failure.
+_GONE = (errno.ENOENT, errno.ESRCH, errno.EBADF)
+_reported: set[int] = set()   # errnos already logged: one line per kind of failure, not one per refresh
+
+
+def _report(exc: OSError) -> None:
+    """Log a failure to borrow a listener once (the refresh retries it every few seconds)."""
+    if exc.errno in _reported:
+        return
+    _reported.add(exc.errno or 0)
+    log.warning("cannot register the pod's 15006 listener for sk_lookup (inbound is refused until it works): "
+                "%s: %s", exc.filename or "?", exc.strerror or exc)
 
 
 def _listening_inodes(pid_dir: Path, port: int) -> dict[int, int]:
@@ -38,11 +53,13 @@ def _listening_inodes(pid_dir: Path, port: int) -> dict[int, int]:
 def _getfd(pid: int, target_fd: int) -> int:
     pidfd = _libc.syscall(SYS_PIDFD_OPEN, pid, 0)
     if pidfd < 0:
-        raise OSError(ctypes.get_errno(), f"pidfd_open({pid})")
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), f"pidfd_open({pid})")
     try:
         fd = _libc.syscall(SYS_PIDFD_GETFD, pidfd, target_fd, 0)
         if fd < 0:
-            raise OSError(ctypes.get_errno(), f"pidfd_getfd({pid}, {target_fd})")
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), f"pidfd_getfd({pid}, {target_fd})")
         return fd
     finally:
         os.close(pidfd)
@@ -84,5 +101,9 @@ def find_listeners(netns_path: str, port: int, proc: str = "/proc",
                 if ino in inodes and ino not in seen:
                     seen.add(ino)
                     yield inodes[ino], _getfd(int(pid_dir.name), int(fd_link.name))
-        except (OSError, ValueError):
-            continue      # the process went away meanwhile
+        except ValueError:
+            continue
+        except OSError as exc:
+            if exc.errno not in _GONE:   # gone: the process exited meanwhile
+                _report(exc)   # e.g. EACCES on /proc/<pid>/fd: the reason inbound is refused
+            continue
