@@ -74,6 +74,6 @@ clean-host: setup
 	$(VENV)/bin/istio-ebpf harness-cleanup
 
 # A real node end to end (kubelet + containerd + the agent's DaemonSet pod); prints every step.
-e2e: setup
+e2e: setup kubernetes image
 	bash scripts/setup-node.sh
 	$(PY) -m pytest -x -s -p no:cacheprovider -m node_e2e tests/test_node_e2e.py $(PYTEST_ARGS)

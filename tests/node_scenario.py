@@ -207,14 +207,14 @@ def cgroup_programs(cgroup: Path) -> list[dict]:
     if not cgroup.exists():
         return []
     out = subprocess.run(["bpftool", "-j", "cgroup", "show", str(cgroup)], capture_output=True, text=True)
-    return json.loads(out.stdout or "[]") if out.returncode == 0 else []
+    return json.loads(out.stdout.strip() or "[]") if out.returncode == 0 else []
 
 
 def netns_links(pid: int) -> list[dict]:
     """BPF links attached to the process's network namespace (sk_lookup), from the kernel."""
     ino = os.stat(f"/proc/{pid}/ns/net").st_ino
     out = subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True, check=True)
-    return [link for link in json.loads(out.stdout or "[]")
+    return [link for link in json.loads(out.stdout.strip() or "[]")
             if link.get("type") == "netns" and link.get("netns_ino") == ino]
 
 

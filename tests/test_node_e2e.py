@@ -1,0 +1,393 @@
+"""A real node end to end: the agent as its DaemonSet pod, an opted-in pod captured without iptables.
+
+Kubernetes 1.20.2 (control plane + kubelet, built from Debian's source package), Debian's containerd
+1.6 / runc / CNI plugins, the agent image from the Containerfile, ``istio-ebpf install`` and
+``uninstall`` against that cluster. Steps print ``[e2e] <step>: ok|FAILED (<time>)`` with their
+figures (``make e2e`` runs this file with ``-s``). The steps share one cluster and run in order.
+
+What it proves and what not: see README ("Real node end to end"). No istiod: no xDS, no mTLS;
+Envoy runs with the harness's static Istio-like bootstrap, and istio-validation is a stand-in
+performing Istio's check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from install_gorender import GoRenderer, go_binary
+from node_scenario import (APP_PORT, ISTIO, ISTIO_VERSION, Api, cgroup_programs, container_log, container_status,
+                           http_get, injected_client_pod, iptables_rules, netns_links, pod_pid, pod_ready, server_pod,
+                           step, wait)
+from ruamel.yaml import YAML
+
+from istio_ebpf_plugin import NODE_MODE_LABEL, PROJECT_ROOT
+from istio_ebpf_plugin.harness import names, node_images, node_lab
+
+pytestmark = [pytest.mark.kernel, pytest.mark.node_e2e]
+
+AGENT_NS, AGENT_DS = "istio-ebpf-system", "istio-ebpf-agent"
+AGENT_SELECTOR = "app.kubernetes.io/name%3Distio-ebpf-agent"
+AGENT_IMAGE = "ghcr.io/istio-ebpf/agent:0.1.0"
+HEALTH = "http://127.0.0.1:15099"
+PIN_ROOT = "/sys/fs/bpf/istio-ebpf"
+
+
+def _agent_archive() -> Path:
+    """The agent image (docker-archive) that scripts/build-image.sh builds from the Containerfile
+    ($ISTIO_EBPF_AGENT_ARCHIVE: an archive built before, e.g. while iterating on the test)."""
+    if os.environ.get("ISTIO_EBPF_AGENT_ARCHIVE"):
+        return Path(os.environ["ISTIO_EBPF_AGENT_ARCHIVE"])
+    out = subprocess.run(["bash", str(PROJECT_ROOT / "scripts" / "build-image.sh")], stdout=subprocess.PIPE,
+                         text=True, check=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> Iterator[dict[str, Any]]:
+    from istio_ebpf_plugin.harness import control_plane
+
+    state: dict[str, Any] = {}
+    with step("prerequisites (Kubernetes 1.20.2 binaries, agent image, lab images, containerd)") as s:
+        subprocess.run(["bash", str(PROJECT_ROOT / "scripts" / "setup-node.sh")], check=True)
+        bin_dir = control_plane.binaries()
+        images = node_images.build()
+        agent_archive = _agent_archive()
+        assert go_binary(), "Debian golang-go is needed to run Istio's templates"
+        render = GoRenderer(tmp_path_factory.mktemp("gorender")).render
+        s.note(f"kubernetes {bin_dir}; agent image {agent_archive} ({agent_archive.stat().st_size >> 20} MiB)")
+    lab = node_lab.NodeLab.create(bin_dir / "kubelet", images.pause_ref, bpffs=False)
+    # Named after the node's token and claimed: a concurrent harness-cleanup leaves it alone.
+    cp = control_plane.ControlPlane.create(bin_dir=bin_dir, prefix=f"{names.TMP_PREFIX}{lab.token}-kube-")
+    node_lab.claim_workdir(cp.workdir)
+    cp.controllers = node_lab.CONTROLLERS
+    try:
+        with step("control plane (etcd, kube-apiserver, controller-manager, scheduler)") as s:
+            cp.start()
+            s.note(f"apiserver {cp.url}")
+        with step("node: containerd + bridge CNI + kubelet, images imported with ctr") as s:
+            lab.start(cp.kubeconfig, cp.apiserver_port)
+            start = time.monotonic()
+            refs = [r for a in [*images.archives(), agent_archive] for r in lab.import_image(a)]
+            s.note(f"imported {', '.join(refs)} in {time.monotonic() - start:.1f} s")
+            assert AGENT_IMAGE in lab.images()
+            node = lab.wait_ready(Api(cp).node)
+            info = node["status"]["nodeInfo"]
+            s.note(f"node {lab.node_name} Ready: kubelet {info['kubeletVersion']}, "
+                   f"{info['containerRuntimeVersion']}, bridge {lab.bridge} {lab.subnet}")
+        state.update(cp=cp, lab=lab, api=Api(cp), images=images, render=render,
+                     ns=f"ie-e2e-{lab.token}", kubeconfig=str(cp.kubeconfig))
+        yield state
+    finally:
+        with step("teardown (kubelet, containers, containerd, mount namespace, cgroups, bridge, control plane)"):
+            lab.stop()
+            cp.stop()
+            leftovers = [p for p in Path("/sys/fs/cgroup").glob("*/kubepods")] + \
+                        [p for p in (Path("/sys/fs/cgroup/unified/kubepods"),) if p.exists()]
+            assert not leftovers, leftovers
+            assert not lab.workdir.exists()
+
+
+#: ``istio-ebpf`` with the lab plugin (tests/node_lab_plugin.py) registered beside the built-in ones.
+CLI_WITH_LAB_PLUGIN = """
+import sys
+import node_lab_plugin
+from istio_ebpf_plugin.cli import main
+from istio_ebpf_plugin.install import manager
+manager.get().register(node_lab_plugin, name="node-lab")
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _cli(env: dict, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-c", CLI_WITH_LAB_PLUGIN, *args], capture_output=True, text=True,
+                         timeout=timeout, env=dict(os.environ, KUBECONFIG=env["kubeconfig"],
+                                                   PYTHONPATH=f"{PROJECT_ROOT}:{Path(__file__).parent}"),
+                         cwd=PROJECT_ROOT)
+    return out
+
+
+def _agent_pod(env: dict) -> dict | None:
+    pods = [p for p in env["api"].pods(AGENT_NS, AGENT_SELECTOR) if not p["metadata"].get("deletionTimestamp")]
+    return pods[0] if len(pods) == 1 else None
+
+
+def _kubepods() -> Path:
+    return Path("/sys/fs/cgroup/unified/kubepods")
+
+
+def _our_programs() -> list[dict]:
+    return cgroup_programs(_kubepods())
+
+
+def _pins(env: dict) -> list[str]:
+    root = env["lab"].in_node(PIN_ROOT)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
+def _install(env: dict, s: Any, *extra: str) -> dict:
+    out = _cli(env, "install", "--timeout", "300", *extra)
+    for line in out.stderr.strip().splitlines()[-6:]:
+        s.note(f"install: {line}")
+    if out.returncode != 0:
+        _agent_diagnostics(env, s)
+    assert out.returncode == 0, out.stderr[-2000:]
+    agent = wait(lambda: (p := _agent_pod(env)) and pod_ready(p) and p, 240, "agent pod Ready")
+    return agent
+
+
+def _agent_diagnostics(env: dict, s: Any) -> None:
+    """What the agent pod says about itself (status, last log lines of each container)."""
+    for pod in env["api"].pods(AGENT_NS, AGENT_SELECTOR):
+        st = pod.get("status") or {}
+        for cs in (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or []):
+            s.note(f"{pod['metadata']['name']}/{cs['name']}: restarts {cs.get('restartCount')}, "
+                   f"state {json.dumps(cs.get('state'))[:300]}, last {json.dumps(cs.get('lastState'))[:300]}")
+            for line in container_log(env["lab"], pod, cs["name"])[-15:]:
+                s.note(f"  {cs['name']}| {line[:300]}")
+
+
+def _metric(name: str) -> float | None:
+    """A value from the agent's /metrics (host network, port 15099); None while it does not answer."""
+    try:
+        code, text = http_get(f"{HEALTH}/metrics")
+    except OSError:
+        return None
+    for line in text.splitlines() if code == 200 else []:
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_agent_pod_probes_labels_node_and_attaches(env):
+    api, lab = env["api"], env["lab"]
+    with step("Istio stand-in: istio-system + Istio 1.14's istio-sidecar-injector ConfigMap") as s:
+        api.apply_namespace("istio-system")
+        cm = YAML(typ="safe", pure=True).load(
+            (ISTIO / ISTIO_VERSION / "rendered" / "istio-sidecar-injector.configmap.yaml").read_text())
+        cm["metadata"].pop("resourceVersion", None)
+        api.call("POST", "/api/v1/namespaces/istio-system/configmaps", cm, ok=(201, 409))
+        env["injector_original"] = cm["data"]["config"]
+        s.note("ConfigMap istio-system/istio-sidecar-injector created")
+    with step("istio-ebpf install -> agent DaemonSet pod from manifests/daemonset.yaml") as s:
+        start = time.monotonic()
+        agent = _install(env, s)
+        s.note(f"agent pod {agent['metadata']['name']} Ready {time.monotonic() - start:.1f} s after install")
+        init = container_status(agent, "mount-bpffs", init=True)
+        assert init["state"]["terminated"]["exitCode"] == 0
+        init_log = container_log(lab, agent, "mount-bpffs")
+        s.note(f"mount-bpffs: {' | '.join(init_log[-3:])}")
+        # The node had no bpffs: the init container mounted it, through Bidirectional propagation.
+        assert any("mounted bpffs at /sys/fs/bpf" in line for line in init_log)
+        node = api.node(lab.node_name)
+        assert node["metadata"]["labels"][NODE_MODE_LABEL] == "cookie"
+        s.note(f"node label {NODE_MODE_LABEL}={node['metadata']['labels'][NODE_MODE_LABEL]}")
+        progs = _our_programs()
+        s.note(f"kernel (bpftool cgroup show kubepods): {len(progs)} programs: "
+               f"{sorted({p.get('attach_type') for p in progs})}")
+        assert len(progs) >= 4
+        pins = _pins(env)
+        s.note(f"{len(pins)} pinned objects under {PIN_ROOT} (node's bpffs)")
+        assert pins
+        env["prog_ids"] = sorted(p["id"] for p in progs)
+
+
+def test_opted_in_pod_passes_istio_validation(env):
+    api, lab, images = env["api"], env["lab"], env["images"]
+    ns = env["ns"]
+    with step("pods: plain server + opted-in client (Istio injection + ebpf template via Go text/template)") as s:
+        api.apply_namespace(ns)
+        api.call("POST", f"/api/v1/namespaces/{ns}/configmaps",
+                 {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "istio-ca-root-cert"},
+                  "data": {"root-cert.pem": "no istiod in this lab\n"}}, ok=(201, 409))
+        wait(lambda: api.get(f"/api/v1/namespaces/{ns}/serviceaccounts/default"), 60, "default ServiceAccount")
+        cm = api.get("/api/v1/namespaces/istio-system/configmaps/istio-sidecar-injector")
+        client = injected_client_pod(ns, "client", images, cm, env["render"])
+        inits = [c["name"] for c in client["spec"].get("initContainers") or []]
+        assert inits == ["istio-validation"], inits
+        val = client["spec"]["initContainers"][0]
+        assert "--run-validation" in val["args"] and val["securityContext"]["runAsUser"] == 1337
+        s.note(f"client init containers {inits}; validation args {' '.join(val['args'][:3])} ... "
+               f"{' '.join(val['args'][-2:])}")
+        api.call("POST", f"/api/v1/namespaces/{ns}/pods", server_pod(ns, "server", images.app_ref))
+        api.call("POST", f"/api/v1/namespaces/{ns}/pods", client)
+        start = time.monotonic()
+        server = wait(lambda: (p := api.pod(ns, "server")) and pod_ready(p) and p, 120, "server Ready")
+        client = wait(lambda: (p := api.pod(ns, "client")) and pod_ready(p) and p, 180, "client Ready")
+        s.note(f"both Ready in {time.monotonic() - start:.1f} s; server {server['status']['podIP']}, "
+               f"client {client['status']['podIP']}")
+        vstat = container_status(client, "istio-validation", init=True)
+        assert vstat["state"]["terminated"]["exitCode"] == 0
+        vlog = container_log(lab, client, "istio-validation")
+        s.note(f"istio-validation: exit 0, restarts {vstat['restartCount']}: {vlog[-1] if vlog else ''}")
+        assert any("Validation passed" in line for line in vlog)
+        env.update(server=server, client=client)
+
+
+def _fetch(env: dict, timeout: float = 5.0) -> tuple[int, str]:
+    client_ip, server_ip = env["client"]["status"]["podIP"], env["server"]["status"]["podIP"]
+    return http_get(f"http://{client_ip}:{APP_PORT}/fetch?url=http://{server_ip}:{APP_PORT}/", timeout)
+
+
+def _check_traffic(env: dict, s: Any, n: int = 20) -> None:
+    lab = env["lab"]
+    server_ip, client_ip = env["server"]["status"]["podIP"], env["client"]["status"]["podIP"]
+    for _ in range(n):
+        code, body = _fetch(env)
+        assert code == 200, body
+        seen = json.loads(body)
+        # The server saw the connection arrive at its own address and port: the original destination.
+        assert seen["pod"] == "server" and seen["local"] == f"{server_ip}:{APP_PORT}", seen
+        assert seen["remote"].startswith(f"{client_ip}:"), seen
+    s.note(f"{n}/{n} requests app -> sidecar -> server ok; server saw local {server_ip}:{APP_PORT}")
+    def entries() -> tuple[list[dict], list[dict]]:
+        logs = [json.loads(line) for line in container_log(lab, env["client"], "istio-proxy") if line.startswith("{")]
+        return ([e for e in logs if e.get("listener") == "virtualOutbound"
+                 and e.get("downstream_local_address") == f"{server_ip}:{APP_PORT}"],
+                [e for e in logs if e.get("listener") == "virtualInbound"])
+
+    # Envoy flushes access logs about once a second.
+    outbound, inbound = wait(lambda: (e := entries()) and len(e[0]) >= n and len(e[1]) >= n and e, 15,
+                             f"{n} outbound and inbound access log entries")
+    s.note(f"client Envoy access log: {len(outbound)} outbound to {server_ip}:{APP_PORT} "
+           f"(upstream {outbound[-1].get('upstream_host')}), {len(inbound)} inbound")
+    pid = pod_pid(lab, env["ns"], "client", "hello")
+    rules = iptables_rules(pid)
+    s.note(f"iptables rules in the client pod's netns: {rules}")
+    assert rules == 0
+
+
+def test_app_sidecar_server_traffic_without_iptables(env):
+    with step("traffic: host -> client (inbound capture) -> app -> sidecar (outbound capture) -> server") as s:
+        _check_traffic(env, s)
+        managed = wait(lambda: _metric("istio_ebpf_pods_managed"), 10, "agent metrics")
+        s.note(f"agent: istio_ebpf_pods_managed {managed:.0f}")
+
+
+def test_plain_pod_is_untouched(env):
+    lab = env["lab"]
+    with step("non-opted-in pod untouched") as s:
+        server_pid = pod_pid(lab, env["ns"], "server", "app")
+        client_pid = pod_pid(lab, env["ns"], "client", "hello")
+        assert netns_links(server_pid) == []
+        assert len(netns_links(client_pid)) >= 1
+        assert iptables_rules(server_pid) == 0
+        # Its own outbound connection is not captured: it reaches the client's app directly
+        # (inbound capture of the client hands it to the client's Envoy, which answers).
+        client_ip = env["client"]["status"]["podIP"]
+        server_ip = env["server"]["status"]["podIP"]
+        code, body = http_get(f"http://{server_ip}:{APP_PORT}/fetch?url=http://{client_ip}:{APP_PORT}/")
+        assert code == 200 and json.loads(body)["pod"] == "client", body
+        assert wait(lambda: _metric("istio_ebpf_pods_managed"), 10, "agent metrics") == 1
+        s.note("server netns: 0 BPF links, 0 iptables rules; client netns: "
+               f"{len(netns_links(client_pid))} sk_lookup link(s); pods_managed 1")
+
+
+def test_agent_pod_deleted_under_load(env):
+    api = env["api"]
+    with step("delete the agent pod under load") as s:
+        old = _agent_pod(env)
+        results = {"ok": 0, "failed": 0, "errors": []}
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                try:
+                    code, body = _fetch(env)
+                    ok = code == 200
+                except OSError as exc:
+                    ok, body = False, str(exc)
+                results["ok" if ok else "failed"] += 1
+                if not ok:
+                    results["errors"].append(f"t={time.monotonic() - t0:.1f}s {body[:150]}")
+                time.sleep(0.02)
+
+        t0 = time.monotonic()
+        t = threading.Thread(target=load, daemon=True)
+        t.start()
+        try:
+            time.sleep(2)
+            start = time.monotonic()
+            s.note(f"t={start - t0:.1f}s delete {old['metadata']['name']}")
+            api.delete_pod(AGENT_NS, old["metadata"]["name"])
+            wait(lambda: not env["api"].pod(AGENT_NS, old["metadata"]["name"]), 120, "old agent pod gone")
+            s.note(f"t={time.monotonic() - t0:.1f}s old agent pod gone")
+            new = wait(lambda: (p := _agent_pod(env)) and p["metadata"]["uid"] != old["metadata"]["uid"]
+                       and pod_ready(p) and p, 240, "replacement agent pod Ready")
+            took = time.monotonic() - start
+            time.sleep(3)
+        finally:
+            stop.set()
+            t.join(timeout=10)
+        s.note(f"{results['ok']} ok / {results['failed']} failed; new pod {new['metadata']['name']} Ready "
+               f"{took:.1f} s after the delete")
+        if results["failed"]:
+            for e in results["errors"][:3] + results["errors"][-3:]:
+                s.note(f"failed: {e}")
+            for line in container_log(env["lab"], new, "agent")[-25:]:
+                s.note(f"  new agent| {line[:250]}")
+        assert results["failed"] == 0, results["errors"][:5]
+        assert results["ok"] > 20
+        ids = sorted(p["id"] for p in _our_programs())
+        assert ids == env["prog_ids"], (ids, env["prog_ids"])   # adopted: same programs, no second attach
+        s.note(f"kernel: same {len(ids)} program ids attached before and after (pins adopted)")
+
+
+def _uninstall_and_check(env: dict, s: Any) -> None:
+    api, lab = env["api"], env["lab"]
+    client_pid = pod_pid(lab, env["ns"], "client", "hello")
+    out = _cli(env, "uninstall")
+    for line in out.stderr.strip().splitlines()[-6:]:
+        s.note(f"uninstall: {line}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    wait(lambda: not api.pods(AGENT_NS, AGENT_SELECTOR), 120, "agent pods gone")
+    progs = _our_programs()
+    links = netns_links(client_pid)
+    pins = _pins(env)
+    s.note(f"kernel after uninstall: {len(progs)} programs on kubepods, {len(links)} netns links in the client, "
+           f"{len(pins)} pins")
+    assert progs == [] and links == [] and pins == []
+    node = api.node(lab.node_name)
+    assert NODE_MODE_LABEL not in node["metadata"]["labels"]
+    cm = api.get("/api/v1/namespaces/istio-system/configmaps/istio-sidecar-injector")
+    assert cm["data"]["config"] == env["injector_original"]
+    s.note("node label removed; injector ConfigMap restored byte for byte")
+
+
+def test_uninstall_runs_prestop_and_leaves_nothing_attached(env):
+    with step("istio-ebpf uninstall: preStop cleans up; the kernel has nothing attached, no pins") as s:
+        _uninstall_and_check(env, s)
+
+
+PODIP_FINDING = ("found by this scenario, not fixed yet: with the agent as its DaemonSet pod in forced pod-IP "
+                 "mode, connections to the opted-in pod's captured port are refused (fail-closed inbound); the "
+                 "same mode works with the agent as a host process (tests/test_agent_kernel.py)")
+
+
+def test_pod_ip_mode(env):
+    with step("pod-IP mode: istio-ebpf install --mode podip") as s:
+        _install(env, s, "--mode", "podip")
+        try:
+            node = env["api"].node(env["lab"].node_name)
+            assert node["metadata"]["labels"][NODE_MODE_LABEL] == "podip"
+            wait(lambda: _metric("istio_ebpf_pods_managed") == 1, 30, "client managed in podip mode")
+        except BaseException:
+            _agent_diagnostics(env, s)
+            raise
+        try:
+            _check_traffic(env, s)
+        except (AssertionError, OSError) as exc:
+            _agent_diagnostics(env, s)
+            s.note(f"known finding: {exc}")
+            # Only this call is an expected failure: set-up, teardown and the session checks still count.
+            pytest.xfail(PODIP_FINDING)
+        s.note(f"kernel: {len(_our_programs())} programs on kubepods")
+    with step("pod-IP mode: uninstall") as s:
+        _uninstall_and_check(env, s)
