@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import KernelError
+from ..timeouts import scaled
 from .envoy import start_envoy
 from .host import BPFFS_ROOT
 from .loader import Datapath
@@ -98,7 +99,7 @@ def start_data_server(pod: Pod, port: int = DATA_PORT):
 def run_suite(client: Pod, server_ip: str, port: int = DATA_PORT, sizes: tuple[int, ...] = SIZES,
               concurrency: int = 200) -> SuiteReport:
     proc = client.run([PYTHON, "-S", staged(CLIENT_SCRIPT), server_ip, str(port), ",".join(map(str, sizes)),
-                       str(concurrency)], uid=1000, gid=1000, timeout=300)
+                       str(concurrency)], uid=1000, gid=1000, timeout=scaled(300))   # a deadline, not the measurement
     if proc.returncode != 0:
         raise KernelError(f"sockmap suite client failed: {proc.stderr.strip()[-800:]}")
     return SuiteReport(json.loads(proc.stdout))

@@ -305,7 +305,7 @@ def cell(step: str, r: dict | None) -> str:
         "demo": lambda: f"{r['requests_ok']}/{r['requests_ok'] + r['requests_failed']}",
         "table": lambda: f"{r['agree']}/{r['total']}",
         "conflict": lambda: f"{r['mixed_up']} mixed/{r['connections']}",
-        "selftest": lambda: "pass" if r["passed"] else "refused",
+        "selftest": lambda: "pass" if r["passed"] else ("no verdict" if "could not run" in r["reason"] else "refused"),
         "cleanup": lambda: "clean" if not r["leftovers"] else f"{len(r['leftovers'])} left",
     }[step]()
     return figure + ("" if r.get("ok") else " !")
