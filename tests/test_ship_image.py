@@ -7,6 +7,7 @@ import json
 import resource
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
@@ -56,15 +57,31 @@ def archive() -> Path:
     return path
 
 
+# podman's cgroupfs manager creates this parent in every hierarchy and never removes it.
+PODMAN_CGROUP_PARENTS = [d / "libpod_parent" for d in Path("/sys/fs/cgroup").iterdir() if d.is_dir()] \
+    if Path("/sys/fs/cgroup").is_dir() else []
+
+
+def _remove_empty_cgroups(top: Path) -> None:
+    """rmdir a cgroup tree bottom-up (only empty cgroups can go; a busy one stays and is reported)."""
+    for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        d.rmdir()
+    top.rmdir()
+
+
 @pytest.fixture(scope="module")
-def podman(archive) -> Podman:
+def podman(archive) -> Iterator[Podman]:
     """The archive loaded as ``ctr``/``podman load`` would (into the build's store: the layers are
     there already, so this checks the archive in seconds instead of unpacking 600 MiB again)."""
+    existed = {p for p in PODMAN_CGROUP_PARENTS if p.exists()}
     pm = Podman(archive.parent / "containers" / "storage.conf")
     loaded = pm("load", "-i", archive)
     assert loaded.returncode == 0, loaded.stderr
     assert f"Loaded image: {IMAGE}" in loaded.stdout + loaded.stderr
-    return pm
+    yield pm
+    for parent in PODMAN_CGROUP_PARENTS:
+        if parent.exists() and parent not in existed:
+            _remove_empty_cgroups(parent)
 
 
 @pytest.fixture(scope="module")
