@@ -48,6 +48,7 @@ def test_private_containerd_imports_images_and_leaves_nothing(images):
     before_sysctl = Path("/proc/sys/kernel/panic_on_oops").read_text()
     had_run_containerd = os.path.exists("/run/containerd")
     lab = node_lab.NodeLab.create(Path("/nonexistent-kubelet"), images.pause_ref)
+    parent_mode = lab.workdir.parent.stat().st_mode   # e.g. /tmp's 1777: teardown must not touch it
     try:
         lab._bridge_up()
         lab._mount_namespace()
@@ -72,6 +73,7 @@ def test_private_containerd_imports_images_and_leaves_nothing(images):
     assert not lab.workdir.exists()
     assert subprocess.run(["ip", "link", "show", lab.bridge], capture_output=True).returncode != 0
     assert Path("/proc/sys/kernel/panic_on_oops").read_text() == before_sysctl
+    assert lab.workdir.parent.stat().st_mode == parent_mode
     assert os.path.exists("/run/containerd") == had_run_containerd
     assert not node_lab.LOCK_FILE.exists() or _unlocked(node_lab.LOCK_FILE)
 

@@ -493,11 +493,15 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
     def _remove_workdir(self) -> None:
         # Overlay and tmpfs mounts lived in the node's mount namespace (gone with it); what is
         # left is plain files, some read-only (snapshots): make them writable where needed.
+        top = os.path.realpath(self.workdir)
+
         def onerror(func: Any, path: str, _exc: Any) -> None:
-            if func not in (os.rmdir, os.unlink):
+            parent = os.path.dirname(os.path.realpath(path))
+            # Only directories of our own tree: never the work directory's parent (/tmp).
+            if func not in (os.rmdir, os.unlink) or not (parent == top or parent.startswith(top + os.sep)):
                 return
             try:
-                os.chmod(os.path.dirname(path), 0o755)
+                os.chmod(parent, 0o755)
                 func(path)
             except OSError:
                 pass
