@@ -35,7 +35,7 @@ def test_controller_manager_creates_default_service_account(kube_control_plane):
     assert status == 201
     try:
         # The serviceaccount controller (kube-controller-manager) makes "default" in every namespace.
-        _eventually(lambda: cp.request("GET", f"/api/v1/namespaces/{ns}/serviceaccounts/default")[0] == 200,
+        _eventually(lambda: cp.default_service_account_ready(ns),
                     60, "the default ServiceAccount")
     finally:
         cp.request("DELETE", f"/api/v1/namespaces/{ns}")

@@ -52,7 +52,7 @@ def world(kube_control_plane, monkeypatch, tmp_path):
                       {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}})[0] == 201
     assert cp.request("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
                                                      "metadata": {"name": ns}})[0] == 201
-    _eventually(lambda: cp.request("GET", f"/api/v1/namespaces/{ns}/serviceaccounts/default")[0] == 200,
+    _eventually(lambda: cp.default_service_account_ready(ns),
                 60, "the default ServiceAccount")
     agent_token = cp.service_account_token(AGENT_NS, "istio-ebpf-agent")
     monkeypatch.setenv("KUBECONFIG", str(cp.write_kubeconfig(tmp_path / "agent.kubeconfig", agent_token, "agent")))

@@ -212,7 +212,8 @@ def test_opted_in_pod_passes_istio_validation(env):
         api.call("POST", f"/api/v1/namespaces/{ns}/configmaps",
                  {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "istio-ca-root-cert"},
                   "data": {"root-cert.pem": "no istiod in this lab\n"}}, ok=(201, 409))
-        wait(lambda: api.get(f"/api/v1/namespaces/{ns}/serviceaccounts/default"), 60, "default ServiceAccount")
+        wait(lambda: (api.get(f"/api/v1/namespaces/{ns}/serviceaccounts/default") or {}).get("secrets"), 60,
+             "default ServiceAccount and its token secret")
         cm = api.get("/api/v1/namespaces/istio-system/configmaps/istio-sidecar-injector")
         client = injected_client_pod(ns, "client", images, cm, env["render"])
         inits = [c["name"] for c in client["spec"].get("initContainers") or []]

@@ -320,6 +320,12 @@ class ControlPlane:
         except ValueError:
             return status, {"raw": raw.decode("utf-8", "replace")}
 
+    def default_service_account_ready(self, namespace: str) -> bool:
+        """True once pods can be created in ``namespace``: 1.20's ServiceAccount admission refuses
+        them (500, "No API token found") until the token controller has given ``default`` its secret."""
+        status, sa = self.request("GET", f"/api/v1/namespaces/{namespace}/serviceaccounts/default")
+        return status == 200 and bool(sa.get("secrets"))
+
     def service_account_token(self, namespace: str, name: str, seconds: int = 3600) -> str:
         """A TokenRequest token of ``namespace/name`` (what a pod's projected token holds)."""
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
