@@ -10,6 +10,7 @@
 # The newest amd64 (not cloud/rt) kernel of the suite is taken unless ISTIO_EBPF_KERNEL_RELEASE
 # names one (e.g. 5.10.0-32-amd64).
 set -euo pipefail
+command -v depmod >/dev/null || { echo "fetch-kernel: depmod missing (install kmod; scripts/fetch-virtme.sh does)" >&2; exit 1; }
 suite=${1:?usage: fetch-kernel.sh bullseye|bookworm|trixie}
 BASE=${ISTIO_EBPF_CACHE:-/var/cache/istio-ebpf}/kernels
 mkdir -p "$BASE"

@@ -270,8 +270,8 @@ def run_kernel(name: str, steps: list[str], out_root: Path, timeout: float = 360
         (out / "console.log").write_text(proc.stdout + proc.stderr)
     else:
         t = time.monotonic()
+        vng = vm.fetch_vng()   # first: it installs kmod, whose depmod the kernel fetch needs
         kernel = vm.fetch_kernel(suite)
-        vng = vm.fetch_vng()
         meta["fetch_seconds"] = round(time.monotonic() - t, 1)
         accel = vm.detect_accel(vng, kernel, out)
         meta["accel"] = accel
