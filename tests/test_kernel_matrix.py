@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
-from kernel_expectations import CI_MATRIX, EXPECTED_MODE, FEATURE_SINCE, features_for
+from kernel_expectations import CI_MATRIX, EXPECTED_MODE, FEATURE_SINCE, SOCKMAP_BROKEN_READERS, features_for
 
 from istio_ebpf_plugin.datapath.probe import select_mode
 from istio_ebpf_plugin.errors import UsageError
@@ -103,6 +104,15 @@ def test_table_marks_failed_steps_and_carries_the_selftest_reason():
     assert lines[4] == "5.10 selftest: sockmap self-test failed: x"
 
 
+def test_selftest_reasons_name_their_readers():
+    # reasons as `make kernel-matrix` reported them on 5.10 and 6.12
+    r510 = ("sockmap self-test failed: 12 of 38 transfers failed: fionread: FIONREAD 0 with data readable "
+            "(1 reads) (x6); splice: got 0 of 1 bytes (x6); 4 slower than 1 s (max 65.9625 s)")
+    r612 = "sockmap self-test failed: 18 of 38 transfers failed: splice: got 0 of 1 bytes (x6); 12 slower than 1 s"
+    assert broken_readers(r510) == {"fionread", "splice"}
+    assert broken_readers(r612) == {"splice"}
+
+
 # ---- real kernels in virtme-ng (CI subset) -------------------------------------------------
 @pytest.fixture(scope="module")
 def matrix_out():
@@ -141,3 +151,14 @@ def check_report(name: str, steps: list[str], report: dict) -> None:
         assert demo.get("mode") == mode, demo
         assert demo["requests_ok"] == 50 and demo["requests_failed"] == 0, demo
         assert demo["original_destination_ok"] is True and demo["iptables_rules_in_pods"] == 0, demo
+    if "selftest" in steps:
+        st = report["steps"]["selftest"]
+        # a verdict, short, refusing exactly the readers this kernel breaks: acceleration stays off
+        assert st["ok"] and "could not run" not in st["reason"], st
+        assert not st["passed"] and len(st["reason"]) <= 300, st
+        assert broken_readers(st["reason"]) == SOCKMAP_BROKEN_READERS[name], st["reason"]
+
+
+def broken_readers(reason: str) -> set[str]:
+    """The readers a self-test reason names ("...failed: fionread: ... (x6); splice: ...")."""
+    return set(re.findall(r"(?:failed: |; )([a-z_]+): ", reason))
