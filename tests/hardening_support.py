@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from istio_ebpf_plugin.harness import names
-from istio_ebpf_plugin.datapath.topology import delete_netns, kill_cgroup, kill_netns_processes, remove_cgroup
+from istio_ebpf_plugin.datapath.selftest.topology import delete_netns, kill_cgroup, kill_netns_processes, remove_cgroup
 from istio_ebpf_plugin.harness.probe import PYTHON
 
 PROGRAMS = Path(__file__).with_name("programs")

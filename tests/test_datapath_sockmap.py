@@ -8,7 +8,7 @@ import pytest
 
 from istio_ebpf_plugin.datapath.loader import Datapath
 from istio_ebpf_plugin.datapath.podconfig import PodConfig, ip_list
-from istio_ebpf_plugin.datapath.sockmap_check import SIZES, run_suite, self_test, start_data_server
+from istio_ebpf_plugin.datapath.selftest.sockmap_check import SIZES, run_suite, self_test, start_data_server
 
 pytestmark = pytest.mark.kernel
 

@@ -79,7 +79,7 @@ def _is_lab(module: str) -> bool:
 def test_product_files_are_found():
     names = {_module_name(p) for p in product_files()}
     for expected in (f"{PKG}.datapath.loader", f"{PKG}.agent.node_agent", f"{PKG}.install.plugin",
-                     f"{PKG}.kube_api", f"{PKG}.datapath.topology", f"{PKG}.hookspecs"):
+                     f"{PKG}.kube_api", f"{PKG}.datapath.selftest.topology", f"{PKG}.hookspecs"):
         assert expected in names
 
 

@@ -6,7 +6,7 @@ listed each one: 39 million characters. These feed the same shapes of results.
 
 from __future__ import annotations
 
-from istio_ebpf_plugin.datapath.sockmap_check import MAX_REASON_CHARS, SuiteReport, bound_reason
+from istio_ebpf_plugin.datapath.selftest.sockmap_check import MAX_REASON_CHARS, SuiteReport, bound_reason
 
 
 def _result(size: int, reader: str, problems: list[str], seconds: float = 0.01) -> dict:

@@ -149,7 +149,7 @@ class NodeAgent:
             log.warning("sockmap acceleration requested but its probes failed: staying off")
         if sockmap:
             # Kernels broke sockmap before (FIONREAD, stalls, splice): real transfers first.
-            from ..datapath.sockmap_check import self_test
+            from ..datapath.selftest.sockmap_check import self_test
 
             ok, why = (cfg.sockmap_self_test or self_test)(d.mode)
             log.log(logging.INFO if ok else logging.WARNING, "%s", why)

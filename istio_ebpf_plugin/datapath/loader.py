@@ -1,4 +1,4 @@
-"""Compile, load, attach, pin and detach the istio-ebpf programs.
+"""Load, adopt, pin, attach, retire and clean up the istio-ebpf datapath.
 
 Lifecycle::
 
@@ -12,159 +12,36 @@ Lifecycle::
 Everything that captures traffic is pinned under ``<pin_root>/<version>/``
 (``maps/``, ``progs/``, ``links/``): a restarted agent adopts the pins (no
 second attachment, map state kept) and traffic keeps flowing while no agent
-runs. ``version`` hashes the sources and build flags, so an upgraded agent
-with different programs gets a fresh directory and retires the old one.
+runs. ``version`` hashes the sources and build flags (:mod:`.build`), so an
+upgraded agent with different programs gets a fresh directory and retires the
+old one. The pods' map entries are :mod:`.pod_entries`' job.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
 
 from ..errors import KernelError, UsageError
-from ..resources import bpf_dir
 from . import libbpf, maps
+from .build import (DEFAULT_MAP_SIZES, LAYOUT_VERSION, MAPS, PROGRAMS, SOCKMAP_MAPS, Program, build_flags,
+                    compile_bpf, datapath_version, source_text)
 from .headers import find_kernel_headers
 from .host import DEFAULT_PIN_ROOT, ensure_bpffs, remove_version, unpin_link
 from .netns import netns_cookie
+from .pod_entries import PinnedMaps, PodTable
 from .podconfig import INBOUND_PORT, PodConfig
 
+# The build's names stay importable from here (callers predate the split).
+__all__ = ["DEFAULT_MAP_SIZES", "LAYOUT_VERSION", "MAPS", "PROGRAMS", "SOCKMAP_MAPS", "Program", "build_flags",
+           "compile_bpf", "datapath_version", "source_text", "unpin_link",
+           "Datapath", "cleanup_pins", "compile_task"]
+
 log = logging.getLogger(__name__)
-
-LAYOUT_VERSION = "v1"
-
-
-@dataclass(frozen=True)
-class Program:
-    func: str
-    source: str
-    prog_type: int
-    attach_type: int
-    target: str          # "cgroup" | "netns" | "sockhash"
-    needs_sockmap: bool = False
-    #: Hardening extras: used where the kernel accepts them, skipped (and logged) where not.
-    optional: bool = False
-
-
-PROGRAMS: tuple[Program, ...] = (
-    Program("ie_connect4", "connect.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_CONNECT, "cgroup"),
-    Program("ie_connect6", "connect.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET6_CONNECT, "cgroup"),
-    Program("ie_sockops", "sockops.c", libbpf.PROG_SOCK_OPS, libbpf.SOCK_OPS, "cgroup"),
-    Program("ie_getsockopt", "getsockopt.c", libbpf.PROG_CGROUP_SOCKOPT, libbpf.CGROUP_GETSOCKOPT, "cgroup"),
-    Program("ie_sendmsg4", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP4_SENDMSG, "cgroup"),
-    Program("ie_sendmsg6", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP6_SENDMSG, "cgroup"),
-    Program("ie_recvmsg4", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP4_RECVMSG, "cgroup"),
-    Program("ie_recvmsg6", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP6_RECVMSG, "cgroup"),
-    Program("ie_getpeername4", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_GETPEERNAME,
-            "cgroup"),
-    Program("ie_getpeername6", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET6_GETPEERNAME,
-            "cgroup"),
-    Program("ie_getsockname4", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_GETSOCKNAME,
-            "cgroup"),
-    Program("ie_getsockname6", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET6_GETSOCKNAME,
-            "cgroup"),
-    Program("ie_sock_create", "sock.c", libbpf.PROG_CGROUP_SOCK, libbpf.CGROUP_INET_SOCK_CREATE, "cgroup",
-            optional=True),
-    Program("ie_sock_release", "sock.c", libbpf.PROG_CGROUP_SOCK, libbpf.CGROUP_INET_SOCK_RELEASE, "cgroup",
-            optional=True),
-    Program("ie_inbound", "sk_lookup.c", libbpf.PROG_SK_LOOKUP, libbpf.SK_LOOKUP, "netns"),
-    Program("ie_accel", "sk_msg.c", libbpf.PROG_SK_MSG, libbpf.SK_MSG_VERDICT, "sockhash", needs_sockmap=True),
-)
-
-MAPS = ("pod_by_netns", "pod_by_ip", "pod_ports", "pod_cidrs", "origin_by_cookie",
-        "origin_by_tuple", "inbound_listeners", "dns_origin", "app_view", "counters")
-SOCKMAP_MAPS = ("accel_socks",)
-
-
-#: Map sizes (bpf/istio_ebpf_maps.h defaults); sized for real nodes, never silently small.
-DEFAULT_MAP_SIZES = {"MAX_PODS": 16384, "MAX_CONNS": 131072, "MAX_PORTS": 262144, "MAX_CIDRS": 262144}
-
-
-def build_flags(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = None) -> list[str]:
-    flags = [f"-DISTIO_EBPF_COOKIE={1 if mode == 'cookie' else 0}",
-             f"-DISTIO_EBPF_SOCKMAP={1 if sockmap else 0}",
-             # the counters array is sized from the names userspace reads (C asserts they agree)
-             f"-DISTIO_EBPF_COUNTERS={len(maps.COUNTERS)}"]
-    for name, value in sorted((map_sizes or {}).items()):
-        if name not in DEFAULT_MAP_SIZES or not 1 <= int(value) <= 1 << 24:
-            raise UsageError(f"bad map size {name}={value}")
-        flags.append(f"-D{name}={int(value)}")
-    return flags
-
-
-def compile_bpf(bpf_class: Any, programs: Iterable[Program], mode: str, sockmap: bool,
-                map_sizes: dict[str, int] | None = None) -> Any:
-    """The BCC module of ``programs`` built for mode/sockmap (maps created, programs not loaded yet)."""
-    cflags = [f"-I{bpf_dir()}", *build_flags(mode, sockmap, map_sizes), "-Wno-unused-function"]
-    try:
-        return bpf_class(text=source_text(programs), cflags=cflags)
-    except Exception as exc:
-        raise KernelError(f"compiling the datapath failed: {exc}") from exc
-
-
-def _inline_local_includes(text: str, seen: set[str]) -> str:
-    """Expand ``#include "x.h"`` from bpf/ in place, once each.
-
-    BCC rewrites map method calls (``map.lookup()``) only in the main source,
-    not in included files, so the shared headers must become part of it.
-    """
-    out = []
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith('#include "') and stripped.endswith('"'):
-            name = stripped[len('#include "'):-1]
-            if name not in seen:
-                seen.add(name)
-                out.append(_inline_local_includes((bpf_dir() / name).read_text(), seen))
-            continue
-        out.append(line)
-    return "\n".join(out)
-
-
-def source_text(programs: Iterable[Program]) -> str:
-    files: list[str] = []
-    for p in programs:
-        if p.source not in files:
-            files.append(p.source)
-    seen: set[str] = set()
-    directory = bpf_dir()
-    return "\n".join(_inline_local_includes((directory / f).read_text(), seen) for f in files)
-
-
-def datapath_version(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = None) -> str:
-    h = hashlib.sha256()
-    for f in sorted(bpf_dir().glob("*.[ch]")):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    h.update(" ".join(build_flags(mode, sockmap, map_sizes)).encode())
-    return f"{LAYOUT_VERSION}-{mode}{'-sockmap' if sockmap else ''}-{h.hexdigest()[:12]}"
-
-
-@dataclass
-class _PodIndex:
-    """What one pod has in the maps (mirrors the maps; rebuilt from them after a restart)."""
-
-    pod_id: int
-    ports: set = field(default_factory=set)   # (kind, port)
-    cidrs: set = field(default_factory=set)   # (kind, family, prefixlen, addr bytes)
-    ips: set = field(default_factory=set)     # bytes(IpAddr)
-
-
-def _cidr_tuple(k: maps.CidrKey) -> tuple:
-    return (k.kind, k.family, k.prefixlen, bytes(k.addr))
-
-
-def _cidr_key(pod_id: int, t: tuple) -> maps.CidrKey:
-    k = maps.CidrKey(prefixlen=t[2], pod_id=pod_id, kind=t[0], family=t[1])
-    ctypes.memmove(k.addr, t[3], 16)
-    return k
 
 
 class Datapath:
@@ -186,7 +63,8 @@ class Datapath:
         self.map_fds: dict[str, int] = {}
         self.adopted = False
         self._bpf = None   # the BCC module when we compiled it ourselves
-        self._index: dict[int, _PodIndex] | None = None
+        self._maps = PinnedMaps(self.map_fds)     # sees map_fds as load/adopt fill it
+        self._pods = PodTable(self._maps)
 
     # ---- load / adopt -------------------------------------------------------------
     def __enter__(self) -> "Datapath":
@@ -320,39 +198,10 @@ class Datapath:
         return {name: libbpf.obj_id(fd) for name, fd in self.prog_fds.items()}
 
     # ---- pods ---------------------------------------------------------------------
-    # The maps are the source of truth (they survive restarts); _index mirrors
-    # them per pod so adding, updating and removing one pod touches only that
-    # pod's entries. It is built once from the maps, after load or adoption.
-    def _pod_index(self) -> dict[int, "_PodIndex"]:
-        if self._index is None:
-            index: dict[int, _PodIndex] = {}
-            by_id: dict[int, _PodIndex] = {}
-            for key in libbpf.map_keys(self.map_fds["pod_by_netns"], ctypes.c_uint64):
-                val = maps.PodCfg()
-                if libbpf.map_lookup(self.map_fds["pod_by_netns"], key, val):
-                    entry = _PodIndex(val.pod_id)
-                    index[key.value] = by_id[val.pod_id] = entry
-            for k in libbpf.map_keys(self.map_fds["pod_by_ip"], maps.IpAddr):
-                owner = maps.PodIpVal()
-                if libbpf.map_lookup(self.map_fds["pod_by_ip"], k, owner) and owner.pod_id in by_id:
-                    by_id[owner.pod_id].ips.add(bytes(k))
-            for k in libbpf.map_keys(self.map_fds["pod_ports"], maps.PortKey):
-                if k.pod_id in by_id:
-                    by_id[k.pod_id].ports.add((k.kind, k.port))
-            for k in libbpf.map_keys(self.map_fds["pod_cidrs"], maps.CidrKey):
-                if k.pod_id in by_id:
-                    by_id[k.pod_id].cidrs.add(_cidr_tuple(k))
-            self._index = index
-        return self._index
-
+    # The entries themselves (index, write with rollback, delete) are pod_entries.PodTable's.
     def pods(self) -> dict[int, maps.PodCfg]:
         """netns cookie (the pod handle) -> its pod_cfg entry, read from the map."""
-        out = {}
-        for key in libbpf.map_keys(self.map_fds["pod_by_netns"], ctypes.c_uint64):
-            val = maps.PodCfg()
-            if libbpf.map_lookup(self.map_fds["pod_by_netns"], key, val):
-                out[key.value] = val
-        return out
+        return self._pods.configs()
 
     def pod_key(self, netns_path: str, cgroup_path: str | None = None) -> int:
         """The pod's map key: its netns cookie (cookie mode) or its cgroup id (pod-IP mode)."""
@@ -366,100 +215,18 @@ class Datapath:
         """Capture the pod whose network namespace is netns_path (and, in pod-IP mode, whose
         cgroup v2 directory is cgroup_path). Returns its handle (the pod's map key)."""
         cookie = self.pod_key(netns_path, cgroup_path)
-        index = self._pod_index()
-        new = cookie not in index
-        if new:
-            used = {e.pod_id for e in index.values()}
-            pod_id = next(i for i in range(1, len(used) + 2) if i not in used)
-            index[cookie] = _PodIndex(pod_id)
-        try:
-            self._write_pod(cookie, cfg)
-        except KernelError:
-            if new:
-                index.pop(cookie, None)   # refused whole: _write_pod rolled its entries back
-            raise
+        self._pods.add(cookie, cfg)
         self._attach_netns(netns_path, cookie)
         self.register_listeners(netns_path, cookie, cfg)
         return cookie
 
     def update_pod(self, handle: int, cfg: PodConfig) -> None:
-        if handle not in self._pod_index():
+        if handle not in self._pods.index():
             raise KeyError(f"pod {handle:#x} is not managed")
-        self._write_pod(handle, cfg)
-
-    def _write_pod(self, cookie: int, cfg: PodConfig) -> None:
-        entry = self._pod_index()[cookie]
-        entries = maps.encode_pod(entry.pod_id, cookie, cfg)
-        one = ctypes.c_uint8(1)
-        # New list entries first, then the config, then drop what is gone:
-        # a connection never sees a half-written pod.
-        want_ports = {(k.kind, k.port) for k in entries.ports}
-        want_cidrs = {_cidr_tuple(k) for k in entries.cidrs}
-        want_ips = {bytes(ip) for ip, _ in entries.ips}
-        # what this call adds (rollback)
-        added_ports: set[tuple[int, int]] = set()
-        added_cidrs: set[tuple] = set()
-        added_ips: dict[bytes, maps.PodIpVal | None] = {}
-        try:
-            for pk in entries.ports:
-                libbpf.map_update(self.map_fds["pod_ports"], pk, one)
-                added_ports.add((pk.kind, pk.port))
-            for ck in entries.cidrs:
-                libbpf.map_update(self.map_fds["pod_cidrs"], ck, one)
-                added_cidrs.add(_cidr_tuple(ck))
-            for ip, val in entries.ips:
-                prev = maps.PodIpVal()
-                had = libbpf.map_lookup(self.map_fds["pod_by_ip"], ip, prev)
-                libbpf.map_update(self.map_fds["pod_by_ip"], ip, val)
-                added_ips[bytes(ip)] = prev if had else None
-            libbpf.map_update(self.map_fds["pod_by_netns"], ctypes.c_uint64(cookie), entries.cfg)
-        except OSError as exc:
-            # Refused whole (hardening finding: a full map left half a pod behind): undo
-            # what this call added, give a reused IP back to its previous owner.
-            for kind, port in added_ports - entry.ports:
-                libbpf.map_delete(self.map_fds["pod_ports"], maps.PortKey(pod_id=entry.pod_id, kind=kind, port=port))
-            for t in added_cidrs - entry.cidrs:
-                libbpf.map_delete(self.map_fds["pod_cidrs"], _cidr_key(entry.pod_id, t))
-            for raw, old in added_ips.items():
-                if raw in entry.ips:
-                    continue
-                addr = maps.IpAddr.from_buffer_copy(raw)
-                if old is not None:
-                    libbpf.map_update(self.map_fds["pod_by_ip"], addr, old)
-                else:
-                    libbpf.map_delete(self.map_fds["pod_by_ip"], addr)
-            if exc.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
-                raise KernelError(f"datapath maps are full ({exc.strerror}): pod not captured; "
-                                  f"raise the map sizes") from exc
-            raise
-        entry.ports |= want_ports
-        entry.cidrs |= want_cidrs
-        entry.ips |= want_ips
-        self._delete_entries(entry, entry.ports - want_ports, entry.cidrs - want_cidrs,
-                             entry.ips - want_ips)
-
-    def _delete_entries(self, entry: "_PodIndex", ports: set, cidrs: set, ips: set) -> None:
-        for kind, port in ports:
-            libbpf.map_delete(self.map_fds["pod_ports"], maps.PortKey(pod_id=entry.pod_id, kind=kind, port=port))
-        for t in cidrs:
-            libbpf.map_delete(self.map_fds["pod_cidrs"], _cidr_key(entry.pod_id, t))
-        for raw in ips:
-            k = maps.IpAddr.from_buffer_copy(raw)
-            val = maps.PodIpVal()
-            # Only this pod's entries: a reused IP may already belong to a new pod.
-            if libbpf.map_lookup(self.map_fds["pod_by_ip"], k, val) and val.pod_id == entry.pod_id:
-                libbpf.map_delete(self.map_fds["pod_by_ip"], k)
-                libbpf.map_delete(self.map_fds["inbound_listeners"], k)
-        entry.ports -= ports
-        entry.cidrs -= cidrs
-        entry.ips -= ips
+        self._pods.write(handle, cfg)
 
     def remove_pod(self, handle: int) -> None:
-        index = self._pod_index()
-        entry = index.pop(handle, None)
-        libbpf.map_delete(self.map_fds["pod_by_netns"], ctypes.c_uint64(handle))
-        if entry is not None:
-            self._delete_entries(entry, set(entry.ports), set(entry.cidrs), set(entry.ips))
+        self._pods.remove(handle)
         link = self._link_path(f"netns-{handle}")
         if link.exists():
             unpin_link(link)
@@ -495,16 +262,15 @@ class Datapath:
             if self.mode != "cookie":
                 raise UsageError("register_listeners needs the pod handle in pod-IP mode")
             cookie = netns_cookie(netns_path)
-        entry = self._pod_index().get(cookie)
-        if entry is None:
+        ips = self._pods.ips(cookie)
+        if ips is None:
             return 0
-        ips = [maps.IpAddr.from_buffer_copy(raw) for raw in entry.ips]
         written = 0
         for family, fd in find_listeners(netns_path, INBOUND_PORT, proc, by_netns):
             try:
                 for ip in ips:
                     if ip.family == family:
-                        libbpf.map_update(self.map_fds["inbound_listeners"], ip, ctypes.c_uint32(fd))
+                        self._maps.update("inbound_listeners", ip, ctypes.c_uint32(fd))
                         written += 1
             finally:
                 os.close(fd)
@@ -523,14 +289,14 @@ class Datapath:
         out = {}
         for i, name in enumerate(maps.COUNTERS):
             val = ctypes.c_uint64()
-            libbpf.map_lookup(self.map_fds["counters"], ctypes.c_uint32(i), val)
+            self._maps.lookup("counters", ctypes.c_uint32(i), val)
             out[name] = val.value
         return out
 
     def occupancy(self) -> dict[str, int]:
         hashes = ("pod_by_netns", "pod_by_ip", "pod_ports", "pod_cidrs", "origin_by_tuple", "origin_by_cookie",
                   "dns_origin", "app_view")
-        return {name: len(libbpf.map_keys(self.map_fds[name], maps.MAP_TYPES[name][0])) for name in hashes}
+        return {name: len(self._maps.keys(name, maps.MAP_TYPES[name][0])) for name in hashes}
 
     # ---- teardown -----------------------------------------------------------------
     def close(self, cleanup: bool = False) -> None:
@@ -555,7 +321,7 @@ class Datapath:
                 pass
         self.prog_fds.clear()
         self.map_fds.clear()
-        self._index = None
+        self._pods.forget()
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None

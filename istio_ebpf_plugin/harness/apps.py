@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..datapath.staging import staged
-from ..datapath.topology import PYTHON, Pod, wait_ready
+from ..datapath.selftest.topology import PYTHON, Pod, wait_ready
 from ..errors import KernelError
 from ..timeouts import scaled
 

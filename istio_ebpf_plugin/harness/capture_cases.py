@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, Sequence
 
 from ..datapath.podconfig import PodConfig
-from ..datapath.topology import POD_SYSCTLS
+from ..datapath.selftest.topology import POD_SYSCTLS
 from .probe import Outcome, ProbeServer, start_probe_server
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import names
-from ..datapath.topology import delete_netns, kill_netns_processes, remove_cgroup
+from ..datapath.selftest.topology import delete_netns, kill_netns_processes, remove_cgroup
 
 
 @dataclass

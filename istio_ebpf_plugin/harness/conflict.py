@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..datapath.podconfig import PodConfig, ip_list
 from ..timeouts import scaled
-from ..datapath.topology import PYTHON
+from ..datapath.selftest.topology import PYTHON
 from .probe import start_probe_server
 
 if TYPE_CHECKING:  # pragma: no cover

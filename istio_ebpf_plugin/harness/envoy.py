@@ -5,7 +5,8 @@
 * ``direct_response`` HTTP server listeners ({port: body bytes}); with ``sidecar=False`` and
   another ``admin_port`` such an Envoy is a fast upstream server.
 
-Everything else (bootstrap, :class:`Envoy`, the binary) is :mod:`istio_ebpf_plugin.datapath.envoy`.
+Everything else (bootstrap, :class:`Envoy`, the binary) is :mod:`istio_ebpf_plugin.datapath.selftest.envoy`
+(the sockmap self-test's Envoy).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from ..datapath import envoy as sidecar
-from ..datapath.envoy import (ADMIN_PORT, LISTENER_INBOUND, LISTENER_OUTBOUND, Envoy, access_log_config, bootstrap,
-                              circuit_breakers, envoy_binary, envoy_source, envoy_version, sock_addr,
-                              terminal_filter, typed)
-from ..datapath.topology import Pod
+from ..datapath.selftest import envoy as sidecar
+from ..datapath.selftest.envoy import (ADMIN_PORT, LISTENER_INBOUND, LISTENER_OUTBOUND, Envoy, access_log_config,
+                                       bootstrap, circuit_breakers, envoy_binary, envoy_source, envoy_version,
+                                       sock_addr, terminal_filter, typed)
+from ..datapath.selftest.topology import Pod
 
 __all__ = ["ADMIN_PORT", "LISTENER_INBOUND", "LISTENER_OUTBOUND", "Envoy", "StaticRoute", "bootstrap", "envoy_binary",
            "envoy_source", "envoy_version", "direct_response_listener", "start_envoy"]
@@ -70,7 +71,7 @@ def direct_response_listener(port: int, body_size: int) -> dict:
 
 def start_envoy(pod: Pod, *, static_routes: Iterable[StaticRoute] = (),
                 direct_response: dict[int, int] | None = None, **kwargs: Any) -> Envoy:
-    """:func:`istio_ebpf_plugin.datapath.envoy.start_envoy` with the benchmark's listeners added."""
+    """:func:`istio_ebpf_plugin.datapath.selftest.envoy.start_envoy` with the benchmark's listeners added."""
     routes = tuple(static_routes)
 
     def extra(protocol: str, access_log_path: str | None) -> tuple[list[dict], list[dict]]:

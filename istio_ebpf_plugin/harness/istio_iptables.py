@@ -23,7 +23,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from ..datapath.podconfig import DNS_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, PodConfig
-from ..datapath.topology import Pod
+from ..datapath.selftest.topology import Pod
 from ..errors import KernelError
 
 

@@ -137,7 +137,7 @@ class GuestRun:
                 "connections": 2 * r["n"], "mixed_up": r["bad"], "peer_ok": r["peer_ok"]}
 
     def step_selftest(self) -> dict:
-        from ..datapath.sockmap_check import MAX_REASON_CHARS, self_test
+        from ..datapath.selftest.sockmap_check import MAX_REASON_CHARS, self_test
 
         passed, reason = self_test(self.mode)
         # The step is about the verdict being reached and reported safely, not about sockmap working.

@@ -12,7 +12,7 @@ from pathlib import Path
 # Where they live is the datapath's knowledge (one cgroup v2 discovery, one bpffs root).
 from ..datapath.host import BPFFS_ROOT
 from ..datapath.host import require_cgroup_v2_root as cgroup_v2_root
-from ..datapath.topology import NETNS_DIR
+from ..datapath.selftest.topology import NETNS_DIR
 
 __all__ = ["BPFFS_ROOT", "NETNS_DIR", "cgroup_v2_root", "new_token", "created_tokens"]
 

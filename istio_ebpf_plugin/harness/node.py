@@ -8,7 +8,7 @@ Topology (all inside namespaces this module creates; nothing touches the host ne
     cgroup <cgroup v2 root>/istio-ebpf-test-<tok>/            <- Node.parent_cgroup (attach BPF here)
                                              /<pod>/           <- Pod.cgroup_path
 
-Pods, process launching and teardown are the datapath's own (:mod:`istio_ebpf_plugin.datapath.topology`,
+Pods, process launching and teardown are the datapath's own (:mod:`istio_ebpf_plugin.datapath.selftest.topology`,
 also used by the sockmap self-test); this module adds the bridge, the names the clean-up finds,
 exit hooks, and the lab's conveniences (Envoy, Istio's iptables rules, probes).
 """
@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..datapath import topology
-from ..datapath.envoy import Envoy
 from ..datapath.podconfig import PodConfig
-from ..datapath.topology import (configure_pod_addresses, create_pod_netns, delete_netns, kill_cgroup,
-                                 kill_netns_processes, make_workdir, remove_cgroup, run_checked)
+from ..datapath.selftest import topology
+from ..datapath.selftest.envoy import Envoy
+from ..datapath.selftest.topology import (configure_pod_addresses, create_pod_netns, delete_netns, kill_cgroup,
+                                          kill_netns_processes, make_workdir, remove_cgroup, run_checked)
 from ..errors import KernelError, UsageError
 from . import envoy, istio_iptables, names, probe
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..datapath.staging import staged
-from ..datapath.topology import PYTHON, Pod, stop_process, wait_ready
+from ..datapath.selftest.topology import PYTHON, Pod, stop_process, wait_ready
 from ..errors import KernelError
 from ..timeouts import scaled
 

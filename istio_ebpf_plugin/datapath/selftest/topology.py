@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..errors import KernelError, UsageError
-from ..timeouts import scaled
-from .host import require_cgroup_v2_root
+from ...errors import KernelError, UsageError
+from ...timeouts import scaled
+from ..host import require_cgroup_v2_root
 
 NETNS_DIR = Path("/run/netns")
 #: The interpreter pod helper scripts run with (``-S``: stdlib only, fast start, no venv needed).

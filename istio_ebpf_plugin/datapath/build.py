@@ -1,0 +1,127 @@
+"""What the datapath is built from: programs, maps, sources, build flags, version, compile.
+
+Nothing here touches the kernel except :func:`compile_bpf` (BCC creates the maps while
+compiling); loading, pinning and attaching are :mod:`.loader`'s job.
+
+``datapath_version`` hashes the sources and the build flags: it names the pin directory,
+so an agent built differently never adopts another build's programs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from ..errors import KernelError, UsageError
+from ..resources import bpf_dir
+from . import libbpf, maps
+
+#: Bumped when the pin directory's layout (maps/, progs/, links/) changes.
+LAYOUT_VERSION = "v1"
+
+
+@dataclass(frozen=True)
+class Program:
+    func: str
+    source: str
+    prog_type: int
+    attach_type: int
+    target: str          # "cgroup" | "netns" | "sockhash"
+    needs_sockmap: bool = False
+    #: Hardening extras: used where the kernel accepts them, skipped (and logged) where not.
+    optional: bool = False
+
+
+PROGRAMS: tuple[Program, ...] = (
+    Program("ie_connect4", "connect.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_CONNECT, "cgroup"),
+    Program("ie_connect6", "connect.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET6_CONNECT, "cgroup"),
+    Program("ie_sockops", "sockops.c", libbpf.PROG_SOCK_OPS, libbpf.SOCK_OPS, "cgroup"),
+    Program("ie_getsockopt", "getsockopt.c", libbpf.PROG_CGROUP_SOCKOPT, libbpf.CGROUP_GETSOCKOPT, "cgroup"),
+    Program("ie_sendmsg4", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP4_SENDMSG, "cgroup"),
+    Program("ie_sendmsg6", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP6_SENDMSG, "cgroup"),
+    Program("ie_recvmsg4", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP4_RECVMSG, "cgroup"),
+    Program("ie_recvmsg6", "dns.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP6_RECVMSG, "cgroup"),
+    Program("ie_getpeername4", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_GETPEERNAME,
+            "cgroup"),
+    Program("ie_getpeername6", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET6_GETPEERNAME,
+            "cgroup"),
+    Program("ie_getsockname4", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET4_GETSOCKNAME,
+            "cgroup"),
+    Program("ie_getsockname6", "sockname.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_INET6_GETSOCKNAME,
+            "cgroup"),
+    Program("ie_sock_create", "sock.c", libbpf.PROG_CGROUP_SOCK, libbpf.CGROUP_INET_SOCK_CREATE, "cgroup",
+            optional=True),
+    Program("ie_sock_release", "sock.c", libbpf.PROG_CGROUP_SOCK, libbpf.CGROUP_INET_SOCK_RELEASE, "cgroup",
+            optional=True),
+    Program("ie_inbound", "sk_lookup.c", libbpf.PROG_SK_LOOKUP, libbpf.SK_LOOKUP, "netns"),
+    Program("ie_accel", "sk_msg.c", libbpf.PROG_SK_MSG, libbpf.SK_MSG_VERDICT, "sockhash", needs_sockmap=True),
+)
+
+MAPS = ("pod_by_netns", "pod_by_ip", "pod_ports", "pod_cidrs", "origin_by_cookie",
+        "origin_by_tuple", "inbound_listeners", "dns_origin", "app_view", "counters")
+SOCKMAP_MAPS = ("accel_socks",)
+
+
+#: Map sizes (bpf/istio_ebpf_maps.h defaults); sized for real nodes, never silently small.
+DEFAULT_MAP_SIZES = {"MAX_PODS": 16384, "MAX_CONNS": 131072, "MAX_PORTS": 262144, "MAX_CIDRS": 262144}
+
+
+def build_flags(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = None) -> list[str]:
+    flags = [f"-DISTIO_EBPF_COOKIE={1 if mode == 'cookie' else 0}",
+             f"-DISTIO_EBPF_SOCKMAP={1 if sockmap else 0}",
+             # the counters array is sized from the names userspace reads (C asserts they agree)
+             f"-DISTIO_EBPF_COUNTERS={len(maps.COUNTERS)}"]
+    for name, value in sorted((map_sizes or {}).items()):
+        if name not in DEFAULT_MAP_SIZES or not 1 <= int(value) <= 1 << 24:
+            raise UsageError(f"bad map size {name}={value}")
+        flags.append(f"-D{name}={int(value)}")
+    return flags
+
+
+def compile_bpf(bpf_class: Any, programs: Iterable[Program], mode: str, sockmap: bool,
+                map_sizes: dict[str, int] | None = None) -> Any:
+    """The BCC module of ``programs`` built for mode/sockmap (maps created, programs not loaded yet)."""
+    cflags = [f"-I{bpf_dir()}", *build_flags(mode, sockmap, map_sizes), "-Wno-unused-function"]
+    try:
+        return bpf_class(text=source_text(programs), cflags=cflags)
+    except Exception as exc:
+        raise KernelError(f"compiling the datapath failed: {exc}") from exc
+
+
+def _inline_local_includes(text: str, seen: set[str]) -> str:
+    """Expand ``#include "x.h"`` from bpf/ in place, once each.
+
+    BCC rewrites map method calls (``map.lookup()``) only in the main source,
+    not in included files, so the shared headers must become part of it.
+    """
+    out = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith('#include "') and stripped.endswith('"'):
+            name = stripped[len('#include "'):-1]
+            if name not in seen:
+                seen.add(name)
+                out.append(_inline_local_includes((bpf_dir() / name).read_text(), seen))
+            continue
+        out.append(line)
+    return "\n".join(out)
+
+
+def source_text(programs: Iterable[Program]) -> str:
+    files: list[str] = []
+    for p in programs:
+        if p.source not in files:
+            files.append(p.source)
+    seen: set[str] = set()
+    directory = bpf_dir()
+    return "\n".join(_inline_local_includes((directory / f).read_text(), seen) for f in files)
+
+
+def datapath_version(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = None) -> str:
+    h = hashlib.sha256()
+    for f in sorted(bpf_dir().glob("*.[ch]")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    h.update(" ".join(build_flags(mode, sockmap, map_sizes)).encode())
+    return f"{LAYOUT_VERSION}-{mode}{'-sockmap' if sockmap else ''}-{h.hexdigest()[:12]}"

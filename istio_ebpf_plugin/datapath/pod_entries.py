@@ -1,0 +1,220 @@
+"""The pods' entries in the maps: per-pod index, write with rollback, delete, rebuild from the maps.
+
+The maps are the source of truth (they are pinned and outlive the agent); :class:`PodTable`
+mirrors them per pod (:class:`PodIndex`) so adding, updating and removing one pod touches
+only that pod's entries. The mirror is rebuilt from the maps once, after a load or adoption.
+
+All map access goes through :class:`MapAccess` (names, not descriptors): the datapath passes
+:class:`PinnedMaps` (libbpf syscalls on its map fds); the unit tests pass a dict-backed fake
+that can refuse an update the way a full kernel map does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol
+
+from ..errors import KernelError
+from . import libbpf, maps
+from .podconfig import PodConfig
+
+#: errnos of a full map (hash: E2BIG, LPM trie: ENOSPC, no memory for a new element: ENOMEM).
+FULL_ERRNOS = (errno.E2BIG, errno.ENOSPC, errno.ENOMEM)
+
+
+class MapAccess(Protocol):
+    """Map operations by map name; keys and values are the ctypes mirrors of :mod:`.maps`."""
+
+    def keys(self, name: str, key_type: type) -> list[Any]: ...
+    def lookup(self, name: str, key: Any, value: Any) -> bool: ...   # fills value; False: no entry
+    def update(self, name: str, key: Any, value: Any) -> None: ...   # OSError when refused
+    def delete(self, name: str, key: Any) -> bool: ...               # False: no entry
+
+
+class PinnedMaps:
+    """:class:`MapAccess` over the datapath's open map descriptors (name -> fd, shared, not copied)."""
+
+    def __init__(self, fds: Mapping[str, int]) -> None:
+        self.fds = fds
+
+    def keys(self, name: str, key_type: type) -> list[Any]:
+        return libbpf.map_keys(self.fds[name], key_type)
+
+    def lookup(self, name: str, key: Any, value: Any) -> bool:
+        return libbpf.map_lookup(self.fds[name], key, value)
+
+    def update(self, name: str, key: Any, value: Any) -> None:
+        libbpf.map_update(self.fds[name], key, value)
+
+    def delete(self, name: str, key: Any) -> bool:
+        return libbpf.map_delete(self.fds[name], key)
+
+
+CidrTuple = tuple[int, int, int, bytes]    # (kind, family, prefixlen, addr bytes)
+
+
+@dataclass
+class PodIndex:
+    """What one pod has in the maps (mirrors the maps; rebuilt from them after a restart)."""
+
+    pod_id: int
+    ports: set[tuple[int, int]] = field(default_factory=set)   # (kind, port)
+    cidrs: set[CidrTuple] = field(default_factory=set)
+    ips: set[bytes] = field(default_factory=set)               # bytes(IpAddr)
+
+
+def _cidr_tuple(k: maps.CidrKey) -> CidrTuple:
+    return (k.kind, k.family, k.prefixlen, bytes(k.addr))
+
+
+def _cidr_key(pod_id: int, t: CidrTuple) -> maps.CidrKey:
+    k = maps.CidrKey(prefixlen=t[2], pod_id=pod_id, kind=t[0], family=t[1])
+    ctypes.memmove(k.addr, t[3], 16)
+    return k
+
+
+class PodTable:
+    """Every captured pod's map entries, keyed by the pod's handle (its ``pod_by_netns`` key)."""
+
+    def __init__(self, access: MapAccess) -> None:
+        self.access = access
+        self._index: dict[int, PodIndex] | None = None
+
+    def forget(self) -> None:
+        """Drop the mirror (the descriptors are closing); the next use rebuilds it from the maps."""
+        self._index = None
+
+    def index(self) -> dict[int, PodIndex]:
+        if self._index is None:
+            self._index = self._rebuild()
+        return self._index
+
+    def _rebuild(self) -> dict[int, PodIndex]:
+        index: dict[int, PodIndex] = {}
+        by_id: dict[int, PodIndex] = {}
+        for key, val in self.configs().items():
+            index[key] = by_id[val.pod_id] = PodIndex(val.pod_id)
+        for k in self.access.keys("pod_by_ip", maps.IpAddr):
+            owner = maps.PodIpVal()
+            if self.access.lookup("pod_by_ip", k, owner) and owner.pod_id in by_id:
+                by_id[owner.pod_id].ips.add(bytes(k))
+        for k in self.access.keys("pod_ports", maps.PortKey):
+            if k.pod_id in by_id:
+                by_id[k.pod_id].ports.add((k.kind, k.port))
+        for k in self.access.keys("pod_cidrs", maps.CidrKey):
+            if k.pod_id in by_id:
+                by_id[k.pod_id].cidrs.add(_cidr_tuple(k))
+        return index
+
+    def configs(self) -> dict[int, maps.PodCfg]:
+        """handle -> its pod_cfg entry, read from the map."""
+        out = {}
+        for key in self.access.keys("pod_by_netns", ctypes.c_uint64):
+            val = maps.PodCfg()
+            if self.access.lookup("pod_by_netns", key, val):
+                out[key.value] = val
+        return out
+
+    def ips(self, handle: int) -> list[maps.IpAddr] | None:
+        """The pod's addresses (None: not a pod of ours)."""
+        entry = self.index().get(handle)
+        if entry is None:
+            return None
+        return [maps.IpAddr.from_buffer_copy(raw) for raw in entry.ips]
+
+    def add(self, handle: int, cfg: PodConfig) -> None:
+        """Write a new pod (a free pod id) or rewrite a known one; refused whole or done whole."""
+        index = self.index()
+        new = handle not in index
+        if new:
+            used = {e.pod_id for e in index.values()}
+            index[handle] = PodIndex(next(i for i in range(1, len(used) + 2) if i not in used))
+        try:
+            self.write(handle, cfg)
+        except Exception:
+            if new:
+                index.pop(handle, None)   # refused whole: write() rolled its entries back
+            raise
+
+    def write(self, handle: int, cfg: PodConfig) -> None:
+        """Make the maps hold exactly ``cfg`` for a known pod.
+
+        New list entries first, then the config, then what is gone is dropped: a connection
+        never sees a half-written pod. A refused update (full map) undoes everything this
+        call wrote, gives a reused IP back to its previous owner, and raises KernelError.
+        """
+        entry = self.index()[handle]
+        entries = maps.encode_pod(entry.pod_id, handle, cfg)
+        one = ctypes.c_uint8(1)
+        want_ports = {(k.kind, k.port) for k in entries.ports}
+        want_cidrs = {_cidr_tuple(k) for k in entries.cidrs}
+        want_ips = {bytes(ip) for ip, _ in entries.ips}
+        # What this call wrote, for the rollback (pod_by_ip: the value it replaced, or None).
+        added_ports: set[tuple[int, int]] = set()
+        added_cidrs: set[CidrTuple] = set()
+        added_ips: dict[bytes, maps.PodIpVal | None] = {}
+        try:
+            for pk in entries.ports:
+                self.access.update("pod_ports", pk, one)
+                added_ports.add((pk.kind, pk.port))
+            for ck in entries.cidrs:
+                self.access.update("pod_cidrs", ck, one)
+                added_cidrs.add(_cidr_tuple(ck))
+            for ip, val in entries.ips:
+                prev = maps.PodIpVal()
+                had = self.access.lookup("pod_by_ip", ip, prev)
+                self.access.update("pod_by_ip", ip, val)
+                added_ips[bytes(ip)] = prev if had else None
+            self.access.update("pod_by_netns", ctypes.c_uint64(handle), entries.cfg)
+        except OSError as exc:
+            # Refused whole (hardening finding: a full map left half a pod behind).
+            # (The config is written last: when it is the refused update, it is unchanged.)
+            self._roll_back(entry, added_ports, added_cidrs, added_ips)
+            if exc.errno in FULL_ERRNOS:
+                raise KernelError(f"datapath maps are full ({exc.strerror}): pod not captured; "
+                                  f"raise the map sizes") from exc
+            raise
+        entry.ports |= want_ports
+        entry.cidrs |= want_cidrs
+        entry.ips |= want_ips
+        self.delete_entries(entry, entry.ports - want_ports, entry.cidrs - want_cidrs, entry.ips - want_ips)
+
+    def _roll_back(self, entry: PodIndex, ports: set[tuple[int, int]], cidrs: set[CidrTuple],
+                   ips: dict[bytes, maps.PodIpVal | None]) -> None:
+        for kind, port in ports - entry.ports:
+            self.access.delete("pod_ports", maps.PortKey(pod_id=entry.pod_id, kind=kind, port=port))
+        for t in cidrs - entry.cidrs:
+            self.access.delete("pod_cidrs", _cidr_key(entry.pod_id, t))
+        for raw, old in ips.items():
+            addr = maps.IpAddr.from_buffer_copy(raw)
+            if old is not None:
+                # the previous owner (another pod, or this pod before a flags change) gets it back
+                self.access.update("pod_by_ip", addr, old)
+            else:
+                self.access.delete("pod_by_ip", addr)
+
+    def delete_entries(self, entry: PodIndex, ports: set[tuple[int, int]], cidrs: set[CidrTuple],
+                       ips: set[bytes]) -> None:
+        for kind, port in ports:
+            self.access.delete("pod_ports", maps.PortKey(pod_id=entry.pod_id, kind=kind, port=port))
+        for t in cidrs:
+            self.access.delete("pod_cidrs", _cidr_key(entry.pod_id, t))
+        for raw in ips:
+            k = maps.IpAddr.from_buffer_copy(raw)
+            val = maps.PodIpVal()
+            # Only this pod's entries: a reused IP may already belong to a new pod.
+            if self.access.lookup("pod_by_ip", k, val) and val.pod_id == entry.pod_id:
+                self.access.delete("pod_by_ip", k)
+                self.access.delete("inbound_listeners", k)
+        entry.ports -= ports
+        entry.cidrs -= cidrs
+        entry.ips -= ips
+
+    def remove(self, handle: int) -> None:
+        """Delete the pod's config and every entry it owns (unknown handle: only the config key)."""
+        entry = self.index().pop(handle, None)
+        self.access.delete("pod_by_netns", ctypes.c_uint64(handle))
+        if entry is not None:
+            self.delete_entries(entry, set(entry.ports), set(entry.cidrs), set(entry.ips))
