@@ -79,12 +79,15 @@ class FakeProc:
         self.root = root
         self.next_pid = 1000
 
-    def start(self, uid: str, qos: str = "besteffort") -> int:
+    def start(self, uid: str, qos: str = "besteffort", started: float | None = None) -> int:
+        """A pod's process; ``started``: its start time on CLOCK_BOOTTIME (default: now)."""
         pid = self.next_pid
         self.next_pid += 1
         d = self.root / str(pid)
         (d / "ns").mkdir(parents=True)
         (d / "ns" / "net").write_text("")   # its inode stands for the netns identity
+        ticks = round((time.clock_gettime(time.CLOCK_BOOTTIME) if started is None else started) * 100)
+        (d / "stat").write_text(f"{pid} (pause) S 1 {pid} {pid} 0 -1 4194560 {' '.join(['0'] * 12)} {ticks} 0 0\n")
         slice_ = f"kubepods-{qos}-pod{uid.replace('-', '_')}.slice"
         (d / "cgroup").write_text(f"0::/kubepods.slice/kubepods-{qos}.slice/{slice_}/cri-containerd-{pid:x}.scope\n")
         return pid
@@ -272,6 +275,32 @@ def test_pending_pod_is_programmed_when_its_process_appears(kube, proc):
         proc.start(p["metadata"]["uid"])
         wait_for(lambda: len(store) == 1, what="retry picked the pod up")
         assert not agent.reconciler.pending
+    finally:
+        run.close()
+
+
+def test_capture_latency_of_pods_started_while_the_agent_ran(kube, proc):
+    """istio_ebpf_pod_capture_seconds: sandbox start -> entries written; adopted pods are not counted."""
+    old = kube.add(fixture_pod("master/inject/hello.yaml.injected", "old", NODE, ["10.0.0.50"], annotations=OPT_IN))
+    proc.start(old["metadata"]["uid"], started=time.clock_gettime(time.CLOCK_BOOTTIME) - 100)
+    store: dict = {}
+    agent = make_agent(proc, store)
+    run = Running(agent)
+    try:
+        wait_for(lambda: agent.synced and len(store) == 1, what="the old pod")
+        assert "istio_ebpf_pod_capture_seconds_count 0.0" in get(agent, "/metrics")[1]
+        new = fixture_pod("master/inject/hello.yaml.injected", "new", NODE, [], annotations=OPT_IN)
+        proc.start(new["metadata"]["uid"])       # sandbox up; its IP reaches the API later
+        kube.add(new)
+        wait_for(lambda: new["metadata"]["uid"] in agent.reconciler.pending)
+        time.sleep(0.3)
+        kube.modify(new["metadata"]["uid"], ips=["10.0.0.51"])
+        wait_for(lambda: len(store) == 2, what="the new pod")
+        text = get(agent, "/metrics")[1]
+        assert "istio_ebpf_pod_capture_seconds_count 1.0" in text
+        latency = float(next(line.split()[1] for line in text.splitlines()
+                             if line.startswith("istio_ebpf_pod_capture_seconds_sum")))
+        assert 0.3 <= latency < 60, latency
     finally:
         run.close()
 

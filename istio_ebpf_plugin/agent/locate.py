@@ -44,6 +44,27 @@ def mount_of(path: str) -> str:
     return p
 
 
+def boot_seconds() -> float:
+    """Now on the clock /proc/<pid>/stat start times count on (seconds since boot)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def process_started(pid: int, proc_root: Path | str = "/proc") -> float | None:
+    """The process's start time in seconds since boot (``starttime``, field 22 of its stat)."""
+    try:
+        stat = Path(proc_root, str(pid), "stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()    # comm may hold spaces and parentheses
+    try:
+        return int(fields[19]) / _CLK_TCK
+    except (IndexError, ValueError):
+        return None
+
+
 class PodLocator:
     def __init__(self, proc_root: str = "/proc", cgroup_root: str = "/sys/fs/cgroup",
                  cgroup_for_uid: Callable[[str], str | None] | None = None,
@@ -161,6 +182,20 @@ class PodLocator:
                 if ns:
                     return PodLocation(str(cg), ns[0], pid, ns[1])
         return None
+
+    def sandbox_started(self, where: PodLocation) -> float | None:
+        """When the pod's first process started (its sandbox, the pause container), in seconds on
+        ``CLOCK_BOOTTIME`` (:func:`boot_seconds`); None when none of its processes can be read."""
+        pids = [where.pid]
+        if where.cgroup_path:
+            for dirpath, _dirs, files in os.walk(where.cgroup_path):
+                if "cgroup.procs" in files:
+                    try:
+                        pids += [int(x) for x in Path(dirpath, "cgroup.procs").read_text().split()]
+                    except (OSError, ValueError):
+                        continue
+        times = [t for t in (process_started(pid, self.proc_root) for pid in pids) if t is not None]
+        return min(times) if times else None
 
     def _pids(self) -> Iterator[int]:
         try:

@@ -34,6 +34,10 @@ class AgentMetrics:
                                    "pod owned them (adopted from a previous agent)", registry=r)
         self.reconcile_seconds = Histogram("istio_ebpf_resync_seconds", "Duration of a full resync",
                                            buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+        self.capture_latency = Histogram(
+            "istio_ebpf_pod_capture_seconds", "From a pod's sandbox start (its first process) to its capture "
+            "entries written, for sandboxes started while this agent ran", registry=r,
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30))
 
     def set_counters(self, counters: Mapping[str, int]) -> None:
         captured = 0

@@ -21,7 +21,7 @@ from .. import NODE_MODE_LABEL, kube_api
 from ..datapath.host import DEFAULT_PIN_ROOT
 from ..errors import IstioEbpfError
 from .health_server import HealthServer
-from .locate import PodLocator, mount_of
+from .locate import PodLocation, PodLocator, boot_seconds, mount_of
 from .metrics import AgentMetrics
 from .mode import ModeDecision, decide
 from .reconcile import Reconciler
@@ -88,6 +88,7 @@ class NodeAgent:
         self._publish_delay = config.publish_backoff
         self._next_publish = 0.0
         self.heartbeat = time.monotonic()
+        self.started_boot = boot_seconds()    # sandboxes older than the agent: no capture latency of ours
         self._last_retry = 0.0
         self._last_metrics = 0.0
         self._last_listener_refresh = 0.0
@@ -171,7 +172,7 @@ class NodeAgent:
         # /sys/fs/cgroup/unified, not /sys/fs/cgroup): pod-IP mode keys pods by that directory.
         locator = cfg.locator or PodLocator(cfg.proc_root, mount_of(cfg.cgroup_root),
                                             cgroup_for_uid=cfg.cgroup_for_uid, search_root=cfg.cgroup_root)
-        self.reconciler = Reconciler(self.datapath, locator, self._report_pod)
+        self.reconciler = Reconciler(self.datapath, locator, self._report_pod, self._pod_captured)
         self.watcher = PodWatcher(cfg.node_name, self.events, resync_seconds=cfg.resync_seconds,
                                   watch_timeout=cfg.watch_timeout,
                                   on_relist=lambda reason: self.metrics.relists.labels(reason=reason).inc())
@@ -231,6 +232,13 @@ class NodeAgent:
                                   reason, message, etype)
         except IstioEbpfError as exc:
             log.warning("event for pod %s failed: %s", meta.get("name"), exc)
+
+    def _pod_captured(self, pod: Mapping[str, Any], where: PodLocation) -> None:
+        """Sandbox start -> entries written, for pods this agent saw start (not adopted ones)."""
+        started = getattr(self.reconciler.locator if self.reconciler else None, "sandbox_started", None)
+        t0 = started(where) if started is not None else None
+        if t0 is not None and t0 >= self.started_boot:
+            self.metrics.capture_latency.observe(max(0.0, boot_seconds() - t0))
 
     # ------------------------------------------------------------------ loop
     def step(self, timeout: float = 0.2) -> None:

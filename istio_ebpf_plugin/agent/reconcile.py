@@ -53,6 +53,7 @@ class Record:
 
 
 Report = Callable[[Mapping[str, Any], str, str, str], None]  # (pod, type, reason, message)
+Captured = Callable[[Mapping[str, Any], PodLocation], None]  # a new sandbox's entries are written
 
 
 def _meta(pod: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -62,10 +63,11 @@ def _meta(pod: Mapping[str, Any]) -> Mapping[str, Any]:
 
 class Reconciler:
     def __init__(self, datapath: DatapathLike, locator: PodLocator,
-                 report: Report | None = None) -> None:
+                 report: Report | None = None, captured: Captured | None = None) -> None:
         self.datapath = datapath
         self.locator = locator
         self.report = report or (lambda pod, etype, reason, msg: None)
+        self.captured = captured or (lambda pod, where: None)
         self.records: dict[str, Record] = {}
         self.owners: dict[Hashable, str] = {}
         self.pending: dict[str, Mapping[str, Any]] = {}
@@ -170,3 +172,4 @@ class Reconciler:
         self.records[uid] = Record(uid, str(meta.get("namespace", "")), str(meta.get("name", "")),
                                    handle, config, where.netns_inode, time.monotonic(), where.netns_path)
         self.owners[handle] = uid
+        self.captured(pod, where)
