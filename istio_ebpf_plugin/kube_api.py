@@ -22,7 +22,7 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol, TypeVar
 from urllib.parse import quote, urlencode
 
 from .errors import IstioEbpfError, PermanentError, TemporaryError
@@ -204,8 +204,35 @@ def resource_path(api_version: str, kind: str, namespace: str | None = None, nam
     return base + (f"/{quote(name, safe='')}" if name else "")
 
 
+class KubeBackend(Protocol):
+    """The seam: one method per API operation the product needs, objects as plain dicts.
+
+    :class:`HttpBackend` is the real one; tests swap in a double with :func:`use_backend`.
+    Errors may be anything: the functions below classify them (:func:`classify_api_error`).
+    """
+
+    # ---- node agent
+    def list_node_pods(self, node_name: str) -> tuple[list[dict], str]: ...   # pods, resourceVersion
+    def watch_node_pods(self, node_name: str, resource_version: str, timeout_seconds: int) -> Iterator[dict]: ...
+    def patch_node_metadata(self, node_name: str, labels: dict, annotations: dict) -> dict: ...
+    def create_event(self, namespace: str, involved: dict, reason: str, message: str, event_type: str,
+                     component: str) -> None: ...
+    def get_daemonset(self, namespace: str, name: str) -> dict | None: ...
+
+    # ---- installer
+    def list_configmaps(self, label_selector: str) -> list[dict]: ...
+    def get_configmap(self, namespace: str, name: str) -> dict | None: ...
+    def json_patch_configmap(self, namespace: str, name: str, ops: list[dict]) -> dict: ...
+    def apply(self, body: dict) -> dict: ...                           # server-side apply
+    def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict | None: ...
+    def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> bool: ...
+    def list_nodes(self) -> list[dict]: ...
+    def patch_node_labels(self, name: str, labels: dict[str, str | None]) -> None: ...
+    def list_pods(self, namespace: str, label_selector: str) -> list[dict]: ...
+
+
 class HttpBackend:
-    """The real API: one method per operation the product needs."""
+    """The real API (a :class:`KubeBackend`): one method per operation the product needs."""
 
     def _request(self, method: str, path: str, query: dict[str, Any] | None = None, body: Any = None,
                  content_type: str = "application/json", read_timeout: float | None = None,
@@ -338,11 +365,12 @@ class HttpBackend:
 
 
 # ---------------------------------------------------------------------------------- the seam
-_backend_override: Any = None
-_default_backend = HttpBackend()
+_backend_override: KubeBackend | None = None
+_default_backend: KubeBackend = HttpBackend()
+T = TypeVar("T")
 
 
-def use_backend(backend: Any) -> Any:
+def use_backend(backend: KubeBackend | None) -> KubeBackend | None:
     """Replace the API backend (tests pass a fake; ``None`` restores the real one); returns the previous one."""
     global _backend_override
     previous, _backend_override = _backend_override, backend
@@ -353,13 +381,13 @@ def use_backend(backend: Any) -> Any:
 use_installer_backend = use_backend
 
 
-def _backend() -> Any:
+def _backend() -> KubeBackend:
     return _backend_override if _backend_override is not None else _default_backend
 
 
-def _call(what: str, method: str, *args: Any) -> Any:
+def _call(what: str, operation: Callable[[KubeBackend], T]) -> T:
     try:
-        return getattr(_backend(), method)(*args)
+        return operation(_backend())
     except IstioEbpfError:
         raise
     except Exception as exc:  # ApiStatusError, urllib3, socket and SSL errors
@@ -369,7 +397,7 @@ def _call(what: str, method: str, *args: Any) -> Any:
 # ---------------------------------------------------------------------------------- node agent
 def list_node_pods(node_name: str) -> tuple[list[dict], str]:
     """Pods bound to ``node_name`` and the list's resourceVersion."""
-    return _call("list pods", "list_node_pods", node_name)
+    return _call("list pods", lambda b: b.list_node_pods(node_name))
 
 
 def watch_node_pods(node_name: str, resource_version: str, timeout_seconds: int = 300) -> Iterator[dict]:
@@ -379,7 +407,7 @@ def watch_node_pods(node_name: str, resource_version: str, timeout_seconds: int 
     raises :class:`ResourceGone`, a 410 inside the stream arrives as an ERROR event (code 410),
     and a stream cut mid-chunk raises :class:`TemporaryError`.
     """
-    stream = _call("watch pods", "watch_node_pods", node_name, resource_version, timeout_seconds)
+    stream = _call("watch pods", lambda b: b.watch_node_pods(node_name, resource_version, timeout_seconds))
     try:
         yield from stream
     except IstioEbpfError:
@@ -395,60 +423,60 @@ def watch_node_pods(node_name: str, resource_version: str, timeout_seconds: int 
 def patch_node_metadata(node_name: str, labels: dict[str, str | None],
                         annotations: dict[str, str | None]) -> dict | None:
     """Merge-patch the Node's labels/annotations (``None`` deletes a key); the Node as patched."""
-    return _call(f"patch node {node_name}", "patch_node_metadata", node_name, labels, annotations)
+    return _call(f"patch node {node_name}", lambda b: b.patch_node_metadata(node_name, labels, annotations))
 
 
 def create_event(namespace: str, involved: dict, reason: str, message: str,
                  event_type: str = "Normal", component: str = "istio-ebpf-agent") -> None:
     """A core/v1 Event about ``involved`` (``{"kind", "name", "namespace", "uid"}``)."""
-    _call("create event", "create_event", namespace, involved, reason, message, event_type, component)
+    _call("create event", lambda b: b.create_event(namespace, involved, reason, message, event_type, component))
 
 
 def get_daemonset(namespace: str, name: str) -> dict | None:
     """The DaemonSet as a dict, ``None`` when it does not exist (uninstalled)."""
-    return _call(f"get daemonset {namespace}/{name}", "get_daemonset", namespace, name)
+    return _call(f"get daemonset {namespace}/{name}", lambda b: b.get_daemonset(namespace, name))
 
 
 # ---------------------------------------------------------------------------------- installer
 def list_injector_configmaps() -> list[dict]:
     """Every ``istio-sidecar-injector[-<rev>]`` ConfigMap, selected by Istio's labels, page by page."""
-    items = _call("list injector configmaps", "list_configmaps", INJECTOR_SELECTOR)
+    items = _call("list injector configmaps", lambda b: b.list_configmaps(INJECTOR_SELECTOR))
     return [cm for cm in items
             if (name := (cm.get("metadata") or {}).get("name", "")) == INJECTOR_NAME
             or name.startswith(INJECTOR_NAME + "-")]
 
 
 def get_configmap(namespace: str, name: str) -> dict | None:
-    return _call(f"get configmap {namespace}/{name}", "get_configmap", namespace, name)
+    return _call(f"get configmap {namespace}/{name}", lambda b: b.get_configmap(namespace, name))
 
 
 def json_patch_configmap(namespace: str, name: str, ops: list[dict]) -> dict:
     """Apply RFC 6902 ``ops``; :class:`ConcurrentEditError` when a ``test`` fails or on a conflict."""
-    return _call(f"patch configmap {namespace}/{name}", "json_patch_configmap", namespace, name, ops)
+    return _call(f"patch configmap {namespace}/{name}", lambda b: b.json_patch_configmap(namespace, name, ops))
 
 
 def apply_object(body: dict) -> dict:
     meta = body.get("metadata") or {}
-    return _call(f"apply {body.get('kind')} {meta.get('name')}", "apply", body)
+    return _call(f"apply {body.get('kind')} {meta.get('name')}", lambda b: b.apply(body))
 
 
 def get_object(api_version: str, kind: str, namespace: str | None, name: str) -> dict | None:
-    return _call(f"get {kind} {name}", "get", api_version, kind, namespace, name)
+    return _call(f"get {kind} {name}", lambda b: b.get(api_version, kind, namespace, name))
 
 
 def delete_object(api_version: str, kind: str, namespace: str | None, name: str) -> bool:
     """Delete; ``False`` when it was already gone."""
-    return _call(f"delete {kind} {name}", "delete", api_version, kind, namespace, name)
+    return _call(f"delete {kind} {name}", lambda b: b.delete(api_version, kind, namespace, name))
 
 
 def list_nodes() -> list[dict]:
-    return _call("list nodes", "list_nodes")
+    return _call("list nodes", lambda b: b.list_nodes())
 
 
 def label_node(name: str, labels: dict[str, str | None]) -> None:
     """Merge-patch node labels (``None`` removes one)."""
-    _call(f"label node {name}", "patch_node_labels", name, labels)
+    _call(f"label node {name}", lambda b: b.patch_node_labels(name, labels))
 
 
 def list_pods(namespace: str, label_selector: str) -> list[dict]:
-    return _call(f"list pods in {namespace}", "list_pods", namespace, label_selector)
+    return _call(f"list pods in {namespace}", lambda b: b.list_pods(namespace, label_selector))

@@ -1,10 +1,12 @@
 """A stand-in for the Kubernetes API, used by tests, the soak test and local runs.
 
-It is a backend of :mod:`istio_ebpf_plugin.kube_api` (``install()`` or ``kube_api.use_backend``)
-with the node agent's operations only, keeps pods in memory with increasing
-resourceVersions, and streams watch events to the agent like the API server
-does: events after a given resourceVersion, bookmarks on demand, and
-``ERROR 410`` when the watcher asks for a resourceVersion that was compacted.
+It is a whole :class:`istio_ebpf_plugin.kube_api.KubeBackend` (``install()`` or
+``kube_api.use_backend``; mypy checks that it conforms). For the node agent it keeps pods in
+memory with increasing resourceVersions and streams watch events like the API server does:
+events after a given resourceVersion, bookmarks on demand, and ``ERROR 410`` when the watcher
+asks for a resourceVersion that was compacted. For the installer it keeps injector ConfigMaps
+(real JSON-patch semantics: a failed ``test`` op answers 422), nodes with kernels, and applied
+objects (a DaemonSet rolls out at once: no kubelet here).
 
 Pods come from the real injected fixtures (:func:`fixture_pod`).
 
@@ -17,11 +19,14 @@ processes (kernel, fault and scale tests) without a control plane each.
 from __future__ import annotations
 
 import copy
+import json
 import queue
 import threading
+import time
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
+import jsonpatch
 import yaml
 
 from istio_fixtures import FIXTURES
@@ -44,16 +49,21 @@ def fixture_pod(relpath: str, name: str, node: str, ips: list[str], uid: str | N
     return pod
 
 
+def _node(name: str, kernel: str) -> dict[str, Any]:
+    return {"metadata": {"name": name, "uid": str(uuid.uuid4()), "labels": {}, "annotations": {}},
+            "status": {"nodeInfo": {"kernelVersion": kernel}}}
+
+
 class FakeKube:
-    def __init__(self, node: str = "node-a") -> None:
+    def __init__(self, node: str = "node-a", configs: dict[str, str] | None = None,
+                 kernels: dict[str, str] | None = None) -> None:
+        """``node``: the agent's node; ``configs``: injector ConfigMap name -> its ``config``
+        (istio-system); ``kernels``: the cluster's node names -> kernel versions."""
         self.node = node
         self.rv = 100
         self.pods: dict[str, dict[str, Any]] = {}              # uid -> pod
         self.history: list[dict[str, Any]] = []               # watch events, each with its rv
         self.compacted_below = 0                              # rvs below this answer 410
-        self.node_uid = str(uuid.uuid4())
-        self.node_labels: dict[str, str] = {}
-        self.node_annotations: dict[str, str] = {}
         self.events: list[dict[str, Any]] = []
         self.daemonset: dict[str, Any] | None = {"metadata": {"name": "istio-ebpf-agent"}}
         self.list_calls = 0
@@ -61,11 +71,38 @@ class FakeKube:
         self._wakeup = threading.Condition()
         self._injected: "queue.Queue[dict[str, Any]]" = queue.Queue()  # raw events (BOOKMARK, ERROR)
         self.fail_patch = 0                                   # next N patches fail (TemporaryError)
+        # installer side
+        self.configmaps: dict[tuple[str, str], dict[str, Any]] = {("istio-system", name): {
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": "istio-system", "resourceVersion": "1",
+                         "labels": {"operator.istio.io/component": "Pilot", "istio.io/rev": "default"}},
+            "data": {"config": cfg, "values": "{}"}} for name, cfg in (configs or {}).items()}
+        self.nodes = {n: _node(n, k) for n, k in (kernels or {node: "6.1.0-18-amd64"}).items()}
+        self.objects: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+        self.patches: list[tuple[str, list]] = []
+        #: run once before the next ConfigMap patch is applied (a concurrent editor)
+        self.before_patch: Callable[[FakeKube], None] | None = None
+
+    def _agent_node(self) -> dict[str, Any]:
+        return self.nodes.setdefault(self.node, _node(self.node, ""))
+
+    @property
+    def node_uid(self) -> str:
+        return self._agent_node()["metadata"]["uid"]
+
+    @property
+    def node_labels(self) -> dict[str, str]:
+        return self._agent_node()["metadata"]["labels"]
+
+    @property
+    def node_annotations(self) -> dict[str, str]:
+        return self._agent_node()["metadata"]["annotations"]
 
     # ------------------------------------------------------------------ install
     def install(self, monkeypatch: Any) -> "FakeKube":
         """Be kube_api's backend for one test (its one seam; monkeypatch restores the real one)."""
-        monkeypatch.setattr(kube_api, "_backend_override", self)
+        backend: kube_api.KubeBackend = self     # mypy: the fake is the whole seam
+        monkeypatch.setattr(kube_api, "_backend_override", backend)
         return self
 
     # ------------------------------------------------------------------ mutations (the "cluster")
@@ -96,7 +133,7 @@ class FakeKube:
         self._bump("MODIFIED", pod)
         return pod
 
-    def delete(self, uid: str) -> None:
+    def delete_pod(self, uid: str) -> None:
         pod = self.pods.pop(uid)
         self._bump("DELETED", pod)
 
@@ -116,7 +153,7 @@ class FakeKube:
                 "message": "too old resource version", "code": 410}})
             self._wakeup.notify_all()
 
-    # ------------------------------------------------------------------ kube_api surface
+    # ------------------------------------------------------------------ kube_api surface: node agent
     def list_node_pods(self, node_name: str) -> tuple[list[dict], str]:
         self.list_calls += 1
         with self._wakeup:
@@ -130,7 +167,6 @@ class FakeKube:
         if start_rv < self.compacted_below - 1:
             raise kube_api.ResourceGone("watch: too old resource version (410)")
         sent = start_rv
-        import time
         deadline = time.monotonic() + timeout_seconds
         while time.monotonic() < deadline:
             with self._wakeup:
@@ -166,3 +202,60 @@ class FakeKube:
 
     def get_daemonset(self, namespace: str, name: str) -> dict | None:
         return self.daemonset
+
+    # ------------------------------------------------------------------ kube_api surface: installer
+    def list_configmaps(self, label_selector: str) -> list[dict]:
+        assert label_selector == kube_api.INJECTOR_SELECTOR
+        return [copy.deepcopy(c) for c in self.configmaps.values()]
+
+    def get_configmap(self, namespace: str, name: str) -> dict | None:
+        return copy.deepcopy(self.configmaps.get((namespace, name)))
+
+    def json_patch_configmap(self, namespace: str, name: str, ops: list[dict]) -> dict:
+        if self.before_patch:
+            hook, self.before_patch = self.before_patch, None
+            hook(self)
+        cm = self.configmaps[(namespace, name)]
+        try:
+            new = jsonpatch.JsonPatch(ops).apply(cm)
+        except jsonpatch.JsonPatchTestFailed as exc:
+            raise kube_api.ApiStatusError(422, "Unprocessable Entity", json.dumps(
+                {"message": f"testing value failed: test failed: {exc}"})) from exc
+        new["metadata"]["resourceVersion"] = str(int(cm["metadata"]["resourceVersion"]) + 1)
+        self.configmaps[(namespace, name)] = new
+        self.patches.append((name, ops))
+        return copy.deepcopy(new)
+
+    @staticmethod
+    def _key(api_version: str, kind: str, namespace: str | None, name: str) -> tuple[str, str, str, str]:
+        return (api_version, kind, namespace or "", name)
+
+    def apply(self, body: dict) -> dict:
+        meta = body["metadata"]
+        obj = copy.deepcopy(body)
+        if body["kind"] == "DaemonSet":
+            obj["metadata"]["generation"] = 1
+            obj["status"] = {"observedGeneration": 1, "desiredNumberScheduled": len(self.nodes),
+                             "updatedNumberScheduled": len(self.nodes), "numberAvailable": len(self.nodes)}
+        self.objects[self._key(body["apiVersion"], body["kind"], meta.get("namespace"), meta["name"])] = obj
+        return copy.deepcopy(obj)
+
+    def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict | None:
+        return copy.deepcopy(self.objects.get(self._key(api_version, kind, namespace, name)))
+
+    def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> bool:
+        return self.objects.pop(self._key(api_version, kind, namespace, name), None) is not None
+
+    def list_nodes(self) -> list[dict]:
+        return [copy.deepcopy(n) for n in self.nodes.values()]
+
+    def list_pods(self, namespace: str, label_selector: str) -> list[dict]:
+        return []   # no kubelet here: a DaemonSet never has pods
+
+    def patch_node_labels(self, name: str, labels: dict[str, str | None]) -> None:
+        current = self.nodes[name]["metadata"]["labels"]
+        for k, v in labels.items():
+            if v is None:
+                current.pop(k, None)
+            else:
+                current[k] = v

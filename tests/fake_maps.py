@@ -13,6 +13,8 @@ import errno
 import os
 from typing import Any
 
+from istio_ebpf_plugin.datapath.pod_entries import PodTable
+
 #: The errno a full kernel map of this name returns (LPM tries: ENOSPC; hash maps: E2BIG).
 FULL_ERRNO = {"pod_cidrs": errno.ENOSPC}
 
@@ -28,7 +30,7 @@ class FakeMaps:
         """The ``nth`` update from now (0: the next one) raises OSError(err), once."""
         self._fail_at = (self.updates + nth, err)
 
-    def keys(self, name: str, key_type: type) -> list[Any]:
+    def keys(self, name: str, key_type: Any) -> list[Any]:   # a ctypes type
         return [key_type.from_buffer_copy(raw) for raw in self.tables.get(name, {})]
 
     def lookup(self, name: str, key: Any, value: Any) -> bool:
@@ -58,3 +60,8 @@ class FakeMaps:
     def snapshot(self) -> dict[str, dict[bytes, bytes]]:
         """Every non-empty map's entries (a copy: compare before and after)."""
         return {name: dict(table) for name, table in self.tables.items() if table}
+
+
+def pod_table(fake: FakeMaps) -> PodTable:
+    """A PodTable over the fake (mypy checks here that FakeMaps is a MapAccess)."""
+    return PodTable(fake)

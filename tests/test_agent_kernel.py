@@ -100,7 +100,7 @@ def test_agent_captures_follows_annotations_and_deletes(cluster, pin_root, monke
         print(f"annotation change propagated to the maps in {propagated * 1000:.1f} ms")
 
         # DELETED: the server's entries leave the maps
-        kube.delete(pods["srv"]["metadata"]["uid"])
+        kube.delete_pod(pods["srv"]["metadata"]["uid"])
         client_key = agent.datapath.pod_key(client.netns_path, str(client.cgroup_path))
         # remove_pod drops pod_by_netns first, then the pod's other entries: wait for both
         wait_for(lambda: set(agent.datapath.pods()) == {client_key}

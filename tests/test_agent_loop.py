@@ -8,6 +8,7 @@ real NodeAgent with only kube_api and the datapath object replaced.
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 import urllib.error
@@ -22,54 +23,11 @@ from istio_ebpf_plugin.agent.locate import PodLocator
 from istio_ebpf_plugin.datapath import probe
 from istio_ebpf_plugin.agent.node_agent import REASON_ANNOTATION, AgentConfig, NodeAgent
 from polling import wait_for
+from recording_datapath import RecordingDatapath, recording_factory
 
 NODE = "node-a"
 OPT_IN = {"istio-ebpf.io/redirect": "ebpf"}
 ALL_OK = {name: True for name in list(probe._PROBES) + ["cgroup_v2", "bpffs", "so_netns_cookie", "bcc_compile"]}
-
-
-class RecordingDatapath:
-    """Keeps 'map entries' in a dict: handle = netns inode (cookie mode) or first pod IP (podip)."""
-
-    def __init__(self, mode: str, pin_dir: str, sockmap: bool, store: dict | None = None) -> None:
-        self.mode = mode
-        self.entries: dict = store if store is not None else {}
-        self.calls: list[tuple] = []
-        self.attached: list[str] = []
-        self.closed = None
-
-    def load(self):
-        self.calls.append(("load",))
-        return self
-
-    def attach_cgroup(self, path: str) -> None:
-        self.attached.append(path)
-
-    def add_pod(self, netns_path: str, config, cgroup_path=None):
-        import os
-        handle = os.stat(netns_path).st_ino if self.mode == "cookie" else str(config.pod_ips[0])
-        self.calls.append(("add", handle))
-        self.entries[handle] = config
-        return handle
-
-    def update_pod(self, handle, config) -> None:
-        self.calls.append(("update", handle))
-        if handle not in self.entries:
-            raise KeyError(handle)
-        self.entries[handle] = config
-
-    def remove_pod(self, handle) -> None:
-        self.calls.append(("remove", handle))
-        del self.entries[handle]
-
-    def pods(self):
-        return dict(self.entries)
-
-    def counters(self):
-        return {"out_redirect": 7, "in_redirect_local": 3, "origdst_hit": 7}
-
-    def close(self, cleanup: bool = False) -> None:
-        self.closed = cleanup
 
 
 class FakeProc:
@@ -133,12 +91,7 @@ def make_agent(proc: FakeProc, store: dict, mode: str | None = None, release="6.
                       host="127.0.0.1", port=port, resync_seconds=300, retry_seconds=0.05, watch_timeout=1,
                       kernel_release=release, features=features or dict(ALL_OK))
     made: list[RecordingDatapath] = []
-
-    def factory(m, pin_dir, sockmap):
-        made.append(RecordingDatapath(m, pin_dir, sockmap, store))
-        return made[-1]
-
-    agent = NodeAgent(cfg, factory)
+    agent = NodeAgent(cfg, recording_factory(made, store))
     agent._made = made
     return agent
 
@@ -194,7 +147,7 @@ def test_pods_followed_through_watch_events(kube, proc):
         # opting out removes the entry, DELETED removes the other one
         kube.modify(b["metadata"]["uid"], annotations={"inject.istio.io/templates": "sidecar"})
         wait_for(lambda: len(store) == 1, what="opt-out")
-        kube.delete(a["metadata"]["uid"])
+        kube.delete_pod(a["metadata"]["uid"])
         wait_for(lambda: len(store) == 0, what="delete")
 
         code, text = get(agent, "/metrics")
@@ -307,6 +260,7 @@ def test_capture_latency_of_pods_started_while_the_agent_ran(kube, proc):
 
 def test_pod_ip_reused_by_a_new_pod_podip_mode(kube, proc):
     store: dict = {}
+    ip = int(ipaddress.ip_address("10.0.0.40"))     # the recording datapath's pod-IP mode handle
     agent = make_agent(proc, store, mode="podip")
     run = Running(agent)
     try:
@@ -314,17 +268,17 @@ def test_pod_ip_reused_by_a_new_pod_podip_mode(kube, proc):
         old = fixture_pod("master/inject/hello.yaml.injected", "old", NODE, ["10.0.0.40"], annotations=OPT_IN)
         proc.start(old["metadata"]["uid"])
         kube.add(old)
-        wait_for(lambda: "10.0.0.40" in store)
+        wait_for(lambda: ip in store)
         # The new pod with the same IP arrives before the old one's DELETED (events can be that late)
         new = fixture_pod("master/inject/traffic-annotations.yaml.injected", "new", NODE, ["10.0.0.40"],
                           annotations=OPT_IN)
         proc.start(new["metadata"]["uid"])
         kube.add(new)
-        wait_for(lambda: store.get("10.0.0.40") is not None and store["10.0.0.40"].exclude_outbound_ports == (7, 8, 9))
-        kube.delete(old["metadata"]["uid"])
+        wait_for(lambda: store.get(ip) is not None and store[ip].exclude_outbound_ports == (7, 8, 9))
+        kube.delete_pod(old["metadata"]["uid"])
         time.sleep(0.3)
-        assert "10.0.0.40" in store and store["10.0.0.40"].exclude_outbound_ports == (7, 8, 9)
-        assert agent.reconciler.owners["10.0.0.40"] == new["metadata"]["uid"]
+        assert ip in store and store[ip].exclude_outbound_ports == (7, 8, 9)
+        assert agent.reconciler.owners[ip] == new["metadata"]["uid"]
     finally:
         run.close()
 

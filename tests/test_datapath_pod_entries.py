@@ -8,10 +8,9 @@ import errno
 import ipaddress
 
 import pytest
-from fake_maps import FakeMaps
+from fake_maps import FakeMaps, pod_table
 
 from istio_ebpf_plugin.datapath import maps
-from istio_ebpf_plugin.datapath.pod_entries import MapAccess, PodTable
 from istio_ebpf_plugin.datapath.podconfig import PodConfig, ip_list
 from istio_ebpf_plugin.errors import KernelError
 
@@ -22,11 +21,6 @@ def cfg(*ips: str, **kw) -> PodConfig:
     defaults = dict(exclude_outbound_cidrs=(ipaddress.ip_network("10.96.0.0/12"),),
                     include_outbound_ports=(8443,), exclude_outbound_ports=(9000,))
     return PodConfig(pod_ips=ip_list(ips), **{**defaults, **kw})
-
-
-def table(fake: FakeMaps) -> PodTable:
-    access: MapAccess = fake     # the fake is a MapAccess (mypy checks the assignment)
-    return PodTable(access)
 
 
 def ip_owner(fake: FakeMaps, ip: str) -> maps.PodIpVal | None:
@@ -40,13 +34,13 @@ def pod_ids_in(fake: FakeMaps, name: str, key_type: type) -> set[int]:
 
 def updates_of_one_write(config: PodConfig) -> int:
     fake = FakeMaps()
-    table(fake).add(A, config)
+    pod_table(fake).add(A, config)
     return fake.updates
 
 
 def test_a_new_pod_gets_every_entry_and_the_first_free_pod_id():
     fake = FakeMaps()
-    pods = table(fake)
+    pods = pod_table(fake)
     pods.add(A, cfg("10.1.0.5", "fd00::5"))
     pods.add(B, cfg("10.1.0.6"))
     cfgs = pods.configs()
@@ -64,7 +58,7 @@ def test_a_new_pod_gets_every_entry_and_the_first_free_pod_id():
 
 def test_rewrite_drops_what_is_gone_and_keeps_the_pod_id():
     fake = FakeMaps()
-    pods = table(fake)
+    pods = pod_table(fake)
     pods.add(A, cfg("10.1.0.5", "fd00::5"))
     pods.write(A, cfg("10.1.0.9", include_outbound_ports=(), exclude_outbound_cidrs=()))
     assert ip_owner(fake, "10.1.0.5") is None and ip_owner(fake, "fd00::5") is None
@@ -82,7 +76,7 @@ def test_a_refused_update_at_any_step_of_a_new_pod_leaves_the_maps_as_before(err
     assert steps >= 8      # ports, cidrs, two IPs, the config
     for step in range(steps):
         fake = FakeMaps()
-        pods = table(fake)
+        pods = pod_table(fake)
         pods.add(B, cfg("10.1.0.6"))
         before, index_before = fake.snapshot(), set(pods.index())
         fake.fail_update(step, err)
@@ -99,7 +93,7 @@ def test_a_refused_update_at_any_step_of_a_rewrite_leaves_the_maps_as_before():
     new = cfg("10.1.0.5", "10.1.0.8", dns_capture=True, include_outbound_ports=(8443, 8444),
               exclude_outbound_cidrs=(ipaddress.ip_network("10.96.0.0/12"), ipaddress.ip_network("fd01::/64")))
     fake = FakeMaps()
-    pods = table(fake)
+    pods = pod_table(fake)
     pods.add(A, old)
     before = fake.snapshot()
     start = fake.updates
@@ -119,7 +113,7 @@ def test_a_refused_update_at_any_step_of_a_rewrite_leaves_the_maps_as_before():
 
 def test_a_reused_ip_goes_back_to_its_previous_owner_when_the_new_pod_is_refused():
     fake = FakeMaps()
-    pods = table(fake)
+    pods = pod_table(fake)
     pods.add(A, cfg("10.1.0.5"))
     owner_before = bytes(ip_owner(fake, "10.1.0.5"))
     before = fake.snapshot()
@@ -133,7 +127,7 @@ def test_a_reused_ip_goes_back_to_its_previous_owner_when_the_new_pod_is_refused
 def test_a_full_map_refuses_the_pod_whole():
     config = cfg("10.1.0.5")
     fake = FakeMaps(capacity={"pod_cidrs": len(maps.encode_pod(1, A, config).cidrs)})
-    pods = table(fake)
+    pods = pod_table(fake)
     pods.add(A, config)
     before = fake.snapshot()
     with pytest.raises(KernelError, match="No space left"):
@@ -143,7 +137,7 @@ def test_a_full_map_refuses_the_pod_whole():
 
 def test_another_errno_is_rolled_back_and_raised_as_it_is():
     fake = FakeMaps()
-    pods = table(fake)
+    pods = pod_table(fake)
     fake.fail_update(2, errno.EPERM)
     with pytest.raises(PermissionError):
         pods.add(A, cfg("10.1.0.5"))
@@ -152,7 +146,7 @@ def test_another_errno_is_rolled_back_and_raised_as_it_is():
 
 def test_delete_touches_only_the_pods_own_entries():
     fake = FakeMaps()
-    pods = table(fake)
+    pods = pod_table(fake)
     pods.add(A, cfg("10.1.0.5", "10.1.0.7"))
     pods.add(B, cfg("10.1.0.5", "10.1.0.6"))     # 10.1.0.5 re-used by B before A's DELETED arrived
     for ip in ("10.1.0.5", "10.1.0.6", "10.1.0.7"):
@@ -171,10 +165,10 @@ def test_delete_touches_only_the_pods_own_entries():
 
 def test_the_index_is_rebuilt_from_the_maps():
     fake = FakeMaps()
-    first = table(fake)
+    first = pod_table(fake)
     first.add(A, cfg("10.1.0.5", "fd00::5"))
     first.add(B, cfg("10.1.0.5", "10.1.0.6"))      # B owns 10.1.0.5 now
-    restarted = table(fake)                          # a new agent over the same (pinned) maps
+    restarted = pod_table(fake)                          # a new agent over the same (pinned) maps
     assert restarted.index() == first.index() | {A: restarted.index()[A]}
     assert restarted.index()[A].ips == {bytes(maps.IpAddr.of(ipaddress.ip_address("fd00::5")))}
     assert restarted.index()[B] == first.index()[B]

@@ -347,7 +347,7 @@ def _churn_agent(pods: list[dict], inbox, cfg_kwargs: dict, ready: str) -> None:
     def feed():
         while True:
             op, arg = inbox.get()
-            kube.add(arg) if op == "add" else kube.delete(arg)
+            kube.add(arg) if op == "add" else kube.delete_pod(arg)
 
     threading.Thread(target=feed, daemon=True).start()
     agent = NodeAgent(AgentConfig(**cfg_kwargs))

@@ -10,9 +10,9 @@ from __future__ import annotations
 import copy
 import json
 
-import jsonpatch
 import pytest
 
+from fake_kube import FakeKube
 from istio_fixtures import FIXTURES
 from istio_ebpf_plugin import NODE_MODE_LABEL, kube_api
 from istio_ebpf_plugin.cli import main
@@ -53,78 +53,6 @@ class ApiError(Exception):
         self.status, self.body, self.reason = status, body, "error"
 
 
-class FakeCluster:
-    """Just the API surface kube_api's installer backend uses, with real JSON-patch semantics."""
-
-    def __init__(self, configs: dict[str, str], kernels: dict[str, str]) -> None:
-        self.configmaps = {("istio-system", name): {
-            "apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": name, "namespace": "istio-system", "resourceVersion": "1",
-                         "labels": {"operator.istio.io/component": "Pilot", "istio.io/rev": "default"}},
-            "data": {"config": cfg, "values": "{}"}} for name, cfg in configs.items()}
-        self.nodes = {n: {"metadata": {"name": n, "labels": {}}, "status": {"nodeInfo": {"kernelVersion": k}}}
-                      for n, k in kernels.items()}
-        self.objects: dict[tuple, dict] = {}
-        self.patches: list[tuple[str, list]] = []
-        self.before_patch = None  # callable run before a patch is applied (concurrent editor)
-
-    def list_configmaps(self, label_selector):
-        assert label_selector == kube_api.INJECTOR_SELECTOR
-        return [copy.deepcopy(c) for c in self.configmaps.values()]
-
-    def get_configmap(self, ns, name):
-        cm = self.configmaps.get((ns, name))
-        return copy.deepcopy(cm)
-
-    def json_patch_configmap(self, ns, name, ops):
-        if self.before_patch:
-            hook, self.before_patch = self.before_patch, None
-            hook(self)
-        cm = self.configmaps[(ns, name)]
-        try:
-            new = jsonpatch.JsonPatch(ops).apply(cm)
-        except jsonpatch.JsonPatchTestFailed as exc:
-            raise ApiError(422, json.dumps({"message": f"testing value failed: test failed: {exc}"})) from exc
-        new["metadata"]["resourceVersion"] = str(int(cm["metadata"]["resourceVersion"]) + 1)
-        self.configmaps[(ns, name)] = new
-        self.patches.append((name, ops))
-        return copy.deepcopy(new)
-
-    def _key(self, api_version, kind, ns, name):
-        return (api_version, kind, ns or "", name)
-
-    def apply(self, body):
-        meta = body["metadata"]
-        key = self._key(body["apiVersion"], body["kind"], meta.get("namespace"), meta["name"])
-        obj = copy.deepcopy(body)
-        if body["kind"] == "DaemonSet":
-            obj["metadata"]["generation"] = 1
-            obj["status"] = {"observedGeneration": 1, "desiredNumberScheduled": len(self.nodes),
-                             "updatedNumberScheduled": len(self.nodes), "numberAvailable": len(self.nodes)}
-        self.objects[key] = obj
-        return copy.deepcopy(obj)
-
-    def get(self, api_version, kind, ns, name):
-        return copy.deepcopy(self.objects.get(self._key(api_version, kind, ns, name)))
-
-    def delete(self, api_version, kind, ns, name):
-        return self.objects.pop(self._key(api_version, kind, ns, name), None) is not None
-
-    def list_nodes(self):
-        return [copy.deepcopy(n) for n in self.nodes.values()]
-
-    def list_pods(self, namespace, label_selector):
-        return []   # no kubelet here: a DaemonSet never has pods
-
-    def patch_node_labels(self, name, labels):
-        current = self.nodes[name]["metadata"]["labels"]
-        for k, v in labels.items():
-            if v is None:
-                current.pop(k, None)
-            else:
-                current[k] = v
-
-
 @pytest.fixture
 def agent_dir(tmp_path, monkeypatch):
     d = tmp_path / "manifests"
@@ -136,8 +64,8 @@ def agent_dir(tmp_path, monkeypatch):
 
 @pytest.fixture
 def cluster(agent_dir):
-    fake = FakeCluster({"istio-sidecar-injector": CONFIG, "istio-sidecar-injector-canary": CONFIG_114},
-                       {"n-new": "6.1.0-18-amd64", "n-mid": "5.10.0-28-amd64", "n-old": "4.19.0-26-amd64"})
+    fake = FakeKube(configs={"istio-sidecar-injector": CONFIG, "istio-sidecar-injector-canary": CONFIG_114},
+                    kernels={"n-new": "6.1.0-18-amd64", "n-mid": "5.10.0-28-amd64", "n-old": "4.19.0-26-amd64"})
     previous = kube_api.use_installer_backend(fake)
     yield fake
     kube_api.use_installer_backend(previous)

@@ -24,7 +24,7 @@ from .health_server import HealthServer
 from .locate import PodLocation, PodLocator, boot_seconds, mount_of
 from .metrics import AgentMetrics
 from .mode import ModeDecision, decide
-from .reconcile import Reconciler
+from .reconcile import DatapathLike, Reconciler
 from .watch import PodWatcher
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class AgentConfig:
     sockmap_self_test: Callable[[str], tuple[bool, str]] | None = None
 
 
-def _default_datapath(mode: str, pin_root: str, sockmap: bool) -> Any:
+def _default_datapath(mode: str, pin_root: str, sockmap: bool) -> DatapathLike:
     from ..datapath.loader import Datapath
 
     return Datapath(mode=mode, sockmap=sockmap, pin_root=pin_root)
@@ -70,13 +70,13 @@ def _default_datapath(mode: str, pin_root: str, sockmap: bool) -> Any:
 
 class NodeAgent:
     def __init__(self, config: AgentConfig,
-                 datapath_factory: Callable[[str, str, bool], Any] = _default_datapath) -> None:
+                 datapath_factory: Callable[[str, str, bool], DatapathLike] = _default_datapath) -> None:
         self.config = config
         self.datapath_factory = datapath_factory
         self.metrics = AgentMetrics()
         self.events: "queue.Queue[tuple[str, Any]]" = queue.Queue()
         self.decision: ModeDecision | None = None
-        self.datapath: Any = None
+        self.datapath: DatapathLike | None = None
         self.reconciler: Reconciler | None = None
         self.watcher: PodWatcher | None = None
         self.server: HealthServer | None = None
@@ -157,13 +157,11 @@ class NodeAgent:
             if not ok:
                 sockmap = False
                 self.metrics.fallback.labels(reason=why[:200]).set(1)
-        self.datapath = self.datapath_factory(d.mode, cfg.pin_root, sockmap)
-        self.datapath.load()     # adopts the pins of a previous agent of the same version
-        self.datapath.attach_cgroup(cfg.cgroup_root)   # idempotent: pinned links are not duplicated
-        retire = getattr(self.datapath, "retire_other_versions", None)
-        if retire is not None:
-            for old in retire():   # upgrade: ours is attached, now drop the old version's
-                log.info("retired datapath version %s", old)
+        self.datapath = dp = self.datapath_factory(d.mode, cfg.pin_root, sockmap)
+        dp.load()     # adopts the pins of a previous agent of the same version
+        dp.attach_cgroup(cfg.cgroup_root)   # idempotent: pinned links are not duplicated
+        for old in dp.retire_other_versions():   # upgrade: ours is attached, now drop the old version's
+            log.info("retired datapath version %s", old)
         self.attached = True
         # Published once capture is up: talking to the API (and importing its client) takes about
         # a second, which a restarted agent should not spend before it captures new pods.
@@ -172,7 +170,7 @@ class NodeAgent:
         # /sys/fs/cgroup/unified, not /sys/fs/cgroup): pod-IP mode keys pods by that directory.
         locator = cfg.locator or PodLocator(cfg.proc_root, mount_of(cfg.cgroup_root),
                                             cgroup_for_uid=cfg.cgroup_for_uid, search_root=cfg.cgroup_root)
-        self.reconciler = Reconciler(self.datapath, locator, self._report_pod, self._pod_captured)
+        self.reconciler = Reconciler(dp, locator, self._report_pod, self._pod_captured)
         self.watcher = PodWatcher(cfg.node_name, self.events, resync_seconds=cfg.resync_seconds,
                                   watch_timeout=cfg.watch_timeout,
                                   on_relist=lambda reason: self.metrics.relists.labels(reason=reason).inc())
@@ -266,14 +264,13 @@ class NodeAgent:
         if now - self._last_metrics >= 2.0:
             self._last_metrics = now
             self.update_metrics()
-        if self.decision is not None and self.decision.mode == "podip" and \
+        if self.decision is not None and self.decision.mode == "podip" and self.datapath is not None and \
                 now - self._last_listener_refresh >= self.config.listener_refresh_seconds:
             # No netns cookie in sockops before 5.15: a restarted Envoy's new 15006
             # socket is found from userspace instead.
             self._last_listener_refresh = now
-            refresh = getattr(self.datapath, "refresh_listeners", None)
-            if refresh is not None:
-                refresh({r.handle: r.netns_path for r in self.reconciler.records.values() if r.netns_path})
+            self.datapath.refresh_listeners({r.handle: r.netns_path for r in self.reconciler.records.values()
+                                             if r.netns_path})
 
     def _dispatch(self, etype: str, obj: Any) -> None:
         rec = self.reconciler
@@ -290,19 +287,17 @@ class NodeAgent:
             rec.remove(str((obj.get("metadata") or {}).get("uid") or ""))
 
     def update_metrics(self) -> None:
-        rec = self.reconciler
-        if rec is None or self.datapath is None:
+        rec, dp = self.reconciler, self.datapath
+        if rec is None or dp is None:
             return
         self.metrics.pods_managed.set(len(rec.records))
         self.metrics.pods_pending.set(len(rec.pending))
         self.metrics.stale_removed.set(rec.stale_removed)
         try:
-            occupancy = getattr(self.datapath, "occupancy", None)
-            if occupancy is not None:
-                for name, n in occupancy().items():
-                    self.metrics.map_occupancy.labels(map=name).set(n)
-            self.metrics.map_entries.set(len(self.datapath.pods()))
-            self.metrics.set_counters(self.datapath.counters())
+            for name, n in dp.occupancy().items():
+                self.metrics.map_occupancy.labels(map=name).set(n)
+            self.metrics.map_entries.set(len(dp.pods()))
+            self.metrics.set_counters(dp.counters())
         except Exception as exc:  # a metrics read must never take the agent down
             log.warning("reading datapath state for metrics failed: %s", exc)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from ..datapath.podconfig import PodConfig
 from ..errors import KernelError, UsageError
@@ -31,13 +31,23 @@ log = logging.getLogger(__name__)
 
 
 class DatapathLike(Protocol):
-    """What the agent needs from :class:`istio_ebpf_plugin.datapath.loader.Datapath`."""
+    """Everything the agent calls on :class:`istio_ebpf_plugin.datapath.loader.Datapath`.
 
-    def add_pod(self, netns_path: str, config: PodConfig, cgroup_path: str | None = None) -> Hashable: ...
-    def update_pod(self, handle: Hashable, config: PodConfig) -> None: ...
-    def remove_pod(self, handle: Hashable) -> None: ...
-    def pods(self) -> Mapping[Hashable, Any]: ...
+    A pod's handle is what ``add_pod`` returned: the datapath's map key (a netns cookie in
+    cookie mode, a cgroup id in pod-IP mode), opaque to the agent.
+    """
+
+    def load(self) -> object: ...                              # compile, or adopt a previous agent's pins
+    def attach_cgroup(self, cgroup_path: str) -> object: ...   # idempotent
+    def retire_other_versions(self) -> list[str]: ...          # after an upgrade: the old version's names
+    def add_pod(self, netns_path: str, cfg: PodConfig, cgroup_path: str | None = None) -> int: ...
+    def update_pod(self, handle: int, cfg: PodConfig) -> None: ...   # KeyError: not a pod of this datapath
+    def remove_pod(self, handle: int) -> None: ...
+    def pods(self) -> Mapping[int, object]: ...
+    def refresh_listeners(self, netns_paths: dict[int, str]) -> int: ...   # handle -> netns path
     def counters(self) -> Mapping[str, int]: ...
+    def occupancy(self) -> Mapping[str, int]: ...              # map name -> entries
+    def close(self, cleanup: bool = False) -> None: ...
 
 
 @dataclass
@@ -45,7 +55,7 @@ class Record:
     uid: str
     namespace: str
     name: str
-    handle: Hashable
+    handle: int
     config: PodConfig
     netns_inode: int
     updated: float
@@ -69,7 +79,7 @@ class Reconciler:
         self.report = report or (lambda pod, etype, reason, msg: None)
         self.captured = captured or (lambda pod, where: None)
         self.records: dict[str, Record] = {}
-        self.owners: dict[Hashable, str] = {}
+        self.owners: dict[int, str] = {}
         self.pending: dict[str, Mapping[str, Any]] = {}
         self.errors: dict[str, str] = {}         # uid -> last config error reported
         self.stale_removed = 0                    # entries removed at resync that no pod owned

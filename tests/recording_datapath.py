@@ -1,0 +1,77 @@
+"""A datapath that records what the agent asks of it and keeps 'map entries' in a dict.
+
+It implements everything the agent calls (``agent.reconcile.DatapathLike``; mypy checks it
+through :func:`recording_factory`'s return type). Handles are ints like the real datapath's:
+the netns inode in cookie mode, the first pod IP as an integer in pod-IP mode (so a re-used
+IP hands the same handle to the new pod).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Callable
+
+from istio_ebpf_plugin.agent.reconcile import DatapathLike
+from istio_ebpf_plugin.datapath.podconfig import PodConfig
+
+
+class RecordingDatapath:
+    def __init__(self, mode: str, pin_dir: str, sockmap: bool, store: dict[int, PodConfig] | None = None) -> None:
+        self.mode = mode
+        self.entries: dict[int, PodConfig] = store if store is not None else {}
+        self.calls: list[tuple] = []
+        self.attached: list[str] = []
+        self.closed: bool | None = None
+        self.listener_refreshes: list[dict[int, str]] = []
+
+    def load(self) -> RecordingDatapath:
+        self.calls.append(("load",))
+        return self
+
+    def attach_cgroup(self, cgroup_path: str) -> None:
+        self.attached.append(cgroup_path)
+
+    def retire_other_versions(self) -> list[str]:
+        return []
+
+    def add_pod(self, netns_path: str, cfg: PodConfig, cgroup_path: str | None = None) -> int:
+        handle = os.stat(netns_path).st_ino if self.mode == "cookie" else int(ipaddress.ip_address(cfg.pod_ips[0]))
+        self.calls.append(("add", handle))
+        self.entries[handle] = cfg
+        return handle
+
+    def update_pod(self, handle: int, cfg: PodConfig) -> None:
+        self.calls.append(("update", handle))
+        if handle not in self.entries:
+            raise KeyError(handle)
+        self.entries[handle] = cfg
+
+    def remove_pod(self, handle: int) -> None:
+        self.calls.append(("remove", handle))
+        del self.entries[handle]
+
+    def pods(self) -> dict[int, PodConfig]:
+        return dict(self.entries)
+
+    def refresh_listeners(self, netns_paths: dict[int, str]) -> int:
+        self.listener_refreshes.append(dict(netns_paths))
+        return 0
+
+    def counters(self) -> dict[str, int]:
+        return {"out_redirect": 7, "in_redirect_local": 3, "origdst_hit": 7}
+
+    def occupancy(self) -> dict[str, int]:
+        return {"pod_by_netns": len(self.entries)}
+
+    def close(self, cleanup: bool = False) -> None:
+        self.closed = cleanup
+
+
+def recording_factory(made: list[RecordingDatapath],
+                      store: dict[int, PodConfig]) -> Callable[[str, str, bool], DatapathLike]:
+    """A ``NodeAgent`` datapath factory: each datapath it makes is appended to ``made``."""
+    def factory(mode: str, pin_dir: str, sockmap: bool) -> DatapathLike:
+        made.append(RecordingDatapath(mode, pin_dir, sockmap, store))
+        return made[-1]
+    return factory
