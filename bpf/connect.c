@@ -15,7 +15,12 @@
  * it can: the source is then the pod IP, as under iptables.
  * TCP captures also record the app's view (app_view) for sockname.c.
  */
+#include "abi.h"
+#include "addr.h"
+#include "counters.h"
+#include "maps_conn.h"
 #include "outbound_policy.h"
+#include "pod_lookup.h"
 
 /* UDP DNS keeps its origin per socket for recvmsg; TCP (DNS included) goes
  * through sockops to the tuple map for SO_ORIGINAL_DST. */
@@ -30,21 +35,6 @@ static __always_inline void store_origin(void *ctx, const struct flow *f, __u16 
         dns_origin.update(&cookie, &o);
     else
         origin_by_cookie.update(&cookie, &o);
-}
-
-/* The verifier forbids pointer arithmetic on a socket pointer: load each
- * word with its own constant offset. */
-static __always_inline void read_src6(struct bpf_sock *sk, __u32 *out)
-{
-    if (!sk)
-        return;
-    out[0] = sk->src_ip6[0];
-    asm volatile("" ::: "memory");
-    out[1] = sk->src_ip6[1];
-    asm volatile("" ::: "memory");
-    out[2] = sk->src_ip6[2];
-    asm volatile("" ::: "memory");
-    out[3] = sk->src_ip6[3];
 }
 
 /* 1 = bound (or already bound to the pod IP), 0 = cannot (no pod IP, bound elsewhere). */
@@ -72,13 +62,13 @@ static __always_inline int bind_pod_ip6(struct bpf_sock_addr *ctx, const struct 
         if (cfg->ip4 == 0)
             return 0;
     }
-    if (!sk || (want[0] | want[1] | want[2] | want[3]) == 0)
+    if (!sk || ip6_is_zero(want))
         return 0;
     __u32 src[4] = {};
-    read_src6(sk, src);
-    if (src[0] == want[0] && src[1] == want[1] && src[2] == want[2] && src[3] == want[3])
+    LOAD_IP6(src, sk->src_ip6);
+    if (ip6_eq(src, want))
         return 1;
-    if ((src[0] | src[1] | src[2] | src[3]) != 0)
+    if (!ip6_is_zero(src))
         return 0;
     struct sockaddr_in6 sa = {};
     sa.sin6_family = AF_INET6;
@@ -123,14 +113,9 @@ static __always_inline int source_as_iptables(const struct pod_cfg *cfg, const s
             local->a[3] = f->dst.a[3] == bpf_htonl(6) ? f->dst.a[3] : bpf_htonl(1);
         return 1;
     } else if (f->dst.family == AF_INET) {
-        if (cfg->ip4) {
-            local->family = AF_INET;
-            local->a[0] = cfg->ip4;
-        }
-    } else if (cfg->ip6[0] | cfg->ip6[1] | cfg->ip6[2] | cfg->ip6[3]) {
-        local->family = AF_INET6;
-        local->a[0] = cfg->ip6[0]; local->a[1] = cfg->ip6[1];
-        local->a[2] = cfg->ip6[2]; local->a[3] = cfg->ip6[3];
+        pod_ip4(cfg, local);
+    } else {
+        pod_ip6(cfg, local);
     }
     return 0;
 }
@@ -181,7 +166,7 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, struct pod_cfg *cf
     store_origin(ctx, f, port, !f->tcp);
     if (f->tcp)
         store_app_view(ctx, f, &local, port);
-    redirect_to(ctx, ipv6, mapped, port);
+    sa_redirect_local(ctx, ipv6, mapped, port);
     count_verdict(verdict);
     return 1;
 }
@@ -198,8 +183,9 @@ int ie_connect4(struct bpf_sock_addr *ctx)
     f.dst.a[0] = ctx->user_ip4;
     f.dport = bpf_ntohs(ctx->user_port);
     f.tcp = ctx->protocol == IPPROTO_TCP;
-    struct bpf_sock *sk = ctx->sk;
-    f.src_passthrough = sk && sk->src_ip4 == PASSTHROUGH4;
+    struct ip_addr src = {};
+    sk_src(ctx->sk, 0, &src);
+    f.src_passthrough = ip_is_passthrough(&src);
     return capture(ctx, cfg, &f, 0, 0);
 }
 
@@ -211,14 +197,12 @@ int ie_connect6(struct bpf_sock_addr *ctx)
     if (!cfg)
         return 1;
     struct flow f = {};
-    int mapped = read_dst6(ctx, &f.dst);
+    int mapped = sa_addr6(ctx, &f.dst);
     f.dport = bpf_ntohs(ctx->user_port);
     f.tcp = ctx->protocol == IPPROTO_TCP;
-    __u32 src[4] = {};
-    read_src6(ctx->sk, src);
-    if (mapped)
-        f.src_passthrough = src[2] == bpf_htonl(0xffff) && src[3] == PASSTHROUGH4;
-    else
-        f.src_passthrough = (src[0] | src[1] | src[2]) == 0 && src[3] == bpf_htonl(6);
+    /* Bound to 127.0.0.6 (mapped) for IPv4 traffic, to ::6 for IPv6 traffic. */
+    struct ip_addr src = {};
+    sk_src(ctx->sk, 1, &src);
+    f.src_passthrough = src.family == f.dst.family && ip_is_passthrough(&src);
     return capture(ctx, cfg, &f, 1, mapped);
 }

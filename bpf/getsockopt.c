@@ -6,7 +6,10 @@
  * connection is ours, so every other getsockopt is untouched. On Envoy's
  * 15001/15006 listeners a miss is EPERM (fail closed).
  */
-#include "istio_ebpf_maps.h"
+#include "abi.h"
+#include "addr.h"
+#include "counters.h"
+#include "maps_conn.h"
 
 #ifndef SOL_IP
 #define SOL_IP 0
@@ -30,13 +33,13 @@ int ie_getsockopt(struct bpf_sockopt *ctx)
 #if ISTIO_EBPF_COOKIE
     k.netns = bpf_get_netns_cookie(ctx);
 #endif
-    if (sk->family == AF_INET) {
-        k.ip.family = AF_INET;
-        k.ip.a[0] = sk->dst_ip4;
-    } else {
-        __u32 a0 = sk->dst_ip6[0], a1 = sk->dst_ip6[1], a2 = sk->dst_ip6[2], a3 = sk->dst_ip6[3];
-        ip_from6(&k.ip, a0, a1, a2, a3);
-    }
+    sk_dst(sk, &k.ip);
+    /* Which kind of entry answers for this socket (conn_key.kind): a redirected
+     * connection reached its listener on loopback; an inbound one kept the pod IP it
+     * was sent to as its local address. */
+    struct ip_addr local = {};
+    sk_local(sk, &local);
+    k.kind = ip_is_loopback(&local) ? CONN_REDIRECTED : CONN_INBOUND;
     k.port = bpf_ntohs(sk->dst_port);
     struct origin *o = origin_by_tuple.lookup(&k);
     if (!o || o->listener != lport) {

@@ -10,24 +10,29 @@
  * 127.0.0.6) were already decided by the connect hooks, as iptables decides
  * them in OUTPUT rather than PREROUTING.
  */
-#include "istio_ebpf_maps.h"
+#include "abi.h"
+#include "addr.h"
+#include "counters.h"
+#include "maps_conn.h"
+#include "pod_lookup.h"
 
 int ie_inbound(struct bpf_sk_lookup *ctx)
 {
     if (ctx->protocol != IPPROTO_TCP)
         return SK_PASS;
 
+    /* Addresses as they are: an IPv6 packet never carries a v4-mapped address (RFC 4291:
+     * such traffic arrives as IPv4), and pod_by_ip holds only real pod IPs. */
     struct ip_addr local = {}, remote = {};
-    local.family = ctx->family;
-    remote.family = ctx->family;
     if (ctx->family == AF_INET) {
-        local.a[0] = ctx->local_ip4;
-        remote.a[0] = ctx->remote_ip4;
+        ip_set4(&local, ctx->local_ip4);
+        ip_set4(&remote, ctx->remote_ip4);
     } else {
-        local.a[0] = ctx->local_ip6[0]; local.a[1] = ctx->local_ip6[1];
-        local.a[2] = ctx->local_ip6[2]; local.a[3] = ctx->local_ip6[3];
-        remote.a[0] = ctx->remote_ip6[0]; remote.a[1] = ctx->remote_ip6[1];
-        remote.a[2] = ctx->remote_ip6[2]; remote.a[3] = ctx->remote_ip6[3];
+        __u32 w[4];
+        LOAD_IP6(w, ctx->local_ip6);
+        ip_set6(&local, w);
+        LOAD_IP6(w, ctx->remote_ip6);
+        ip_set6(&remote, w);
     }
 
     struct pod_ip_val *pod = pod_by_ip.lookup(&local);

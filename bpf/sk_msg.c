@@ -6,7 +6,10 @@
  * Envoy's 127.0.0.6 passthrough to the app) are in the map; anything else
  * passes through untouched.
  */
-#include "istio_ebpf_maps.h"
+#include "abi.h"
+#include "addr.h"
+#include "counters.h"
+#include "maps_conn.h"
 
 #if ISTIO_EBPF_SOCKMAP
 int ie_accel(struct sk_msg_md *msg)
@@ -15,19 +18,10 @@ int ie_accel(struct sk_msg_md *msg)
 #if ISTIO_EBPF_COOKIE
     peer.netns = bpf_get_netns_cookie(msg);
 #endif
-    /* The peer's own key is our tuple reversed. */
-    if (msg->family == AF_INET) {
-        peer.local.family = AF_INET;
-        peer.local.a[0] = msg->remote_ip4;
-        peer.remote.family = AF_INET;
-        peer.remote.a[0] = msg->local_ip4;
-    } else {
-        __u32 r0 = msg->remote_ip6[0], r1 = msg->remote_ip6[1], r2 = msg->remote_ip6[2], r3 = msg->remote_ip6[3];
-        __u32 l0 = msg->local_ip6[0], l1 = msg->local_ip6[1], l2 = msg->local_ip6[2], l3 = msg->local_ip6[3];
-        /* both ends of a connection are IPv4-mapped or neither is */
-        ip_from6(&peer.local, r0, r1, r2, r3);
-        ip_from6(&peer.remote, l0, l1, l2, l3);
-    }
+    /* The peer's own key is our tuple reversed (both ends of a connection are
+     * IPv4-mapped or neither is). */
+    ops_remote(msg, &peer.local);
+    ops_local(msg, &peer.remote);
     peer.local_port = bpf_ntohl(msg->remote_port);
     peer.remote_port = msg->local_port;
     __u64 size = msg->size;

@@ -11,7 +11,10 @@
  * it completes) and its app view (for its lifetime) under the socket cookie;
  * drop them with the socket instead of waiting for LRU eviction.
  */
-#include "outbound_policy.h"
+#include "abi.h"
+#include "counters.h"
+#include "maps_conn.h"
+#include "pod_lookup.h"
 
 #ifndef SOCK_RAW
 #define SOCK_RAW 3

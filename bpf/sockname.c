@@ -9,19 +9,13 @@
  * loopback address, the listener's port): Envoy's own accepted and upstream
  * sockets and every uncaptured socket keep the kernel's answer.
  *
- * UDP DNS (connected sockets, dns.c) keeps its own restore4/restore6, which
- * this file calls: dns.c precedes it in the loaded module.
+ * UDP DNS (connected sockets, dns.c) is restored by dns_restore.h, as recvmsg is.
  */
-#include "istio_ebpf_maps.h"
-
-static __always_inline int loopback6_or_mapped(__u32 a0, __u32 a1, __u32 a2, __u32 a3)
-{
-    if (a0 != 0 || a1 != 0)
-        return 0;
-    if (a2 == 0 && a3 == bpf_htonl(1))
-        return 1;
-    return a2 == bpf_htonl(0xffff) && is_loopback4(a3);
-}
+#include "abi.h"
+#include "addr.h"
+#include "counters.h"
+#include "dns_restore.h"
+#include "maps_conn.h"
 
 static __always_inline struct app_view *view_of(struct bpf_sock_addr *ctx)
 {
@@ -31,17 +25,27 @@ static __always_inline struct app_view *view_of(struct bpf_sock_addr *ctx)
     return app_view.lookup(&cookie);
 }
 
+/* The peer still shows the redirect: the listener's port on loopback. The redirect wrote
+ * 127.0.0.1 (::1, ::ffff:127.0.0.1), but any loopback address is accepted (ip_is_loopback,
+ * not ip_is_127_0_0_1): the app_view entry already says this socket was redirected, and
+ * the listener's port on lo can only be that redirect. */
+static __always_inline int peer_is_redirect(const struct ip_addr *peer, __u16 port, const struct app_view *v)
+{
+    return ip_is_loopback(peer) && port == v->peer.listener;
+}
+
 int ie_getpeername4(struct bpf_sock_addr *ctx)
 {
     if (ctx->protocol == IPPROTO_UDP)
-        return restore4(ctx);
+        return dns_restore4(ctx);
     struct app_view *v = view_of(ctx);
-    if (!v || v->peer.ip.family != AF_INET || !is_loopback4(ctx->user_ip4) ||
-        bpf_ntohs(ctx->user_port) != v->peer.listener)
+    if (!v || v->peer.ip.family != AF_INET)
         return 1;
-    ctx->user_ip4 = v->peer.ip.a[0];
-    asm volatile("" ::: "memory");
-    ctx->user_port = bpf_htons(v->peer.port);
+    struct ip_addr peer = {};
+    ip_set4(&peer, ctx->user_ip4);
+    if (!peer_is_redirect(&peer, bpf_ntohs(ctx->user_port), v))
+        return 1;
+    sa_put(ctx, 0, &v->peer.ip, v->peer.port);
     count(C_APP_VIEW_RESTORED, 1);
     return 1;
 }
@@ -49,14 +53,15 @@ int ie_getpeername4(struct bpf_sock_addr *ctx)
 int ie_getpeername6(struct bpf_sock_addr *ctx)
 {
     if (ctx->protocol == IPPROTO_UDP)
-        return restore6(ctx);
+        return dns_restore6(ctx);
     struct app_view *v = view_of(ctx);
-    if (!v || bpf_ntohs(ctx->user_port) != v->peer.listener)
+    if (!v)
         return 1;
-    if (!loopback6_or_mapped(ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]))
+    struct ip_addr peer = {};
+    sa_addr6(ctx, &peer);
+    if (!peer_is_redirect(&peer, bpf_ntohs(ctx->user_port), v))
         return 1;
-    put6(ctx, &v->peer.ip);
-    ctx->user_port = bpf_htons(v->peer.port);
+    sa_put(ctx, 1, &v->peer.ip, v->peer.port);
     count(C_APP_VIEW_RESTORED, 1);
     return 1;
 }
@@ -80,6 +85,6 @@ int ie_getsockname6(struct bpf_sock_addr *ctx)
     struct app_view *v = view_of(ctx);
     if (!v || v->local.family == 0)
         return 1;
-    put6(ctx, &v->local);
+    sa_put6(ctx, &v->local);
     return 1;
 }

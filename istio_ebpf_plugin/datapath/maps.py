@@ -1,4 +1,4 @@
-"""ctypes mirrors of bpf/istio_ebpf_maps.h and the encoding of a PodConfig.
+"""ctypes mirrors of bpf/abi.h and the encoding of a PodConfig.
 
 Keep every struct here in the same field order and size as the header:
 tests/test_maps_layout.py compares them (sizes, field offsets) with the types BCC
@@ -73,7 +73,8 @@ class AppView(ctypes.Structure):
 
 
 class ConnKey(ctypes.Structure):
-    _fields_ = [("netns", ctypes.c_uint64), ("ip", IpAddr), ("port", ctypes.c_uint32)]
+    _fields_ = [("netns", ctypes.c_uint64), ("ip", IpAddr), ("port", ctypes.c_uint16),
+                ("kind", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
 
 
 #: Key and value types userspace reads each map with (None: userspace never reads that side).
