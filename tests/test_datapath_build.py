@@ -3,6 +3,7 @@ and the version (the pin directory's name) following flags and sources."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -34,9 +35,9 @@ def test_every_map_size_becomes_a_flag_in_a_stable_order():
 
 
 def test_default_map_sizes_are_the_headers():
-    header = (bpf_dir() / "istio_ebpf_maps.h").read_text()
+    header = (bpf_dir() / "abi.h").read_text()
     for name, value in build.DEFAULT_MAP_SIZES.items():
-        assert f"#define {name} {value}" in header, name
+        assert re.search(rf"^#define DEFAULT_{name}\s+{value}$", header, re.M), name
 
 
 @pytest.mark.parametrize("sizes", [{"MAX_PODS": 0}, {"MAX_PODS": (1 << 24) + 1}, {"MAX_PODS": -1},
@@ -78,9 +79,9 @@ def test_source_text_inlines_each_local_header_once_and_keeps_program_order():
     text = build.source_text(programs)
     assert '#include "' not in text
     assert "#include <" in text                       # system headers stay for clang
-    # the shared maps header is inlined once, however many programs include it
-    marker = next(line for line in (bpf_dir() / "istio_ebpf_maps.h").read_text().splitlines()
-                  if line.startswith("#define MAX_PODS"))
+    # the shared headers are inlined once, however many programs include them
+    marker = next(line for line in (bpf_dir() / "abi.h").read_text().splitlines()
+                  if line.startswith("#define DEFAULT_MAX_PODS"))
     assert text.count(marker) == 1
     # one copy of each file, in the order of the programs given
     starts = [text.index(f) for f in ("ie_connect4", "ie_sendmsg4", "ie_getpeername4")]

@@ -24,7 +24,7 @@ from istio_ebpf_plugin.datapath import libbpf, maps
 from istio_ebpf_plugin.datapath.loader import Datapath
 from istio_ebpf_plugin.datapath.podconfig import INBOUND_PORT, OUTBOUND_PORT, PROXY_UID, PodConfig, ip_list
 from istio_ebpf_plugin.datapath.staging import staged
-from istio_ebpf_plugin.datapath.topology import PYTHON, stop_process, wait_ready
+from istio_ebpf_plugin.harness.probe import PYTHON, wait_ready
 from istio_ebpf_plugin.timeouts import scaled
 
 from datapath_modes import require_mode
@@ -51,7 +51,8 @@ class Held:
         ready, _, _ = select.select([self.proc.stdout], [], [], scaled(15))
         line = self.proc.stdout.readline() if ready else b""
         if not line:
-            stop_process(self.proc)
+            self.proc.kill()
+            self.proc.wait()
             err = self.proc.stderr.read().decode() if self.proc.stderr else ""
             raise AssertionError(f"held connection client gave no answer: {err.strip()[-300:]}")
         return json.loads(line)

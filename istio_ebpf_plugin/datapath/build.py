@@ -63,7 +63,7 @@ MAPS = ("pod_by_netns", "pod_by_ip", "pod_ports", "pod_cidrs", "origin_by_cookie
 SOCKMAP_MAPS = ("accel_socks",)
 
 
-#: Map sizes (bpf/istio_ebpf_maps.h defaults); sized for real nodes, never silently small.
+#: Map sizes (bpf/abi.h defaults); sized for real nodes, never silently small.
 DEFAULT_MAP_SIZES = {"MAX_PODS": 16384, "MAX_CONNS": 131072, "MAX_PORTS": 262144, "MAX_CIDRS": 262144}
 
 
