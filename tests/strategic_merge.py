@@ -6,8 +6,13 @@ merge. We reproduce the rules that matter for pod specs so tests (and
 
 * maps merge key by key; a ``null`` value deletes the key;
 * lists with a merge key (containers by ``name``, volumeMounts by
-  ``mountPath``, ...) merge item by item; new items are appended; an item
-  ``{name: x, $patch: delete}`` removes ``x``;
+  ``mountPath``, ...) merge item by item; an item ``{name: x, $patch: delete}``
+  removes ``x``; the result is ordered as apimachinery's ``normalizeElementOrder``
+  does (``pkg/util/strategicpatch/patch.go``): the patch's items in patch order,
+  the pod's other items in their order, and where the two meet, a pod item goes
+  first only when both were in the pod and it stood earlier. So items new to the
+  pod come before the pod's remaining ones (checked against kubectl's own merge
+  in tests/test_install_template.py);
 * every other list is replaced as a whole (``nodeSelectorTerms``, ``args``).
 """
 
@@ -35,23 +40,37 @@ MERGE_KEYS: dict[str, str] = {
 
 def _merge_list(original: list, patch: list, key: str) -> list:
     result = [copy.deepcopy(item) for item in original]
+    bodies = []
     for item in patch:
         if not isinstance(item, dict) or key not in item:
             raise ValueError(f"list item without merge key {key!r}: {item!r}")
         directive = item.get("$patch")
-        idx = next((i for i, cur in enumerate(result) if isinstance(cur, dict) and cur.get(key) == item[key]), None)
         if directive == "delete":
-            if idx is not None:
-                del result[idx]
+            result = [cur for cur in result if not (isinstance(cur, dict) and cur.get(key) == item[key])]
             continue
         if directive not in (None, "merge"):
             raise ValueError(f"unsupported list directive $patch: {directive}")
-        body = {k: v for k, v in item.items() if k != "$patch"}
+        bodies.append({k: v for k, v in item.items() if k != "$patch"})
+    server_order = [cur.get(key) for cur in result]
+    for body in bodies:
+        idx = next((i for i, cur in enumerate(result) if isinstance(cur, dict) and cur.get(key) == body[key]), None)
         if idx is None:
             result.append(merge({}, body))
         else:
             result[idx] = merge(result[idx], body)
-    return result
+    patch_keys = [b[key] for b in bodies]
+    from_patch = sorted((r for r in result if r.get(key) in patch_keys), key=lambda r: patch_keys.index(r.get(key)))
+    server_only = [r for r in result if r.get(key) not in patch_keys]
+    out: list = []
+    while server_only or from_patch:
+        if not from_patch or (server_only and server_only[0].get(key) in server_order
+                              and from_patch[0].get(key) in server_order
+                              and server_order.index(server_only[0].get(key))
+                              < server_order.index(from_patch[0].get(key))):
+            out.append(server_only.pop(0))
+        else:
+            out.append(from_patch.pop(0))
+    return out
 
 
 def merge(original: Any, patch: Any, field: str | None = None) -> Any:

@@ -147,7 +147,8 @@ def test_strategic_merge_rules():
     patch = {"spec": {"initContainers": [{"name": "a", "$patch": "delete"}, {"name": "z", "image": "v"}],
                       "containers": [{"name": "c", "args": ["3"]}]}}
     out = strategic_merge.merge(pod, patch)
-    assert out == {"spec": {"initContainers": [{"name": "b"}, {"name": "z", "image": "v"}],
+    # Kubernetes puts the new item before the pod's remaining ones (kubectl agrees: test_install_template).
+    assert out == {"spec": {"initContainers": [{"name": "z", "image": "v"}, {"name": "b"}],
                             "containers": [{"name": "c", "args": ["3"]}]}}
     assert strategic_merge.merge(pod, {}) == pod
     assert strategic_merge.merge(pod, {"spec": {"initContainers": None}})["spec"].get("initContainers") is None

@@ -61,6 +61,7 @@ type Data struct {
 	ProxyUID       int64
 	ProxyGID       int64
 	Revision       string
+	NativeSidecars bool
 }
 type Input struct {
 	Template string `json:"template"`
