@@ -14,7 +14,7 @@ VENV=${VENV:-.venv}
 RUNTIME_PACKAGES=(python3-bpfcc libbpf1 python3-venv ca-certificates util-linux)
 # Development, tests, benchmarks and image building, on top of the runtime.
 APT_PACKAGES=("${RUNTIME_PACKAGES[@]}" bpfcc-tools bpftool linux-headers-amd64 iptables iproute2 procps
-              python3-dev wrk hey iperf3 golang-go make gcc libc6-dev debootstrap buildah podman)
+              conntrack python3-dev wrk hey iperf3 golang-go make gcc libc6-dev debootstrap buildah podman)
 IMAGE_HEADERS=/opt/istio-ebpf/kernel-headers
 
 apt_install() {

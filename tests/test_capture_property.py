@@ -174,7 +174,7 @@ def observe(w: World, pod: Any, conn: tuple) -> View:
     if proto == "udp":
         port = 53
     src = pod if kind == "out" else w.ext
-    out = probe_connect(src, uid, gid, address(w, pod, dst), port, proto=proto, timeout=1.5)
+    out = probe_connect(src, uid, gid, address(w, pod, dst), port, proto=proto, timeout=1.5, nat_pods=(pod,))
     case = Case(id="p", config="p", src="p", creds=(uid, gid), dst=dst, port=port, expect="", expect_pod=None,
                 why="", proto=proto)
     return relative(CaptureLab.outcome_key(case, out), pod)

@@ -18,6 +18,9 @@ from istio_ebpf_plugin.harness.capture_cases import CASES, CaptureLab, failures,
 
 pytestmark = pytest.mark.kernel
 
+#: A two-port ephemeral range: the kernel hands the same source port to nearly every connection.
+CLASH_PORTS = (40000, 40001)
+
 
 def _install(pod, cfg):
     pod.apply_istio_iptables(cfg)
@@ -39,6 +42,22 @@ def test_capture_table_matches_istio_iptables(lab: CaptureLab) -> None:
     assert not failures(results), "\n" + report(results)
     listeners = {r.outcome.listener for r in results}
     assert {"outbound", "inbound", "dns", "direct", "refused"} <= listeners
+
+
+def test_capture_table_holds_through_conntrack_port_clashes(lab: CaptureLab) -> None:
+    """Every connection from a and c reuses one of two source ports, so REDIRECTs to one listener
+    clash on their reply tuple (the TIME_WAIT flow of the previous case) and conntrack moves the
+    source port, in a's OUTPUT and in b's PREROUTING. The table still holds: the listener's peer
+    is the port conntrack recorded for the app's own connection, read from its table."""
+    for pod in (lab.a, lab.c):
+        pod.ns_exec(["sysctl", "-q", "-w", f"net.ipv4.ip_local_port_range={CLASH_PORTS[0]} {CLASH_PORTS[1]}"])
+    results = lab.run(CASES, install=_install, uninstall=_uninstall)
+    assert not failures(results), "\n" + report(results)
+    moved = [r.outcome for r in results if r.outcome.nat_peer]
+    assert {r.case.src for r in results if r.outcome.nat_peer} == {"a", "c"}
+    for out in moved:
+        assert out.client_local and out.seen_peer and out.client_local[1] in CLASH_PORTS
+        assert out.seen_peer[1] == out.nat_peer[1] != out.client_local[1]   # the clash really happened
 
 
 def test_capture_table_detects_a_missing_capture(lab: CaptureLab) -> None:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, Sequence
 
 from ..datapath.podconfig import PodConfig
 from ..datapath.selftest.topology import POD_SYSCTLS
+from .conntrack import plain
 from .probe import Outcome, ProbeServer, start_probe_server
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -322,7 +323,11 @@ class View(NamedTuple):
     getpeername()/getsockname() of the client socket; the local port is compared as "in the
     ephemeral range" (its value differs run to run). ``listener_local``: the listener socket's
     local address (without port: sk_lookup keeps the original port, REDIRECT shows 15006).
-    ``peer_is_app``: the listener saw the client socket's own address and port as its peer.
+    ``peer_is_app``: the listener saw the client socket's own address and port as its peer, or
+    the port conntrack gave it instead (:attr:`Outcome.nat_peer`): under iptables a REDIRECT
+    reply tuple left by an earlier connection from the same source port makes NAT pick another
+    one, which Envoy then sees too. Only a translation conntrack records is accepted, so a
+    datapath without NAT must show the socket's own port.
     """
 
     listener: str
@@ -334,12 +339,6 @@ class View(NamedTuple):
     app_local: Any = None
     listener_local: str | None = None
     peer_is_app: bool | None = None
-
-
-def _plain(ip: str) -> str:
-    """An address as an IPv4 listener reports it (IPv4-mapped IPv6 -> IPv4)."""
-    a = ipaddress.ip_address(ip)
-    return str(a.ipv4_mapped) if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped else str(a)
 
 
 def _norm(ip: str) -> str:
@@ -415,7 +414,7 @@ class CaptureLab:
         orig = None
         if case.expect_orig:
             sym, _, port = case.expect_orig.rpartition(":")
-            orig = (_plain(self.address(sym)), int(port))
+            orig = (plain(self.address(sym)), int(port))
         reply_from = None
         if case.proto == "udp" and case.expect in ("dns", "direct"):
             reply_from = (_norm(self.address(case.dst)), case.port)
@@ -429,7 +428,7 @@ class CaptureLab:
         if case.expect in ("outbound", "dns") or (case.expect == "inbound" and case.src == case.expect_pod):
             listener_local = "::1" if family6 else "127.0.0.1"
         else:
-            listener_local = _plain(self.address(case.dst))
+            listener_local = plain(self.address(case.dst))
         return View(case.expect, case.expect_pod, orig, reply_from, errno=None,
                     app_peer=(_norm(self.address(case.dst)), case.port),
                     app_local=(self.source_address(case), "ephemeral"),
@@ -445,11 +444,11 @@ class CaptureLab:
             return View(outcome.listener, outcome.pod, orig, reply_from, errno=outcome.errno)
         lip, lport = outcome.client_local
         in_range = EPHEMERAL[0] <= lport <= EPHEMERAL[1]
-        peer_is_app = outcome.seen_peer is not None and \
-            (_plain(outcome.seen_peer[0]), outcome.seen_peer[1]) == (_plain(lip), lport)
+        seen = (plain(outcome.seen_peer[0]), outcome.seen_peer[1]) if outcome.seen_peer else None
+        peer_is_app = seen is not None and (seen == (plain(lip), lport) or seen == outcome.nat_peer)
         return View(outcome.listener, outcome.pod, orig, reply_from, errno=outcome.errno,
                     app_peer=outcome.client_peer, app_local=(lip, "ephemeral" if in_range else lport),
-                    listener_local=_plain(outcome.local[0]) if outcome.local else None,
+                    listener_local=plain(outcome.local[0]) if outcome.local else None,
                     peer_is_app=peer_is_app)
 
     def probe(self, case: Case) -> Outcome:
@@ -512,7 +511,7 @@ def report(results: Sequence[CaseResult], allowed: dict[str, frozenset[str]] | N
         diff = {f: (e, g) for f, e, g in zip(View._fields, r.expected, r.got, strict=True) if e != g}
         lines.append(f"{r.case.id} [{r.case.config}] uid/gid={r.case.uid}/{r.case.gid} "
                      f"{r.case.proto} -> {r.case.dst}:{r.case.port}\n"
-                     f"    differs (expected, got): {diff}\n    raw={r.outcome.raw}\n"
+                     f"    differs (expected, got): {diff}\n    raw={r.outcome.raw} nat_peer={r.outcome.nat_peer}\n"
                      f"    rule: {r.case.why}")
     return "\n".join(lines)
 

@@ -212,7 +212,8 @@ class Node:
     def probe_connect(self, src_pod: Pod, uid: int, gid: int, dst_ip: str, dst_port: int,
                       bind: tuple[str, int] | None = None, proto: str = "tcp", timeout: float = 3.0):
         """Connect from ``src_pod`` as uid/gid and report who answered (:class:`.probe.Outcome`)."""
-        return probe.probe_connect(src_pod, uid, gid, dst_ip, dst_port, bind=bind, proto=proto, timeout=timeout)
+        return probe.probe_connect(src_pod, uid, gid, dst_ip, dst_port, bind=bind, proto=proto, timeout=timeout,
+                                   nat_pods=self.pods.values())
 
     # -- teardown ----------------------------------------------------------------
     def close(self) -> None:

@@ -15,7 +15,7 @@ import ipaddress
 import json
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -23,6 +23,7 @@ from ..datapath.staging import staged
 from ..datapath.selftest.topology import PYTHON, Pod, stop_process, wait_ready
 from ..errors import KernelError
 from ..timeouts import scaled
+from . import conntrack
 
 __all__ = ["PYTHON", "Outcome", "ProbeServer", "probe_connect", "start_probe_server", "wait_ready"]
 
@@ -50,7 +51,8 @@ class Outcome:
     server on the destination port), or "refused" / "timeout" / "unreachable" / "error".
     ``pod``: name of the pod whose listener answered. ``orig_dst``: SO_ORIGINAL_DST seen by
     that listener (None if the socket had none). ``seen_peer``: the client address the
-    listener saw.
+    listener saw. ``nat_peer``: the client's address after conntrack moved its source port (a
+    REDIRECT reply-tuple clash, see :mod:`.conntrack`); None when NAT left the source alone.
     """
 
     listener: str
@@ -67,6 +69,7 @@ class Outcome:
     errno: str | None = None
     #: errno of the listener's SO_ORIGINAL_DST query (0 = answered).
     orig_dst_errno: int | None = None
+    nat_peer: tuple[str, int] | None = None
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -112,8 +115,13 @@ def start_probe_server(pod: Pod, targets: Iterable[int] = (), udp_targets: Itera
 
 def probe_connect(src_pod: Pod, uid: int, gid: int, dst_ip: str, dst_port: int, *,
                   bind: tuple[str, int] | None = None, proto: str = "tcp", timeout: float = 3.0,
-                  count: int = 1) -> Outcome | list[Outcome]:
-    """Connect from ``src_pod`` as uid/gid to dst; an :class:`Outcome` (a list if count > 1)."""
+                  count: int = 1, nat_pods: Iterable[Pod] = ()) -> Outcome | list[Outcome]:
+    """Connect from ``src_pod`` as uid/gid to dst; an :class:`Outcome` (a list if count > 1).
+
+    When a listener saw another peer than the client's own address, the conntrack tables of
+    ``src_pod`` and ``nat_pods`` (where NAT rules may have translated it) tell whether NAT moved
+    the source port: that goes into :attr:`Outcome.nat_peer`.
+    """
     argv = [PYTHON, "-S", staged(CLIENT_SCRIPT), "--dst", dst_ip, "--port", str(dst_port),
             "--timeout", str(timeout), "--count", str(count)]
     if bind:
@@ -132,4 +140,21 @@ def probe_connect(src_pod: Pod, uid: int, gid: int, dst_ip: str, dst_port: int, 
     if len(outcomes) != count:
         raise KernelError(f"probe client printed {len(outcomes)} results for {count} attempts "
                           f"after {time.monotonic() - started:.1f}s")
+    if proto == "tcp":
+        pods = [src_pod, *(p for p in nat_pods if p is not src_pod)]
+        outcomes = [_with_nat_peer(out, pods) for out in outcomes]
     return outcomes[0] if count == 1 else outcomes
+
+
+def _with_nat_peer(out: Outcome, pods: list[Pod]) -> Outcome:
+    """Ask conntrack only when the listener's peer is not the client socket's own address: the
+    flow (kept two minutes in TIME_WAIT) is still there right after the probe."""
+    if out.seen_peer is None or out.client_local is None or out.client_peer is None:
+        return out
+    seen = (conntrack.plain(out.seen_peer[0]), out.seen_peer[1])
+    if seen == (conntrack.plain(out.client_local[0]), out.client_local[1]):
+        return out
+    try:
+        return replace(out, nat_peer=conntrack.translated_source(pods, out.client_local, out.client_peer))
+    except KernelError as exc:   # the peer stays unexplained: the comparison reports it, with why
+        return replace(out, raw={**out.raw, "nat_error": str(exc)})
