@@ -13,6 +13,7 @@ reconciles against the same state. Everything is removed at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -41,6 +42,12 @@ class _NetnsLocator:
     def locate(self, uid: str) -> PodLocation | None:
         path = self.by_uid.get(uid)
         return PodLocation("", path, 0, os.stat(path).st_ino) if path else None
+
+    def batch(self) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
+
+    def sandbox_started(self, where: PodLocation) -> float | None:
+        return None
 
 
 def _agent_run(pods: list[dict], by_uid: dict[str, str], pin_root: str, cgroup: str, mode: str,

@@ -177,3 +177,26 @@ def test_the_index_is_rebuilt_from_the_maps():
     assert pod_ids_in(fake, "pod_ports", maps.PortKey) == {2}
     first.forget()
     assert set(first.index()) == {B}
+
+
+def test_a_restarted_agent_writes_nothing_for_a_pod_the_maps_hold_already():
+    fake = FakeMaps()
+    pod_table(fake).add(A, cfg("10.1.0.5", "fd00::5"))
+    restarted = pod_table(fake)                  # a new agent over the same (pinned) maps: its resync
+    before, writes = fake.snapshot(), fake.updates
+    restarted.add(A, cfg("10.1.0.5", "fd00::5"))
+    assert fake.updates == writes and fake.snapshot() == before
+    restarted.add(A, cfg("10.1.0.5", "fd00::5", dns_capture=True))      # a change is written
+    assert fake.updates > writes and ip_owner(fake, "fd00::5").flags & maps.POD_DNS_CAPTURE
+
+
+def test_a_write_cut_short_before_the_config_is_rewritten_whole_after_a_restart():
+    fake = FakeMaps()
+    pod_table(fake).add(A, cfg("10.1.0.5"))
+    before = fake.snapshot()
+    # The IP already carries the new flags, the config not yet: the agent died between the two.
+    fake.update("pod_by_ip", maps.IpAddr.of(ipaddress.ip_address("10.1.0.5")),
+                maps.PodIpVal(pod_id=1, flags=maps.POD_DNS_CAPTURE, netns_cookie=A))
+    restarted = pod_table(fake)
+    restarted.add(A, cfg("10.1.0.5"))
+    assert fake.snapshot() == before

@@ -20,6 +20,7 @@ then taken from that directory's ``cgroup.procs``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -75,6 +76,7 @@ class PodLocator:
         self.cgroup_for_uid = cgroup_for_uid
         self._index: dict[str, PodLocation] = {}
         self._index_time = -1e9
+        self._batch = False
 
     # ------------------------------------------------------------------ public
     def locate(self, uid: str) -> PodLocation | None:
@@ -87,16 +89,33 @@ class PodLocator:
         # One pass over /proc indexes every pod; reused briefly so a resync of N pods
         # costs one scan, not N. A miss rescans unless the index is brand new.
         now = time.monotonic()
-        if now - self._index_time > self.INDEX_TTL:
+        if now - self._index_time > self.INDEX_TTL and not self._batch:
             self._rescan(now)
         hit = self._index.get(uid.replace("_", "-"))
-        if hit is None and now - self._index_time > self.MISS_RESCAN_AFTER:
+        if hit is None and now - self._index_time > self.MISS_RESCAN_AFTER and not self._batch:
             self._rescan(now)
             hit = self._index.get(uid.replace("_", "-"))
         if hit is not None and not os.path.exists(hit.netns_path):
             self._rescan(now)   # its process exited: find another one of the pod
             hit = self._index.get(uid.replace("_", "-"))
         return hit
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Locate many pods from one pass over /proc (a resync, the pending retries).
+
+        Without it a resync longer than ``INDEX_TTL`` scanned /proc again every second, and a
+        scan costs more with every pod: 500 pods' resync took 7 s under load. A pod that has no
+        process at the pass is not found (it stays pending and is retried after the batch).
+        """
+        now = time.monotonic()
+        if now - self._index_time > self.MISS_RESCAN_AFTER:
+            self._rescan(now)
+        self._batch = True
+        try:
+            yield
+        finally:
+            self._batch = False
 
     INDEX_TTL = 1.0
     MISS_RESCAN_AFTER = 0.1

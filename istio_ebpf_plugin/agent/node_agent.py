@@ -21,7 +21,7 @@ from .. import NODE_MODE_LABEL, kube_api
 from ..datapath.host import DEFAULT_PIN_ROOT
 from ..errors import IstioEbpfError
 from .health_server import HealthServer
-from .locate import PodLocation, PodLocator, boot_seconds, mount_of
+from .locate import PodLocation, PodLocator, boot_seconds, mount_of, process_started
 from .metrics import AgentMetrics
 from .mode import ModeDecision, decide
 from .reconcile import DatapathLike, Reconciler
@@ -233,8 +233,9 @@ class NodeAgent:
 
     def _pod_captured(self, pod: Mapping[str, Any], where: PodLocation) -> None:
         """Sandbox start -> entries written, for pods this agent saw start (not adopted ones)."""
-        started = getattr(self.reconciler.locator if self.reconciler else None, "sandbox_started", None)
-        t0 = started(where) if started is not None else None
+        if self.reconciler is None or (process_started(where.pid, self.config.proc_root) or 0.0) < self.started_boot:
+            return    # older than the agent (adopted at a restart): the sandbox is older still
+        t0 = self.reconciler.locator.sandbox_started(where)
         if t0 is not None and t0 >= self.started_boot:
             self.metrics.capture_latency.observe(max(0.0, boot_seconds() - t0))
 

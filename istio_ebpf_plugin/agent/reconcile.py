@@ -139,8 +139,9 @@ class Reconciler:
             self.datapath.remove_pod(rec.handle)
 
     def retry_pending(self) -> None:
-        for pod in list(self.pending.values()):
-            self.apply(pod)
+        with self.locator.batch():    # one /proc pass for all of them
+            for pod in list(self.pending.values()):
+                self.apply(pod)
 
     def resync(self, pods: Iterable[Mapping[str, Any]]) -> None:
         """A complete list of the node's pods: converge the map state to it."""
@@ -150,8 +151,9 @@ class Reconciler:
             self.remove(uid)
         for uid in [u for u in self.pending if u not in live]:
             self.pending.pop(uid, None)
-        for pod in pods:
-            self.apply(pod)
+        with self.locator.batch():    # one /proc pass for all of them
+            for pod in pods:
+                self.apply(pod)
         # Entries nobody owns: pinned by a previous agent for pods gone since.
         for handle in [h for h in list(self.datapath.pods()) if h not in self.owners]:
             self.datapath.remove_pod(handle)

@@ -11,12 +11,24 @@ import errno
 import logging
 import os
 import socket
+import struct
 from pathlib import Path
 from typing import Iterator
+
+from .netns import socket_in
 
 SYS_PIDFD_OPEN = 434
 SYS_PIDFD_GETFD = 438
 _TCP_LISTEN = "0A"
+# sock_diag (linux/sock_diag.h, linux/inet_diag.h, linux/netlink.h)
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+TCPF_LISTEN = 1 << 10
+_NLMSG = struct.Struct("=IHHII")             # struct nlmsghdr
+_DIAG_REQ = struct.Struct("=BBBBI48x")       # struct inet_diag_req_v2, inet_diag_sockid zeroed: every socket
+_MSG_SPORT, _MSG_INODE = 4, 68               # offsets in struct inet_diag_msg (sport is big-endian)
 _libc = ctypes.CDLL(None, use_errno=True)
 log = logging.getLogger(__name__)
 #: The process exited (or closed the fd) between the /proc read and the syscall: not a failure.
@@ -33,8 +45,40 @@ def _report(exc: OSError) -> None:
                 "%s: %s", exc.filename or "?", exc.strerror or exc)
 
 
+def _diag_listening_inodes(netns_path: str, port: int) -> dict[int, int]:
+    """socket inode -> address family, for TCP sockets listening on port, from sock_diag.
+
+    A dump of listening sockets walks only the namespace's listeners; ``/proc/<pid>/net/tcp``
+    walks the whole established hash, shared by every namespace: 60 ms a read on this 24 GB
+    machine, so adding 20 pods took 4 s in those reads.
+    """
+    found: dict[int, int] = {}
+    with socket_in(netns_path, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
+        for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
+            req = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, TCPF_LISTEN)
+            nl.send(_NLMSG.pack(_NLMSG.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+                    + req)
+            done = False
+            while not done:
+                data = nl.recv(65536)
+                off = 0
+                while off + _NLMSG.size <= len(data):
+                    length, mtype, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
+                    body = off + _NLMSG.size
+                    if mtype == NLMSG_DONE or length < _NLMSG.size:
+                        done = True
+                        break
+                    if mtype == NLMSG_ERROR:
+                        err = -struct.unpack_from("=i", data, body)[0]
+                        raise OSError(err, f"sock_diag: {os.strerror(err)}")
+                    if mtype == SOCK_DIAG_BY_FAMILY and struct.unpack_from("!H", data, body + _MSG_SPORT)[0] == port:
+                        found[struct.unpack_from("=I", data, body + _MSG_INODE)[0]] = family
+                    off += (length + 3) & ~3
+    return found
+
+
 def _listening_inodes(pid_dir: Path, port: int) -> dict[int, int]:
-    """socket inode -> address family, for TCP sockets listening on port."""
+    """socket inode -> address family, for TCP sockets listening on port (from /proc: the fallback)."""
     found: dict[int, int] = {}
     for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
         try:
@@ -77,22 +121,64 @@ def processes_by_netns(proc: str = "/proc") -> dict[int, list[Path]]:
     return out
 
 
+def processes_in_cgroup(cgroup_path: str, proc: str = "/proc") -> dict[int, list[Path]]:
+    """Like :func:`processes_by_netns`, for the processes of one pod's cgroup (and its children) only.
+
+    Adding a pod then costs a few reads instead of a pass over every process of the node (a full
+    resync of 500 pods spent 1.6 s in those passes with no other process running).
+    """
+    out: dict[int, list[Path]] = {}
+    for dirpath, _dirs, files in os.walk(cgroup_path):
+        if "cgroup.procs" not in files:
+            continue
+        try:
+            pids = Path(dirpath, "cgroup.procs").read_text().split()
+        except OSError:
+            continue      # the container went away meanwhile
+        for pid in pids:
+            pid_dir = Path(proc) / pid
+            try:
+                out.setdefault(os.stat(pid_dir / "ns" / "net").st_ino, []).append(pid_dir)
+            except OSError:
+                continue
+    return out
+
+
 def find_listeners(netns_path: str, port: int, proc: str = "/proc",
-                   by_netns: dict[int, list[Path]] | None = None) -> Iterator[tuple[int, int]]:
+                   by_netns: dict[int, list[Path]] | None = None,
+                   cgroup_path: str | None = None) -> Iterator[tuple[int, int]]:
     """Yield (family, fd) for each socket listening on port inside the namespace.
 
-    by_netns (from processes_by_netns) saves a /proc pass per pod when many are
-    refreshed at once. The caller owns (and must close) each fd.
+    The namespace's listening sockets come first (sock_diag); only when there are some are
+    processes searched for their descriptors: those of ``cgroup_path`` (the pod's own, when
+    given and inside the namespace), else ``by_netns`` (from :func:`processes_by_netns`, which
+    saves a /proc pass per pod when many are refreshed at once), else a /proc pass.
+    The caller owns (and must close) each fd.
     """
     ns_ino = os.stat(netns_path).st_ino
+    inodes: dict[int, int] | None
+    try:
+        inodes = _diag_listening_inodes(netns_path, port)   # one table for all of the namespace's processes
+    except OSError:
+        inodes = None    # no sock_diag here: each process's /proc view of the same table
+    if inodes == {}:
+        return
+    if by_netns is None and cgroup_path:
+        own = processes_in_cgroup(cgroup_path, proc)
+        by_netns = own if ns_ino in own else None
     if by_netns is None:
         by_netns = processes_by_netns(proc)
+    pid_dirs = by_netns.get(ns_ino, [])
     seen: set[int] = set()
-    for pid_dir in by_netns.get(ns_ino, ()):
+    for pid_dir in pid_dirs:
         try:
-            inodes = _listening_inodes(pid_dir, port)
+            if inodes is None:
+                found = _listening_inodes(pid_dir, port)
+                if not found:
+                    continue     # none, or the process is gone: the next one's view
+                inodes = found
             if not inodes or inodes.keys() <= seen:
-                continue
+                return
             for fd_link in (pid_dir / "fd").iterdir():
                 target = os.readlink(fd_link)
                 if not target.startswith("socket:["):

@@ -217,7 +217,8 @@ class Datapath:
         cookie = self.pod_key(netns_path, cgroup_path)
         self._pods.add(cookie, cfg)
         self._attach_netns(netns_path, cookie)
-        self.register_listeners(netns_path, cookie, cfg)
+        # Listeners are looked for among the pod's own processes, not every process of the node.
+        self.register_listeners(netns_path, cookie, cfg, cgroup_path=cgroup_path)
         return cookie
 
     def update_pod(self, handle: int, cfg: PodConfig) -> None:
@@ -248,7 +249,7 @@ class Datapath:
     # ---- inbound listener (userspace path) ----------------------------------------
     def register_listeners(self, netns_path: str, cookie: int | None = None,
                            cfg: PodConfig | None = None, proc: str = "/proc",
-                           by_netns: dict | None = None) -> int:
+                           by_netns: dict | None = None, cgroup_path: str | None = None) -> int:
         """Find sockets listening on 15006 in the pod and make them the sk_lookup target.
 
         Cookie mode does this in sockops when Envoy starts listening; this path
@@ -266,7 +267,7 @@ class Datapath:
         if ips is None:
             return 0
         written = 0
-        for family, fd in find_listeners(netns_path, INBOUND_PORT, proc, by_netns):
+        for family, fd in find_listeners(netns_path, INBOUND_PORT, proc, by_netns, cgroup_path):
             try:
                 for ip in ips:
                     if ip.family == family:

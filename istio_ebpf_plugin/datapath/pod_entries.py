@@ -63,6 +63,7 @@ class PodIndex:
     ports: set[tuple[int, int]] = field(default_factory=set)   # (kind, port)
     cidrs: set[CidrTuple] = field(default_factory=set)
     ips: set[bytes] = field(default_factory=set)               # bytes(IpAddr)
+    cfg: bytes = b""                                            # bytes(PodCfg) in pod_by_netns
 
 
 def _cidr_tuple(k: maps.CidrKey) -> CidrTuple:
@@ -94,12 +95,17 @@ class PodTable:
     def _rebuild(self) -> dict[int, PodIndex]:
         index: dict[int, PodIndex] = {}
         by_id: dict[int, PodIndex] = {}
+        expected: dict[int, tuple[int, int]] = {}     # pod id -> the (flags, handle) its IPs carry
         for key, val in self.configs().items():
-            index[key] = by_id[val.pod_id] = PodIndex(val.pod_id)
+            index[key] = by_id[val.pod_id] = PodIndex(val.pod_id, cfg=bytes(val))
+            expected[val.pod_id] = (val.flags, key)
         for k in self.access.keys("pod_by_ip", maps.IpAddr):
             owner = maps.PodIpVal()
             if self.access.lookup("pod_by_ip", k, owner) and owner.pod_id in by_id:
-                by_id[owner.pod_id].ips.add(bytes(k))
+                entry = by_id[owner.pod_id]
+                entry.ips.add(bytes(k))
+                if (owner.flags, owner.netns_cookie) != expected[owner.pod_id]:
+                    entry.cfg = b""       # a write cut short: the next one rewrites the pod whole
         for k in self.access.keys("pod_ports", maps.PortKey):
             if k.pod_id in by_id:
                 by_id[k.pod_id].ports.add((k.kind, k.port))
@@ -151,6 +157,8 @@ class PodTable:
         want_ports = {(k.kind, k.port) for k in entries.ports}
         want_cidrs = {_cidr_tuple(k) for k in entries.cidrs}
         want_ips = {bytes(ip) for ip, _ in entries.ips}
+        if (bytes(entries.cfg), want_ports, want_cidrs, want_ips) == (entry.cfg, entry.ports, entry.cidrs, entry.ips):
+            return    # the maps hold it already (a restarted agent's resync adopts every pod like this)
         # What this call wrote, for the rollback (pod_by_ip: the value it replaced, or None).
         added_ports: set[tuple[int, int]] = set()
         added_cidrs: set[CidrTuple] = set()
@@ -179,6 +187,7 @@ class PodTable:
         entry.ports |= want_ports
         entry.cidrs |= want_cidrs
         entry.ips |= want_ips
+        entry.cfg = bytes(entries.cfg)
         self.delete_entries(entry, entry.ports - want_ports, entry.cidrs - want_cidrs, entry.ips - want_ips)
 
     def _roll_back(self, entry: PodIndex, ports: set[tuple[int, int]], cidrs: set[CidrTuple],
