@@ -25,7 +25,7 @@ test: setup lint kubernetes image
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Every step on 5.10, 6.1, 6.12 (virtme-ng VMs) and this host; table in out/kernel-matrix/table.txt.
-# Tens of minutes under TCG: CI runs the subset in tests/test_kernel_matrix.py instead.
+# Tens of minutes under TCG: CI runs the subset in tests/test_harness_kernel_matrix.py instead.
 KERNELS ?= 5.10,6.1,6.12,host
 kernel-matrix: setup
 	$(VENV)/bin/istio-ebpf kernel-matrix --kernels $(KERNELS) --out out/kernel-matrix
@@ -33,8 +33,8 @@ kernel-matrix: setup
 # The in-kernel property test (Istio's iptables vs eBPF on random pod configurations) at depth,
 # in both modes; `make test` runs 40 fixed examples in the mode the probes select.
 test-deep: setup
-	CAPTURE_PROPERTY_EXAMPLES=400 CAPTURE_PROPERTY_MODE=cookie $(PY) -m pytest -x -p no:cacheprovider tests/test_capture_property.py
-	CAPTURE_PROPERTY_EXAMPLES=400 CAPTURE_PROPERTY_MODE=podip $(PY) -m pytest -x -p no:cacheprovider tests/test_capture_property.py
+	CAPTURE_PROPERTY_EXAMPLES=400 CAPTURE_PROPERTY_MODE=cookie $(PY) -m pytest -x -p no:cacheprovider tests/test_datapath_capture_property.py
+	CAPTURE_PROPERTY_EXAMPLES=400 CAPTURE_PROPERTY_MODE=podip $(PY) -m pytest -x -p no:cacheprovider tests/test_datapath_capture_property.py
 
 # A real control plane on loopback for humans: `eval "$$(make -s cluster-up)"` sets KUBECONFIG.
 cluster-up: setup kubernetes

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 from hypothesis import settings
 
+from istio_ebpf_plugin.datapath.loader import Datapath
 from istio_ebpf_plugin.harness import Node, cleanup, names
 
 # CI runs the property tests on a fixed set of examples (no flaky new finds on a submission,
@@ -33,6 +34,29 @@ def pin_root() -> Iterator[str]:
     yield root
     cleanup_pins(root)
     assert not os.path.exists(root)
+
+
+@pytest.fixture
+def datapath_factory() -> Iterator[Callable[..., Datapath]]:
+    """``make(mode, sockmap=False, pin_root=None)``: a loaded Datapath (a mode or sockmap this kernel
+    cannot run is skipped with the probes' reason); each is closed with clean-up afterwards."""
+    from istio_ebpf_plugin.datapath.probe import sockmap_supported
+    from support.datapath_modes import features, require_mode, unique_pin_root
+
+    made: list[Datapath] = []
+
+    def make(mode: str, sockmap: bool = False, pin_root: str | None = None) -> Datapath:
+        require_mode(mode)
+        if sockmap and not sockmap_supported(mode, features()):
+            pytest.skip(f"this kernel cannot accelerate {mode} mode with sockmap")
+        dp = Datapath(mode=mode, sockmap=sockmap, pin_root=pin_root or unique_pin_root()).load()
+        made.append(dp)
+        return dp
+
+    yield make
+    for dp in made:
+        dp.close(cleanup=True)
+        assert not dp.pin_dir.exists()
 
 
 @pytest.fixture
@@ -70,6 +94,6 @@ def _no_harness_leftovers() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def kube_control_plane():
     """A real Kubernetes 1.20.2 control plane (etcd, apiserver, controller-manager, scheduler) on loopback."""
-    from kube_cluster import start_control_plane
+    from support.kube_cluster import start_control_plane
 
     yield from start_control_plane()

@@ -14,11 +14,11 @@ import time
 
 import pytest
 
-from fake_kube import FakeKube, fixture_pod
+from support.fake_kube import FakeKube, fixture_pod
 from istio_ebpf_plugin.agent.node_agent import AgentConfig, NodeAgent
 from istio_ebpf_plugin.datapath.loader import Datapath
 from istio_ebpf_plugin.datapath.netns import netns_cookie
-from polling import wait_for
+from support.polling import wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -197,7 +197,7 @@ def test_kill_9_during_load_zero_failures_no_duplicates(cluster, pin_root):
 def test_500_pods_reconcile_and_memory_measured():
     """500 pods' worth of map entries: a fresh agent and a restarted one (adopting the pins)
     both converge to exactly 500 pods; the figures go into docs/agent.md."""
-    from agent_scale import measure
+    from support.agent_scale import measure
 
     r = measure(500)
     print(r)

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 
 from istio_ebpf_plugin import NODE_MODE_LABEL
-from fake_kube import FakeKube, fixture_pod
+from support.fake_kube import FakeKube, fixture_pod
 from istio_ebpf_plugin.agent.locate import PodLocator
 from istio_ebpf_plugin.datapath import probe
 from istio_ebpf_plugin.agent.node_agent import REASON_ANNOTATION, AgentConfig, NodeAgent
-from polling import wait_for
-from recording_datapath import RecordingDatapath, recording_factory
+from support.polling import wait_for
+from support.recording_datapath import RecordingDatapath, recording_factory
 
 NODE = "node-a"
 OPT_IN = {"istio-ebpf.io/redirect": "ebpf"}

@@ -11,7 +11,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from istio_fixtures import FIXTURES
+from support.istio_fixtures import FIXTURES
 from istio_ebpf_plugin.agent import pod_spec
 from istio_ebpf_plugin.agent.pod_spec import (
     A_EXCLUDE_CIDRS, A_EXCLUDE_IN_PORTS, A_EXCLUDE_OUT_PORTS, A_INCLUDE_CIDRS, A_INCLUDE_IN_PORTS,

@@ -27,8 +27,8 @@ from istio_ebpf_plugin.datapath.staging import staged
 from istio_ebpf_plugin.harness.probe import PYTHON, wait_ready
 from istio_ebpf_plugin.timeouts import scaled
 
-from datapath_modes import require_mode
-from polling import wait_for
+from support.datapath_modes import require_mode
+from support.polling import wait_for
 
 pytestmark = pytest.mark.kernel
 

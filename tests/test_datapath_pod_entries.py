@@ -1,5 +1,5 @@
 """datapath/pod_entries.py without root: the per-pod index, write with rollback, delete and the
-rebuild from the maps, against the dict-backed map layer of tests/fake_maps.py."""
+rebuild from the maps, against the dict-backed map layer of tests/support/fake_maps.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import errno
 import ipaddress
 
 import pytest
-from fake_maps import FakeMaps, pod_table
+from support.fake_maps import FakeMaps, pod_table
 
 from istio_ebpf_plugin.datapath import maps
 from istio_ebpf_plugin.datapath.podconfig import PodConfig, ip_list

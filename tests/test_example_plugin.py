@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from istio_fixtures import PILOT_GOLDEN, ROOT
+from support.istio_fixtures import PILOT_GOLDEN, ROOT
 from ruamel.yaml import YAML
 
 from istio_ebpf_plugin import plugin

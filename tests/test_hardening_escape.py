@@ -27,9 +27,9 @@ from istio_ebpf_plugin.datapath.podconfig import PodConfig, ip_list
 from istio_ebpf_plugin.harness import Node
 from istio_ebpf_plugin.harness.probe import PYTHON, start_probe_server
 
-from datapath_modes import host_mode
-from polling import wait_for
-from hardening_support import ESCAPE_CLIENT, RAW_SYN, SYN_SNIFFER, outcome, run_escape
+from support.datapath_modes import host_mode
+from support.polling import wait_for
+from support.hardening_support import ESCAPE_CLIENT, RAW_SYN, SYN_SNIFFER, outcome, run_escape
 
 pytestmark = pytest.mark.kernel
 

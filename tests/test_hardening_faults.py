@@ -24,9 +24,9 @@ from istio_ebpf_plugin.datapath.podconfig import PodConfig, ip_list
 from istio_ebpf_plugin.errors import KernelError
 from istio_ebpf_plugin.harness.probe import PYTHON, start_probe_server
 
-from datapath_modes import host_mode, require_mode
-from hardening_support import SYN_SNIFFER, ChurnPod, churn_ips
-from polling import wait_for
+from support.datapath_modes import host_mode, require_mode
+from support.hardening_support import SYN_SNIFFER, ChurnPod, churn_ips
+from support.polling import wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -298,7 +298,7 @@ def test_probe_forced_to_fail_falls_back_and_says_why(fail, mode, says):
 def test_agent_on_a_node_without_the_feature_publishes_unsupported(monkeypatch):
     """A kernel missing sk_lookup (forced): the agent attaches nothing, labels the node
     unsupported (opted-in pods stay off it) and says why, in the annotation and an Event."""
-    from fake_kube import FakeKube
+    from support.fake_kube import FakeKube
     from istio_ebpf_plugin.agent.node_agent import REASON_ANNOTATION, AgentConfig, NodeAgent
 
     monkeypatch.setenv("ISTIO_EBPF_PROBE_FAIL", "sk_lookup_assign")
@@ -336,7 +336,7 @@ def _cgroup_for(parent: str, stable: dict):
 def _churn_agent(pods: list[dict], inbox, cfg_kwargs: dict, ready: str) -> None:
     """A separate agent process (SIGKILLed by the test); its API is a FakeKube fed by the test."""
     from istio_ebpf_plugin import kube_api
-    from fake_kube import FakeKube
+    from support.fake_kube import FakeKube
     from istio_ebpf_plugin.agent.node_agent import AgentConfig, NodeAgent
 
     kube = FakeKube(NODE)
@@ -364,7 +364,7 @@ def test_agent_kill_9_during_pod_churn(node):
     After it settles: each program attached once (kernel query, cgroup and every pod netns),
     and the maps hold exactly the live pods: zero entries, links or IPs of deleted pods."""
     require_mode("cookie")     # the maps are checked against the pods' netns cookies
-    from fake_kube import fixture_pod
+    from support.fake_kube import fixture_pod
 
     pin_root = _pin_root()
     ready = f"/tmp/{os.path.basename(pin_root)}.ready"

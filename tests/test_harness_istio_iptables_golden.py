@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from istio_fixtures import FIXTURES
+from support.istio_fixtures import FIXTURES
 from istio_ebpf_plugin.datapath.podconfig import PodConfig
 from istio_ebpf_plugin.harness.istio_iptables import IstioIptablesFlags, render, render_for_pod
 

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from istio_fixtures import FIXTURES
+from support.istio_fixtures import FIXTURES
 from istio_ebpf_plugin import PROJECT_ROOT
 from istio_ebpf_plugin.errors import UsageError
 from istio_ebpf_plugin.install import injector_config, manifests, plan
-import strategic_merge
+from support import strategic_merge
 
 MANIFESTS_DIR = PROJECT_ROOT / "manifests"
 

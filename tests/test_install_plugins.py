@@ -7,7 +7,7 @@ import sys
 import types
 
 import pytest
-from istio_fixtures import FIXTURES
+from support.istio_fixtures import FIXTURES
 
 from istio_ebpf_plugin import hookspecs
 from istio_ebpf_plugin.errors import UsageError

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from istio_fixtures import FIXTURES
+from support.istio_fixtures import FIXTURES
 from istio_ebpf_plugin import PROJECT_ROOT
 from istio_ebpf_plugin.cli import main
 from istio_ebpf_plugin.install import injector_config, manifests

@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from istio_fixtures import FIXTURES, ROOT
+from support.istio_fixtures import FIXTURES, ROOT
 from istio_ebpf_plugin import NODE_MODE_LABEL, OPT_IN_ANNOTATION, OPT_IN_VALUE
-import strategic_merge
+from support import strategic_merge
 from istio_ebpf_plugin.install import gotemplate, injector_config
 from istio_ebpf_plugin.install import template as tpl
 
-import istio_cni_rules
-from install_gorender import GO_BUILTINS, STUB_FUNCTIONS, GoRenderer, go_binary
+from support import istio_cni_rules
+from support.install_gorender import GO_BUILTINS, STUB_FUNCTIONS, GoRenderer, go_binary
 
 VERSIONS = ("master", "v1.14.0")
 VALIDATION_FLAGS = ("--run-validation", "--skip-rule-apply")
@@ -427,7 +427,7 @@ _OWN_TEMPLATES = {"1.14.0": "v1.14.0", "1.22.0": "master", "1.26.0": "master", "
 @pytest.mark.parametrize("release", istio_cni_rules.RELEASES)
 def test_istio_cni_skips_opted_in_pods_and_only_those(rendered, cni_pods, release):
     """istio-cni's own skip rules (plugin.go of each release, transcribed with line references in
-    tests/istio_cni_rules.py) applied to the pods as injected with istio-cni on: every opted-in pod
+    tests/support/istio_cni_rules.py) applied to the pods as injected with istio-cni on: every opted-in pod
     falls under the istio-init rule, so the plugin writes no iptables into it; every other sidecar
     pod of the release's own templates gets iptables from istio-cni exactly as before."""
     assert istio_cni_rules.check_references(release) == []

@@ -2,7 +2,7 @@
 
 The HTTP tests talk to a small local HTTP server because they need faults the real apiserver
 cannot produce on demand (a stream cut mid-chunk, a server that accepts and never answers,
-a scripted 503). Everything the real server can show is in test_kube_e2e.py / test_kube_agent_e2e.py.
+a scripted 503). Everything the real server can show is in test_install_kube_e2e.py / test_agent_kube_e2e.py.
 """
 
 from __future__ import annotations

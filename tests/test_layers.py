@@ -24,8 +24,9 @@ PRODUCT_DIRS = ("datapath", "agent", "install")
 PRODUCT_MODULES = ("__init__.py", "kube_api.py", "kernel.py", "errors.py", "plugin.py", "resources.py")
 # The command line registers the lab's subcommands too; building it may load only these of the lab.
 LAB_REGISTRATION = {f"{PKG}.harness", f"{PKG}.harness.cli", f"{PKG}.bench", f"{PKG}.bench.cli"}
-# Test doubles and helpers that live in tests/ (imported there as top-level modules).
-TEST_MODULES = {p.stem for p in (ROOT / "tests").glob("*.py")} - {"conftest"}
+# Test files, their doubles and helpers (tests/support/, imported as ``support.<module>``): what tests/
+# puts on sys.path under a top-level name.
+TEST_MODULES = ({p.stem for p in (ROOT / "tests").glob("*.py")} - {"conftest"}) | {"support"}
 
 
 def _module_name(path: Path) -> str:

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from install_gorender import GoRenderer, go_binary
-from node_scenario import (APP_PORT, ISTIO, ISTIO_VERSION, Api, cgroup_programs, container_log, container_status,
-                           http_get, injected_client_pod, iptables_rules, netns_links, pod_pid, pod_ready, server_pod,
-                           step, wait)
+from support.install_gorender import GoRenderer, go_binary
+from support.node_scenario import (APP_PORT, ISTIO, ISTIO_VERSION, Api, cgroup_programs, container_log,
+                                   container_status, http_get, injected_client_pod, iptables_rules, netns_links,
+                                   pod_pid, pod_ready, server_pod, step, wait)
 from ruamel.yaml import YAML
 
 from istio_ebpf_plugin import NODE_MODE_LABEL, PROJECT_ROOT
@@ -95,10 +95,10 @@ def env(tmp_path_factory) -> Iterator[dict[str, Any]]:
             assert not lab.workdir.exists()
 
 
-#: ``istio-ebpf`` with the lab plugin (tests/node_lab_plugin.py) registered beside the built-in ones.
+#: ``istio-ebpf`` with the lab plugin (tests/support/node_lab_plugin.py) registered beside the built-in ones.
 CLI_WITH_LAB_PLUGIN = """
 import sys
-import node_lab_plugin
+from support import node_lab_plugin
 from istio_ebpf_plugin.cli import main
 from istio_ebpf_plugin.install import manager
 manager.get().register(node_lab_plugin, name="node-lab")

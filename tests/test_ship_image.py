@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 import yaml
-from ship_support import ROOT, check, run, user_env
+from support.ship_support import ROOT, check, run, user_env
 
 from istio_ebpf_plugin import __version__
 

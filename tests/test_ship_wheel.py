@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ship_support import ROOT, build_wheel, check, helm, install_wheel, run, user_env
+from support.ship_support import ROOT, build_wheel, check, helm, install_wheel, run, user_env
 
 from istio_ebpf_plugin import __version__
 from istio_ebpf_plugin.datapath import loader

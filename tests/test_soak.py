@@ -26,7 +26,7 @@ from istio_ebpf_plugin.datapath.podconfig import PodConfig, ip_list
 from istio_ebpf_plugin.harness.apps import http_get, start_http_server, url_for
 from istio_ebpf_plugin.harness.probe import PYTHON
 
-from hardening_support import ChurnPod, churn_ips
+from support.hardening_support import ChurnPod, churn_ips
 
 pytestmark = [pytest.mark.soak, pytest.mark.kernel]
 

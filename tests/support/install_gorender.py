@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-GO_SOURCE = Path(__file__).with_name("programs") / "gorender.go"
+GO_SOURCE = Path(__file__).resolve().parents[1] / "programs" / "gorender.go"
 
 #: Functions the stub implements (besides text/template's builtins).
 STUB_FUNCTIONS = {"default", "quote", "contains", "list", "toYaml", "indent", "nindent", "omitNil", "isset",

@@ -7,7 +7,7 @@ datapath, reconciles, and reports: time to the first complete reconcile,
 agent RSS, and map occupancy. A second agent (restart) adopts the pins and
 reconciles against the same state. Everything is removed at the end.
 
-    .venv/bin/python tests/agent_scale.py --pods 500
+    cd tests && ../.venv/bin/python -m support.agent_scale --pods 500
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
-from fake_kube import FakeKube, fixture_pod
+from .fake_kube import FakeKube, fixture_pod
 from istio_ebpf_plugin.agent.locate import PodLocation
 
 NODE = "scale-node"

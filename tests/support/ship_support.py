@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 #: What a wheel is built from (a fresh clone holds these; .venv, build/ and caches stay out).
 WHEEL_INPUTS = ("pyproject.toml", "README.md", "istio_ebpf_plugin", "hooks", "bpf", "manifests")
 #: Debian's python: its venvs (with system site packages) see python3-bpfcc. A venv made from

@@ -34,7 +34,7 @@ from istio_ebpf_plugin.harness import Node
 from istio_ebpf_plugin.harness.capture_cases import KNOWN_DIFFERENCES, Case, CaptureLab, View
 from istio_ebpf_plugin.harness.probe import probe_connect, start_probe_server
 
-from datapath_modes import host_mode, require_mode
+from support.datapath_modes import host_mode, require_mode
 
 pytestmark = pytest.mark.kernel
 

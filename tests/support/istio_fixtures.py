@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "istio"
 #: An ``istioctl manifest generate`` output of istiod (master): the render input of several tests.
 PILOT_GOLDEN = FIXTURES / "master" / "manifest-generate" / "output" / "pilot_default.golden.yaml"

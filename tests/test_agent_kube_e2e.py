@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from fake_kube import fixture_pod
+from support.fake_kube import fixture_pod
 from istio_ebpf_plugin import NODE_MODE_LABEL, kube_api
 from istio_ebpf_plugin.agent.node_agent import NodeAgent
 from istio_ebpf_plugin.install import manifests

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import uuid
 
 import pytest
 
@@ -41,3 +42,8 @@ def require_mode(mode: str) -> None:
     if gaps:
         assert select_mode(os.uname().release, features(), override=mode)[0] != mode
         pytest.skip(f"kernel {os.uname().release} cannot run {mode} mode (probes failed: {', '.join(gaps)})")
+
+
+def unique_pin_root() -> str:
+    """A bpffs pin root no other test (or session) uses."""
+    return f"/sys/fs/bpf/istio-ebpf-test-{uuid.uuid4().hex[:8]}"

@@ -1,7 +1,7 @@
 """Kernel matrix: real Debian kernels booted with virtme-ng run the datapath.
 
 The VM test boots 5.10 (pod-IP mode) and 6.12 (cookie mode) and runs the CI subset of
-steps (tests/kernel_expectations.py: CI_MATRIX); `make kernel-matrix` runs all six steps on
+steps (tests/support/kernel_expectations.py: CI_MATRIX); `make kernel-matrix` runs all six steps on
 5.10, 6.1, 6.12 and this host. The unit tests pin the rule and the probes on kernels the
 registry no longer serves.
 """
@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from kernel_expectations import CI_MATRIX, EXPECTED_MODE, FEATURE_SINCE, SOCKMAP_BROKEN_READERS, features_for
+from support.kernel_expectations import CI_MATRIX, EXPECTED_MODE, FEATURE_SINCE, SOCKMAP_BROKEN_READERS, features_for
 
 from istio_ebpf_plugin.datapath.probe import select_mode
 from istio_ebpf_plugin.errors import UsageError

@@ -10,7 +10,7 @@ objects (a DaemonSet rolls out at once: no kubelet here).
 
 Pods come from the real injected fixtures (:func:`fixture_pod`).
 
-The same flows run against a real kube-apiserver in test_kube_agent_e2e.py. This fake stays
+The same flows run against a real kube-apiserver in test_agent_kube_e2e.py. This fake stays
 where a test needs what the real server cannot give on demand: a BOOKMARK or an in-stream
 ERROR 410 at a chosen moment, a failing node patch, and agents in many short-lived
 processes (kernel, fault and scale tests) without a control plane each.
@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 import jsonpatch
 import yaml
 
-from istio_fixtures import FIXTURES
+from .istio_fixtures import FIXTURES
 from istio_ebpf_plugin import kube_api
 from istio_ebpf_plugin.agent.pod_spec import pod_from_manifest
 

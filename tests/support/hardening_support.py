@@ -23,7 +23,7 @@ from istio_ebpf_plugin.harness import names
 from istio_ebpf_plugin.datapath.selftest.topology import delete_netns, kill_cgroup, kill_netns_processes, remove_cgroup
 from istio_ebpf_plugin.harness.probe import PYTHON
 
-PROGRAMS = Path(__file__).with_name("programs")
+PROGRAMS = Path(__file__).resolve().parents[1] / "programs"
 #: Program texts, run with ``python3 -S -c`` (see each file's docstring for its arguments).
 ESCAPE_CLIENT = (PROGRAMS / "escape_client.py").read_text()
 RAW_SYN = (PROGRAMS / "raw_syn.py").read_text()

@@ -1,6 +1,6 @@
 """install / uninstall / status against a fake API, swapped in at kube_api (and only there).
 
-The same commands run against a real kube-apiserver in test_kube_e2e.py. The fake stays for
+The same commands run against a real kube-apiserver in test_install_kube_e2e.py. The fake stays for
 what the real server does not give on demand: a DaemonSet that rolls out (no kubelet there),
 a 403 on listing nodes, a ConfigMap replaced underneath between two commands, and speed.
 """
@@ -12,8 +12,8 @@ import json
 
 import pytest
 
-from fake_kube import FakeKube
-from istio_fixtures import FIXTURES
+from support.fake_kube import FakeKube
+from support.istio_fixtures import FIXTURES
 from istio_ebpf_plugin import NODE_MODE_LABEL, kube_api
 from istio_ebpf_plugin.cli import main
 from istio_ebpf_plugin.errors import TemporaryError

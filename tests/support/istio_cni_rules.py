@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from istio_fixtures import FIXTURES
+from .istio_fixtures import FIXTURES
 
 CNI_PLUGIN = FIXTURES / "cni-plugin"
 RELEASES = ("1.14.0", "1.22.0", "1.26.0", "master")

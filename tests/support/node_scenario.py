@@ -17,13 +17,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-import strategic_merge
+from . import strategic_merge
 from ruamel.yaml import YAML
 
 from istio_ebpf_plugin import OPT_IN_ANNOTATION, OPT_IN_VALUE
 from istio_ebpf_plugin.install import injector_config
 
-ISTIO = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "istio"
+ISTIO = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "istio"
 ISTIO_VERSION = "v1.14.0"
 APP_PORT = 8080
 

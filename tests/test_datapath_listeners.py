@@ -16,7 +16,7 @@ import sys
 import time
 
 import pytest
-from node_lab_plugin import CAP_NUMBERS
+from support.node_lab_plugin import CAP_NUMBERS
 from ruamel.yaml import YAML
 
 from istio_ebpf_plugin import PROJECT_ROOT
