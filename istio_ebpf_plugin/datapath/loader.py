@@ -246,6 +246,51 @@ class Datapath:
         finally:
             os.close(fd)
 
+    # ---- refusing a pod that cannot be programmed ---------------------------------
+    # When a pod's entries cannot be written (full maps, ...), its connections must not go out
+    # uncaptured: bpf/deny.c is linked into the pod's own cgroup and netns instead. It takes
+    # no map space; the links are pinned beside the others, named after the pod's cgroup id.
+    def deny_pod(self, netns_path: str, cgroup_path: str) -> int:
+        """Refuse every connection of one pod (idempotent). Returns the deny's handle (the
+        pod's cgroup id). Raises OSError when neither its cgroup nor its netns can be opened."""
+        cg_fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            cgid = os.fstat(cg_fd).st_ino
+            self._link_deny(cgid, "pod-cgroup", cg_fd)
+        finally:
+            os.close(cg_fd)
+        try:
+            ns_fd = os.open(netns_path, os.O_RDONLY)
+        except OSError as exc:
+            log.warning("pod netns %s gone: its outbound connections are refused, inbound is not: %s",
+                        netns_path, exc)
+            return cgid
+        try:
+            self._link_deny(cgid, "pod-netns", ns_fd)
+        finally:
+            os.close(ns_fd)
+        return cgid
+
+    def _link_deny(self, cgid: int, target: str, target_fd: int) -> None:
+        for p in self.loaded_programs:
+            if p.target != target or self._link_path(f"deny-{cgid}-{p.func}").exists():
+                continue
+            link = libbpf.link_create(self.prog_fds[p.func], target_fd, p.attach_type)
+            try:
+                libbpf.obj_pin(link, str(self._link_path(f"deny-{cgid}-{p.func}")))
+            finally:
+                os.close(link)
+
+    def allow_pod(self, deny: int) -> None:
+        """Undo :meth:`deny_pod` (idempotent; the pod may be gone)."""
+        for link in self.pin_dir.joinpath("links").glob(f"deny-{deny}-*"):
+            unpin_link(link)
+
+    def denied(self) -> set[int]:
+        """The cgroup ids of every pod refused now (also by a previous agent)."""
+        links = self.pin_dir / "links"
+        return {int(p.name.split("-")[1]) for p in links.glob("deny-*")} if links.exists() else set()
+
     # ---- inbound listener (userspace path) ----------------------------------------
     def register_listeners(self, netns_path: str, cookie: int | None = None,
                            cfg: PodConfig | None = None, proc: str = "/proc",
@@ -286,6 +331,11 @@ class Datapath:
                    for handle, path in netns_paths.items())
 
     # ---- observation --------------------------------------------------------------
+    def pod_counters(self) -> dict[int, dict[str, int]]:
+        """Per-pod counters by pod handle. The programs keep node-wide counters only so far
+        (:meth:`counters`): no pod has any yet."""
+        return {}
+
     def counters(self) -> dict[str, int]:
         out = {}
         for i, name in enumerate(maps.COUNTERS):
