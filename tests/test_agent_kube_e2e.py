@@ -118,11 +118,9 @@ def test_agent_follows_real_pods_with_its_own_token(world):
         _eventually(lambda: len(store) == 1, 30, "the pod's entry")
         (cfg,) = store.values()
         assert str(cfg.pod_ips[0]) == "10.44.0.5"
-        # An annotation PATCH reaches the entry.
-        assert cp.request("PATCH", f"/api/v1/namespaces/{ns}/pods/a", {"metadata": {"annotations": {
-            "traffic.sidecar.istio.io/excludeOutboundPorts": "7,8,9,5432"}}},
-            content_type="application/merge-patch+json")[0] == 200
-        _eventually(lambda: any(5432 in c.exclude_outbound_ports for c in store.values()), 30, "the update")
+        (ready,) = _eventually_events(cp, ns, "a", "CaptureReady")
+        assert ready["type"] == "Normal" and "cookie mode" in ready["message"]
+        assert ready["involvedObject"]["uid"] == pod["metadata"]["uid"]
         # Deleting the pod removes its entries (no kubelet: confirm the deletion at once).
         assert cp.request("DELETE", f"/api/v1/namespaces/{ns}/pods/a",
                           {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0})[0] == 200
@@ -131,6 +129,100 @@ def test_agent_follows_real_pods_with_its_own_token(world):
         # The token really is the agent's: what RBAC does not grant is refused.
         with pytest.raises(kube_api.Forbidden):
             kube_api.list_nodes()
+    finally:
+        run.close()
+
+
+def pod_events(cp, ns: str, name: str, reason: str) -> list[dict]:
+    """The pod's Events as the real apiserver stores them."""
+    items = cp.request("GET", f"/api/v1/namespaces/{ns}/events")[1]["items"]
+    return [e for e in items if e["involvedObject"].get("name") == name and e["reason"] == reason]
+
+
+def _eventually_events(cp, ns: str, name: str, reason: str, n: int = 1, timeout: float = 30) -> list[dict]:
+    _eventually(lambda: len(pod_events(cp, ns, name, reason)) >= n, timeout, f"{n} {reason} Event(s) on {name}")
+    return pod_events(cp, ns, name, reason)
+
+
+def _patch(cp, ns: str, name: str, annotations: dict) -> None:
+    assert cp.request("PATCH", f"/api/v1/namespaces/{ns}/pods/{name}", {"metadata": {"annotations": annotations}},
+                      content_type="application/merge-patch+json")[0] == 200
+
+
+def _kubelet_status(cp, ns: str, name: str, ip: str) -> None:
+    """What the kubelet writes after a sandbox restart: a status update (a MODIFIED event)."""
+    assert cp.request("PATCH", f"/api/v1/namespaces/{ns}/pods/{name}/status",
+                      {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                                  "conditions": [{"type": "Ready", "status": "False",
+                                                  "reason": f"restart-{uuid.uuid4().hex[:6]}"}]}},
+                      content_type="application/merge-patch+json")[0] == 200
+
+
+def test_opt_in_without_a_sidecar_is_ignored_with_an_event(world):
+    """Issue 21 item 2 on a real apiserver: the opt-in on pods Istio did not inject (the webhook's
+    object selector skips sidecar.istio.io/inject=false; a spec never injected has no istio-proxy and
+    no sidecar.istio.io/status) is ignored, and the pod gets a Warning Event saying why."""
+    cp, node, ns, proc = world
+    store: dict = {}
+    agent = agent_for(node, proc, store)
+    run = Running(agent)
+    try:
+        _eventually(lambda: agent.synced, 30, "first sync")
+        create_pod(cp, ns, node, "plain", "10.44.1.1", proc, fixture="v1.14.0/inject/hello.yaml")
+        create_pod(cp, ns, node, "inject-off", "10.44.1.2", proc, fixture="v1.14.0/inject/hello.yaml",
+                   annotations={**OPT_IN, "sidecar.istio.io/inject": "false"})
+        create_pod(cp, ns, node, "sidecar", "10.44.1.3", proc)
+        _eventually(lambda: len(store) == 1, 30, "the injected pod captured")
+        (plain,) = _eventually_events(cp, ns, "plain", "CaptureIgnored")
+        (off,) = _eventually_events(cp, ns, "inject-off", "CaptureIgnored")
+        assert plain["type"] == off["type"] == "Warning"
+        assert "no istio-proxy container" in plain["message"]
+        assert "sidecar.istio.io/inject is 'false'" in off["message"]
+        assert [str(c.pod_ips[0]) for c in store.values()] == ["10.44.1.3"]
+        time.sleep(1)
+        assert len(store) == 1 and len(pod_events(cp, ns, "plain", "CaptureIgnored")) == 1
+    finally:
+        run.close()
+
+
+def test_capture_is_fixed_per_sandbox(world):
+    """Issue 21 item 7 on a real apiserver: annotation edits (traffic annotations, the opt-in) do not
+    change a running sandbox's capture; each gets an Event; the next sandbox follows the Pod."""
+    cp, node, ns, proc = world
+    store: dict = {}
+    agent = agent_for(node, proc, store)
+    run = Running(agent)
+    try:
+        _eventually(lambda: agent.synced, 30, "first sync")
+        pod = create_pod(cp, ns, node, "a", "10.44.2.1", proc)
+        uid = pod["metadata"]["uid"]
+        _eventually(lambda: len(store) == 1, 30, "captured")
+        first = next(iter(store))
+        _patch(cp, ns, "a", {"traffic.sidecar.istio.io/excludeOutboundPorts": "7,8,9,5432"})
+        (ev,) = _eventually_events(cp, ns, "a", "CaptureUnchanged")
+        assert ev["type"] == "Normal" and "takes effect when the pod restarts" in ev["message"]
+        assert list(store) == [first] and 5432 not in store[first].exclude_outbound_ports
+        # The opt-in removed: the running sandbox stays captured.
+        _patch(cp, ns, "a", {"istio-ebpf.io/redirect": None})
+        _eventually_events(cp, ns, "a", "CaptureUnchanged", 2)
+        assert list(store) == [first]
+        # A new sandbox (new process, new netns): it follows the Pod as it is now: not opted in.
+        old_pid = max(int(p.name) for p in proc.root.iterdir())
+        proc.start(uid)
+        proc.stop(old_pid)
+        _kubelet_status(cp, ns, "a", "10.44.2.1")
+        _eventually(lambda: not store, 30, "no capture in the new sandbox")
+        # Opted in again while that sandbox runs: Event, not captured; its next sandbox is.
+        _patch(cp, ns, "a", OPT_IN)
+        _eventually_events(cp, ns, "a", "CaptureUnchanged", 3)
+        assert not store
+        old_pid = max(int(p.name) for p in proc.root.iterdir())
+        proc.start(uid)
+        proc.stop(old_pid)
+        _kubelet_status(cp, ns, "a", "10.44.2.1")
+        _eventually(lambda: len(store) == 1, 30, "captured in the next sandbox")
+        assert 5432 in next(iter(store.values())).exclude_outbound_ports
+        assert len(pod_events(cp, ns, "a", "CaptureReady")) == 2
     finally:
         run.close()
 
@@ -247,15 +339,13 @@ def test_real_datapath_and_envoy_follow_the_real_api(world, cluster, pin_root): 
         time.sleep(0.3)
         assert f"{server.ipv4}:{PORT}" in {e.get("downstream_local_address") for e in outbound_entries(envoys["cli"])}
         before = len(outbound_entries(envoys["cli"]))
-        # An annotation PATCH on the real API takes effect in the maps, then on the wire.
-        assert cp.request("PATCH", f"/api/v1/namespaces/{ns}/pods/cli", {"metadata": {"annotations": {
-            "traffic.sidecar.istio.io/excludeOutboundPorts": str(PORT)}}},
-            content_type="application/merge-patch+json")[0] == 200
-        _eventually(lambda: PORT in agent.reconciler.records[cli["metadata"]["uid"]].config.exclude_outbound_ports,
-                    30, "the excluded port in the maps")
+        # An annotation PATCH on the real API: the running sandbox keeps its capture (Event).
+        _patch(cp, ns, "cli", {"traffic.sidecar.istio.io/excludeOutboundPorts": str(PORT)})
+        _eventually_events(cp, ns, "cli", "CaptureUnchanged")
         assert [r["status"] for r in http_get(client, url, count=3)] == [200] * 3
-        time.sleep(0.3)
-        assert len(outbound_entries(envoys["cli"])) == before, "excluded port still went through Envoy"
+        _eventually(lambda: len(outbound_entries(envoys["cli"])) == before + 3, 10, "still through Envoy")
+        ready = pod_events(cp, ns, "cli", "CaptureReady") + pod_events(cp, ns, "srv", "CaptureReady")
+        assert len(ready) == 2 and all("s after the sandbox started" in e["message"] for e in ready), ready
         # Deleting the Pod object removes its entries.
         assert cp.request("DELETE", f"/api/v1/namespaces/{ns}/pods/srv",
                           {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0})[0] == 200

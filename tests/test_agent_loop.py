@@ -8,7 +8,6 @@ real NodeAgent with only kube_api and the datapath object replaced.
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 import time
 import urllib.error
@@ -135,20 +134,24 @@ def test_pods_followed_through_watch_events(kube, proc):
         kube.add(b)
         wait_for(lambda: len(store) == 2, what="pod b added")
 
-        # MODIFIED: a new excluded outbound port reaches the entry
+        # MODIFIED on a running pod: capture is fixed per sandbox; the pod is told when it applies
         kube.modify(a["metadata"]["uid"], annotations={"traffic.sidecar.istio.io/excludeOutboundPorts": "7,8,9,5432"})
-        wait_for(lambda: any(c.exclude_outbound_ports == (7, 8, 9, 5432) for c in store.values()), what="update")
-        assert ("update", next(h for h, c in store.items() if 5432 in c.exclude_outbound_ports)) in dp.calls
+        wait_for(lambda: any(e["reason"] == "CaptureUnchanged" for e in kube.events), what="the Event")
+        assert sorted(c.exclude_outbound_ports for c in store.values()) == [(), (7, 8, 9)]
+        assert not [c for c in dp.calls if c[0] == "update"]
 
         # BOOKMARK moves the resourceVersion; the next watch starts from it
         kube.bookmark()
         wait_for(lambda: agent.watcher.resource_version == str(kube.rv), what="bookmark rv")
 
-        # opting out removes the entry, DELETED removes the other one
+        # opting out keeps the running sandbox captured; DELETED removes the entries
         kube.modify(b["metadata"]["uid"], annotations={"inject.istio.io/templates": "sidecar"})
-        wait_for(lambda: len(store) == 1, what="opt-out")
+        wait_for(lambda: sum(e["reason"] == "CaptureUnchanged" for e in kube.events) == 2, what="opt-out Event")
+        assert len(store) == 2
         kube.delete_pod(a["metadata"]["uid"])
-        wait_for(lambda: len(store) == 0, what="delete")
+        wait_for(lambda: len(store) == 1, what="delete a")
+        kube.delete_pod(b["metadata"]["uid"])
+        wait_for(lambda: len(store) == 0, what="delete b")
 
         code, text = get(agent, "/metrics")
         assert code == 200 and "istio_ebpf_pods_managed" in text
@@ -259,8 +262,9 @@ def test_capture_latency_of_pods_started_while_the_agent_ran(kube, proc):
 
 
 def test_pod_ip_reused_by_a_new_pod_podip_mode(kube, proc):
+    """Pod-IP mode keys pods by their cgroup: a new pod with an old pod's IP is a new entry, and
+    the old pod's late DELETED removes only its own."""
     store: dict = {}
-    ip = int(ipaddress.ip_address("10.0.0.40"))     # the recording datapath's pod-IP mode handle
     agent = make_agent(proc, store, mode="podip")
     run = Running(agent)
     try:
@@ -268,17 +272,18 @@ def test_pod_ip_reused_by_a_new_pod_podip_mode(kube, proc):
         old = fixture_pod("master/inject/hello.yaml.injected", "old", NODE, ["10.0.0.40"], annotations=OPT_IN)
         proc.start(old["metadata"]["uid"])
         kube.add(old)
-        wait_for(lambda: ip in store)
+        wait_for(lambda: len(store) == 1)
         # The new pod with the same IP arrives before the old one's DELETED (events can be that late)
         new = fixture_pod("master/inject/traffic-annotations.yaml.injected", "new", NODE, ["10.0.0.40"],
                           annotations=OPT_IN)
         proc.start(new["metadata"]["uid"])
         kube.add(new)
-        wait_for(lambda: store.get(ip) is not None and store[ip].exclude_outbound_ports == (7, 8, 9))
+        wait_for(lambda: len(store) == 2)
         kube.delete_pod(old["metadata"]["uid"])
-        time.sleep(0.3)
-        assert ip in store and store[ip].exclude_outbound_ports == (7, 8, 9)
-        assert agent.reconciler.owners[ip] == new["metadata"]["uid"]
+        wait_for(lambda: len(store) == 1)
+        ((handle, cfg),) = store.items()
+        assert cfg.exclude_outbound_ports == (7, 8, 9)
+        assert agent.reconciler.owners[handle] == new["metadata"]["uid"]
     finally:
         run.close()
 

@@ -278,3 +278,49 @@ def test_property_malformed_pod_objects(garbage, where):
         pod_config(pod)
     except UsageError as exc:
         assert "\n" not in str(exc)
+
+
+# What istio-cni's CmdAdd would do with each injected fixture (cni-plugin/*/plugin.go): program
+# redirection (None here) or leave the pod alone, and why. TPROXY/NONE: Istio's own rules or none.
+NOT_CAPTURED = {
+    "custom-template.yaml.injected": "no istio-proxy container",
+    "gateway.yaml.injected": "runs as 'router', not as a sidecar",
+    "grpc-agent.yaml.injected": "DISABLE_ENVOY",
+    "hello-host-network.yaml.injected": "hostNetwork",
+    "hello-tproxy.yaml.injected": "interceptionMode TPROXY",
+    "proxy-override-runas.yaml.tproxy.injected": "interceptionMode TPROXY",
+    "init-no-intercept-no-native-sidecar.yaml.injected": "interceptionMode NONE",
+}
+
+
+@pytest.mark.parametrize("path", INJECTED, ids=lambda p: f"{p.parent.parent.name}/{p.name}")
+def test_opt_in_applies_only_to_sidecar_pods(path):
+    why = pod_spec.ignored(load(path))
+    expected = NOT_CAPTURED.get(path.name)
+    if expected is None:
+        assert why is None, why
+    else:
+        assert why is not None and expected in why.reason
+        assert why.warning is ("interceptionMode" not in expected)   # TPROXY/NONE: as documented
+
+
+def test_opt_in_ignored_when_injection_is_off_or_the_sidecar_is_missing():
+    pod = load(FIXTURES / "master" / "inject" / "hello.yaml.injected")
+    assert pod_spec.ignored(pod) is None
+    for where in ("labels", "annotations"):
+        for value in ("false", "0", "F", "FALSE"):
+            off = copy.deepcopy(pod)
+            off["metadata"].setdefault(where, {})["sidecar.istio.io/inject"] = value
+            assert "sidecar.istio.io/inject" in pod_spec.ignored(off).reason
+    # the label wins over the annotation (istio-cni's order); a non-bool value is not "off"
+    on = copy.deepcopy(pod)
+    on["metadata"]["labels"] = {"sidecar.istio.io/inject": "true"}
+    on["metadata"]["annotations"]["sidecar.istio.io/inject"] = "false"
+    assert pod_spec.ignored(on) is None
+    on["metadata"]["labels"]["sidecar.istio.io/inject"] = "maybe"
+    assert pod_spec.ignored(on) is None
+    raw = load(FIXTURES / "master" / "inject" / "hello.yaml")
+    assert "no istio-proxy container" in pod_spec.ignored(raw).reason
+    nostatus = copy.deepcopy(pod)
+    del nostatus["metadata"]["annotations"]["sidecar.istio.io/status"]
+    assert "sidecar.istio.io/status" in pod_spec.ignored(nostatus).reason

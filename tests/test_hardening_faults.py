@@ -82,14 +82,87 @@ def test_pods_beyond_max_pods_refused_whole(node, make_dp):
     assert "\n" not in str(err.value)
     assert dp.occupancy() == before, (before, dp.occupancy())
     assert sorted(x.name for x in (dp.pin_dir / "links").iterdir()) == links_before
-    # c is simply not captured (the agent reports and retries); a still is.
-    assert node.probe_connect(c, 1000, 1000, d.ipv4, 8080).listener == "direct"
+    # c cannot be captured, so it must not run uncaptured (the agent does this: test below):
+    # the deny programs in its own cgroup and netns refuse its connections, with no map space.
+    inbound = start_probe_server(c, targets=(8080,))
+    deny = dp.deny_pod(c.netns_path, str(c.cgroup_path))
+    assert dp.denied() == {deny} and dp.occupancy() == before
+    out = node.probe_connect(c, 1000, 1000, d.ipv4, 8080)
+    assert (out.listener, out.errno) == ("error", "EPERM"), out            # outbound: connect() refused
+    assert node.probe_connect(d, 1000, 1000, c.ipv4, 8080).errno == "ECONNREFUSED"   # inbound: refused
+    assert node.probe_connect(c, 1000, 1000, "127.0.0.1", 8080).listener == "direct"   # loopback stays
     assert node.probe_connect(a, 1000, 1000, d.ipv4, 8080).listener == "refused"   # 15001, nobody there
     dp.remove_pod(handles[a])
     hc = dp.add_pod(c.netns_path, PodConfig(pod_ips=ip_list(c.pod_ips)), str(c.cgroup_path))
-    assert set(dp.pods()) == {handles[b], hc}
-    assert node.probe_connect(c, 1000, 1000, d.ipv4, 8080).listener == "refused"
+    dp.allow_pod(deny)
+    assert set(dp.pods()) == {handles[b], hc} and dp.denied() == set()
+    out = node.probe_connect(c, 1000, 1000, d.ipv4, 8080)
+    assert (out.listener, out.pod) == ("outbound", "c"), out          # captured by c's own 15001
+    inbound.stop()
     server.stop()
+
+
+def test_agent_refuses_a_pod_the_full_maps_cannot_hold(node, monkeypatch, pin_root):
+    """The agent with MAX_PODS=2 and three opted-in pods: the third is not left uncaptured. Its
+    outbound connect() fails with EPERM and inbound connections to it are refused (deny programs
+    in its own cgroup and netns), one Warning CaptureFailed Event says why, a metric counts it;
+    once a slot frees, a backed-off retry captures it and lifts the deny (CaptureReady)."""
+    from support.fake_kube import FakeKube, fixture_pod
+    from istio_ebpf_plugin.agent.node_agent import AgentConfig, NodeAgent
+
+    mode = host_mode()
+    require_mode(mode)
+    kube = FakeKube(NODE).install(monkeypatch)
+    a, b, c, d = (node.add_pod(n) for n in ("a", "b", "c", "d"))
+    for p in (a, b):
+        p.spawn(["sleep", "100000"])     # the locator finds a pod's netns through its processes
+    server = start_probe_server(d, targets=(8080,))
+    in_c = start_probe_server(c, targets=(8080,))      # c's own "Envoy" (15001/15006) and app (8080)
+    objs = {p: fixture_pod("master/inject/hello.yaml.injected", p.name, NODE, list(p.pod_ips),
+                           annotations={"istio-ebpf.io/redirect": "ebpf"}) for p in (a, b, c)}
+    cgroups = {o["metadata"]["uid"]: str(p.cgroup_path) for p, o in objs.items()}
+    cfg = AgentConfig(node_name=NODE, mode_override=mode, pin_root=pin_root, cgroup_root=str(node.parent_cgroup),
+                      host="127.0.0.1", port=0, retry_seconds=0.05, watch_timeout=1, cgroup_for_uid=cgroups.get,
+                      failure_backoff=0.2, failure_backoff_max=0.5)
+    agent = NodeAgent(cfg, lambda m, root, sockmap: Datapath(m, sockmap, root, map_sizes={"MAX_PODS": 2}))
+    stop = threading.Event()
+    loop = threading.Thread(target=lambda: [agent.step(0.05) for _ in iter(stop.is_set, True)], daemon=True)
+
+    def events(pod, reason):
+        return [e for e in kube.events if e["involvedObject"]["name"] == pod.name and e["reason"] == reason]
+
+    try:
+        for p in (a, b):
+            kube.add(objs[p])
+        agent.start(serve=False)
+        loop.start()
+        wait_for(lambda: agent.ready()[0] and len(agent.datapath.pods()) == 2, timeout=60, what="a and b")
+        kube.add(objs[c])
+        wait_for(lambda: events(c, "CaptureFailed"), timeout=30, what="CaptureFailed for c")
+        (ev,) = events(c, "CaptureFailed")
+        assert ev["type"] == "Warning" and "maps are full" in ev["message"], ev
+        assert agent.datapath.denied() == {os.stat(c.cgroup_path).st_ino}
+        out = node.probe_connect(c, 1000, 1000, d.ipv4, 8080)
+        assert (out.listener, out.errno) == ("error", "EPERM"), out
+        assert node.probe_connect(d, 1000, 1000, c.ipv4, 8080).errno == "ECONNREFUSED"
+        agent.update_metrics()
+        assert agent.metrics.pods_failed._value.get() == 1
+        time.sleep(1.5)       # retries back off (0.2, 0.4, 0.5 s): still one Event
+        assert len(events(c, "CaptureFailed")) == 1 and agent.reconciler.failures["maps_full"] >= 3
+
+        kube.delete_pod(objs[a]["metadata"]["uid"])        # a slot frees: c is captured, its deny lifted
+        wait_for(lambda: events(c, "CaptureReady"), timeout=30, what="CaptureReady for c")
+        assert agent.datapath.denied() == set()
+        out = node.probe_connect(c, 1000, 1000, d.ipv4, 8080)
+        assert (out.listener, out.pod) == ("outbound", "c"), out
+        assert "s after the sandbox started" in events(c, "CaptureReady")[0]["message"]
+    finally:
+        stop.set()
+        loop.join(5)
+        agent.shutdown(cleanup=True)
+        in_c.stop()
+        server.stop()
+        assert not list(Path(pin_root).glob("v*/links/*")), "links left behind"
 
 
 _HOLD_CLIENT = r"""

@@ -1,26 +1,37 @@
-"""``/healthz``, ``/readyz`` and ``/metrics`` on one small HTTP server thread."""
+"""``/healthz``, ``/readyz``, ``/metrics`` and JSON routes (``/pods``) on one small HTTP server thread."""
 
 from __future__ import annotations
 
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from typing import Any, Callable, Mapping
+from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 Check = Callable[[], tuple[bool, str]]
+#: query (parse_qs of the URL's query string) -> (HTTP status, JSON-able body)
+JsonRoute = Callable[[Mapping[str, list[str]]], tuple[int, Any]]
 
 
 class HealthServer:
     def __init__(self, host: str, port: int, healthy: Check, ready: Check,
-                 registry: CollectorRegistry) -> None:
+                 registry: CollectorRegistry, json_routes: Mapping[str, JsonRoute] | None = None) -> None:
         checks = {"/healthz": healthy, "/readyz": ready}
+        routes = dict(json_routes or {})
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
-                path = self.path.split("?", 1)[0]
+                path, _, query = self.path.partition("?")
                 if path == "/metrics":
                     body, status, ctype = generate_latest(registry), 200, CONTENT_TYPE_LATEST
+                elif path in routes:
+                    try:
+                        status, obj = routes[path](parse_qs(query))
+                    except Exception as exc:  # noqa: BLE001 - one bad request never stops the server
+                        status, obj = 500, {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+                    body, ctype = (json.dumps(obj, sort_keys=True) + "\n").encode(), "application/json"
                 elif path in checks:
                     ok, text = checks[path]()
                     body, status, ctype = (text + "\n").encode(), 200 if ok else 503, "text/plain"

@@ -117,6 +117,15 @@ class PodLocator:
         finally:
             self._batch = False
 
+    def peek(self, uid: str) -> PodLocation | None:
+        """Like :meth:`locate`, from the current index only: a miss does not rescan /proc."""
+        if self.cgroup_for_uid is not None:
+            return self.locate(uid)
+        now = time.monotonic()
+        if now - self._index_time > self.INDEX_TTL and not self._batch:
+            self._rescan(now)
+        return self._index.get(uid.replace("_", "-"))
+
     INDEX_TTL = 1.0
     MISS_RESCAN_AFTER = 0.1
     # "pod<uid>" in both cgroup drivers' names (systemd writes the UID with '_').

@@ -20,6 +20,9 @@ class AgentMetrics:
                                   registry=r)
         self.pods_pending = Gauge("istio_ebpf_pods_pending", "Opted-in pods waiting for a sandbox, IPs or a "
                                   "valid configuration", registry=r)
+        self.pods_failed = Gauge("istio_ebpf_pods_failed", "Opted-in pods that cannot be programmed: their "
+                                 "connections are refused until they are (see istio_ebpf_pod_capture_failures)",
+                                 registry=r)
         self.map_entries = Gauge("istio_ebpf_map_entries", "Pod entries present in the datapath maps",
                                  registry=r)
         self.map_occupancy = Gauge("istio_ebpf_map_occupancy", "Entries per datapath map", ["map"], registry=r)

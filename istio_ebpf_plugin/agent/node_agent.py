@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -21,9 +22,11 @@ from .. import NODE_MODE_LABEL, kube_api
 from ..datapath.host import DEFAULT_PIN_ROOT
 from ..errors import IstioEbpfError
 from .health_server import HealthServer
-from .locate import PodLocation, PodLocator, boot_seconds, mount_of, process_started
+from . import pod_view
+from .locate import PodLocation, PodLocator, boot_seconds, mount_of
 from .metrics import AgentMetrics
 from .mode import ModeDecision, decide
+from .pod_events import PodEvents
 from .reconcile import DatapathLike, Reconciler
 from .watch import PodWatcher
 
@@ -47,6 +50,8 @@ class AgentConfig:
     resync_seconds: float = 300.0
     watch_timeout: int = 240                 # server-side watch timeout; a new watch starts after it
     retry_seconds: float = 0.25              # pending pods (no sandbox yet) are retried this often
+    failure_backoff: float = 1.0             # a pod that cannot be programmed: first retry after this,
+    failure_backoff_max: float = 60.0        # doubling up to this
     sockmap: bool = False
     kernel_release: str | None = None        # tests: pretend to be another kernel
     features: dict[str, bool] | None = None  # tests: forced probe results
@@ -89,9 +94,20 @@ class NodeAgent:
         self._next_publish = 0.0
         self.heartbeat = time.monotonic()
         self.started_boot = boot_seconds()    # sandboxes older than the agent: no capture latency of ours
+        self._view_dirty = False
         self._last_retry = 0.0
         self._last_metrics = 0.0
         self._last_listener_refresh = 0.0
+        self.pod_events: PodEvents | None = None
+        self.view: pod_view.PodView | None = None   # what /pods and the per-pod metrics show
+        self._pod_counters: Mapping[Any, Mapping[str, int]] = {}
+        self.metrics.registry.register(pod_view.PodCollector(lambda: self.view))
+
+    @property
+    def draining(self) -> bool:
+        """True while ``istio-ebpf uninstall`` drains this node: captured pods show ``draining``
+        in ``istio-ebpf pods``. No drain exists yet, so never."""
+        return False
 
     # ------------------------------------------------------------------ health
     def healthy(self) -> tuple[bool, str]:
@@ -126,7 +142,7 @@ class NodeAgent:
         cfg = self.config
         if serve and self.server is None:
             self.server = HealthServer(cfg.host, cfg.port, self.healthy, self.ready,
-                                       self.metrics.registry).start()
+                                       self.metrics.registry, {"/pods": self._pods_route}).start()
         features = cfg.features
         if features is None:
             # Verdicts cached in the pin root: a restart does not compile the probes again.
@@ -170,7 +186,10 @@ class NodeAgent:
         # /sys/fs/cgroup/unified, not /sys/fs/cgroup): pod-IP mode keys pods by that directory.
         locator = cfg.locator or PodLocator(cfg.proc_root, mount_of(cfg.cgroup_root),
                                             cgroup_for_uid=cfg.cgroup_for_uid, search_root=cfg.cgroup_root)
-        self.reconciler = Reconciler(dp, locator, self._report_pod, self._pod_captured)
+        self.pod_events = PodEvents()
+        self.reconciler = Reconciler(dp, locator, self._report_pod, mode=d.mode,
+                                     captured=self._pod_captured,
+                                     retry_initial=cfg.failure_backoff, retry_max=cfg.failure_backoff_max)
         self.watcher = PodWatcher(cfg.node_name, self.events, resync_seconds=cfg.resync_seconds,
                                   watch_timeout=cfg.watch_timeout,
                                   on_relist=lambda reason: self.metrics.relists.labels(reason=reason).inc())
@@ -220,24 +239,40 @@ class NodeAgent:
             self._publish_delay = min(self._publish_delay * 2, 300.0)
 
     def _report_pod(self, pod: Mapping[str, Any], etype: str, reason: str, message: str) -> None:
-        if reason == "InvalidTrafficAnnotation":
+        if reason == "InvalidTrafficAnnotation" or "invalid traffic annotation" in message:
             self.metrics.config_errors.inc()
-        meta = pod.get("metadata") or {}
-        try:
-            kube_api.create_event(str(meta.get("namespace", "default")),
-                                  {"kind": "Pod", "apiVersion": "v1", "name": meta.get("name"),
-                                   "namespace": meta.get("namespace"), "uid": meta.get("uid")},
-                                  reason, message, etype)
-        except IstioEbpfError as exc:
-            log.warning("event for pod %s failed: %s", meta.get("name"), exc)
+        self._view_dirty = True
+        if self.pod_events is not None:
+            self.pod_events.post(pod, etype, reason, message)
 
-    def _pod_captured(self, pod: Mapping[str, Any], where: PodLocation) -> None:
-        """Sandbox start -> entries written, for pods this agent saw start (not adopted ones)."""
-        if self.reconciler is None or (process_started(where.pid, self.config.proc_root) or 0.0) < self.started_boot:
-            return    # older than the agent (adopted at a restart): the sandbox is older still
-        t0 = self.reconciler.locator.sandbox_started(where)
-        if t0 is not None and t0 >= self.started_boot:
-            self.metrics.capture_latency.observe(max(0.0, boot_seconds() - t0))
+    def _pods_route(self, query: Mapping[str, list[str]]) -> tuple[int, Any]:
+        """``GET /pods``: the node's opted-in pods (``istio-ebpf pods`` reads it)."""
+        view = self.view
+        if view is None:
+            why = self.decision.reason if self.decision is not None and self.decision.mode == "unsupported" \
+                else "the agent has not reconciled the node's pods yet"
+            return 503, {"error": why}
+        return 200, view.as_json()
+
+    def refresh_view(self) -> None:
+        """Rebuild what /pods and the per-pod metrics show (agent loop only)."""
+        rec, d = self.reconciler, self.decision
+        if rec is None or d is None:
+            return
+        self.view = pod_view.build(self.config.node_name, d.mode, self.draining, rec, self._pod_counters)
+        self._view_dirty = False
+
+    def _pod_captured(self, pod: Mapping[str, Any], where: PodLocation) -> float | None:
+        """Sandbox start -> entries written (for the pod's CaptureReady Event; into the histogram
+        for pods this agent saw start, not those whose sandbox predates it)."""
+        started = getattr(self.reconciler.locator if self.reconciler else None, "sandbox_started", None)
+        t0 = started(where) if started is not None else None
+        if t0 is None:
+            return None
+        age = max(0.0, boot_seconds() - t0)
+        if t0 >= self.started_boot:
+            self.metrics.capture_latency.observe(age)
+        return age
 
     # ------------------------------------------------------------------ loop
     def step(self, timeout: float = 0.2) -> None:
@@ -259,23 +294,46 @@ class NodeAgent:
             except queue.Empty:
                 item = None
         now = time.monotonic()
-        if self.reconciler.pending and now - self._last_retry >= self.config.retry_seconds:
+        if now - self._last_retry >= self.config.retry_seconds:
             self._last_retry = now
-            self.reconciler.retry_pending()
+            if self.reconciler.retry_pending(now):
+                self._view_dirty = True
         if now - self._last_metrics >= 2.0:
             self._last_metrics = now
             self.update_metrics()
-        if self.decision is not None and self.decision.mode == "podip" and self.datapath is not None and \
+        elif self._view_dirty and self.synced:
+            self.refresh_view()
+        if self.decision is not None and self.decision.mode == "podip" and \
                 now - self._last_listener_refresh >= self.config.listener_refresh_seconds:
-            # No netns cookie in sockops before 5.15: a restarted Envoy's new 15006
-            # socket is found from userspace instead.
             self._last_listener_refresh = now
-            self.datapath.refresh_listeners({r.handle: r.netns_path for r in self.reconciler.records.values()
-                                             if r.netns_path})
+            self.refresh_listeners()
+
+    def refresh_listeners(self) -> None:
+        """Pod-IP mode: no netns cookie in sockops before 5.15, so a restarted Envoy's new 15006
+        socket is found from userspace. A pod's recorded /proc/<pid>/ns/net dies with that
+        process: it is looked up again, and whatever fails here only waits for the next turn."""
+        rec, dp = self.reconciler, self.datapath
+        if dp is None or rec is None:
+            return
+        paths = {}
+        for st in rec.records.values():
+            if st.netns_path and not os.path.exists(st.netns_path):
+                where = rec.locator.locate(st.uid)
+                if where is None or where.netns_inode != st.netns_inode:
+                    continue     # sandbox gone (or replaced): the pod's next event handles it
+                st.netns_path = where.netns_path
+            if st.netns_path and st.handle is not None:
+                paths[st.handle] = st.netns_path
+        try:
+            dp.refresh_listeners(paths)
+        except Exception as exc:  # noqa: BLE001 - a refresh must never take the agent down
+            log.warning("re-registering Envoy's inbound listeners failed (next try in %.0f s): %s",
+                        self.config.listener_refresh_seconds, exc)
 
     def _dispatch(self, etype: str, obj: Any) -> None:
         rec = self.reconciler
         assert rec is not None
+        self._view_dirty = True
         if etype == "RESYNC":
             start = time.monotonic()
             rec.resync(obj)
@@ -293,14 +351,18 @@ class NodeAgent:
             return
         self.metrics.pods_managed.set(len(rec.records))
         self.metrics.pods_pending.set(len(rec.pending))
+        self.metrics.pods_failed.set(len(rec.failed))
         self.metrics.stale_removed.set(rec.stale_removed)
         try:
             for name, n in dp.occupancy().items():
                 self.metrics.map_occupancy.labels(map=name).set(n)
             self.metrics.map_entries.set(len(dp.pods()))
             self.metrics.set_counters(dp.counters())
+            self._pod_counters = dp.pod_counters()
         except Exception as exc:  # a metrics read must never take the agent down
             log.warning("reading datapath state for metrics failed: %s", exc)
+        if self.synced:
+            self.refresh_view()
 
     def run(self, stop: threading.Event) -> None:
         self.start()
@@ -313,6 +375,10 @@ class NodeAgent:
     def shutdown(self, cleanup: bool = False) -> None:
         if self.watcher is not None:
             self.watcher.stop()
+        if self.pod_events is not None:
+            self.pod_events.flush(2.0)
+            self.pod_events.stop()
+            self.pod_events = None
         if self.datapath is not None:
             self.datapath.close(cleanup=cleanup)
             self.datapath = None

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import json
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import yaml
@@ -292,6 +293,66 @@ def is_opted_in(pod: Mapping[str, Any]) -> bool:
         return False
     return any(t.strip() == OPT_IN_VALUE or t.strip().startswith(OPT_IN_VALUE + "-")
                for t in templates.split(","))
+
+
+A_INJECT = "sidecar.istio.io/inject"
+A_SIDECAR_STATUS = "sidecar.istio.io/status"
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """Why an opted-in pod is left alone; ``warning`` when the opt-in looks like a mistake."""
+
+    reason: str
+    warning: bool
+
+
+def _parse_bool(value: Any) -> bool | None:
+    """Go's strconv.ParseBool, which Istio uses for ``sidecar.istio.io/inject``; None if not a bool."""
+    text = str(value)
+    if text in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if text in ("0", "f", "F", "FALSE", "false", "False"):
+        return False
+    return None
+
+
+def ignored(pod: Mapping[str, Any]) -> Ignored | None:
+    """Why the opt-in of ``pod`` is ignored, ``None`` when the pod is to be captured.
+
+    The sidecar checks are istio-cni's own (``CmdAdd``: the pods it programs redirection for):
+    an ``istio-proxy`` container running as a sidecar, Envoy not disabled, injection not turned
+    off (label first, then annotation), and the injector's ``sidecar.istio.io/status``. Without
+    a sidecar, capture would send the pod's connections to a 15001/15006 nobody listens on.
+    TPROXY and NONE keep Istio's own behaviour (istio-init's TPROXY rules; no capture at all),
+    exactly as the ``ebpf`` injection template leaves such pods to the stock ``sidecar`` one.
+    Malformed objects raise :class:`UsageError`.
+    """
+    ann = _annotations(pod)
+    meta = _obj(pod.get("metadata"), "metadata")
+    spec = _obj(pod.get("spec"), "spec")
+    if spec.get("hostNetwork"):
+        return Ignored("hostNetwork pod: Istio injects no sidecar into it", True)
+    labels = _obj(meta.get("labels"), "metadata.labels")
+    inject = labels[A_INJECT] if A_INJECT in labels else ann.get(A_INJECT)
+    if inject is not None and _parse_bool(inject) is False:
+        return Ignored(f"{A_INJECT} is {inject!r}: the pod has no sidecar", True)
+    proxy = _container(spec, (PROXY_CONTAINER,))
+    if proxy is None:
+        return Ignored(f"no {PROXY_CONTAINER} container: the pod has no sidecar", True)
+    args = _list(proxy.get("args"), f"{PROXY_CONTAINER} args")
+    if len(args) >= 2 and args[0] == "proxy" and args[1] != "sidecar":
+        return Ignored(f"{PROXY_CONTAINER} runs as {str(args[1])[:40]!r}, not as a sidecar", True)
+    if _parse_bool(_env(proxy).get("DISABLE_ENVOY", "")) is True:
+        return Ignored(f"DISABLE_ENVOY is set on {PROXY_CONTAINER}: there is no Envoy", True)
+    if A_SIDECAR_STATUS not in ann:
+        return Ignored(f"no {A_SIDECAR_STATUS} annotation: the sidecar was not injected by Istio", True)
+    mode = interception_mode(pod)
+    if mode == "TPROXY":
+        return Ignored("interceptionMode TPROXY: the pod keeps istio-init's iptables rules", False)
+    if mode == "NONE":
+        return Ignored("interceptionMode NONE: Istio captures nothing for this pod", False)
+    return None
 
 
 def interception_mode(pod: Mapping[str, Any]) -> str:

@@ -153,9 +153,15 @@ def find_listeners(netns_path: str, port: int, proc: str = "/proc",
     processes searched for their descriptors: those of ``cgroup_path`` (the pod's own, when
     given and inside the namespace), else ``by_netns`` (from :func:`processes_by_netns`, which
     saves a /proc pass per pod when many are refreshed at once), else a /proc pass.
-    The caller owns (and must close) each fd.
+    The caller owns (and must close) each fd. A ``/proc/<pid>/ns/net`` path whose process has
+    exited yields nothing (the caller finds the namespace again).
     """
-    ns_ino = os.stat(netns_path).st_ino
+    try:
+        ns_ino = os.stat(netns_path).st_ino
+    except OSError as exc:
+        if exc.errno not in _GONE:
+            _report(exc)
+        return
     inodes: dict[int, int] | None
     try:
         inodes = _diag_listening_inodes(netns_path, port)   # one table for all of the namespace's processes

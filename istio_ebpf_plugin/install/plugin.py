@@ -18,6 +18,7 @@ from ..errors import PermanentError, TemporaryError, UsageError
 from . import injector_config, manifests
 from . import plan as planmod
 from . import template as tpl
+from ..agent.pods_cli import KUBECTL_COMMAND
 from ..plugin import hookimpl
 from .edit import InjectorEdit
 from .options import DEFAULTS, Options
@@ -230,6 +231,7 @@ def istio_ebpf_status(options: Options, plan: list[planmod.NodePlan] | None) -> 
         if p.current_label in ("cookie", "podip") and p.rule_mode == "unsupported" and p.mode == "unsupported":
             lines.append(f"PROBLEM: node {p.node}: labelled {p.current_label} but kernel {p.kernel} "
                          "cannot capture")
+    lines.append(f"pods: per-pod capture state on a node: {KUBECTL_COMMAND}")
     return lines
 
 

@@ -2,18 +2,23 @@
 
 It implements everything the agent calls (``agent.reconcile.DatapathLike``; mypy checks it
 through :func:`recording_factory`'s return type). Handles are ints like the real datapath's:
-the netns inode in cookie mode, the first pod IP as an integer in pod-IP mode (so a re-used
-IP hands the same handle to the new pod).
+the netns inode in cookie mode, a number standing for the pod's cgroup id in pod-IP mode (the
+CRC-32 of its cgroup path: the fake /proc's cgroups do not exist).
+
+``capacity`` stands for full maps (``add_pod`` beyond it raises the loader's KernelError);
+``denies`` holds the pods whose connections are refused (``deny_pod``/``allow_pod``);
+``per_pod`` holds the per-pod counters ``pod_counters`` reports.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
+import zlib
 from typing import Callable
 
 from istio_ebpf_plugin.agent.reconcile import DatapathLike
 from istio_ebpf_plugin.datapath.podconfig import PodConfig
+from istio_ebpf_plugin.errors import KernelError
 
 
 class RecordingDatapath:
@@ -24,6 +29,9 @@ class RecordingDatapath:
         self.attached: list[str] = []
         self.closed: bool | None = None
         self.listener_refreshes: list[dict[int, str]] = []
+        self.capacity: int | None = None
+        self.denies: set[int] = set()
+        self.per_pod: dict[int, dict[str, int]] = {}
 
     def load(self) -> RecordingDatapath:
         self.calls.append(("load",))
@@ -35,9 +43,15 @@ class RecordingDatapath:
     def retire_other_versions(self) -> list[str]:
         return []
 
+    def pod_key(self, netns_path: str, cgroup_path: str | None = None) -> int:
+        return os.stat(netns_path).st_ino if self.mode == "cookie" else zlib.crc32(str(cgroup_path).encode())
+
     def add_pod(self, netns_path: str, cfg: PodConfig, cgroup_path: str | None = None) -> int:
-        handle = os.stat(netns_path).st_ino if self.mode == "cookie" else int(ipaddress.ip_address(cfg.pod_ips[0]))
+        handle = self.pod_key(netns_path, cgroup_path)
         self.calls.append(("add", handle))
+        if self.capacity is not None and handle not in self.entries and len(self.entries) >= self.capacity:
+            raise KernelError("datapath maps are full (No space left on device): pod not captured; "
+                              "raise the map sizes")
         self.entries[handle] = cfg
         return handle
 
@@ -60,6 +74,22 @@ class RecordingDatapath:
 
     def counters(self) -> dict[str, int]:
         return {"out_redirect": 7, "in_redirect_local": 3, "origdst_hit": 7}
+
+    def pod_counters(self) -> dict[int, dict[str, int]]:
+        return {h: c for h, c in self.per_pod.items() if h in self.entries}
+
+    def deny_pod(self, netns_path: str, cgroup_path: str) -> int:
+        deny = zlib.crc32(cgroup_path.encode())
+        self.calls.append(("deny", deny))
+        self.denies.add(deny)
+        return deny
+
+    def allow_pod(self, deny: int) -> None:
+        self.calls.append(("allow", deny))
+        self.denies.discard(deny)
+
+    def denied(self) -> set[int]:
+        return set(self.denies)
 
     def occupancy(self) -> dict[str, int]:
         return {"pod_by_netns": len(self.entries)}
