@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo lint test test-deep wheel image bench bench-quick forwarder soak clean-host kubernetes cluster-up cluster-down kernel-matrix
+.PHONY: setup demo lint test test-deep wheel image bench bench-quick forwarder soak clean-host kubernetes cluster-up cluster-down kernel-matrix e2e
 
 setup:
 	bash scripts/setup.sh all

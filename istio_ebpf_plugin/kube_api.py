@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import socket
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, TypeVar
 from urllib.parse import quote, urlencode
@@ -40,6 +42,8 @@ READ_TIMEOUT = 30.0
 WATCH_READ_MARGIN = 30.0
 PAGE_SIZE = 100
 IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------- errors
@@ -118,6 +122,7 @@ class _Connection:
 
 _conn_lock = threading.Lock()
 _conn_cache: tuple[tuple, _Connection] | None = None
+_insecure_warned: set[str] = set()     # servers already announced as unverified (once per process)
 
 
 def _config_key() -> tuple:
@@ -157,6 +162,8 @@ def _load_connection(key: tuple) -> _Connection:
     except (config.ConfigException, OSError, TypeError, ValueError) as exc:
         raise PermanentError(f"no Kubernetes configuration (in-cluster or kubeconfig {key[1]}): "
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    if not cfg.verify_ssl:
+        _warn_insecure(cfg.host)
     pool = urllib3.PoolManager(
         num_pools=2, maxsize=4, retries=False,   # urllib3 would retry 3 times silently: fail fast instead
         timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT, read=READ_TIMEOUT),
@@ -169,6 +176,17 @@ def _load_connection(key: tuple) -> _Connection:
                 if a.get("in") == "header" and a.get("value")}
 
     return _Connection(cfg.host.rstrip("/"), pool, auth_headers)
+
+
+def _warn_insecure(server: str) -> None:
+    """One line per process instead of urllib3's two-line InsecureRequestWarning on every request."""
+    import urllib3
+
+    warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
+    if server not in _insecure_warned:
+        _insecure_warned.add(server)
+        log.warning("TLS verification is off for %s (insecure-skip-tls-verify in the kubeconfig): "
+                    "the API server's identity is not checked", server)
 
 
 def _connection() -> _Connection:

@@ -9,6 +9,7 @@ it, with the agent's own ServiceAccount token, as the preStop hook would.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -297,3 +298,27 @@ def test_render_output_applies_on_a_fresh_cluster(cp, tools):
                 time.sleep(0.5)
         finally:
             kubelet.close()
+
+
+def test_insecure_kubeconfig_warns_once_per_command_not_per_request(cp, tmp_path):
+    """``insecure-skip-tls-verify: true``: one line of ours per command, where urllib3 printed its
+    two-line InsecureRequestWarning on every request (an install printed it about 12 times)."""
+    config = yaml.safe_load(cp.kubeconfig.read_text())
+    for cluster in config["clusters"]:
+        cluster["cluster"].pop("certificate-authority-data", None)
+        cluster["cluster"].pop("certificate-authority", None)
+        cluster["cluster"]["insecure-skip-tls-verify"] = True
+    insecure = tmp_path / "insecure.kubeconfig"
+    insecure.write_text(yaml.safe_dump(config))
+
+    def status(kubeconfig: Path) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+        return subprocess.run([str(PROJECT_ROOT / ".venv" / "bin" / "istio-ebpf"), "status"], capture_output=True,
+                              text=True, timeout=120, env=dict(env, KUBECONFIG=str(kubeconfig)))
+
+    verified, unverified = status(cp.kubeconfig), status(insecure)
+    assert unverified.returncode == verified.returncode and unverified.stdout == verified.stdout, unverified.stderr
+    assert "InsecureRequestWarning" not in unverified.stderr
+    extra = [line for line in unverified.stderr.splitlines() if line not in verified.stderr.splitlines()]
+    assert extra == [f"TLS verification is off for {cp.url} (insecure-skip-tls-verify in the kubeconfig): "
+                     "the API server's identity is not checked"], unverified.stderr

@@ -14,7 +14,6 @@ RSS is the agent process's VmRSS once attached (the BCC worker has exited by the
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 import urllib.request
@@ -24,14 +23,9 @@ from .. import PROJECT_ROOT
 from ..datapath.loader import cleanup_pins
 from ..errors import KernelError
 from ..harness import names
+from ..harness.ports import free_port
 
 ATTACHED_TIMEOUT_S = 180.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _readyz(port: int) -> str:
@@ -51,7 +45,7 @@ def _rss_mib(pid: int) -> float:
 
 
 def _start_once(pin_root: str, cgroup: Path, log_path: Path) -> dict:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
     env["KUBECONFIG"] = "/nonexistent"           # no API: publishing and the watch just retry
     argv = [str(PROJECT_ROOT / ".venv" / "bin" / "istio-ebpf"), "agent", "--node-name", "bench-footprint",

@@ -12,10 +12,13 @@ otherwise it is ``unsupported`` and keeps iptables.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import socket
+import tempfile
+from typing import Iterator, Mapping
 
 from ..errors import KernelError, UsageError
 from ..kernel import mode_for_release, validate_mode
@@ -76,6 +79,51 @@ SOCKMAP_REQUIREMENTS = {"cookie": ("sk_msg_redirect", "sk_msg_netns_cookie"), "p
 
 #: Environment variable naming probes to report as failed (fault injection for tests/operators).
 FORCE_FAIL_ENV = "ISTIO_EBPF_PROBE_FAIL"
+#: A failure's cause goes into the node's reason annotation and logs: one line, at most this long.
+MAX_REASON_CHARS = 240
+
+
+class Features(dict[str, bool]):
+    """Probe verdicts (feature -> passed) and, where a failure's cause is known, that cause in one
+    line (``reasons["bcc_compile"]``: why BCC could not compile the probe programs)."""
+
+    def __init__(self, verdicts: Mapping[str, bool] | None = None, reasons: Mapping[str, str] | None = None) -> None:
+        super().__init__(verdicts or {})
+        self.reasons: dict[str, str] = dict(reasons or {})
+
+
+def reasons_of(features: Mapping[str, bool]) -> dict[str, str]:
+    return dict(features.reasons) if isinstance(features, Features) else {}
+
+
+def one_line(text: str) -> str:
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return line if len(line) <= MAX_REASON_CHARS else line[:MAX_REASON_CHARS - 3] + "..."
+
+
+@contextlib.contextmanager
+def _stderr_copied(into: list[str]) -> Iterator[None]:
+    """Copy what the process writes to fd 2 meanwhile (clang's diagnostics) into ``into``; it is
+    written to stderr afterwards as well, so logs keep it."""
+    with tempfile.TemporaryFile() as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            data = tmp.read()
+            if data:
+                os.write(2, data)
+            into.append(data.decode("utf-8", "replace"))
+
+
+def compile_failure(exc: BaseException, diagnostics: str = "") -> str:
+    """One line saying why BCC could not compile: clang's first error if it printed one, else the exception."""
+    errors = [ln for ln in diagnostics.splitlines() if "error:" in ln]
+    return one_line(errors[0] if errors else str(exc) or type(exc).__name__)
 
 
 def _so_netns_cookie() -> bool:
@@ -98,19 +146,25 @@ def probe_source_fingerprint() -> str:
     return hashlib.sha256((_SOURCE + repr(sorted(_PROBES.items()))).encode()).hexdigest()
 
 
-def probe_programs() -> dict[str, bool]:
+def _failed_compile(reason: str) -> Features:
+    return Features({**{name: False for name in _PROBES}, "bcc_compile": False}, {"bcc_compile": reason})
+
+
+def probe_programs() -> Features:
     """Compile the probe programs with BCC and load each one, in this process."""
-    results: dict[str, bool] = {}
+    results = Features()
+    diagnostics: list[str] = []
     try:
         from bcc import BPF
         from .headers import find_kernel_headers
 
         find_kernel_headers()
-        module = BPF(text=_SOURCE)
-    except Exception:
-        results.update({name: False for name in _PROBES})
-        results["bcc_compile"] = False
-        return results
+        with _stderr_copied(diagnostics):
+            module = BPF(text=_SOURCE)
+    except Exception as exc:
+        reason = compile_failure(exc, "".join(diagnostics))
+        log.warning("BCC could not compile the probe programs: %s", reason)
+        return _failed_compile(reason)
     results["bcc_compile"] = True
     try:
         for name, (func, prog_type, attach) in _PROBES.items():
@@ -124,36 +178,44 @@ def probe_programs() -> dict[str, bool]:
     return results
 
 
-def probe_programs_task(_args: dict) -> dict[str, bool]:
-    """The compile worker's "probe" task."""
-    return probe_programs()
+def probe_programs_task(_args: dict) -> dict[str, dict]:
+    """The compile worker's "probe" task (verdicts and reasons, as JSON)."""
+    found = probe_programs()
+    return {"verdicts": dict(found), "reasons": found.reasons}
 
 
-def probe_programs_isolated() -> dict[str, bool]:
+def probe_programs_isolated() -> Features:
     """probe_programs() in a short-lived worker process (LLVM's memory leaves with it)."""
     from . import compile_worker
 
     if compile_worker.in_process():
         return probe_programs()
     try:
-        return dict(compile_worker.run("probe", {}))
+        reply = compile_worker.run("probe", {})
+        return Features(reply["verdicts"], reply["reasons"])
     except KernelError as exc:
         log.warning("probe worker failed: %s", exc)
-        return {**{name: False for name in _PROBES}, "bcc_compile": False}
+        return _failed_compile(one_line(f"the probe worker failed: {exc}"))
 
 
-def probe_features() -> dict[str, bool]:
+def with_cheap_checks(verdicts: Mapping[str, bool]) -> Features:
+    """The program verdicts (and their reasons) plus the checks that need no compiler, forced failures applied."""
+    return apply_forced(Features({**cheap_checks(), **verdicts}, reasons_of(verdicts)))
+
+
+def probe_features() -> Features:
     """Probe this kernel. Needs CAP_BPF; a probe that cannot run counts as failed."""
-    return apply_forced({**cheap_checks(), **probe_programs_isolated()})
+    return with_cheap_checks(probe_programs_isolated())
 
 
-def apply_forced(results: dict[str, bool]) -> dict[str, bool]:
+def apply_forced(results: Mapping[str, bool]) -> Features:
+    out = Features(results, reasons_of(results))
     for name in filter(None, os.environ.get(FORCE_FAIL_ENV, "").split(",")):
-        results[name.strip()] = False
-    return results
+        out[name.strip()] = False
+    return out
 
 
-def select_mode(release: str, features: dict[str, bool] | None,
+def select_mode(release: str, features: Mapping[str, bool] | None,
                 override: str | None = None) -> tuple[str, str]:
     """(mode, reason). The version rule proposes, the probes confirm, nothing is silently wrong."""
     if override not in (None, "", "auto"):
@@ -171,6 +233,9 @@ def select_mode(release: str, features: dict[str, bool] | None,
     missing = [p for p in MODE_REQUIREMENTS[wanted] if not features.get(p, False)]
     if not missing:
         return wanted, why + ", all probes passed"
+    compile_error = reasons_of(features).get("bcc_compile") if features.get("bcc_compile") is False else None
+    if compile_error:   # every program probe failed for this one cause: say it instead of listing them
+        return "unsupported", f"{why}, but BCC could not compile the probe programs ({compile_error}): keeping iptables"
     # Cookie mode impossible: pod-IP mode may still be safe on this kernel.
     if wanted == "cookie" and override in (None, "", "auto"):
         podip_missing = [p for p in MODE_REQUIREMENTS["podip"] if not features.get(p, False)]

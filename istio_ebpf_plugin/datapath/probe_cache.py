@@ -91,11 +91,10 @@ def discard(pin_root: str | Path) -> None:
 def probe_features(pin_root: str | Path,
                    run_probes: Callable[[], dict[str, bool]] | None = None) -> tuple[dict[str, bool], bool]:
     """(features, from_cache): program probes from the cache when present, else run and cache them."""
-    cheap = probe.cheap_checks()
     cached = read(pin_root)
     if cached is not None:
-        return probe.apply_forced({**cheap, **cached}), True
+        return probe.with_cheap_checks(cached), True
     verdicts = (run_probes or probe.probe_programs_isolated)()
     if verdicts.get("bcc_compile"):
         write(pin_root, verdicts)
-    return probe.apply_forced({**cheap, **verdicts}), False
+    return probe.with_cheap_checks(verdicts), False   # a failed compile keeps its reason

@@ -20,7 +20,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import names, processes
+from .ports import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = PROJECT_ROOT / "scripts" / "build-kubernetes.sh"
@@ -55,12 +55,6 @@ def binaries() -> Path:
     if out.returncode != 0:
         raise ControlPlaneError(f"{BUILD_SCRIPT.name} failed (exit {out.returncode}); see its stderr above")
     return Path(out.stdout.strip().splitlines()[-1])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import cleanup, names
+from .ports import free_port
 from .processes import stop as _stop_pid
 
 LOCK_FILE = Path("/run/lock/istio-ebpf-node-lab.lock")
@@ -69,12 +70,6 @@ def claim_workdir(workdir: Path) -> None:
 
 class NodeLabError(RuntimeError):
     """The node could not be set up (message names the log to read)."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd: list[str], check: bool = True, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess:
