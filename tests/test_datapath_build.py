@@ -3,6 +3,7 @@ and the version (the pin directory's name) following flags and sources."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 
@@ -95,7 +96,7 @@ def test_programs_and_maps_are_consistent():
     assert all((bpf_dir() / p.source).exists() for p in build.PROGRAMS)
     assert {p.target for p in build.PROGRAMS} == {"cgroup", "netns", "sockhash", "pod-cgroup", "pod-netns"}
     assert [p.func for p in build.PROGRAMS if p.needs_sockmap] == ["ie_accel"]
-    assert set(build.MAPS) == set(maps.MAP_TYPES) and not set(build.SOCKMAP_MAPS) & set(build.MAPS)
+    assert set(build.MAPS + build.SOCKMAP_MAPS) == set(maps.MAP_TYPES) and not set(build.SOCKMAP_MAPS) & set(build.MAPS)
 
 
 def test_compile_errors_become_one_kernel_error():
@@ -112,6 +113,30 @@ def test_compile_errors_become_one_kernel_error():
         build.compile_bpf(RefusingBPF, build.PROGRAMS, "podip", True, {"MAX_PODS": 32})
     assert seen["cflags"][0] == f"-I{bpf_dir()}"
     assert "-DMAX_PODS=32" in seen["cflags"] and "-DISTIO_EBPF_COOKIE=0" in seen["cflags"]
+
+
+def test_abi_check_is_appended_and_its_messages_become_the_error(capfd):
+    """BCC prints clang's diagnostics to fd 2 and raises a bare "Failed to compile": the ABI
+    messages among them become the one-line error, and fd 2 still shows all of them."""
+    from istio_ebpf_plugin.datapath import abi_check
+    from istio_ebpf_plugin.errors import KernelError
+
+    class AbiMismatchBPF:
+        def __init__(self, text: str, cflags: list[str]) -> None:
+            assert text.endswith(abi_check.static_asserts())
+            assert "-Werror=implicit-function-declaration" in cflags
+            diag = ('/virtual/main.c:9:1: error: static_assert failed due to requirement \'15053 == 15054\' '
+                    '"ABI: podconfig.DNS_PROXY_PORT is 15054, DNS_PROXY_PORT in bpf/abi.h is not"\n'
+                    '_Static_assert(DNS_PROXY_PORT == 15054, "ABI: podconfig.DNS_PROXY_PORT is 15054, '
+                    'DNS_PROXY_PORT in bpf/abi.h is not");\n1 error generated.\n')
+            os.write(2, diag.encode())
+            raise Exception("Failed to compile BPF module <text>")
+
+    with pytest.raises(KernelError) as err:
+        build.compile_bpf(AbiMismatchBPF, build.PROGRAMS, "cookie", False)
+    assert str(err.value) == ("compiling the datapath failed: bpf/abi.h and its Python mirrors differ: "
+                              "podconfig.DNS_PROXY_PORT is 15054, DNS_PROXY_PORT in bpf/abi.h is not")
+    assert "1 error generated." in capfd.readouterr().err
 
 
 def test_the_loader_still_exports_the_build():

@@ -5,17 +5,23 @@ compiling); loading, pinning and attaching are :mod:`.loader`'s job.
 
 ``datapath_version`` hashes the sources and the build flags: it names the pin directory,
 so an agent built differently never adopts another build's programs.
+
+Every compile also checks the Python mirrors of ``bpf/abi.h`` (:mod:`.abi_check`): a mirror out of
+step fails it, and the error names what differs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from ..errors import KernelError, UsageError
 from ..resources import bpf_dir
-from . import libbpf, maps
+from . import abi_check, libbpf, maps
 
 #: Bumped when the pin directory's layout (maps/, progs/, links/) changes.
 LAYOUT_VERSION = "v1"
@@ -70,8 +76,8 @@ MAPS = ("pod_by_netns", "pod_by_ip", "pod_ports", "pod_cidrs", "origin_by_cookie
 SOCKMAP_MAPS = ("accel_socks",)
 
 
-#: Map sizes (bpf/abi.h defaults); sized for real nodes, never silently small.
-DEFAULT_MAP_SIZES = {"MAX_PODS": 16384, "MAX_CONNS": 131072, "MAX_PORTS": 262144, "MAX_CIDRS": 262144}
+#: Map sizes (bpf/abi.h defaults, checked by name at every build).
+DEFAULT_MAP_SIZES = maps.DEFAULT_MAP_SIZES
 
 
 def build_flags(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = None) -> list[str]:
@@ -88,12 +94,56 @@ def build_flags(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = Non
 
 def compile_bpf(bpf_class: Any, programs: Iterable[Program], mode: str, sockmap: bool,
                 map_sizes: dict[str, int] | None = None) -> Any:
-    """The BCC module of ``programs`` built for mode/sockmap (maps created, programs not loaded yet)."""
-    cflags = [f"-I{bpf_dir()}", *build_flags(mode, sockmap, map_sizes), "-Wno-unused-function"]
-    try:
-        return bpf_class(text=source_text(programs), cflags=cflags)
-    except Exception as exc:
-        raise KernelError(f"compiling the datapath failed: {exc}") from exc
+    """The BCC module of ``programs`` built for mode/sockmap (maps created, programs not loaded yet).
+
+    The sources carry :func:`.abi_check.static_asserts` at their end: the build fails when the
+    Python mirrors and bpf/abi.h differ, and the error names each difference.
+    """
+    # A call to a function no included header declares is an error, not a program the
+    # verifier refuses later (a file must include what it uses).
+    cflags = [f"-I{bpf_dir()}", *build_flags(mode, sockmap, map_sizes), "-Wno-unused-function",
+              "-Werror=implicit-function-declaration"]
+    text, headers = _source_and_headers(programs)
+    if "abi.h" in headers:   # deny.c alone uses no shared layout: nothing to check against
+        text += "\n" + abi_check.static_asserts()
+    with tempfile.TemporaryFile() as diagnostics:
+        try:
+            with _stderr_to(diagnostics):
+                return bpf_class(text=text, cflags=cflags)
+        except Exception as exc:
+            diagnostics.seek(0)
+            differ = abi_check.diagnostics(diagnostics.read().decode(errors="replace"))
+            if differ:
+                raise KernelError("compiling the datapath failed: bpf/abi.h and its Python mirrors differ: "
+                                  + "; ".join(differ)) from exc
+            raise KernelError(f"compiling the datapath failed: {exc}") from exc
+
+
+class _stderr_to:
+    """Send file descriptor 2 to ``file`` for a while, then copy what came back to the real fd 2.
+
+    clang's diagnostics are the only place a failed BCC compile says why, and BCC prints them
+    to fd 2 rather than returning them: this keeps them visible and readable.
+    """
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        self.saved = -1
+
+    def __enter__(self) -> None:
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.file.flush()
+        self.file.seek(0)
+        copied = memoryview(self.file.read())
+        while copied:
+            copied = copied[os.write(2, copied):]
 
 
 def _inline_local_includes(text: str, seen: set[str]) -> str:
@@ -116,13 +166,18 @@ def _inline_local_includes(text: str, seen: set[str]) -> str:
 
 
 def source_text(programs: Iterable[Program]) -> str:
+    return _source_and_headers(programs)[0]
+
+
+def _source_and_headers(programs: Iterable[Program]) -> tuple[str, set[str]]:
+    """The program files as one text (headers inlined once) and the headers it inlined."""
     files: list[str] = []
     for p in programs:
         if p.source not in files:
             files.append(p.source)
     seen: set[str] = set()
     directory = bpf_dir()
-    return "\n".join(_inline_local_includes((directory / f).read_text(), seen) for f in files)
+    return "\n".join(_inline_local_includes((directory / f).read_text(), seen) for f in files), seen
 
 
 def datapath_version(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = None) -> str:

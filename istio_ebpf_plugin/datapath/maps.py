@@ -1,9 +1,10 @@
 """ctypes mirrors of bpf/abi.h and the encoding of a PodConfig.
 
-Keep every struct here in the same field order and size as the header:
-tests/test_maps_layout.py compares them (sizes, field offsets) with the types BCC
-generates from the header, per map in :data:`MAP_TYPES`, and the counters array with
-:data:`COUNTERS` (whose length the loader passes to the C side).
+Every struct, flag, kind, counter and default map size here has the name it has in the header
+(a struct names its C struct in ``c_name``). Each build checks them against the header by name
+and value (:mod:`.abi_check`: the node's compile fails on a mismatch, naming it), and
+tests/test_maps_layout.py compares them with the types BCC describes for every map in
+:data:`MAP_TYPES`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,17 @@ POD_OUT_PORT_INCL = 1 << 2
 PORT_IN_INCLUDE, PORT_IN_EXCLUDE, PORT_OUT_INCLUDE, PORT_OUT_EXCLUDE = 1, 2, 3, 4
 CIDR_EXCLUDE, CIDR_INCLUDE = 1, 2
 
+#: conn_key.kind: the app end of a connection redirected to a loopback listener, or the client
+#: end of an inbound connection sk_lookup handed to 15006.
+CONN_REDIRECTED, CONN_INBOUND = 1, 2
+
+#: The getsockopt the programs answer (SOL_IP; IP6T_SO_ORIGINAL_DST on SOL_IPV6 is the same number).
+SO_ORIGINAL_DST = 80
+
+#: Map sizes by build flag (bpf/abi.h: DEFAULT_<flag>); sized for real nodes, never silently small.
+DEFAULT_MAP_SIZES = {"MAX_PODS": 16384, "MAX_CONNS": 131072, "MAX_PORTS": 262144, "MAX_CIDRS": 262144}
+
+#: The counters array, in enum counter order (C_<NAME>).
 COUNTERS = (
     "out_redirect", "in_redirect_local", "inbound_assign", "inbound_no_listener",
     "dns_redirect", "origdst_hit", "origdst_miss", "tuple_stored", "podip_bind_fail",
@@ -30,6 +42,7 @@ COUNTERS = (
 
 
 class IpAddr(ctypes.Structure):
+    c_name = "ip_addr"
     _fields_ = [("family", ctypes.c_uint32), ("a", ctypes.c_uint8 * 16)]
 
     @classmethod
@@ -46,35 +59,48 @@ class IpAddr(ctypes.Structure):
 
 
 class PodCfg(ctypes.Structure):
+    c_name = "pod_cfg"
     _fields_ = [("pod_id", ctypes.c_uint32), ("flags", ctypes.c_uint32),
                 ("proxy_uid", ctypes.c_uint32), ("proxy_gid", ctypes.c_uint32),
                 ("ip4", ctypes.c_uint8 * 4), ("ip6", ctypes.c_uint8 * 16)]
 
 
 class PodIpVal(ctypes.Structure):
+    c_name = "pod_ip_val"
     _fields_ = [("pod_id", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("netns_cookie", ctypes.c_uint64)]
 
 
 class PortKey(ctypes.Structure):
+    c_name = "port_key"
     _fields_ = [("pod_id", ctypes.c_uint32), ("kind", ctypes.c_uint16), ("port", ctypes.c_uint16)]
 
 
 class CidrKey(ctypes.Structure):
+    c_name = "cidr_key"
     _fields_ = [("prefixlen", ctypes.c_uint32), ("pod_id", ctypes.c_uint32), ("kind", ctypes.c_uint8),
                 ("family", ctypes.c_uint8), ("pad", ctypes.c_uint16), ("addr", ctypes.c_uint8 * 16)]
 
 
 class Origin(ctypes.Structure):
+    c_name = "origin"
     _fields_ = [("ip", IpAddr), ("port", ctypes.c_uint16), ("listener", ctypes.c_uint16)]
 
 
 class AppView(ctypes.Structure):
+    c_name = "app_view"
     _fields_ = [("peer", Origin), ("local", IpAddr)]
 
 
 class ConnKey(ctypes.Structure):
+    c_name = "conn_key"
     _fields_ = [("netns", ctypes.c_uint64), ("ip", IpAddr), ("port", ctypes.c_uint16),
                 ("kind", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
+
+
+class SockKey(ctypes.Structure):
+    c_name = "sock_key"
+    _fields_ = [("netns", ctypes.c_uint64), ("local", IpAddr), ("remote", IpAddr),
+                ("local_port", ctypes.c_uint32), ("remote_port", ctypes.c_uint32)]
 
 
 #: Key and value types userspace reads each map with (None: userspace never reads that side).
@@ -90,6 +116,7 @@ MAP_TYPES: dict[str, tuple[type, type | None]] = {
     "dns_origin": (ctypes.c_uint64, Origin),
     "app_view": (ctypes.c_uint64, AppView),
     "counters": (ctypes.c_uint32, ctypes.c_uint64),
+    "accel_socks": (SockKey, None),     # sockmap builds only
 }
 
 

@@ -19,10 +19,12 @@ from typing import Union
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
-OUTBOUND_PORT = 15001
-INBOUND_PORT = 15006
-DNS_PORT = 15053
+# Istio's fixed ports and addresses, the same names as in bpf/abi.h (checked at every build).
+OUTBOUND_PORT = 15001       # -p: Envoy's outbound listener
+INBOUND_PORT = 15006        # -z: Envoy's inbound listener
+DNS_PROXY_PORT = 15053      # the Istio agent's DNS proxy
 HBONE_PORT = 15008          # never captured (ISTIO_INBOUND / ISTIO_OUTPUT exempt it)
+DNS_PORT = 53               # what DNS capture matches
 INBOUND_PASSTHROUGH_SRC = "127.0.0.6"   # Envoy's inbound passthrough source
 PROXY_UID = 1337
 PROXY_GID = 1337

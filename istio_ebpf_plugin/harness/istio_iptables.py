@@ -22,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from ..datapath.podconfig import DNS_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, PodConfig
+from ..datapath.podconfig import DNS_PORT, DNS_PROXY_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, PodConfig
 from ..datapath.selftest.topology import Pod
 from ..errors import KernelError
 
@@ -190,7 +190,7 @@ def build(flags: IstioIptablesFlags) -> _Builder:
 
 
 def _dns_rules(b: _Builder, f: IstioIptablesFlags) -> None:
-    port = str(DNS_PORT)
+    port, dns = str(DNS_PROXY_PORT), str(DNS_PORT)
     b.append("OUTPUT", "raw", "-j", "ISTIO_OUTPUT_DNS")
     if f.capture_all_dns or f.dns_servers_v4:
         b.append("ISTIO_OUTPUT", "nat", "-j", "ISTIO_OUTPUT_DNS", families=(4,))
@@ -198,33 +198,33 @@ def _dns_rules(b: _Builder, f: IstioIptablesFlags) -> None:
         b.append("ISTIO_OUTPUT", "nat", "-j", "ISTIO_OUTPUT_DNS", families=(6,))
     for proto, to in (("tcp", "--to-ports"), ("udp", "--to-port")):
         if f.capture_all_dns:
-            b.append("ISTIO_OUTPUT_DNS", "nat", "-p", proto, "--dport", "53", "-j", "REDIRECT", to, port)
+            b.append("ISTIO_OUTPUT_DNS", "nat", "-p", proto, "--dport", dns, "-j", "REDIRECT", to, port)
         else:
             for s in f.dns_servers_v4:
-                b.append("ISTIO_OUTPUT_DNS", "nat", "-p", proto, "--dport", "53", "-d", f"{s}/32", "-j",
+                b.append("ISTIO_OUTPUT_DNS", "nat", "-p", proto, "--dport", dns, "-d", f"{s}/32", "-j",
                          "REDIRECT", to, port, families=(4,))
             for s in f.dns_servers_v6:
-                b.append("ISTIO_OUTPUT_DNS", "nat", "-p", proto, "--dport", "53", "-d", f"{s}/128", "-j",
+                b.append("ISTIO_OUTPUT_DNS", "nat", "-p", proto, "--dport", dns, "-d", f"{s}/128", "-j",
                          "REDIRECT", to, port, families=(6,))
     # Conntrack zones: proxy <-> upstream resolvers in zone 1, app <-> proxy in zone 2.
     for kind, idents in (("uid", f.proxy_uids), ("gid", f.proxy_gids)):
         for ident in idents:
-            b.append("ISTIO_OUTPUT_DNS", "raw", "-p", "udp", "--dport", "53", "-m", "owner",
+            b.append("ISTIO_OUTPUT_DNS", "raw", "-p", "udp", "--dport", dns, "-m", "owner",
                      f"--{kind}-owner", ident, "-j", "CT", "--zone", "1")
             b.append("ISTIO_OUTPUT_DNS", "raw", "-p", "udp", "--sport", port, "-m", "owner",
                      f"--{kind}-owner", ident, "-j", "CT", "--zone", "2")
     if f.capture_all_dns:
         b.append("PREROUTING", "raw", "-j", "ISTIO_INBOUND")
-        b.append("ISTIO_OUTPUT_DNS", "raw", "-p", "udp", "--dport", "53", "-j", "CT", "--zone", "2")
-        b.append("ISTIO_INBOUND", "raw", "-p", "udp", "--sport", "53", "-j", "CT", "--zone", "1")
+        b.append("ISTIO_OUTPUT_DNS", "raw", "-p", "udp", "--dport", dns, "-j", "CT", "--zone", "2")
+        b.append("ISTIO_INBOUND", "raw", "-p", "udp", "--sport", dns, "-j", "CT", "--zone", "1")
         return
     for fam, servers, mask in ((4, f.dns_servers_v4, 32), (6, f.dns_servers_v6, 128)):
         if servers:
             b.append("PREROUTING", "raw", "-j", "ISTIO_INBOUND", families=(fam,))
         for s in servers:
-            b.append("ISTIO_OUTPUT_DNS", "raw", "-p", "udp", "--dport", "53", "-d", f"{s}/{mask}", "-j", "CT",
+            b.append("ISTIO_OUTPUT_DNS", "raw", "-p", "udp", "--dport", dns, "-d", f"{s}/{mask}", "-j", "CT",
                      "--zone", "2", families=(fam,))
-            b.append("ISTIO_INBOUND", "raw", "-p", "udp", "--sport", "53", "-s", f"{s}/{mask}", "-j", "CT",
+            b.append("ISTIO_INBOUND", "raw", "-p", "udp", "--sport", dns, "-s", f"{s}/{mask}", "-j", "CT",
                      "--zone", "1", families=(fam,))
 
 
