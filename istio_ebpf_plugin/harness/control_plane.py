@@ -29,6 +29,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..timeouts import scaled
 from . import names, processes
 from .ports import free_port
 
@@ -239,7 +240,7 @@ class ControlPlane:
             return False
 
     def _wait(self, check: "object", what: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         proc = self._procs.get(what)
         while time.monotonic() < deadline:
             if check():  # type: ignore[operator]
@@ -247,7 +248,7 @@ class ControlPlane:
             if proc is not None and proc.poll() is not None:
                 raise ControlPlaneError(f"{what} exited with {proc.returncode}; see {self.log(what)}")
             time.sleep(0.5)
-        raise ControlPlaneError(f"{what} not ready after {timeout:.0f}s; see {self.log(what)}")
+        raise ControlPlaneError(f"{what} not ready after {scaled(timeout):.0f}s; see {self.log(what)}")
 
     def _kill(self, name: str, sig: int = signal.SIGTERM, wait: float = 15.0) -> None:
         pid = self.pids.pop(name, None)

@@ -21,6 +21,7 @@ from ..datapath.loader import Datapath
 from ..datapath.podconfig import PodConfig, ip_list
 from ..datapath.probe import probe_features, select_mode
 from ..errors import KernelError
+from ..timeouts import scaled
 from .apps import http_get, start_http_server, url_for
 from .node import Node
 
@@ -63,9 +64,8 @@ def run_demo(mode: str = "auto", sockmap: bool = False, requests: int = 50,
             # Envoy's own logs are the proof: the client's outbound listener saw the
             # server's address as the original destination, the server's inbound too.
             wanted = {f"{server.ipv4}:{SERVER_PORT}", f"[{server.ipv6}]:{SERVER_PORT}"}
-            time.sleep(0.3)   # access logs flush every 100 ms
-            out_log = [e for e in envoys["client"].access_log() if e.get("listener") == "virtualOutbound"]
-            in_log = [e for e in envoys["server"].access_log() if e.get("listener") == "virtualInbound"]
+            out_log = _logged(envoys["client"], "virtualOutbound", len(ok))
+            in_log = _logged(envoys["server"], "virtualInbound", len(ok))
             out_dst = {e.get("downstream_local_address") for e in out_log}
             in_dst = {e.get("downstream_local_address") for e in in_log}
             summary["client_envoy_outbound_requests"] = len(out_log)
@@ -81,6 +81,17 @@ def run_demo(mode: str = "auto", sockmap: bool = False, requests: int = 50,
                 env.stop()
     summary["seconds"] = round(time.monotonic() - t0, 2)
     return summary
+
+
+def _logged(envoy: Any, listener: str, count: int, timeout: float = 10.0) -> list[dict]:
+    """``listener``'s access-log entries once there are ``count`` (Envoy flushes the log every
+    100 ms, later on a busy machine), or those there are at the deadline (the summary says)."""
+    deadline = time.monotonic() + scaled(timeout)
+    while True:
+        entries = [e for e in envoy.access_log() if e.get("listener") == listener]
+        if len(entries) >= count or time.monotonic() > deadline:
+            return entries
+        time.sleep(0.05)
 
 
 def print_summary(s: dict, out: Any = sys.stdout) -> None:

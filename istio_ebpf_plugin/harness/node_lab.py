@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..timeouts import scaled
 from . import cleanup, names
 from .ports import free_port
 from .processes import stop as _stop_pid
@@ -303,14 +304,14 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         (self.workdir / "cni").mkdir(exist_ok=True)
         (self.workdir / "cni" / "10-ie-lab.conflist").write_text(json.dumps(self.cni_conflist(), indent=1))
         proc = self._spawn("containerd", ["containerd", "--config", str(d / "config.toml"), "--log-level", "info"])
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise NodeLabError(f"containerd exited with {proc.returncode}; see {self.log('containerd')}")
             if self.socket_path.exists() and self.ctr("version", check=False).returncode == 0:
                 return
             time.sleep(0.2)
-        raise NodeLabError(f"containerd not ready after {timeout:.0f}s; see {self.log('containerd')}")
+        raise NodeLabError(f"containerd not ready after {scaled(timeout):.0f}s; see {self.log('containerd')}")
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
         """``ctr`` against this node's containerd, namespace k8s.io (the CRI's)."""
@@ -367,7 +368,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
 
     def wait_ready(self, get_node: Callable[[str], dict | None], timeout: float = 120.0) -> dict:
         """Wait for the Node object to report Ready; returns it."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         last: dict | None = None
         while time.monotonic() < deadline:
             kubelet = self.procs.get("kubelet")
@@ -378,7 +379,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
                 if cond.get("type") == "Ready" and cond.get("status") == "True":
                     return last
             time.sleep(1)
-        raise NodeLabError(f"node {self.node_name} not Ready after {timeout:.0f}s; see {self.log('kubelet')}")
+        raise NodeLabError(f"node {self.node_name} not Ready after {scaled(timeout):.0f}s; see {self.log('kubelet')}")
 
     # ------------------------------------------------------------------ stop
     def __enter__(self) -> "NodeLab":

@@ -115,15 +115,21 @@ def start_probe_server(pod: Pod, targets: Iterable[int] = (), udp_targets: Itera
 
 def probe_connect(src_pod: Pod, uid: int, gid: int, dst_ip: str, dst_port: int, *,
                   bind: tuple[str, int] | None = None, proto: str = "tcp", timeout: float = 3.0,
-                  count: int = 1, nat_pods: Iterable[Pod] = ()) -> Outcome | list[Outcome]:
+                  count: int = 1, nat_pods: Iterable[Pod] = (),
+                  reply_timeout: float | None = None) -> Outcome | list[Outcome]:
     """Connect from ``src_pod`` as uid/gid to dst; an :class:`Outcome` (a list if count > 1).
+
+    ``timeout`` bounds the TCP handshake (a dropped SYN is the outcome "timeout": not scaled).
+    ``reply_timeout`` bounds the wait for the listener's answer (TCP once connected, UDP after
+    the datagram), which depends on the probe server getting the CPU: default ``scaled(10)``.
 
     When a listener saw another peer than the client's own address, the conntrack tables of
     ``src_pod`` and ``nat_pods`` (where NAT rules may have translated it) tell whether NAT moved
     the source port: that goes into :attr:`Outcome.nat_peer`.
     """
+    reply = scaled(10) if reply_timeout is None else reply_timeout
     argv = [PYTHON, "-S", staged(CLIENT_SCRIPT), "--dst", dst_ip, "--port", str(dst_port),
-            "--timeout", str(timeout), "--count", str(count)]
+            "--timeout", str(timeout), "--reply-timeout", str(reply), "--count", str(count)]
     if bind:
         host = f"[{bind[0]}]" if ":" in bind[0] else bind[0]
         argv += ["--bind", f"{host}:{bind[1]}"]
@@ -132,7 +138,7 @@ def probe_connect(src_pod: Pod, uid: int, gid: int, dst_ip: str, dst_port: int, 
     elif proto != "tcp":
         raise ValueError(f"proto must be tcp or udp, not {proto!r}")
     started = time.monotonic()
-    proc = src_pod.run(argv, uid=uid, gid=gid, timeout=timeout * count + scaled(15))
+    proc = src_pod.run(argv, uid=uid, gid=gid, timeout=(timeout + reply) * count + scaled(15))
     if proc.returncode != 0:
         raise KernelError(f"probe client in pod {src_pod.name} failed ({proc.returncode}): "
                           f"{proc.stderr.strip()[-500:]}")

@@ -6,6 +6,10 @@ Connects (TCP) or sends a datagram (UDP) to ``--dst``/``--port``, optionally fro
 sees) and ``reply_from`` (UDP: source of the reply), or
 ``{"listener": "refused" | "timeout" | "unreachable" | "error", "errno": NAME, ...}``.
 
+``--timeout`` bounds the TCP handshake (the kernel's answer: a dropped SYN is "timeout");
+``--reply-timeout`` bounds the wait for the listener's reply (TCP once connected, UDP after
+sending), which needs the probe server to be scheduled: generous, so load cannot fail a case.
+
     python3 -S probe_client.py --dst 10.244.0.3 --port 8080 [--bind 10.244.0.2:40000] [--udp] [--count N]
 """
 
@@ -37,6 +41,7 @@ def one(args: argparse.Namespace) -> dict:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(split_hostport(args.bind))
         if args.udp:
+            s.settimeout(args.reply_timeout)
             s.sendto(b"probe", (args.dst, args.port))
             data, src = s.recvfrom(4096)
             rec = json.loads(data)
@@ -45,6 +50,7 @@ def one(args: argparse.Namespace) -> dict:
             s.connect((args.dst, args.port))
             # What the application sees of its own connection (NAT is invisible under iptables).
             rec_local, rec_peer = s.getsockname(), s.getpeername()
+            s.settimeout(args.reply_timeout)
             chunks = []
             while True:
                 chunk = s.recv(4096)
@@ -78,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bind", default="")
     ap.add_argument("--udp", action="store_true")
     ap.add_argument("--timeout", type=float, default=3.0)
+    ap.add_argument("--reply-timeout", type=float, default=10.0)
     ap.add_argument("--count", type=int, default=1)
     args = ap.parse_args(argv)
     for _ in range(args.count):
