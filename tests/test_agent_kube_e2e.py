@@ -13,7 +13,6 @@ and their processes in cgroups named the way kubelet names them (kubepods/pod<ui
 from __future__ import annotations
 
 import copy
-import time
 import uuid
 
 import pytest
@@ -22,7 +21,8 @@ from support.fake_kube import fixture_pod
 from istio_ebpf_plugin import NODE_MODE_LABEL, kube_api
 from istio_ebpf_plugin.agent.node_agent import NodeAgent
 from istio_ebpf_plugin.install import manifests
-from test_agent_kernel import PORT, agent_config, cluster, outbound_entries  # noqa: F401 (a fixture)
+from support.polling import wait_for
+from test_agent_kernel import PORT, agent_config, cluster, outbound_requests, wait_outbound_logged  # noqa: F401
 from test_agent_loop import FakeProc, Running, get, make_agent
 
 AGENT_NS = "istio-ebpf-system"
@@ -30,10 +30,7 @@ OPT_IN = {"istio-ebpf.io/redirect": "ebpf"}
 
 
 def _eventually(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out after {timeout:g}s waiting for {what}"
-        time.sleep(0.2)
+    wait_for(cond, timeout, what, interval=0.2)   # conditions that ask the apiserver or the agent's port
 
 
 @pytest.fixture
@@ -179,7 +176,8 @@ def test_opt_in_without_a_sidecar_is_ignored_with_an_event(world):
         assert "no istio-proxy container" in plain["message"]
         assert "sidecar.istio.io/inject is 'false'" in off["message"]
         assert [str(c.pod_ips[0]) for c in store.values()] == ["10.44.1.3"]
-        time.sleep(1)
+        steps = run.steps   # pending pods are retried every 0.05 s: 30 steps are many retries
+        _eventually(lambda: run.steps >= steps + 30, 30, "30 more agent loop steps")
         assert len(store) == 1 and len(pod_events(cp, ns, "plain", "CaptureIgnored")) == 1
     finally:
         run.close()
@@ -297,7 +295,9 @@ def test_forbidden_events_back_off(world):
         run = Running(agent)
         try:
             _eventually(lambda: agent.published and agent.synced, 30, "publish with Events forbidden")
-            time.sleep(3)   # the old loop retried every 0.2 s: 15 forbidden POSTs here
+            _eventually(lambda: forbidden_event_posts() > before, 30, "the refused Event POST in the audit log")
+            steps = run.steps   # the old loop retried every 0.2 s: 7 or more forbidden POSTs in 30 steps
+            _eventually(lambda: run.steps >= steps + 30, 30, "30 more agent loop steps")
             assert cp.request("GET", f"/api/v1/nodes/{node}")[1]["metadata"]["labels"][NODE_MODE_LABEL] == "cookie"
             assert get(agent, "/readyz")[0] == 200
         finally:
@@ -336,14 +336,13 @@ def test_real_datapath_and_envoy_follow_the_real_api(world, cluster, pin_root): 
                                               for p in (client, server)}
         url = url_for(server.ipv4, PORT)
         assert [r["status"] for r in http_get(client, url, count=3)] == [200] * 3
-        time.sleep(0.3)
-        assert f"{server.ipv4}:{PORT}" in {e.get("downstream_local_address") for e in outbound_entries(envoys["cli"])}
-        before = len(outbound_entries(envoys["cli"]))
+        wait_outbound_logged(envoys["cli"], f"{server.ipv4}:{PORT}")
+        before = outbound_requests(envoys["cli"])
         # An annotation PATCH on the real API: the running sandbox keeps its capture (Event).
         _patch(cp, ns, "cli", {"traffic.sidecar.istio.io/excludeOutboundPorts": str(PORT)})
         _eventually_events(cp, ns, "cli", "CaptureUnchanged")
         assert [r["status"] for r in http_get(client, url, count=3)] == [200] * 3
-        _eventually(lambda: len(outbound_entries(envoys["cli"])) == before + 3, 10, "still through Envoy")
+        assert outbound_requests(envoys["cli"]) == before + 3, "no longer through Envoy"
         ready = pod_events(cp, ns, "cli", "CaptureReady") + pod_events(cp, ns, "srv", "CaptureReady")
         assert len(ready) == 2 and all("s after the sandbox started" in e["message"] for e in ready), ready
         # Deleting the Pod object removes its entries.

@@ -68,6 +68,7 @@ class Running:
     def __init__(self, agent: NodeAgent) -> None:
         self.agent = agent
         self.stop = threading.Event()
+        self.steps = 0           # loop iterations: "N more steps" is an event, a sleep is not
         agent.start()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
@@ -75,6 +76,7 @@ class Running:
     def _loop(self) -> None:
         while not self.stop.is_set():
             self.agent.step(0.05)
+            self.steps += 1
 
     def close(self) -> None:
         self.stop.set()
@@ -93,6 +95,15 @@ def make_agent(proc: FakeProc, store: dict, mode: str | None = None, release="6.
     agent = NodeAgent(cfg, recording_factory(made, store))
     agent._made = made
     return agent
+
+
+def events_applied(kube: FakeKube, agent: NodeAgent) -> None:
+    """Wait until the agent has applied every watch event sent so far. They arrive and are
+    dispatched in order, so a marker pod (opted in, no IP yet: it only goes pending) sent after
+    them marks the point; a state that must NOT change can then be asserted without a sleep."""
+    marker = kube.add(fixture_pod("master/inject/hello.yaml.injected", f"mark-{kube.rv}", NODE, [],
+                                  annotations=OPT_IN))
+    wait_for(lambda: marker["metadata"]["uid"] in agent.reconciler.pending, what="the marker pod (events applied)")
 
 
 def get(agent: NodeAgent, path: str) -> tuple[int, str]:
@@ -226,11 +237,13 @@ def test_pending_pod_is_programmed_when_its_process_appears(kube, proc):
         kube.add(p)   # scheduled, no IP, no sandbox
         wait_for(lambda: p["metadata"]["uid"] in agent.reconciler.pending)
         kube.modify(p["metadata"]["uid"], ips=["10.0.0.30"])
-        time.sleep(0.2)
+        events_applied(kube, agent)
+        steps = run.steps
+        wait_for(lambda: run.steps >= steps + 5, what="a few retries of the pending pods")
         assert not store   # IP but no process yet: still pending
         proc.start(p["metadata"]["uid"])
         wait_for(lambda: len(store) == 1, what="retry picked the pod up")
-        assert not agent.reconciler.pending
+        assert p["metadata"]["uid"] not in agent.reconciler.pending
     finally:
         run.close()
 

@@ -17,6 +17,7 @@ from istio_ebpf_plugin.harness.conflict import run_quadruple_conflict
 from istio_ebpf_plugin.harness.probe import PYTHON, start_probe_server
 
 from support.datapath_modes import host_mode, require_mode
+from support.polling import rmdir_cgroup
 
 pytestmark = pytest.mark.kernel
 
@@ -177,13 +178,7 @@ def test_process_in_child_cgroup_is_captured(node, datapath_factory, mode):
     finally:
         server.stop()
         for d in (child, child.parent):
-            for _ in range(50):
-                try:
-                    d.rmdir()
-                    break
-                except OSError:
-                    import time
-                    time.sleep(0.1)
+            rmdir_cgroup(d)
 
 
 _CONNECTED_UDP = textwrap.dedent(r"""

@@ -28,7 +28,7 @@ from istio_ebpf_plugin.harness import Node
 from istio_ebpf_plugin.harness.probe import PYTHON, start_probe_server
 
 from support.datapath_modes import host_mode
-from support.polling import wait_for
+from support.polling import rmdir_cgroup, wait_for
 from support.hardening_support import ESCAPE_CLIENT, RAW_SYN, SYN_SNIFFER, outcome, run_escape
 
 pytestmark = pytest.mark.kernel
@@ -267,12 +267,7 @@ def test_child_cgroup_is_still_captured(lab):
         assert same(lab, recs) == ("outbound", "self", (lab.dst.ipv4, 8080))
     finally:
         for kid in kids:
-            for _ in range(100):
-                try:
-                    kid.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.02)
+            rmdir_cgroup(kid)
 
 
 def test_process_entering_the_netns_from_outside_the_pod_cgroup(lab):

@@ -6,16 +6,13 @@ RBAC is enforced for service-account tokens, and the controller-manager is runni
 
 from __future__ import annotations
 
-import time
 import uuid
 
+from support.polling import wait_for
 
 
 def _eventually(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out after {timeout:g}s waiting for {what}"
-        time.sleep(0.3)
+    wait_for(cond, timeout, what, interval=0.3)   # conditions that ask the apiserver
 
 
 def test_real_apiserver_version_and_readiness(kube_control_plane):

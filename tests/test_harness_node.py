@@ -7,13 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from istio_ebpf_plugin.harness import Node, cleanup, names
 from istio_ebpf_plugin.harness.probe import start_probe_server
+
+from support.polling import wait_for
 
 pytestmark = pytest.mark.kernel
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,9 +44,8 @@ def test_spawn_joins_cgroup_before_exec_with_dropped_credentials(node: Node) -> 
     assert lines[-5:-1][0:3] == ["1000", "1000", "1000"]   # uid, gid, no supplementary groups
     assert lines[-2] == "net:[%d]" % os.stat(a.netns_path).st_ino
     p = a.spawn(["sleep", "30"], uid=1337, gid=1337)
-    deadline = time.monotonic() + 5
-    while p.pid not in a.pids() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    # The event: sleep itself runs (sh joined the cgroup, nsenter dropped the credentials, exec'd).
+    wait_for(lambda: Path(f"/proc/{p.pid}/comm").read_text().strip() == "sleep", what="sleep to be exec'd")
     assert p.pid in a.pids()   # the exec'd command keeps the pid that joined the cgroup
     status = Path(f"/proc/{p.pid}/status").read_text()
     assert "Uid:\t1337\t1337\t1337\t1337" in status and "Gid:\t1337\t1337\t1337\t1337" in status

@@ -319,7 +319,7 @@ def test_agent_pod_deleted_under_load(env):
         t = threading.Thread(target=load, daemon=True)
         t.start()
         try:
-            time.sleep(2)
+            wait(lambda: results["ok"] >= 20, 120, "20 requests through the old agent's capture", interval=0.1)
             start = time.monotonic()
             s.note(f"t={start - t0:.1f}s delete {old['metadata']['name']}")
             api.delete_pod(AGENT_NS, old["metadata"]["name"])
@@ -328,7 +328,8 @@ def test_agent_pod_deleted_under_load(env):
             new = wait(lambda: (p := _agent_pod(env)) and p["metadata"]["uid"] != old["metadata"]["uid"]
                        and pod_ready(p) and p, 240, "replacement agent pod Ready")
             took = time.monotonic() - start
-            time.sleep(3)
+            served = results["ok"]
+            wait(lambda: results["ok"] >= served + 20, 120, "20 more requests with the new agent", interval=0.1)
         finally:
             stop.set()
             t.join(timeout=10)

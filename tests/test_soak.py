@@ -26,7 +26,9 @@ from istio_ebpf_plugin.datapath.podconfig import PodConfig, ip_list
 from istio_ebpf_plugin.harness.apps import http_get, start_http_server, url_for
 from istio_ebpf_plugin.harness.probe import PYTHON
 
+from istio_ebpf_plugin.timeouts import scaled
 from support.hardening_support import ChurnPod, churn_ips
+from support.polling import wait_for
 
 pytestmark = [pytest.mark.soak, pytest.mark.kernel]
 
@@ -43,6 +45,15 @@ a, _ = l.accept()
 raw = a.getsockopt(socket.SOL_IP, 80, 16)
 print(json.dumps([socket.inet_ntoa(raw[4:8]), struct.unpack("!H", raw[2:4])[0]]))
 """
+
+
+POD_MAPS = ("pod_by_netns", "pod_by_ip", "pod_ports", "pod_cidrs")
+ORIGIN_MAPS = ("origin_by_tuple", "origin_by_cookie", "dns_origin")
+
+
+def drained(occ: dict, baseline: dict) -> bool:
+    """Pod maps as before the churn; no connection origin left (entries go when sockets close)."""
+    return all(occ[m] == baseline[m] for m in POD_MAPS) and not any(occ[m] for m in ORIGIN_MAPS)
 
 
 def test_soak_pod_churn_with_steady_traffic(node):
@@ -65,7 +76,7 @@ def test_soak_pod_churn_with_steady_traffic(node):
 
         def traffic() -> None:
             while not stop.is_set():
-                for r in http_get(cli, url, count=20, timeout=5):
+                for r in http_get(cli, url, count=20, timeout=scaled(5)):
                     if r.get("status") == 200:
                         results["ok"] += 1
                         if r["info"]["peer"][0] != "127.0.0.6":
@@ -110,7 +121,8 @@ def test_soak_pod_churn_with_steady_traffic(node):
             assert not old.delete()
         for e in envoys:     # their pooled keep-alive connections hold live (legitimate) entries
             e.stop()
-        time.sleep(1.0)
+        wait_for(lambda: drained(dp.occupancy(), baseline), timeout=30,
+                 what=f"the maps back to the baseline {baseline} once Envoy's sockets closed")
         occ = dp.occupancy()
         links = sorted(p.name for p in (dp.pin_dir / "links").glob("netns-*"))
         counters = dp.counters()
@@ -124,7 +136,7 @@ def test_soak_pod_churn_with_steady_traffic(node):
         assert results["failed"] == 0, failures[:5]
         assert results["ok"] > 0 and results["not_via_envoy"] == 0
         assert not uncaptured, uncaptured[:5]
-        for name in ("pod_by_netns", "pod_by_ip", "pod_ports", "pod_cidrs"):
+        for name in POD_MAPS:
             assert occ[name] == baseline[name], (name, occ, baseline)
         assert occ["origin_by_tuple"] == occ["origin_by_cookie"] == occ["dns_origin"] == 0, occ
         assert len(links) == 2

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 from istio_ebpf_plugin.harness import names
 from istio_ebpf_plugin.datapath.selftest.topology import delete_netns, kill_cgroup, kill_netns_processes, remove_cgroup
 from istio_ebpf_plugin.harness.probe import PYTHON
+from .polling import wait_for
 
 PROGRAMS = Path(__file__).resolve().parents[1] / "programs"
 #: Program texts, run with ``python3 -S -c`` (see each file's docstring for its arguments).
@@ -103,11 +103,8 @@ class ChurnPod:
         launch = 'echo $$ > "$1" || exit 126; n="$2"; shift 2; exec nsenter --net="$n" "$@"'
         self.proc = subprocess.Popen(["sh", "-c", launch, "sh", str(self.cgroup_path / "cgroup.procs"),
                                       self.netns_path, "sleep", "100000"], stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 5
-        while not (self.cgroup_path / "cgroup.procs").read_text().strip():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}: process never joined its cgroup")
-            time.sleep(0.005)
+        wait_for(lambda: (self.cgroup_path / "cgroup.procs").read_text().strip(), timeout=5, interval=0.005,
+                 what=f"{self.name}'s process to join its cgroup")
         return self
 
     def run(self, argv: list[str], uid: int = 1000, timeout: float = 10) -> subprocess.CompletedProcess:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import strategic_merge
+from .polling import wait_for
 from ruamel.yaml import YAML
 
 from istio_ebpf_plugin import OPT_IN_ANNOTATION, OPT_IN_VALUE
@@ -56,14 +57,7 @@ class Step:
 
 
 def wait(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+    return wait_for(cond, timeout, what, interval)   # conditions that ask the apiserver or a node
 
 
 # ---------------------------------------------------------------------- API
