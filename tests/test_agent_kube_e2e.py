@@ -53,6 +53,7 @@ def world(kube_control_plane, monkeypatch, tmp_path):
                 60, "the default ServiceAccount")
     agent_token = cp.service_account_token(AGENT_NS, "istio-ebpf-agent")
     monkeypatch.setenv("KUBECONFIG", str(cp.write_kubeconfig(tmp_path / "agent.kubeconfig", agent_token, "agent")))
+    FakeProc.in_our_userns(monkeypatch)
     proc = FakeProc(tmp_path / "proc")
     yield cp, node, ns, proc
     cp.request("DELETE", f"/api/v1/namespaces/{ns}")

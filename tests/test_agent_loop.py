@@ -8,6 +8,7 @@ real NodeAgent with only kube_api and the datapath object replaced.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import urllib.error
@@ -18,6 +19,7 @@ import pytest
 
 from istio_ebpf_plugin import NODE_MODE_LABEL
 from support.fake_kube import FakeKube, fixture_pod
+from istio_ebpf_plugin.datapath import userns
 from istio_ebpf_plugin.agent.locate import PodLocator
 from istio_ebpf_plugin.datapath import probe
 from istio_ebpf_plugin.agent.node_agent import REASON_ANNOTATION, AgentConfig, NodeAgent
@@ -30,11 +32,19 @@ ALL_OK = {name: True for name in list(probe._PROBES) + ["cgroup_v2", "bpffs", "s
 
 
 class FakeProc:
-    """A /proc tree with kubelet-style cgroup lines (systemd driver) and ns/net inodes."""
+    """A /proc tree with kubelet-style cgroup lines (systemd driver) and ns/net inodes.
+
+    Its ns/net files are plain files, not namespaces: ``in_our_userns`` makes the agent take
+    them as network namespaces of its own user namespace (pods with host users)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.next_pid = 1000
+
+    @staticmethod
+    def in_our_userns(monkeypatch) -> None:
+        own = os.stat("/proc/self/ns/user")
+        monkeypatch.setattr(userns, "owner_userns", lambda path: (own.st_dev, own.st_ino))
 
     def start(self, uid: str, qos: str = "besteffort", started: float | None = None) -> int:
         """A pod's process; ``started``: its start time on CLOCK_BOOTTIME (default: now)."""
@@ -60,7 +70,8 @@ def kube(monkeypatch):
 
 
 @pytest.fixture
-def proc(tmp_path):
+def proc(tmp_path, monkeypatch):
+    FakeProc.in_our_userns(monkeypatch)
     return FakeProc(tmp_path / "proc")
 
 

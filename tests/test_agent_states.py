@@ -39,7 +39,8 @@ def kube(monkeypatch):
 
 
 @pytest.fixture
-def proc(tmp_path):
+def proc(tmp_path, monkeypatch):
+    FakeProc.in_our_userns(monkeypatch)
     return FakeProc(tmp_path / "proc")
 
 
@@ -282,7 +283,7 @@ def test_invalid_annotation_on_a_new_sandbox_refuses_it(kube, proc):
         run.close()
 
 
-def test_capture_ready_event_names_mode_and_time_since_sandbox_start(kube, tmp_path):
+def test_capture_ready_event_names_mode_and_time_since_sandbox_start(kube, tmp_path, monkeypatch):
     """A real pod-like cgroup (a child of the cgroup v2 root) with a process started 0.5 s ago:
     the locator's sandbox age is that process's age, from the kernel's start time."""
     root = find_cgroup2()
@@ -306,6 +307,7 @@ def test_capture_ready_event_names_mode_and_time_since_sandbox_start(kube, tmp_p
         wait_for(lambda: not (cg / "cgroup.procs").read_text().strip(), what="cgroup empty")
         cg.rmdir()
     # Through the agent: CaptureReady says the mode and the time since the sandbox started.
+    FakeProc.in_our_userns(monkeypatch)
     proc = FakeProc(tmp_path / "proc")
     a = kube.add(fixture_pod(INJECTED, "a", NODE, ["10.0.9.1"], annotations=OPT_IN))
     proc.start(a["metadata"]["uid"], started=boot_seconds() - 2.0)

@@ -12,7 +12,8 @@ import pytest
 
 from istio_ebpf_plugin.datapath.loader import unpin_link
 from istio_ebpf_plugin.datapath.podconfig import PodConfig, ip_list
-from istio_ebpf_plugin.harness.capture_cases import CASES, KNOWN_DIFFERENCES, CaptureLab, failures, report
+from istio_ebpf_plugin.harness.capture_cases import (CASES, KNOWN_DIFFERENCES, CaptureLab, ebpf_installer, failures,
+                                                    report)
 from istio_ebpf_plugin.harness.conflict import run_quadruple_conflict
 from istio_ebpf_plugin.harness.probe import PYTHON, start_probe_server
 
@@ -31,7 +32,7 @@ def test_capture_table_matches_istio_iptables(node, datapath_factory, mode, sock
     dp = datapath_factory(mode, sockmap)
     dp.attach_cgroup(str(node.parent_cgroup))
     lab = CaptureLab(node)
-    results = lab.run(CASES, install=lambda pod, cfg: dp.add_pod(pod.netns_path, cfg, str(pod.cgroup_path)),
+    results = lab.run(CASES, install=ebpf_installer(dp),
                       uninstall=lambda pod, handle: dp.remove_pod(handle))
     assert len(results) == len(CASES) > 130
     allowed = KNOWN_DIFFERENCES.get(mode, {})
@@ -104,7 +105,7 @@ def test_capture_table_detects_a_broken_ebpf_datapath(node, datapath_factory, br
     dp.attach_cgroup(str(node.parent_cgroup))
     unpin_link(dp.pin_dir / "links" / f"cg-{os.stat(node.parent_cgroup).st_ino}-{broken}")
     lab = CaptureLab(node)
-    results = lab.run(_CAPTURED_DEFAULT, install=lambda pod, cfg: dp.add_pod(pod.netns_path, cfg, str(pod.cgroup_path)),
+    results = lab.run(_CAPTURED_DEFAULT, install=ebpf_installer(dp),
                       uninstall=lambda pod, handle: dp.remove_pod(handle))
     assert len(results) == len(_CAPTURED_DEFAULT) >= 16
     field = {"ie_getsockopt": "orig", "ie_getpeername4": "app_peer", "ie_getsockname4": "app_local"}[broken]

@@ -2,12 +2,14 @@
 the eBPF datapath give every connection the same observable outcome.
 
 Hypothesis draws a pod's traffic annotations (include/exclude CIDRs and ports, inbound ports,
-the proxy's UID/GID as the injector renders ``sidecar.istio.io/proxyUID``, DNS capture), turns
+the proxy's UID/GID as the injector renders ``sidecar.istio.io/proxyUID``, DNS capture), whether the
+pod has the host's users or its own user namespace (``hostUsers: false``: IDs shifted on the host), turns
 them into a :class:`PodConfig` with the agent's own :func:`pod_config`, and a few connections
 (outbound TCP/UDP as app, Envoy or another UID/GID, to another pod over IPv4, IPv6 and
 IPv4-mapped IPv6, to the pod itself and to loopback; inbound from another pod). One node is
 reused: pod ``ipt`` runs Istio's iptables rules, pod ``bpf`` the eBPF datapath with the same
-configuration; every connection is made from both and everything the differential table
+configuration (with the proxy's IDs made host IDs, as the agent makes them), and ``iptu``/``bpfu`` the same
+in user namespaces; every connection is made from both and everything the differential table
 compares (:class:`~istio_ebpf_plugin.harness.capture_cases.View`) must be equal.
 
 CI runs a fixed set of examples (``CAPTURE_PROPERTY_EXAMPLES``, default 40: derandomized by
@@ -29,6 +31,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from istio_ebpf_plugin.agent.pod_spec import pod_config
+from istio_ebpf_plugin.datapath import userns
 from istio_ebpf_plugin.datapath.loader import Datapath
 from istio_ebpf_plugin.harness import Node
 from istio_ebpf_plugin.harness.capture_cases import KNOWN_DIFFERENCES, Case, CaptureLab, View
@@ -44,31 +47,38 @@ CREDS = ((1000, 1000), (1337, 1337), (2000, 2000), (2000, 1000), (1000, 2000), (
 
 
 @dataclass
-class World:
-    node: Node
-    dp: Datapath
+class Pair:
+    """Pod ``ipt`` with Istio's iptables rules and pod ``bpf`` with the eBPF datapath."""
     ipt: Any
     bpf: Any
-    dst: Any
-    ext: Any
     handle: int | None = None
-    stats: dict = field(default_factory=lambda: {"examples": 0, "connections": 0})
     servers: list = field(default_factory=list)
     server_ids: tuple[int, int] | None = None
 
-    def sidecar_as(self, uid: int, gid: int) -> None:
+
+@dataclass
+class World:
+    node: Node
+    dp: Datapath
+    #: False: pods with the host's users; True: pods in their own user namespace (hostUsers: false).
+    pairs: dict[bool, Pair]
+    dst: Any
+    ext: Any
+    stats: dict = field(default_factory=lambda: {"examples": 0, "connections": 0, "userns": 0})
+
+    def sidecar_as(self, pair: Pair, uid: int, gid: int) -> None:
         """The captured pods' listeners (Envoy, the DNS proxy) run as the configured proxy
         identity, as in a real pod: Istio's DNS conntrack zones match on it."""
-        if self.server_ids == (uid, gid):
+        if pair.server_ids == (uid, gid):
             return
-        for server in self.servers:
+        for server in pair.servers:
             server.stop()
-        self.servers = [start_probe_server(p, targets=PORTS, udp_targets=(53,), uid=uid, gid=gid)
-                        for p in (self.ipt, self.bpf)]
-        self.server_ids = (uid, gid)
-        if self.handle is not None and self.dp.mode == "podip":
+        pair.servers = [start_probe_server(p, targets=PORTS, udp_targets=(53,), uid=uid, gid=gid)
+                        for p in (pair.ipt, pair.bpf)]
+        pair.server_ids = (uid, gid)
+        if pair.handle is not None and self.dp.mode == "podip":
             # No sockops listener hook before 5.15: the agent re-registers a restarted Envoy.
-            assert self.dp.refresh_listeners({self.handle: self.bpf.netns_path}) == 2
+            assert self.dp.refresh_listeners({pair.handle: pair.bpf.netns_path}) == 2
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +92,16 @@ def world():
     try:
         with Node() as node:
             dp.load()
-            ipt, bpf = node.add_pod("ipt"), node.add_pod("bpf", group="ebpf")
+            pairs = {False: Pair(node.add_pod("ipt"), node.add_pod("bpf", group="ebpf")),
+                     True: Pair(node.add_pod("iptu", userns=True), node.add_pod("bpfu", group="ebpf", userns=True))}
             dst, ext = node.add_pod("dst"), node.add_pod("ext")
             start_probe_server(dst, targets=PORTS, udp_targets=(53,))
             dp.attach_cgroup(str(node.group_cgroup("ebpf")))
-            w = World(node, dp, ipt, bpf, dst, ext)
+            w = World(node, dp, pairs, dst, ext)
             yield w
-            print(f"\ncapture property: {w.stats['examples']} examples, {w.stats['connections']} connections "
-                  f"per mechanism, mode {dp.mode}, {time.monotonic() - started:.1f}s")
+            print(f"\ncapture property: {w.stats['examples']} examples ({w.stats['userns']} in user-namespace "
+                  f"pods), {w.stats['connections']} connections per mechanism, mode {dp.mode}, "
+                  f"{time.monotonic() - started:.1f}s")
     finally:
         dp.close(cleanup=True)
         assert not dp.pin_dir.exists()
@@ -194,24 +206,30 @@ SHRINK = os.environ.get("CAPTURE_PROPERTY_SHRINK", "1") != "0"
 @settings(max_examples=EXAMPLES, deadline=None,
           phases=[p for p in Phase if p is not Phase.shrink or SHRINK],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(annotations=annotations_st, proxy_ids=proxy_ids_st,
+@given(annotations=annotations_st, proxy_ids=proxy_ids_st, in_userns=st.sampled_from((True, False)),
        conns=st.lists(connection_st, min_size=2, max_size=5))
-def test_iptables_and_ebpf_agree_on_random_configurations(world, annotations, proxy_ids, conns):
+def test_iptables_and_ebpf_agree_on_random_configurations(world, annotations, proxy_ids, in_userns, conns):
     w = world
-    cfg_ipt = pod_config(pod_object(w, w.ipt, annotations, proxy_ids))
-    cfg_bpf = pod_config(pod_object(w, w.bpf, annotations, proxy_ids))
-    w.sidecar_as(cfg_bpf.proxy_uid, cfg_bpf.proxy_gid)
-    w.ipt.apply_istio_iptables(cfg_ipt)
-    if w.handle is None:
-        w.handle = w.dp.add_pod(w.bpf.netns_path, cfg_bpf, str(w.bpf.cgroup_path))
+    pair = w.pairs[in_userns]
+    cfg_ipt = pod_config(pod_object(w, pair.ipt, annotations, proxy_ids))
+    cfg_pod = pod_config(pod_object(w, pair.bpf, annotations, proxy_ids))
+    # What the agent stores: the proxy's IDs as the kernel sees them (the same without a user namespace).
+    cfg_bpf = userns.host_config(cfg_pod, pair.bpf.netns_path, pair.bpf.pids())
+    assert (cfg_bpf.proxy_uid != cfg_pod.proxy_uid) is in_userns
+    w.sidecar_as(pair, cfg_pod.proxy_uid, cfg_pod.proxy_gid)
+    pair.ipt.apply_istio_iptables(cfg_ipt)
+    if pair.handle is None:
+        pair.handle = w.dp.add_pod(pair.bpf.netns_path, cfg_bpf, str(pair.bpf.cgroup_path))
     else:
-        w.dp.update_pod(w.handle, cfg_bpf)
+        w.dp.update_pod(pair.handle, cfg_bpf)
     w.stats["examples"] += 1
+    w.stats["userns"] += in_userns
     for conn in conns:
         w.stats["connections"] += 1
-        got_ipt, got_bpf = observe(w, w.ipt, conn), observe(w, w.bpf, conn)
+        got_ipt, got_bpf = observe(w, pair.ipt, conn), observe(w, pair.bpf, conn)
         ignore = allowed_fields(w.dp.mode, conn)
         diff = {f: (a, b) for f, a, b in zip(View._fields, got_ipt, got_bpf, strict=True)
                 if a != b and f not in ignore}
-        assert not diff, f"{conn} under {annotations} proxy={proxy_ids}: (iptables, eBPF) differ: {diff}"
-    assert w.ipt.iptables_rule_count() > 0 and w.bpf.iptables_rule_count() == 0
+        assert not diff, (f"{conn} under {annotations} proxy={proxy_ids} userns={in_userns}: "
+                          f"(iptables, eBPF) differ: {diff}")
+    assert pair.ipt.iptables_rule_count() > 0 and pair.bpf.iptables_rule_count() == 0

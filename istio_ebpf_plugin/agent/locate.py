@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..datapath.podconfig import PodConfig
+from ..datapath import userns
+
 
 @dataclass(frozen=True)
 class PodLocation:
@@ -211,18 +214,27 @@ class PodLocator:
                     return PodLocation(str(cg), ns[0], pid, ns[1])
         return None
 
+    def pod_pids(self, where: PodLocation) -> Iterator[int]:
+        """The located process first, then every process of the pod's cgroup tree."""
+        yield where.pid
+        if not where.cgroup_path:
+            return
+        for dirpath, _dirs, files in os.walk(where.cgroup_path):
+            if "cgroup.procs" in files:
+                try:
+                    pids = [int(x) for x in Path(dirpath, "cgroup.procs").read_text().split()]
+                except (OSError, ValueError):
+                    continue
+                yield from (p for p in pids if p != where.pid)
+
+    def host_config(self, config: PodConfig, where: PodLocation) -> PodConfig:
+        """``config`` with the proxy's IDs as the kernel sees them (pods with ``hostUsers: false``)."""
+        return userns.host_config(config, where.netns_path, self.pod_pids(where), self.proc_root)
+
     def sandbox_started(self, where: PodLocation) -> float | None:
         """When the pod's first process started (its sandbox, the pause container), in seconds on
         ``CLOCK_BOOTTIME`` (:func:`boot_seconds`); None when none of its processes can be read."""
-        pids = [where.pid]
-        if where.cgroup_path:
-            for dirpath, _dirs, files in os.walk(where.cgroup_path):
-                if "cgroup.procs" in files:
-                    try:
-                        pids += [int(x) for x in Path(dirpath, "cgroup.procs").read_text().split()]
-                    except (OSError, ValueError):
-                        continue
-        times = [t for t in (process_started(pid, self.proc_root) for pid in pids) if t is not None]
+        times = [t for t in (process_started(pid, self.proc_root) for pid in self.pod_pids(where)) if t is not None]
         return min(times) if times else None
 
     def _pids(self) -> Iterator[int]:

@@ -358,7 +358,7 @@ class Reconciler:
         if want.kind == "invalid" or want.config is None:
             self._fail(st, where, f"invalid traffic annotation: {want.message}", INVALID_CONFIG)
             return
-        config = want.config
+        config = want.config      # as the Pod object states it: what later edits are compared with
         if self._adoptable:
             try:
                 key = self.datapath.pod_key(where.netns_path, where.cgroup_path)
@@ -371,7 +371,16 @@ class Reconciler:
                 self._set(st, CAPTURED, "")
                 return
         try:
-            handle = self.datapath.add_pod(where.netns_path, config, where.cgroup_path)
+            # hostUsers: false: the proxy's IDs as the kernel sees them (datapath/userns.py).
+            entries = self.locator.host_config(config, where)
+        except UsageError as exc:
+            self._fail(st, where, str(exc), INVALID_CONFIG)
+            return
+        except (OSError, KernelError) as exc:
+            self._fail(st, where, f"user namespace of the pod not readable: {exc}", KERNEL)
+            return
+        try:
+            handle = self.datapath.add_pod(where.netns_path, entries, where.cgroup_path)
         except (OSError, KernelError) as exc:
             if _sandbox_gone(exc):
                 # The sandbox went away between finding and programming it: find it again.

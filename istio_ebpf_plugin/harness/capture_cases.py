@@ -1,11 +1,14 @@
 """The differential capture table: the same connection cases against any capture mechanism.
 
-Topology (:class:`CaptureLab`): three pods on one :class:`~.node.Node`:
+Topology (:class:`CaptureLab`): four pods on one :class:`~.node.Node`:
 
 * ``a``: captured pod, the source of outbound cases (app = UID/GID 1000, proxy = 1337);
 * ``b``: captured pod with the same configuration, the destination of inbound cases;
 * ``c``: plain pod (never captured): an outside client for inbound cases and an
-  uncaptured destination for outbound cases.
+  uncaptured destination for outbound cases;
+* ``u``: captured pod in its own user namespace (``hostUsers: false``: its IDs are other IDs
+  on the host), source and destination of the user-namespace family (``userns-*``: the
+  identity-dependent cases of a and b, repeated from it).
 
 Every pod runs :mod:`.probe_server` as UID/GID 1337: sidecar listeners 15001/15006/15053
 and "direct" targets on :data:`TARGET_PORTS` (TCP) and 53 (UDP). A case names a
@@ -23,7 +26,7 @@ eBPF datapath::
     lab = CaptureLab(node)
     results = lab.run(CASES, install=lambda pod, cfg: pod.apply_istio_iptables(cfg),
                       uninstall=lambda pod, handle: pod.flush_iptables())
-    # eBPF: install=lambda pod, cfg: dp.add_pod(pod.netns_path, cfg, str(pod.cgroup_path)),
+    # eBPF: install=ebpf_installer(dp)  (the proxy IDs made host IDs, as the agent does),
     #       uninstall=lambda pod, handle: dp.remove_pod(handle)
     assert not failures(results), report(results)
 """
@@ -35,6 +38,7 @@ import ipaddress
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, Sequence
 
+from ..datapath import userns
 from ..datapath.podconfig import PodConfig
 from ..datapath.selftest.topology import POD_SYSCTLS
 from .conntrack import plain
@@ -312,7 +316,34 @@ def _v4mapped_cases() -> list[Case]:
     ]
 
 
-CASES: tuple[Case, ...] = tuple(_default_cases() + _config_cases() + _v4mapped_cases())
+#: The cases the user-namespace family repeats from pod ``u`` (every rule that reads the
+#: connecting identity, the app's counterparts, DNS, and inbound), by id without the family.
+_USERNS_FROM = {f"{stem}{f}{rest}" for f in ("4", "6") for stem, rest in (
+    ("out-app-c", "-8080"), ("out-app-self", "-8080"), ("out-proxy-c", "-8080"), ("out-proxy-b", "-8080"),
+    ("out-proxyuid-c", "-8080"), ("out-proxygid-c", "-8080"), ("proxy-self", "-8080"),
+    ("proxyuid-self", "-8080"), ("proxy-self", "-15008"), ("proxy-lo", "-8080"), ("proxygid-self", "-8080"),
+    ("in-c-b", "-8080"), ("dns-udp-app-c", "-53"), ("dns-udp-proxy-c", "-53"),
+    ("puid-1337-c", "-8080"), ("puid-custom-c", "-8080"), ("puid-custom-self", "-8080"),
+    ("puid-customuid-self", "-8080"), ("puid-customgid-c", "-8080"), ("puid-customgid-self", "-8080"),
+    ("puid-1337-self", "-8080"), ("puid-custom-b", "-8080"))} | {"validation-pt4-15002", "out-app-pt4-15002"}
+
+
+def _in_userns_pod(case: Case) -> Case:
+    """``case`` with pod ``u`` (its own user namespace, IDs shifted on the host) in pod a's place
+    (outbound) or pod b's (inbound from c). Istio's rules give the same outcome: the owner match
+    reads UIDs through the network namespace's user namespace."""
+    was = "a" if case.src == "a" else "b"
+
+    def sub(symbol: str | None) -> str | None:
+        return "u" + symbol[1:] if symbol and symbol[0] == was else symbol
+
+    return replace(case, id=f"userns-{case.id}", src=sub(case.src) or case.src, dst=sub(case.dst) or case.dst,
+                   expect_pod=sub(case.expect_pod), expect_orig=sub(case.expect_orig),
+                   why=f"in a user namespace: {case.why}")
+
+
+_BASE_CASES = _default_cases() + _config_cases() + _v4mapped_cases()
+CASES: tuple[Case, ...] = tuple(_BASE_CASES + [_in_userns_pod(c) for c in _BASE_CASES if c.id in _USERNS_FROM])
 
 
 class View(NamedTuple):
@@ -369,19 +400,20 @@ class CaptureLab:
         self.a = node.add_pod("a")
         self.b = node.add_pod("b")
         self.c = node.add_pod("c")
+        self.u = node.add_pod("u", userns=True)
         self.servers: list[ProbeServer] = [
             start_probe_server(p, targets=TARGET_PORTS, udp_targets=UDP_TARGET_PORTS) for p in self.pods]
 
     @property
-    def pods(self) -> tuple["Pod", "Pod", "Pod"]:
-        return (self.a, self.b, self.c)
+    def pods(self) -> tuple["Pod", ...]:
+        return (self.a, self.b, self.c, self.u)
 
     @property
-    def captured(self) -> tuple["Pod", "Pod"]:
-        return (self.a, self.b)
+    def captured(self) -> tuple["Pod", ...]:
+        return (self.a, self.b, self.u)
 
     def pod(self, name: str) -> "Pod":
-        return {"a": self.a, "b": self.b, "c": self.c}[name]
+        return {"a": self.a, "b": self.b, "c": self.c, "u": self.u}[name]
 
     def address(self, symbol: str) -> str:
         """``b4``/``b6``: pod b's addresses; ``b4m``: b's IPv4 as ``::ffff:`` on an IPv6 socket."""
@@ -486,11 +518,21 @@ class CaptureLab:
 #: leaves it on loopback (the listener sees 127.0.0.1 as peer; the app's getsockname() still
 #: shows the pod IP), pod-IP mode refuses the connection (fail closed, counter podip_bind_fail).
 _BOUND = ("out-app-bound-c4-8080", "out-app-bound-c6-8080")
+_VALIDATION = ("validation-pt4-15002", "userns-validation-pt4-15002")
 KNOWN_DIFFERENCES: dict[str, dict[str, frozenset[str]]] = {
     "cookie": {c: frozenset({"peer_is_app"}) for c in _BOUND},
-    "podip": {"validation-pt4-15002": frozenset({"peer_is_app"}),
+    "podip": {**{c: frozenset({"peer_is_app"}) for c in _VALIDATION},
               **{c: frozenset(View._fields) for c in _BOUND}},
 }
+
+
+def ebpf_installer(dp: Any) -> Callable[["Pod", PodConfig], Any]:
+    """``install`` for :meth:`CaptureLab.run` with a loaded ``Datapath``: the pod's entries, with
+    the proxy's IDs made host IDs as the agent makes them (pods in their own user namespace)."""
+    def install(pod: "Pod", cfg: PodConfig) -> Any:
+        return dp.add_pod(pod.netns_path, userns.host_config(cfg, pod.netns_path, pod.pids()),
+                          str(pod.cgroup_path))
+    return install
 
 
 def failures(results: Sequence[CaseResult], allowed: dict[str, frozenset[str]] | None = None) -> list[CaseResult]:

@@ -282,7 +282,9 @@ _EMPTY_TABLES = "*nat\nCOMMIT\n*mangle\nCOMMIT\n*raw\nCOMMIT\n"
 
 
 def _restore(pod: Pod, tool: str, text: str) -> None:
-    proc = pod.ns_exec([tool, "-w"], check=False, input=text)
+    # As the pod's own root, like istio-init: in a pod with its own user namespace the owner
+    # match takes rules only from there, and reads --uid-owner 1337 as the pod's UID 1337.
+    proc = pod.ns_exec([tool, "-w"], check=False, input=text, as_pod_root=True)
     if proc.returncode != 0:
         raise KernelError(f"{tool} in pod {pod.name} failed: {proc.stderr.strip()}")
 
@@ -307,7 +309,7 @@ def count_rules(pod: Pod, tables: tuple[str, ...] = ("nat", "mangle", "raw")) ->
     total = 0
     for tool in ("iptables-save", "ip6tables-save"):
         for table in tables:
-            proc = pod.ns_exec([tool, "-t", table], check=False)
+            proc = pod.ns_exec([tool, "-t", table], check=False, as_pod_root=True)
             if proc.returncode != 0:
                 continue  # table not present in this netns: no rules
             total += sum(1 for line in proc.stdout.splitlines() if line.startswith("-A "))

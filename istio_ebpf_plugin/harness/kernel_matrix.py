@@ -101,7 +101,7 @@ class GuestRun:
         return {"ok": demo_ok(s), **{k: s[k] for k in keep}, "counters": s["counters"]}
 
     def step_table(self) -> dict:
-        from .capture_cases import CASES, KNOWN_DIFFERENCES, CaptureLab, failures
+        from .capture_cases import CASES, KNOWN_DIFFERENCES, CaptureLab, ebpf_installer, failures
         from .node import Node
 
         dp = self.datapath()
@@ -109,7 +109,7 @@ class GuestRun:
             dp.attach_cgroup(str(node.parent_cgroup))
             try:
                 lab = CaptureLab(node)
-                results = lab.run(CASES, install=lambda pod, cfg: dp.add_pod(pod.netns_path, cfg, str(pod.cgroup_path)),
+                results = lab.run(CASES, install=ebpf_installer(dp),
                                   uninstall=lambda pod, handle: dp.remove_pod(handle))
                 rules = sum(pod.iptables_rule_count() for pod in lab.pods)
             finally:

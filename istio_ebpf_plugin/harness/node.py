@@ -30,8 +30,9 @@ from typing import Any, Sequence
 from ..datapath.podconfig import PodConfig
 from ..datapath.selftest import topology
 from ..datapath.selftest.envoy import Envoy
-from ..datapath.selftest.topology import (configure_pod_addresses, create_pod_netns, delete_netns, kill_cgroup,
-                                          kill_netns_processes, make_workdir, remove_cgroup, run_checked)
+from ..datapath.selftest.topology import (POD_SYSCTLS, configure_pod_addresses, create_pod_netns, delete_netns,
+                                          kill_cgroup, kill_netns_processes, make_workdir, remove_cgroup, run_checked,
+                                          wait_ready)
 from ..errors import KernelError, UsageError
 from . import envoy, istio_iptables, names, probe
 
@@ -110,6 +111,36 @@ class Pod(topology.Pod):
         return istio_iptables.count_rules(self)
 
 
+#: Host IDs of user-namespace pods: pod i gets [USERNS_BASE + i * USERNS_SIZE, + USERNS_SIZE), as
+#: kubelet gives every pod with ``hostUsers: false`` its own 65536 IDs.
+USERNS_BASE = 1 << 20
+USERNS_SIZE = 1 << 16
+
+_HOLD = 'echo $$ > "$1" || exit 126; shift; exec "$@"'
+
+
+def create_userns_pod_netns(pod: Pod, host_base: int, size: int = USERNS_SIZE) -> None:
+    """The pod's cgroup, work directory and a network namespace OWNED BY a new user namespace
+    whose IDs 0..size-1 are host IDs ``host_base``.. (what a runtime sets up for a pod with
+    ``hostUsers: false``; Istio's ``-m owner`` rules are read through that namespace).
+
+    A holder process in the pod cgroup (the pod's "pause") creates both and keeps them; the
+    pod's processes then enter its user namespace (``Pod.userns_path``).
+    """
+    make_workdir(pod.workdir)
+    pod.cgroup_path.mkdir()
+    holder = subprocess.Popen(["sh", "-c", _HOLD, "sh", str(pod.cgroup_path / "cgroup.procs"),
+                               "unshare", "--user", "--net", "--", "sh", "-c", "echo READY; exec sleep infinity"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pod.processes.append(holder)
+    wait_ready(holder, f"user namespace of pod {pod.name}")
+    for name in ("uid_map", "gid_map"):
+        Path(f"/proc/{holder.pid}/{name}").write_text(f"0 {host_base} {size}\n")
+    pod.userns_path = f"/proc/{holder.pid}/ns/user"
+    run_checked(["ip", "netns", "attach", pod.netns, str(holder.pid)])
+    pod.ns_exec(["sysctl", "-q", "-w", *[f"{k}={v}" for k, v in POD_SYSCTLS.items()]])
+
+
 class Node:
     """Creates pods; ``with Node() as node`` removes everything on exit, even on errors."""
 
@@ -164,11 +195,12 @@ class Node:
     def _sysctl_node(self, values: dict[str, str]) -> None:
         self._node_exec(["sysctl", "-q", "-w", *[f"{k}={v}" for k, v in values.items()]])
 
-    def add_pod(self, name: str, group: str | None = None) -> Pod:
+    def add_pod(self, name: str, group: str | None = None, userns: bool = False) -> Pod:
         """Create pod ``name`` (letters, digits, '-'; at most 8 chars to fit interface names).
 
         ``group`` puts the pod cgroup under ``parent_cgroup/<group>/`` so different capture
         mechanisms can be attached to different sets of pods (see :meth:`group_cgroup`).
+        ``userns``: a pod with ``hostUsers: false`` (see :func:`create_userns_pod_netns`).
         """
         if not self._started or self._closed:
             raise UsageError("Node is not running (use `with Node() as node:`)")
@@ -190,7 +222,10 @@ class Node:
                   cgroup_path=cgroup_dir / name, ipv4=ipv4, ipv6=ipv6,
                   workdir=self.workdir / name)
         self.pods[name] = pod  # registered first so close() removes a half-built pod
-        create_pod_netns(pod)
+        if userns:
+            create_userns_pod_netns(pod, USERNS_BASE + index * USERNS_SIZE)
+        else:
+            create_pod_netns(pod)
         host_if = f"vh{index}"
         self._node_exec(["ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0",
                          "netns", pod.netns_path])

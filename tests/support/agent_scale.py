@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 
 from .fake_kube import FakeKube, fixture_pod
+from istio_ebpf_plugin.datapath import userns
 from istio_ebpf_plugin.agent.locate import PodLocation
 
 NODE = "scale-node"
@@ -48,6 +49,9 @@ class _NetnsLocator:
 
     def sandbox_started(self, where: PodLocation) -> float | None:
         return None
+
+    def host_config(self, config, where: PodLocation):
+        return userns.host_config(config, where.netns_path, [])   # netns of this user namespace
 
 
 def _agent_run(pods: list[dict], by_uid: dict[str, str], pin_root: str, cgroup: str, mode: str,

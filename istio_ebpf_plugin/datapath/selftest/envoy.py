@@ -269,7 +269,7 @@ def start_envoy(pod: Pod, *, protocol: str = "http", concurrency: int = 1, acces
     os.chmod(workdir, 0o755)
     logs = workdir / "logs"
     logs.mkdir(mode=0o755, exist_ok=True)
-    os.chown(logs, uid, gid)  # Envoy writes its access log here
+    os.chown(logs, *pod.host_ids(uid, gid))  # Envoy writes its access log here
     access_log_path = logs / "access.log" if access_log else None
     log_file = str(access_log_path) if access_log_path else None
     listeners, clusters = extra(protocol, log_file) if extra else ([], [])

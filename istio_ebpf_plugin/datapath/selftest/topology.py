@@ -28,6 +28,7 @@ from typing import Any, Iterable, Sequence
 
 from ...errors import KernelError, UsageError
 from ...timeouts import scaled
+from .. import userns
 from ..host import require_cgroup_v2_root
 
 NETNS_DIR = Path("/run/netns")
@@ -88,6 +89,9 @@ class Pod:
     ipv6: str
     workdir: Path
     processes: list[subprocess.Popen] = field(default_factory=list)
+    #: A user namespace the pod's processes run in (the lab's pods with ``hostUsers: false``):
+    #: uid/gid given to :meth:`spawn` and :meth:`run` are IDs inside it. None: the host's users.
+    userns_path: str | None = None
 
     @property
     def netns_path(self) -> str:
@@ -102,7 +106,7 @@ class Pod:
         """argv that runs ``argv`` in this pod's cgroup and netns as uid/gid."""
         if not argv:
             raise UsageError("empty command")
-        creds: list[str] = []
+        creds: list[str] = [f"--user={self.userns_path}"] if self.userns_path else []
         if uid is not None:
             creds += ["-S", str(uid)]
         if gid is not None or uid is not None:
@@ -129,10 +133,27 @@ class Pod:
         return proc
 
     def ns_exec(self, argv: Sequence[str], *, check: bool = True, input: str | None = None,
-                timeout: float = 30) -> subprocess.CompletedProcess:
-        """Run a root tool (ip, iptables, sysctl) in the pod netns, outside the pod cgroup."""
-        return run_checked(["nsenter", f"--net={self.netns_path}", "--", *argv], check=check, input=input,
+                timeout: float = 30, as_pod_root: bool = False) -> subprocess.CompletedProcess:
+        """Run a root tool (ip, iptables, sysctl) in the pod netns, outside the pod cgroup.
+
+        ``as_pod_root``: as root of the pod's user namespace, if it has one (iptables accepts
+        owner-match rules only from the user namespace that owns the network namespace).
+        """
+        user = [f"--user={self.userns_path}"] if as_pod_root and self.userns_path else []
+        return run_checked(["nsenter", f"--net={self.netns_path}", *user, "--", *argv], check=check, input=input,
                            timeout=timeout)
+
+    def host_ids(self, uid: int, gid: int) -> tuple[int, int]:
+        """``uid``/``gid`` of the pod's processes as host IDs (the same without a user namespace):
+        who owns the files they write."""
+        if not self.userns_path:
+            return uid, gid
+        proc = Path(self.userns_path).parent.parent        # /proc/<holder>
+        host = (userns.to_outside(uid, userns.parse_id_map((proc / "uid_map").read_text())),
+                userns.to_outside(gid, userns.parse_id_map((proc / "gid_map").read_text())))
+        if host[0] is None or host[1] is None:
+            raise UsageError(f"{self.name}: {uid}/{gid} not mapped in the pod's user namespace")
+        return host[0], host[1]
 
     # -- accounting --------------------------------------------------------------
     def cpu_usage_usec(self) -> int:
