@@ -8,8 +8,11 @@ a scripted 503). Everything the real server can show is in test_install_kube_e2e
 from __future__ import annotations
 
 import json
+import os
 import queue
 import socket
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -217,6 +220,37 @@ def test_kubeconfig_rewrite_reloads_the_token(api, tmp_path):
     os.utime(tmp_path / "kubeconfig", (st.st_atime, st.st_mtime + 1))   # coarse mtime on some filesystems
     kube_api.list_nodes()
     assert [r["auth"] for r in server.requests] == ["Bearer t0k3n", "Bearer rotated"]
+
+
+def test_a_token_kubeconfig_needs_no_kubernetes_package_and_lists_without_managed_fields(api, tmp_path):
+    """The agent's path (token, CA data): read without the kubernetes client (21 MiB of RSS); the
+    node's pod list comes back without metadata.managedFields."""
+    pod = {"metadata": {"name": "p", "uid": "u", "managedFields": [{"manager": "kubelet"}]}, "spec": {}}
+    server = api(lambda h: reply(h, 200, {"items": [pod], "metadata": {"resourceVersion": "7"}}))
+    cfg = json.loads((tmp_path / "kubeconfig").read_text())
+    cfg["clusters"][0]["cluster"]["certificate-authority-data"] = "LS0tLS1CRUdJTg=="   # unused over http
+    (tmp_path / "kubeconfig").write_text(json.dumps(cfg))
+    script = ("import json, sys; from istio_ebpf_plugin import kube_api; "
+              "items, rv = kube_api.list_node_pods('n'); "
+              "print(json.dumps([items, rv, 'kubernetes' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "KUBECONFIG": str(tmp_path / "kubeconfig")})
+    assert out.returncode == 0, out.stderr
+    items, rv, imported = json.loads(out.stdout)
+    assert items == [{"metadata": {"name": "p", "uid": "u"}, "spec": {}}] and rv == "7" and imported is False
+    assert server.requests[0]["auth"] == "Bearer t0k3n"
+
+
+def test_a_client_certificate_kubeconfig_still_goes_through_the_kubernetes_loader(tmp_path):
+    cfg = {"apiVersion": "v1", "kind": "Config", "current-context": "c",
+           "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+           "users": [{"name": "u", "user": {"client-certificate": "/nonexistent.crt",
+                                            "client-key": "/nonexistent.key"}}],
+           "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}
+    (tmp_path / "kubeconfig").write_text(json.dumps(cfg))
+    assert kube_api._token_access(("kubeconfig", str(tmp_path / "kubeconfig"), 0.0)) is None
+    with pytest.raises(PermanentError, match="no Kubernetes configuration"):
+        kube_api._load_connection(("kubeconfig", str(tmp_path / "kubeconfig"), 0.0))
 
 
 def _cut_stream(h: BaseHTTPRequestHandler) -> None:

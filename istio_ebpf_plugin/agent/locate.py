@@ -59,7 +59,8 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 def process_started(pid: int, proc_root: Path | str = "/proc") -> float | None:
     """The process's start time in seconds since boot (``starttime``, field 22 of its stat)."""
     try:
-        stat = Path(proc_root, str(pid), "stat").read_text()
+        with open(f"{proc_root}/{pid}/stat") as f:
+            stat = f.read()
     except OSError:
         return None
     fields = stat.rpartition(")")[2].split()    # comm may hold spaces and parentheses
@@ -137,11 +138,15 @@ class PodLocator:
     def _rescan(self, now: float) -> None:
         index: dict[str, PodLocation] = {}
         pod_dirs: dict[str, list[Path]] | None = None   # built once, only if a path needs it
+        proc = str(self.proc_root)
         for pid in self._pids():
             try:
-                text = (self.proc_root / str(pid) / "cgroup").read_text()
+                with open(f"{proc}/{pid}/cgroup") as f:
+                    text = f.read()
             except OSError:
                 continue
+            if "pod" not in text:
+                continue          # most of a node's processes: not in a pod's cgroup
             for line in text.splitlines():
                 hier, _, path = line.partition("::")
                 if hier != "0":

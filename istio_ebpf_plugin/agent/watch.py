@@ -78,6 +78,7 @@ class PodWatcher:
                 self.lists += 1
                 self.on_relist(reason)
                 self.out.put(("RESYNC", items))
+                del items       # else this frame keeps a whole list alive through the watch and the next list
                 reason = self._watch_until_resync()
                 delay = self.backoff
                 continue

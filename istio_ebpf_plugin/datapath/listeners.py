@@ -128,17 +128,19 @@ def processes_in_cgroup(cgroup_path: str, proc: str = "/proc") -> dict[int, list
     resync of 500 pods spent 1.6 s in those passes with no other process running).
     """
     out: dict[int, list[Path]] = {}
-    for dirpath, _dirs, files in os.walk(cgroup_path):
-        if "cgroup.procs" not in files:
-            continue
+    dirs = [cgroup_path]
+    while dirs:
+        d = dirs.pop()
         try:
-            pids = Path(dirpath, "cgroup.procs").read_text().split()
+            with os.scandir(d) as entries:
+                dirs += [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+            with open(os.path.join(d, "cgroup.procs")) as f:
+                pids = f.read().split()
         except OSError:
             continue      # the container went away meanwhile
         for pid in pids:
-            pid_dir = Path(proc) / pid
             try:
-                out.setdefault(os.stat(pid_dir / "ns" / "net").st_ino, []).append(pid_dir)
+                out.setdefault(os.stat(f"{proc}/{pid}/ns/net").st_ino, []).append(Path(proc, pid))
             except OSError:
                 continue
     return out
