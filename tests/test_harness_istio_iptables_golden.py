@@ -9,7 +9,8 @@ import pytest
 
 from support.istio_fixtures import FIXTURES
 from istio_ebpf_plugin.datapath.podconfig import PodConfig
-from istio_ebpf_plugin.harness.istio_iptables import IstioIptablesFlags, render, render_for_pod
+from istio_ebpf_plugin.errors import KernelError
+from istio_ebpf_plugin.harness.istio_iptables import IstioIptablesFlags, flags_from_args, render, render_for_pod
 
 IPTABLES_GOLDENS = FIXTURES / "master" / "iptables"
 ISTIO_DNS = dict(redirect_dns=True, dns_servers_v4=("127.0.0.53",))
@@ -68,3 +69,17 @@ def test_ipv6_rules_mirror_ipv4_with_v6_addresses() -> None:
     assert "-A ISTIO_OUTPUT -d ::1/128 -j RETURN" in v6
     assert v4.count("\n") == v6.count("\n")
     assert v4.replace("127.0.0.6/32", "::6/128").replace("127.0.0.1/32", "::1/128") == v6
+
+
+def test_istio_init_arguments_give_the_capture_settings() -> None:
+    """istio-init's command line (Istio 1.14's injection of hello) -> the same rules the flags give."""
+    args = ["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "",
+            "-b", "*", "-d", "15090,15021,15020"]
+    flags = flags_from_args(args)
+    assert flags == IstioIptablesFlags(outbound_ip_ranges_include="*", inbound_ports_include="*",
+                                       inbound_ports_exclude=(15090, 15021, 15020))
+    assert flags_from_args([*args, "-g", "2000", "-o", "5432", "-x", "10.0.0.0/8"]) == IstioIptablesFlags(
+        outbound_ip_ranges_include="*", inbound_ports_include="*", inbound_ports_exclude=(15090, 15021, 15020),
+        proxy_gids=("2000",), outbound_ports_exclude=(5432,), outbound_ip_ranges_exclude=("10.0.0.0/8",))
+    with pytest.raises(KernelError, match="TPROXY"):
+        flags_from_args([*args[:7], "-m", "TPROXY"])

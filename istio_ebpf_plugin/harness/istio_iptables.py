@@ -234,6 +234,37 @@ def render(flags: IstioIptablesFlags) -> tuple[str, str]:
     return b.restore_text(4), (b.restore_text(6) if flags.enable_ipv6 else "")
 
 
+#: istio-iptables' short flags that take a value (the ones the injection templates write).
+_VALUE_FLAGS = {"-p", "-z", "-u", "-g", "-m", "-i", "-x", "-b", "-d", "-o", "-q", "-k", "-c", "-t"}
+
+
+def flags_from_args(args: list[str] | tuple[str, ...]) -> IstioIptablesFlags:
+    """The settings of an ``istio-iptables`` command line, as the istio-init container gets it.
+
+    ``istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15021,15020``
+    (Istio 1.14's injection). Flags that do not change the REDIRECT rules are ignored; TPROXY is refused.
+    """
+    values: dict[str, str] = {}
+    words = iter(args)
+    for word in words:
+        if word in _VALUE_FLAGS:
+            values[word] = next(words, "")
+    if values.get("-m", "REDIRECT") != "REDIRECT":
+        raise KernelError(f"istio-iptables -m {values['-m']}: only REDIRECT is modelled")
+
+    def ports(flag: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in values.get(flag, "").split(",") if p.strip())
+
+    uids = tuple(u for u in values.get("-u", "1337").split(",") if u)
+    return IstioIptablesFlags(
+        proxy_port=int(values.get("-p", OUTBOUND_PORT)), inbound_capture_port=int(values.get("-z", INBOUND_PORT)),
+        proxy_uids=uids, proxy_gids=tuple(g for g in values.get("-g", ",".join(uids)).split(",") if g),
+        inbound_ports_include=values.get("-b", ""), inbound_ports_exclude=ports("-d"),
+        outbound_ports_include=ports("-q"), outbound_ports_exclude=ports("-o"),
+        outbound_ip_ranges_include=values.get("-i", ""),
+        outbound_ip_ranges_exclude=tuple(c for c in values.get("-x", "").split(",") if c.strip()))
+
+
 def flags_for_pod(cfg: PodConfig, *, ipv6: bool | None = None) -> IstioIptablesFlags:
     """istio-iptables settings the istio-cni plugin derives for a pod with ``cfg``."""
     if cfg.include_inbound_ports is None:

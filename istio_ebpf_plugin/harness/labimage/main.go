@@ -5,6 +5,8 @@
 //	app front NAME PORT          HTTP server whose /fetch?url=U makes one new connection to U and
 //	                             relays the answer (502 on failure): the app behind the sidecar
 //	pilot-agent proxy sidecar …  stand-in for Istio's pilot-agent: execs Envoy with the lab bootstrap
+//	pilot-agent istio-iptables …  stand-in for istio-init: loads the rules the lab rendered from the same
+//	                             arguments ($ISTIO_LAB_IPTABLES_RULES) with iptables-restore
 //	pilot-agent istio-iptables … --run-validation
 //	                             stand-in for Istio's istio-iptables validation: listens on
 //	                             127.0.0.1:<-p> and :<-z>, connects to 127.0.0.6:15002 and passes only
@@ -18,6 +20,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -109,8 +112,7 @@ func has(args []string, name string) bool {
 // server's SO_ORIGINAL_DST must say port 15002.
 func istioIptables(args []string) int {
 	if !has(args, "--run-validation") {
-		fmt.Fprintln(os.Stderr, "istio-iptables stand-in: only --run-validation is implemented (no rules are applied)")
-		return 1
+		return applyRules()
 	}
 	ports := []string{flagValue(args, "-p", "15001"), flagValue(args, "-z", "15006")}
 	result := make(chan string, 8)
@@ -150,6 +152,35 @@ func istioIptables(args []string) int {
 	}
 	fmt.Println("Validation failed: iptables rules (here: eBPF capture) are not in place")
 	return 1
+}
+
+// applyRules stands in for istio-init: Istio's istio-iptables renders its rules and loads them with
+// iptables-restore. The lab renders the same rules from the same arguments (harness/istio_iptables.py,
+// checked against Istio's golden files) into $ISTIO_LAB_IPTABLES_RULES (and $ISTIO_LAB_IP6TABLES_RULES),
+// and this loads them the same way, in the pod's network namespace.
+func applyRules() int {
+	for _, r := range []struct{ env, tool string }{
+		{"ISTIO_LAB_IPTABLES_RULES", "/usr/sbin/iptables-restore"},
+		{"ISTIO_LAB_IP6TABLES_RULES", "/usr/sbin/ip6tables-restore"},
+	} {
+		rules := os.Getenv(r.env)
+		if rules == "" {
+			if r.tool == "/usr/sbin/iptables-restore" {
+				fmt.Fprintln(os.Stderr, "istio-iptables stand-in: $ISTIO_LAB_IPTABLES_RULES is empty")
+				return 1
+			}
+			continue
+		}
+		cmd := exec.Command(r.tool, "--noflush")
+		cmd.Stdin = strings.NewReader(rules)
+		cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+		if err := cmd.Run(); err != nil {
+			fmt.Fprintln(os.Stderr, "istio-iptables stand-in:", r.tool, err)
+			return 1
+		}
+	}
+	fmt.Println("iptables rules applied (istio-iptables stand-in)")
+	return 0
 }
 
 func acceptLoop(ln net.Listener, result chan<- string) {
