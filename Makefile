@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo lint test test-deep wheel image bench bench-quick forwarder soak clean-host kubernetes cluster-up cluster-down kernel-matrix e2e
+.PHONY: setup demo lint test test-deep wheel image bench bench-pods bench-quick forwarder soak clean-host kubernetes cluster-up cluster-down kernel-matrix e2e
 
 setup:
 	bash scripts/setup.sh all
@@ -59,9 +59,19 @@ image: setup
 forwarder:
 	bash scripts/build-forwarder.sh
 
-bench: setup forwarder
-	$(VENV)/bin/istio-ebpf bench --agent --json out/bench.json --plot out/bench.png \
-		--markdown out/bench.md --notes docs/bench-notes.md
+# Everything docs/bench.md shows, in one run: pod start-up on a real node (kubelet + containerd, like
+# `make e2e`), then the paths, the agent, and the capture with 1, 100 and 500 pods on the node.
+POD_ROUNDS ?= 20
+bench: setup forwarder kubernetes image
+	bash scripts/setup-node.sh
+	cd tests && ../$(PY) -m support.node_bench --rounds $(POD_ROUNDS) --json ../out/pod-startup.json
+	$(VENV)/bin/istio-ebpf bench --agent --scale 1,100,500 --merge-meta out/pod-startup.json \
+		--json out/bench.json --plot out/bench.png --markdown out/bench.md --notes docs/bench-notes.md
+
+# Pod start-up alone: creation to Ready, opted-in (eBPF) vs stock Istio (istio-init), paired rounds.
+bench-pods: setup kubernetes image
+	bash scripts/setup-node.sh
+	cd tests && ../$(PY) -m support.node_bench --rounds $(POD_ROUNDS) --json ../out/pod-startup.json
 
 bench-quick: setup forwarder
 	$(VENV)/bin/istio-ebpf bench --quick --agent --json out/bench-quick.json --plot out/bench-quick.png

@@ -106,3 +106,52 @@ def test_agent_footprint_fresh_and_restarted() -> None:
     assert 0 < m["agent_rss_mib"] < 120, m                      # the issue's goal; was 215 MiB with LLVM held
     assert 0 < m["agent_restart_to_capture_s"] < m["agent_start_to_capture_s"], m   # adopted, nothing compiled
     assert ours() == before                                     # pins and probe cache removed
+
+
+def test_scale_cli_small_run(tmp_path: Path) -> None:
+    """`--scale 1,3` alone (`--paths none`): the kernel's cost per connection at each count with its ratio to
+    the smallest, and the real agent's resync and RSS at each count, in meta.scale and on the page."""
+    out_json, out_md = tmp_path / "scale.json", tmp_path / "scale.md"
+    proc = subprocess.run([str(ROOT / ".venv/bin/istio-ebpf"), "bench", "--paths", "none", "--scale", "1,3",
+                           "--rounds", "2", "--duration", "1", "--json", str(out_json), "--markdown", str(out_md)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sc = json.loads(out_json.read_text())["meta"]["scale"]
+    assert sc["counts"] == [1, 3] and sc["rounds"] == 2 and len(sc["loadavg"]) == 2
+    for c in ("1", "3"):
+        k, a = sc["kernel"][c], sc["agent"][c]
+        assert k["ns_per_connection"] > 0 and len(k["ns_per_connection_ci"]) == 2 and k["rounds_used"] == 2, k
+        assert k["entries"]["pod_by_netns"] == max(int(c), 2), k     # the bench's 2 pods, then fillers
+        assert a["pods_managed"] == int(c) and set(a["resync_s"]) == {"first_start", "restart", "relist"}, a
+        assert all(v > 0 for v in a["resync_s"].values()) and 0 < a["rss_mib_max"] <= a["hwm_mib"], a
+    assert sc["kernel"]["1"]["ratio"] == 1.0 and sc["kernel"]["3"]["ratio"] > 0
+    page = out_md.read_text()
+    assert "### Scale on one node" in page and "full resync with 3 pods" in page
+    assert "x smallest [95% CI]" in proc.stdout
+
+
+def test_pod_startup_results_reach_the_json_and_the_page(tmp_path: Path) -> None:
+    """The pod start-up document (tests/support/node_bench.py's, whose measurement the node e2e runs) is
+    summarised with intervals and merged into the benchmark's meta and page by --merge-meta."""
+    from istio_ebpf_plugin.bench import pod_startup
+
+    rows = [{"round": r, "order": ["ebpf", "iptables"],
+             "ebpf": {"ready_ms": 3000.0 + 40 * r, "initialized_ms": 1500.0 + r, "capture_ms": 400.0 + r},
+             "iptables": {"ready_ms": 3200.0 + 30 * r, "initialized_ms": 1700.0, "loadavg1": 1.0}}
+            for r in range(20)]
+    doc = {"rounds": 20, "warmup_rounds": 1, "definition": "d", "loadavg": [1.0, 2.0], "per_round": rows,
+           **pod_startup.summarize(rows)}
+    v = doc["variants"]
+    assert v["ebpf"]["n"] == v["iptables"]["n"] == 20 and v["ebpf"]["p50"] == 3380.0 and v["iptables"]["p95"] == 3741.5
+    assert v["ebpf"]["p50_ci"][0] <= 3380.0 <= v["ebpf"]["p50_ci"][1] and v["ebpf"]["initialized_p50"] == 1509.5
+    assert doc["ebpf_minus_iptables_ms"]["median"] == -105.0 and doc["agent_capture_ms"]["n"] == 20
+    meta_file, out_json, out_md = tmp_path / "pods.json", tmp_path / "b.json", tmp_path / "b.md"
+    meta_file.write_text(json.dumps({"pod_ready_ms": doc}))
+    proc = subprocess.run([str(ROOT / ".venv/bin/istio-ebpf"), "bench", "--paths", "none", "--merge-meta",
+                           str(meta_file), "--json", str(out_json), "--markdown", str(out_md)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out_json.read_text())["meta"]["pod_ready_ms"]["variants"] == v
+    page = out_md.read_text()
+    assert "### Pod start-up on a real node" in page and "| ebpf | 20 | 3380 [" in page
+    assert "sandbox start -> capture written" in proc.stdout

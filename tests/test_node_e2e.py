@@ -13,110 +13,34 @@ performing Istio's check.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from support.install_gorender import GoRenderer, go_binary
-from support.node_scenario import (APP_PORT, ISTIO, ISTIO_VERSION, Api, cgroup_programs, container_log,
-                                   container_status, http_get, injected_client_pod, iptables_rules, netns_links,
-                                   pod_pid, pod_ready, server_pod, step, wait)
-from ruamel.yaml import YAML
+from support import node_bench
+from support.node_scenario import (AGENT_NS, AGENT_SELECTOR, APP_PORT, HEALTH, agent_pod, app_namespace,
+                                   cgroup_programs, cli, cluster, container_log, container_status, http_get,
+                                   injected_client_pod, injector_configmap, iptables_rules, netns_links, pod_pid,
+                                   pod_ready, server_pod, step, wait)
 
-from istio_ebpf_plugin import NODE_MODE_LABEL, PROJECT_ROOT
-from istio_ebpf_plugin.harness import names, node_images, node_lab
+from istio_ebpf_plugin import NODE_MODE_LABEL
 
 pytestmark = [pytest.mark.kernel, pytest.mark.node_e2e]
 
-AGENT_NS, AGENT_DS = "istio-ebpf-system", "istio-ebpf-agent"
-AGENT_SELECTOR = "app.kubernetes.io/name%3Distio-ebpf-agent"
-AGENT_IMAGE = "ghcr.io/istio-ebpf/agent:0.1.0"
-HEALTH = "http://127.0.0.1:15099"
 PIN_ROOT = "/sys/fs/bpf/istio-ebpf"
-
-
-def _agent_archive() -> Path:
-    """The agent image (docker-archive) that scripts/build-image.sh builds from the Containerfile
-    ($ISTIO_EBPF_AGENT_ARCHIVE: an archive built before, e.g. while iterating on the test)."""
-    if os.environ.get("ISTIO_EBPF_AGENT_ARCHIVE"):
-        return Path(os.environ["ISTIO_EBPF_AGENT_ARCHIVE"])
-    out = subprocess.run(["bash", str(PROJECT_ROOT / "scripts" / "build-image.sh")], stdout=subprocess.PIPE,
-                         text=True, check=True)
-    return Path(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> Iterator[dict[str, Any]]:
-    from istio_ebpf_plugin.harness import control_plane
-
-    state: dict[str, Any] = {}
-    with step("prerequisites (Kubernetes 1.20.2 binaries, agent image, lab images, containerd)") as s:
-        subprocess.run(["bash", str(PROJECT_ROOT / "scripts" / "setup-node.sh")], check=True)
-        bin_dir = control_plane.binaries()
-        images = node_images.build()
-        agent_archive = _agent_archive()
-        assert go_binary(), "Debian golang-go is needed to run Istio's templates"
-        render = GoRenderer(tmp_path_factory.mktemp("gorender")).render
-        s.note(f"kubernetes {bin_dir}; agent image {agent_archive} ({agent_archive.stat().st_size >> 20} MiB)")
-    lab = node_lab.NodeLab.create(bin_dir / "kubelet", images.pause_ref, bpffs=False)
-    # Named after the node's token and claimed: a concurrent harness-cleanup leaves it alone.
-    cp = control_plane.ControlPlane.create(bin_dir=bin_dir, prefix=f"{names.TMP_PREFIX}{lab.token}-kube-")
-    node_lab.claim_workdir(cp.workdir)
-    cp.controllers = node_lab.CONTROLLERS
-    try:
-        with step("control plane (etcd, kube-apiserver, controller-manager, scheduler)") as s:
-            cp.start()
-            s.note(f"apiserver {cp.url}")
-        with step("node: containerd + bridge CNI + kubelet, images imported with ctr") as s:
-            lab.start(cp.kubeconfig, cp.apiserver_port)
-            start = time.monotonic()
-            refs = [r for a in [*images.archives(), agent_archive] for r in lab.import_image(a)]
-            s.note(f"imported {', '.join(refs)} in {time.monotonic() - start:.1f} s")
-            assert AGENT_IMAGE in lab.images()
-            node = lab.wait_ready(Api(cp).node)
-            info = node["status"]["nodeInfo"]
-            s.note(f"node {lab.node_name} Ready: kubelet {info['kubeletVersion']}, "
-                   f"{info['containerRuntimeVersion']}, bridge {lab.bridge} {lab.subnet}")
-        state.update(cp=cp, lab=lab, api=Api(cp), images=images, render=render,
-                     ns=f"ie-e2e-{lab.token}", kubeconfig=str(cp.kubeconfig))
+    with cluster(tmp_path_factory.mktemp("node")) as state:
         yield state
-    finally:
-        with step("teardown (kubelet, containers, containerd, mount namespace, cgroups, bridge, control plane)"):
-            lab.stop()
-            cp.stop()
-            leftovers = [p for p in Path("/sys/fs/cgroup").glob("*/kubepods")] + \
-                        [p for p in (Path("/sys/fs/cgroup/unified/kubepods"),) if p.exists()]
-            assert not leftovers, leftovers
-            assert not lab.workdir.exists()
-
-
-#: ``istio-ebpf`` with the lab plugin (tests/support/node_lab_plugin.py) registered beside the built-in ones.
-CLI_WITH_LAB_PLUGIN = """
-import sys
-from support import node_lab_plugin
-from istio_ebpf_plugin.cli import main
-from istio_ebpf_plugin.install import manager
-manager.get().register(node_lab_plugin, name="node-lab")
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def _cli(env: dict, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-c", CLI_WITH_LAB_PLUGIN, *args], capture_output=True, text=True,
-                         timeout=timeout, env=dict(os.environ, KUBECONFIG=env["kubeconfig"],
-                                                   PYTHONPATH=f"{PROJECT_ROOT}:{Path(__file__).parent}"),
-                         cwd=PROJECT_ROOT)
-    return out
 
 
 def _agent_pod(env: dict) -> dict | None:
-    pods = [p for p in env["api"].pods(AGENT_NS, AGENT_SELECTOR) if not p["metadata"].get("deletionTimestamp")]
-    return pods[0] if len(pods) == 1 else None
+    return agent_pod(env["api"])
 
 
 def _kubepods() -> Path:
@@ -133,7 +57,7 @@ def _pins(env: dict) -> list[str]:
 
 
 def _install(env: dict, s: Any, *extra: str) -> dict:
-    out = _cli(env, "install", "--timeout", "300", *extra)
+    out = cli(env["kubeconfig"], "install", "--timeout", "300", *extra)
     for line in out.stderr.strip().splitlines()[-6:]:
         s.note(f"install: {line}")
     if out.returncode != 0:
@@ -174,12 +98,7 @@ def _metric(name: str) -> float | None:
 def test_agent_pod_probes_labels_node_and_attaches(env):
     api, lab = env["api"], env["lab"]
     with step("Istio stand-in: istio-system + Istio 1.14's istio-sidecar-injector ConfigMap") as s:
-        api.apply_namespace("istio-system")
-        cm = YAML(typ="safe", pure=True).load(
-            (ISTIO / ISTIO_VERSION / "rendered" / "istio-sidecar-injector.configmap.yaml").read_text())
-        cm["metadata"].pop("resourceVersion", None)
-        api.call("POST", "/api/v1/namespaces/istio-system/configmaps", cm, ok=(201, 409))
-        env["injector_original"] = cm["data"]["config"]
+        env["injector_original"] = injector_configmap(api)["data"]["config"]
         s.note("ConfigMap istio-system/istio-sidecar-injector created")
     with step("istio-ebpf install -> agent DaemonSet pod from manifests/daemonset.yaml") as s:
         start = time.monotonic()
@@ -208,12 +127,7 @@ def test_opted_in_pod_passes_istio_validation(env):
     api, lab, images = env["api"], env["lab"], env["images"]
     ns = env["ns"]
     with step("pods: plain server + opted-in client (Istio injection + ebpf template via Go text/template)") as s:
-        api.apply_namespace(ns)
-        api.call("POST", f"/api/v1/namespaces/{ns}/configmaps",
-                 {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "istio-ca-root-cert"},
-                  "data": {"root-cert.pem": "no istiod in this lab\n"}}, ok=(201, 409))
-        wait(lambda: (api.get(f"/api/v1/namespaces/{ns}/serviceaccounts/default") or {}).get("secrets"), 60,
-             "default ServiceAccount and its token secret")
+        app_namespace(api, ns)
         cm = api.get("/api/v1/namespaces/istio-system/configmaps/istio-sidecar-injector")
         client = injected_client_pod(ns, "client", images, cm, env["render"])
         inits = [c["name"] for c in client["spec"].get("initContainers") or []]
@@ -296,6 +210,25 @@ def test_plain_pod_is_untouched(env):
                f"{len(netns_links(client_pid))} sk_lookup link(s); pods_managed 1")
 
 
+def test_pod_startup_benchmark_runs_both_variants(env):
+    """The pod start-up benchmark (``make bench-pods``: tests/support/node_bench.py) on this node, shortened
+    to 2 paired rounds: it runs both variants and its JSON carries every field. No timing is asserted."""
+    with step("pod start-up benchmark, 2 paired rounds: opted-in (eBPF) vs stock Istio (istio-init stand-in)") as s:
+        doc = node_bench.run(env, rounds=2, warmup_rounds=0, progress=s.note)
+        for v in ("ebpf", "iptables"):
+            d = doc["variants"][v]
+            assert d["n"] == 2 and 0 < d["p50"] <= d["p95"] <= d["max"], (v, d)
+            assert len(d["p50_ci"]) == 2 and len(d["p95_ci"]) == 2 and d["initialized_p50"] > 0, (v, d)
+        assert doc["iptables_rules"]["ebpf"] == 0 and doc["iptables_rules"]["iptables"] > 0, doc["iptables_rules"]
+        assert doc["init_containers"] == {"ebpf": ["istio-validation"], "iptables": ["istio-init"]}
+        assert doc["ebpf_minus_iptables_ms"]["median"] is not None and len(doc["ebpf_over_iptables"]["ci"]) == 2
+        capture = doc["agent_capture_ms"]
+        assert capture["n"] == 2 and 0 < capture["p50"] < doc["variants"]["ebpf"]["max"], capture
+        assert [sorted(r["order"]) for r in doc["per_round"]] == [["ebpf", "iptables"]] * 2
+        assert all(r[v]["ready_ms"] > 0 for r in doc["per_round"] for v in ("ebpf", "iptables"))
+        s.note(f"iptables rules in the pods: {doc['iptables_rules']}")
+
+
 def test_agent_pod_deleted_under_load(env):
     api = env["api"]
     with step("delete the agent pod under load") as s:
@@ -350,7 +283,7 @@ def test_agent_pod_deleted_under_load(env):
 def _uninstall_and_check(env: dict, s: Any) -> None:
     api, lab = env["api"], env["lab"]
     client_pid = pod_pid(lab, env["ns"], "client", "hello")
-    out = _cli(env, "uninstall")
+    out = cli(env["kubeconfig"], "uninstall")
     for line in out.stderr.strip().splitlines()[-6:]:
         s.note(f"uninstall: {line}")
     assert out.returncode == 0, out.stderr[-2000:]

@@ -102,7 +102,112 @@ def goals(doc: dict) -> list[dict[str, Any]]:
         t = m["agent_restart_to_capture_s"]
         out.append({"goal": "time to capture after a restart with pins <= 1 s", "measured": f"{t:.2f} s",
                     "met": t <= 1.0, "gap": None if t <= 1.0 else f"{t - 1.0:.2f} s over"})
+    out.extend(scale_goals(m.get("scale")))
     return out
+
+
+#: Issue #25 item 4, with 100 and 500 pods' entries on the node.
+SCALE_RATIO_LIMIT = 1.10
+SCALE_RSS_MIB = 80
+SCALE_RESYNC_S = 2.0
+
+
+def scale_goals(sc: dict | None) -> list[dict[str, Any]]:
+    """Kernel cost within 10% of the smallest count (upper bound of the interval), RSS, full resync."""
+    if not sc:
+        return []
+    out: list[dict[str, Any]] = []
+    base = sc["counts"][0]
+    for c in sc["counts"][1:]:
+        k = sc["kernel"].get(str(c), {})
+        ci = k.get("ratio_ci")
+        met = bool(ci) and ci[1] <= SCALE_RATIO_LIMIT
+        out.append({"goal": f"BPF ns per connection with {c} pods within 10% of {base} pod(s) (upper bound <= "
+                            f"{SCALE_RATIO_LIMIT})",
+                    "measured": f"{k.get('ratio')} {_bracket(ci)}" if k.get("ratio") is not None else "not measured",
+                    "met": met, "gap": None if met or not ci else f"upper bound {ci[1]:.3f}"})
+    for c in sc["counts"][1:]:
+        a = sc["agent"].get(str(c), {})
+        if "rss_mib_max" not in a:
+            continue
+        rss, resync = a["rss_mib_max"], a["resync_s_max"]
+        out.append({"goal": f"agent RSS with {c} pods <= {SCALE_RSS_MIB} MiB", "measured":
+                    f"{rss:.0f} MiB (peak {a['hwm_mib']:.0f})", "met": rss <= SCALE_RSS_MIB,
+                    "gap": None if rss <= SCALE_RSS_MIB else f"{rss - SCALE_RSS_MIB:.0f} MiB over"})
+        out.append({"goal": f"full resync with {c} pods <= {SCALE_RESYNC_S:g} s (slowest of first start, restart, "
+                            f"relist)", "measured": f"{resync:.2f} s", "met": resync <= SCALE_RESYNC_S,
+                    "gap": None if resync <= SCALE_RESYNC_S else f"{resync - SCALE_RESYNC_S:.2f} s over"})
+    return out
+
+
+def _bracket(ci: list | None, spec: str = ".3f") -> str:
+    return f"[{ci[0]:{spec}}-{ci[1]:{spec}}]" if ci else ""
+
+
+def scale_section(sc: dict | None) -> list[str]:
+    if not sc:
+        return []
+    load = " -> ".join(f"{x:.1f}" for x in sc.get("loadavg") or [])
+    lines = ["", "### Scale on one node", "",
+             f"`--scale {','.join(map(str, sc['counts']))}` ({sc['elapsed_s']:.0f} s, load average {load}). "
+             f"Every pod is a stand-in sandbox: a cgroup in kubelet's layout, a network namespace and "
+             f"{sc['processes_per_pod']} processes, the last listening on 15001/15006 as UID 1337 like Envoy. "
+             f"**Kernel:** one benchmark node per count, its datapath holding the benchmark's client and "
+             f"server plus `count - 2` more pods' entries (2 addresses, 7 ports, 3 CIDRs each), "
+             f"{sc['path']} `{sc['workload']}`, {sc['rounds']} paired rounds ({sc.get('rounds_flagged', 0)} "
+             f"flagged under other load); the ratio is per round, to the smallest count. **Agent:** the real "
+             f"`istio-ebpf agent` process against a real kube-apiserver holding the pods (Istio-shaped "
+             f"objects, running status): first start without pins (every entry and sk_lookup link written), "
+             f"restart over the pins, one periodic relist; resync time from its `istio_ebpf_resync_seconds`, "
+             f"RSS from `VmRSS` after each (peak `VmHWM`).", "",
+             "| pods | BPF ns/connection [95% CI] | x smallest [95% CI] | map entries (netns/IPs/ports/CIDRs) "
+             "| resync s: first start / restart / relist | agent RSS MiB (peak) |",
+             "|---|---|---|---|---|---|"]
+    for c in sc["counts"]:
+        k, a = sc["kernel"].get(str(c), {}), sc["agent"].get(str(c), {})
+        e = k.get("entries") or {}
+        r = a.get("resync_s") or {}
+        lines.append(
+            f"| {c} | {k.get('ns_per_connection', '-')} {_bracket(k.get('ns_per_connection_ci'), '.0f')} "
+            f"| {k.get('ratio', '-')} {_bracket(k.get('ratio_ci'))} "
+            f"| {e.get('pod_by_netns', '-')}/{e.get('pod_by_ip', '-')}/{e.get('pod_ports', '-')}/"
+            f"{e.get('pod_cidrs', '-')} "
+            f"| {' / '.join(f'{r[x]:.2f}' if x in r else '-' for x in ('first_start', 'restart', 'relist'))} "
+            f"| {a.get('rss_mib_max', '-')} ({a.get('hwm_mib', '-')}) |")
+    return lines
+
+
+def pod_startup_section(ps: dict | None) -> list[str]:
+    if not ps:
+        return []
+    load = " -> ".join(f"{x:.1f}" for x in ps.get("loadavg") or [])
+    node = ps.get("node") or {}
+    lines = ["", "### Pod start-up on a real node", "",
+             f"`{ps.get('command', 'make bench-pods')}` ({ps.get('date', '')}, {ps.get('elapsed_s', 0):.0f} s, load "
+             f"average {load}; kubelet {node.get('kubelet')}, {node.get('runtime')}, kernel {node.get('kernel')}). "
+             f"The node e2e's cluster and pods: **eBPF** is the opted-in pod (Istio's injection of `hello` "
+             f"plus the `ebpf` template: init containers {ps.get('init_containers', {}).get('ebpf')}, "
+             f"istio-validation passes once the agent has captured the pod), **iptables** the same pod as "
+             f"stock Istio injects it (init containers {ps.get('init_containers', {}).get('iptables')}: the "
+             f"stand-in loads Istio's rules, rendered from istio-init's own arguments, with `iptables-restore` "
+             f"in the pod's network namespace; {ps.get('iptables_rules', {}).get('iptables', '?')} rules there, "
+             f"{ps.get('iptables_rules', {}).get('ebpf', '?')} in the eBPF pod). Time: {ps['definition']}. "
+             f"{ps['rounds']} paired rounds after {ps['warmup_rounds']} warm-up.", "",
+             "| variant | n | p50 ms [95% CI] | p95 ms [95% CI] | min-max ms | Initialized p50 ms |",
+             "|---|---|---|---|---|---|"]
+    for v, d in ps["variants"].items():
+        lines.append(f"| {v} | {d['n']} | {d['p50']:.0f} {_bracket(d['p50_ci'], '.0f')} | {d['p95']:.0f} "
+                     f"{_bracket(d['p95_ci'], '.0f')} | {d['min']:.0f}-{d['max']:.0f} | {d['initialized_p50']} |")
+    diff, ratio = ps["ebpf_minus_iptables_ms"], ps["ebpf_over_iptables"]
+    cap = ps.get("agent_capture_ms") or {}
+    lines += ["", f"Per round, eBPF minus iptables: median {diff['median']:+.0f} ms {_bracket(diff['ci'], '+.0f')}; "
+                  f"eBPF / iptables {ratio['median']:.3f} {_bracket(ratio['ci'])}."]
+    if cap.get("n"):
+        lines.append(f"The agent, from a pod's sandbox start to its capture entries written "
+                     f"(`istio_ebpf_pod_capture_seconds`, per eBPF pod): p50 {cap['p50']:.0f} ms "
+                     f"{_bracket(cap['p50_ci'], '.0f')}, p95 {cap['p95']:.0f} ms {_bracket(cap['p95_ci'], '.0f')} "
+                     f"(n {cap['n']}).")
+    return lines
 
 
 def results_section(doc: dict) -> str:
@@ -157,6 +262,8 @@ def results_section(doc: dict) -> str:
                   f"{m['agent_start_to_capture_s']:.2f} s fresh (probes and datapath compiled in a worker process), "
                   f"{m['agent_restart_to_capture_s']:.2f} s restarted over its pins and probe cache (`/readyz` "
                   f"past \"programs not attached\")."]
+    lines += scale_section(m.get("scale"))
+    lines += pod_startup_section(m.get("pod_ready_ms"))
     lines += ["", "### Summary (requests/s relative to iptables, median paired ratio [95% CI])", "",
               summary_table(doc).rstrip()]
     lines += ["", "### Goals (checked with the interval bounds)", "", "| goal | measured | met | short by |",

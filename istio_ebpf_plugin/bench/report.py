@@ -67,7 +67,54 @@ def table(doc: dict) -> str:
     for key, info in m["variants"].items():
         if info.get("error"):
             lines.append(f"{key}: {info['error']}")
+    lines.extend(scale_lines(m.get("scale")))
+    lines.extend(pod_startup_lines(m.get("pod_ready_ms")))
     return "\n".join(lines)
+
+
+def _ci(ci: list | None, spec: str = ".0f") -> str:
+    return f"[{ci[0]:{spec}}-{ci[1]:{spec}}]" if ci else ""
+
+
+def scale_lines(sc: dict | None) -> list[str]:
+    """``--scale``: per pod count, kernel ns per connection and its ratio to the smallest count, agent."""
+    if not sc:
+        return []
+    load = sc.get("loadavg") or []
+    out = [f"scale ({sc['path']} {sc['workload']}, {sc['rounds']} paired rounds, {sc.get('rounds_flagged', 0)} "
+           f"flagged; loadavg {' -> '.join(f'{x:.1f}' for x in load)}; {sc['processes_per_pod']} processes per pod):",
+           f"{'pods':>6s} {'bpf ns/conn [95% CI]':>24s} {'x smallest [95% CI]':>22s} "
+           f"{'resync s: first/restart/relist':>32s} {'RSS MiB (peak)':>15s}"]
+    for c in sc["counts"]:
+        k, a = sc["kernel"].get(str(c), {}), sc["agent"].get(str(c), {})
+        ns = f"{k['ns_per_connection']:.0f} {_ci(k.get('ns_per_connection_ci'))}" if k.get("ns_per_connection") else "-"
+        ratio = f"{k['ratio']:.3f} {_ci(k.get('ratio_ci'), '.3f')}" if k.get("ratio") is not None else "-"
+        r = a.get("resync_s", {})
+        resync = "/".join(f"{r[x]:.2f}" if x in r else "-" for x in ("first_start", "restart", "relist"))
+        rss = f"{a['rss_mib_max']:.0f} ({a['hwm_mib']:.0f})" if "rss_mib_max" in a else "-"
+        out.append(f"{c:6d} {ns:>24s} {ratio:>22s} {resync:>32s} {rss:>15s}")
+    return out
+
+
+def pod_startup_lines(ps: dict | None) -> list[str]:
+    """Pod creation to Ready per variant (p50/p95 with 95% intervals), the paired difference, the agent."""
+    if not ps:
+        return []
+    load = ps.get("loadavg") or []
+    out = [f"pod start-up (creation -> Ready; {ps['rounds']} paired rounds + {ps['warmup_rounds']} warm-up; "
+           f"loadavg {' -> '.join(f'{x:.1f}' for x in load)}):"]
+    for v, d in ps["variants"].items():
+        out.append(f"  {v:9s} n {d['n']:3d}  p50 {d['p50']:7.0f} ms {_ci(d['p50_ci']):>14s}  p95 {d['p95']:7.0f} ms "
+                   f"{_ci(d['p95_ci']):>14s}  (initialized p50 {d['initialized_p50'] or 0:.0f} ms)")
+    diff, ratio = ps["ebpf_minus_iptables_ms"], ps["ebpf_over_iptables"]
+    if diff.get("median") is not None:
+        out.append(f"  eBPF - iptables per round: median {diff['median']:+.0f} ms {_ci(diff['ci'], '+.0f')}; "
+                   f"eBPF / iptables {ratio['median']:.3f} {_ci(ratio['ci'], '.3f')}")
+    cap = ps.get("agent_capture_ms") or {}
+    if cap.get("n"):
+        out.append(f"  agent, sandbox start -> capture written: n {cap['n']}  p50 {cap['p50']:.0f} ms "
+                   f"{_ci(cap['p50_ci'])}  p95 {cap['p95']:.0f} ms {_ci(cap['p95_ci'])}")
+    return out
 
 
 def bpf_lines(doc: dict) -> list[str]:

@@ -180,17 +180,23 @@ def _rotated(items: list, k: int) -> list:
     return items[k:] + items[:k]
 
 
-def run(settings: Settings, progress: Callable[[str], None] = lambda s: None) -> dict:
-    """Build the pods, run every (workload, round, path, variant) interleaved, return the JSON document."""
+def header(settings: Settings) -> dict[str, Any]:
+    """The document before any round: command, date, machine, tools, settings, load."""
     mode = settings.mode
     if mode == "auto":
         mode = kernel.mode_for_release(platform.release())
-    started = time.monotonic()
-    doc: dict[str, Any] = {"meta": {
+    return {"meta": {
         "command": " ".join(["istio-ebpf", *sys.argv[1:]]) if sys.argv else "istio-ebpf bench",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(), "tools": tools(), "settings": {**settings.describe(), "mode": mode},
-        "variants": {}, "loadavg_start": _loadavg()}, "rounds": [], "results": []}
+        "variants": {}, "loadavg_start": loadavg()}, "rounds": [], "results": []}
+
+
+def run(settings: Settings, progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Build the pods, run every (workload, round, path, variant) interleaved, return the JSON document."""
+    started = time.monotonic()
+    doc = header(settings)
+    mode = doc["meta"]["settings"]["mode"]
     measured: dict[tuple[str, str, str], list[dict]] = {}   # (path, variant, workload) -> per round
     rounds: list[dict] = []
     costs: dict[tuple[str, str, str], bpf_cost.Cost] = {}
@@ -260,11 +266,11 @@ def run(settings: Settings, progress: Callable[[str], None] = lambda s: None) ->
     doc["meta"]["rounds_total"] = len(rounds)
     doc["meta"]["rounds_flagged"] = sum(1 for r in rounds if r["conditions"]["flagged"])
     doc["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
-    doc["meta"]["loadavg_end"] = _loadavg()
+    doc["meta"]["loadavg_end"] = loadavg()
     return doc
 
 
-def _loadavg() -> list[float]:
+def loadavg() -> list[float]:
     """1/5/15-minute load: other work on the host during a run shows up here (it skews figures)."""
     try:
         return [float(x) for x in open("/proc/loadavg").read().split()[:3]]

@@ -14,7 +14,7 @@ import random
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 #: Bootstrap resamples and seed: fixed, so the same rounds always give the same interval.
 BOOTSTRAP_RESAMPLES = 4000
@@ -25,15 +25,27 @@ OTHER_LOAD_LIMIT = 0.25
 STEAL_LIMIT = 0.05
 
 
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100), linear between the closest ranks (numpy's default)."""
+    vals = sorted(float(v) for v in values)
+    if not vals:
+        raise ValueError("percentile of no values")
+    pos = (len(vals) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(vals) - 1)
+    return vals[lo] + (vals[hi] - vals[lo]) * (pos - lo)
+
+
 def bootstrap_ci(values: Sequence[float], *, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
-                 seed: int = BOOTSTRAP_SEED) -> tuple[float, float] | None:
-    """Percentile-bootstrap interval of the median (None for fewer than 2 values)."""
+                 seed: int = BOOTSTRAP_SEED,
+                 statistic: Callable[[Sequence[float]], float] = statistics.median) -> tuple[float, float] | None:
+    """Percentile-bootstrap interval of ``statistic`` (the median; None for fewer than 2 values)."""
     vals = [float(v) for v in values]
     if len(vals) < 2:
         return None
     rng = random.Random(seed)
     n = len(vals)
-    meds = sorted(statistics.median(rng.choices(vals, k=n)) for _ in range(resamples))
+    meds = sorted(statistic(rng.choices(vals, k=n)) for _ in range(resamples))
     tail = (1.0 - level) / 2
     lo = meds[int(tail * (resamples - 1))]
     hi = meds[int(round((1.0 - tail) * (resamples - 1)))]
@@ -49,6 +61,23 @@ class RatioSummary:
     lo: float
     hi: float
     n: int
+
+
+def distribution(values: Sequence[float], digits: int = 1) -> dict:
+    """n, p50 and p95 with their bootstrap 95% intervals, min, max (for latencies: pod start-up)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return {"n": 0, "p50": None, "p50_ci": None, "p95": None, "p95_ci": None, "min": None, "max": None}
+
+    def p95(v: Sequence[float]) -> float:
+        return percentile(v, 95)
+
+    def rounded(ci: tuple[float, float] | None) -> list[float] | None:
+        return [round(x, digits) for x in ci] if ci else None
+
+    return {"n": len(vals), "p50": round(statistics.median(vals), digits), "p50_ci": rounded(bootstrap_ci(vals)),
+            "p95": round(p95(vals), digits), "p95_ci": rounded(bootstrap_ci(vals, statistic=p95)),
+            "min": round(min(vals), digits), "max": round(max(vals), digits)}
 
 
 def paired_ratios(rounds: Sequence[dict[str, float | None]], variant: str, baseline: str) -> list[float]:
@@ -101,14 +130,16 @@ def parse_proc_stat(text: str) -> tuple[int, int, int]:
     raise ValueError("no aggregate cpu line in /proc/stat")
 
 
-def sample(own_cgroup: Path | None) -> CpuSample:
+def sample(own_cgroup: Path | Sequence[Path] | None) -> CpuSample:
+    """The machine's CPU counters, and the CPU time of the benchmark's own cgroup(s)."""
     busy, steal, total = parse_proc_stat(Path("/proc/stat").read_text())
     own = 0
-    if own_cgroup is not None:
+    cgroups = [own_cgroup] if isinstance(own_cgroup, Path) else list(own_cgroup or ())
+    for cgroup in cgroups:
         try:
-            for line in (own_cgroup / "cpu.stat").read_text().splitlines():
+            for line in (cgroup / "cpu.stat").read_text().splitlines():
                 if line.startswith("usage_usec "):
-                    own = int(line.split()[1])
+                    own += int(line.split()[1])
         except OSError:
             pass
     try:

@@ -7,26 +7,34 @@ HTTP client, not the product's), containerd's log files, and the kernel (``bpfto
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import strategic_merge
+from .install_gorender import GoRenderer, go_binary
 from .polling import wait_for
 from ruamel.yaml import YAML
 
-from istio_ebpf_plugin import OPT_IN_ANNOTATION, OPT_IN_VALUE
+from istio_ebpf_plugin import OPT_IN_ANNOTATION, OPT_IN_VALUE, PROJECT_ROOT
+from istio_ebpf_plugin.harness import control_plane, istio_iptables, names, node_images, node_lab
 from istio_ebpf_plugin.install import injector_config
 
 ISTIO = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "istio"
 ISTIO_VERSION = "v1.14.0"
 APP_PORT = 8080
+AGENT_IMAGE = "ghcr.io/istio-ebpf/agent:0.1.0"
+AGENT_NS, AGENT_DS = "istio-ebpf-system", "istio-ebpf-agent"
+AGENT_SELECTOR = "app.kubernetes.io/name%3Distio-ebpf-agent"
+HEALTH = "http://127.0.0.1:15099"       # the agent's health and metrics port (host network)
 
 
 def step(name: str) -> "Step":
@@ -107,6 +115,107 @@ def container_status(pod: dict, name: str, init: bool = False) -> dict:
     return next((s for s in (pod.get("status") or {}).get(key) or [] if s["name"] == name), {})
 
 
+# ---------------------------------------------------------------------- the cluster
+def agent_archive() -> Path:
+    """The agent image (docker-archive) that scripts/build-image.sh builds from the Containerfile
+    ($ISTIO_EBPF_AGENT_ARCHIVE: an archive built before, e.g. while iterating on the test)."""
+    if os.environ.get("ISTIO_EBPF_AGENT_ARCHIVE"):
+        return Path(os.environ["ISTIO_EBPF_AGENT_ARCHIVE"])
+    out = subprocess.run(["bash", str(PROJECT_ROOT / "scripts" / "build-image.sh")], stdout=subprocess.PIPE,
+                         text=True, check=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def cluster(workdir: Path) -> Iterator[dict[str, Any]]:
+    """A control plane and a real node (kubelet + containerd, the lab's and the agent's images
+    imported), everything removed on exit; the state the node e2e steps and the node benchmark share."""
+    state: dict[str, Any] = {}
+    with step("prerequisites (Kubernetes 1.20.2 binaries, agent image, lab images, containerd)") as s:
+        subprocess.run(["bash", str(PROJECT_ROOT / "scripts" / "setup-node.sh")], check=True)
+        bin_dir = control_plane.binaries()
+        images = node_images.build()
+        archive = agent_archive()
+        assert go_binary(), "Debian golang-go is needed to run Istio's templates"
+        render = GoRenderer(workdir / "gorender").render
+        s.note(f"kubernetes {bin_dir}; agent image {archive} ({archive.stat().st_size >> 20} MiB)")
+    lab = node_lab.NodeLab.create(bin_dir / "kubelet", images.pause_ref, bpffs=False)
+    # Named after the node's token and claimed: a concurrent harness-cleanup leaves it alone.
+    cp = control_plane.ControlPlane.create(bin_dir=bin_dir, prefix=f"{names.TMP_PREFIX}{lab.token}-kube-")
+    node_lab.claim_workdir(cp.workdir)
+    cp.controllers = node_lab.CONTROLLERS
+    try:
+        with step("control plane (etcd, kube-apiserver, controller-manager, scheduler)") as s:
+            cp.start()
+            s.note(f"apiserver {cp.url}")
+        with step("node: containerd + bridge CNI + kubelet, images imported with ctr") as s:
+            lab.start(cp.kubeconfig, cp.apiserver_port)
+            start = time.monotonic()
+            refs = [r for a in [*images.archives(), archive] for r in lab.import_image(a)]
+            s.note(f"imported {', '.join(refs)} in {time.monotonic() - start:.1f} s")
+            assert AGENT_IMAGE in lab.images()
+            node = lab.wait_ready(Api(cp).node)
+            info = node["status"]["nodeInfo"]
+            s.note(f"node {lab.node_name} Ready: kubelet {info['kubeletVersion']}, "
+                   f"{info['containerRuntimeVersion']}, bridge {lab.bridge} {lab.subnet}")
+        state.update(cp=cp, lab=lab, api=Api(cp), images=images, render=render,
+                     ns=f"ie-e2e-{lab.token}", kubeconfig=str(cp.kubeconfig))
+        yield state
+    finally:
+        with step("teardown (kubelet, containers, containerd, mount namespace, cgroups, bridge, control plane)"):
+            lab.stop()
+            cp.stop()
+            leftovers = [p for p in Path("/sys/fs/cgroup").glob("*/kubepods")] + \
+                        [p for p in (Path("/sys/fs/cgroup/unified/kubepods"),) if p.exists()]
+            assert not leftovers, leftovers
+            assert not lab.workdir.exists()
+
+
+#: ``istio-ebpf`` with the lab plugin (tests/support/node_lab_plugin.py) registered beside the built-in ones.
+CLI_WITH_LAB_PLUGIN = """
+import sys
+from support import node_lab_plugin
+from istio_ebpf_plugin.cli import main
+from istio_ebpf_plugin.install import manager
+manager.get().register(node_lab_plugin, name="node-lab")
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def cli(kubeconfig: str, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    """``istio-ebpf ARGS`` against the lab cluster, with the lab plugin."""
+    return subprocess.run([sys.executable, "-c", CLI_WITH_LAB_PLUGIN, *args], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, KUBECONFIG=kubeconfig,
+                                                    PYTHONPATH=f"{PROJECT_ROOT}:{Path(__file__).parents[1]}"),
+                          cwd=PROJECT_ROOT)
+
+
+def agent_pod(api: Api) -> dict | None:
+    """The agent's DaemonSet pod on the node (None while there is not exactly one)."""
+    pods = [p for p in api.pods(AGENT_NS, AGENT_SELECTOR) if not p["metadata"].get("deletionTimestamp")]
+    return pods[0] if len(pods) == 1 else None
+
+
+def injector_configmap(api: Api) -> dict:
+    """The Istio stand-in: istio-system and Istio 1.14's own istio-sidecar-injector ConfigMap."""
+    api.apply_namespace("istio-system")
+    cm = YAML(typ="safe", pure=True).load(
+        (ISTIO / ISTIO_VERSION / "rendered" / "istio-sidecar-injector.configmap.yaml").read_text())
+    cm["metadata"].pop("resourceVersion", None)
+    api.call("POST", "/api/v1/namespaces/istio-system/configmaps", cm, ok=(201, 409))
+    return cm
+
+
+def app_namespace(api: Api, ns: str) -> None:
+    """A namespace injected pods can start in (the root certificate ConfigMap istiod would publish)."""
+    api.apply_namespace(ns)
+    api.call("POST", f"/api/v1/namespaces/{ns}/configmaps",
+             {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "istio-ca-root-cert"},
+              "data": {"root-cert.pem": "no istiod in this lab\n"}}, ok=(201, 409))
+    wait(lambda: (api.get(f"/api/v1/namespaces/{ns}/serviceaccounts/default") or {}).get("secrets"), 60,
+         "default ServiceAccount and its token secret")
+
+
 # ---------------------------------------------------------------------- pods
 def server_pod(ns: str, name: str, app_image: str) -> dict:
     """A plain pod (no sidecar, not opted in): the app answering with its view of the connection."""
@@ -136,15 +245,12 @@ def ebpf_template_data(pod: dict, values: dict, proxy_image: str) -> dict:
             "Revision": ""}
 
 
-def injected_client_pod(ns: str, name: str, images: Any, injector_cm: dict, render: Callable) -> dict:
-    """The opted-in pod: Istio's sidecar injection of ``hello`` with our images, then the ``ebpf``
-    template from the live (patched) injector ConfigMap, executed by Go's text/template and
-    strategic-merged onto the pod exactly as istiod applies its templates."""
+def _hello_pod(ns: str, name: str, images: Any) -> dict:
+    """Istio 1.14's sidecar injection of ``hello`` (istio-init, istio-proxy) with the lab's images."""
     tpl = copy.deepcopy(_injected_fixture())
     meta = tpl["metadata"]
     meta["name"], meta["namespace"] = name, ns
     meta.pop("creationTimestamp", None)
-    meta["annotations"][OPT_IN_ANNOTATION] = OPT_IN_VALUE
     spec = tpl["spec"]
     spec["terminationGracePeriodSeconds"] = 2
     for c in spec["containers"] + spec.get("initContainers", []):
@@ -160,6 +266,15 @@ def injected_client_pod(ns: str, name: str, images: Any, injector_cm: dict, rend
     for v in spec["volumes"]:
         if len(v) == 1:     # the golden drops empty emptyDir sources
             v["emptyDir"] = {}
+    return tpl
+
+
+def injected_client_pod(ns: str, name: str, images: Any, injector_cm: dict, render: Callable) -> dict:
+    """The opted-in pod: Istio's sidecar injection of ``hello`` with our images, then the ``ebpf``
+    template from the live (patched) injector ConfigMap, executed by Go's text/template and
+    strategic-merged onto the pod exactly as istiod applies its templates."""
+    tpl = _hello_pod(ns, name, images)
+    tpl["metadata"]["annotations"][OPT_IN_ANNOTATION] = OPT_IN_VALUE
     config = injector_config.parse(injector_cm["data"]["config"])
     values = json.loads(injector_cm["data"]["values"])
     template = config["templates"]["ebpf"]
@@ -168,6 +283,20 @@ def injected_client_pod(ns: str, name: str, images: Any, injector_cm: dict, rend
     patch = YAML(typ="safe", pure=True).load(out["rendered"]) or {}
     pod = strategic_merge.merge(tpl, patch)
     return {"apiVersion": "v1", "kind": "Pod", **pod}
+
+
+def stock_istio_pod(ns: str, name: str, images: Any) -> dict:
+    """The same pod as stock Istio injects it: istio-init loads Istio's rules in the pod's network
+    namespace before anything else starts. The proxy stand-in's ``istio-iptables`` loads the rules
+    the lab renders from istio-init's own arguments (harness/istio_iptables.py, checked against
+    Istio's goldens) with ``iptables-restore``, as NET_ADMIN/NET_RAW root, like Istio's."""
+    tpl = _hello_pod(ns, name, images)
+    init = next(c for c in tpl["spec"]["initContainers"] if c["name"] == "istio-init")
+    v4, v6 = istio_iptables.render(istio_iptables.flags_from_args(init["args"]))
+    for env, rules in (("ISTIO_LAB_IPTABLES_RULES", v4), ("ISTIO_LAB_IP6TABLES_RULES", v6)):
+        if rules:
+            init.setdefault("env", []).append({"name": env, "value": istio_iptables.to_restore_format(rules)})
+    return {"apiVersion": "v1", "kind": "Pod", **tpl}
 
 
 # ---------------------------------------------------------------------- kernel and node queries
