@@ -11,7 +11,8 @@
  *                      through lo by address alone (Istio's "-o lo", before the pod's IPs).
  *   ip_is_127_0_0_1()  127.0.0.1 and ::1 exactly: the addresses Istio's rules name
  *                      ("-d 127.0.0.1/32", ip6tables "-d ::1/128"), and where REDIRECT sends.
- *   ip_in_6_96()       ::/96 (::, ::1, ::6, ...): IPv6 sources only the pod itself can use.
+ *   ip_is_own_src()    127.0.0.0/8 and ::/96 (::, ::1, ::6, ...): sources only the host (the
+ *                      pod itself) can use, never another machine.
  */
 #ifndef ISTIO_EBPF_ADDR_H
 #define ISTIO_EBPF_ADDR_H
@@ -93,12 +94,6 @@ static __always_inline int ip_is_unspecified(const struct ip_addr *ip)
     return ip->family == AF_INET ? ip->a[0] == 0 : ip6_is_zero(ip->a);
 }
 
-/* ::/96 holds :: and every ::N (::1, ::6). */
-static __always_inline int ip_in_6_96(const struct ip_addr *ip)
-{
-    return ip->family == AF_INET6 && (ip->a[0] | ip->a[1] | ip->a[2]) == 0;
-}
-
 /* ::n (n in host order), for an address already known to be IPv6. */
 static __always_inline int ip6_is_low(const __u32 *w, __u32 n)
 {
@@ -123,6 +118,13 @@ static __always_inline int ip_is_lo_routed(const struct ip_addr *ip)
         return ip4_is_loopback(ip->a[0]) || ip->a[0] == 0;
     return (ip->a[0] | ip->a[1] | ip->a[2]) == 0 &&
            (ip->a[3] == 0 || ip->a[3] == bpf_htonl(1) || ip->a[3] == bpf_htonl(6));
+}
+
+static __always_inline int ip_is_own_src(const struct ip_addr *ip)
+{
+    if (ip->family == AF_INET)
+        return ip4_is_loopback(ip->a[0]);
+    return (ip->a[0] | ip->a[1] | ip->a[2]) == 0;     /* ::/96: ::, ::1, ::6, ... */
 }
 
 static __always_inline int ip_is_127_0_0_1(const struct ip_addr *ip)

@@ -93,7 +93,7 @@ static __always_inline int inbound_port_captured(const struct pod_ip_val *pod, _
  * no other host can send from these, so none of them is inbound traffic. */
 static __always_inline int from_own_pod(__u32 pod_id, const struct ip_addr *remote)
 {
-    if (ip_is_loopback(remote) || ip_in_6_96(remote))
+    if (ip_is_own_src(remote))
         return 1;
     return is_own_ip(pod_id, remote);
 }
