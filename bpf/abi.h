@@ -15,6 +15,10 @@
  *   ISTIO_EBPF_SOCKMAP  1 = add app<->sidecar sockets to the sockhash for sk_msg
  *   MAX_PODS, MAX_CONNS, MAX_PORTS, MAX_CIDRS  map sizes (defaults below)
  *   ISTIO_EBPF_COUNTERS number of counters (len(maps.COUNTERS))
+ *   ISTIO_EBPF_VARIANT  0 = the normal build; N > 0 appends N words to pod_cfg (a CONFIG map
+ *                       value layout change: the upgrade tests build N and N+1 apart with it)
+ *   IE_STATE_DIR        bpffs directory of the shared connection-STATE maps (maps_conn.h);
+ *                       unset = unpinned (probes, layout tests)
  */
 #ifndef ISTIO_EBPF_ABI_H
 #define ISTIO_EBPF_ABI_H
@@ -27,6 +31,17 @@
 #ifndef ISTIO_EBPF_SOCKMAP
 #define ISTIO_EBPF_SOCKMAP 0
 #endif
+#ifndef ISTIO_EBPF_VARIANT
+#define ISTIO_EBPF_VARIANT 0
+#endif
+
+/* The layout of the connection-STATE maps (maps_conn.h: which maps, their key and value
+ * structs below: ip_addr, origin, conn_key, app_view). Every build with the same state layout,
+ * mode and map sizes shares ONE set of state maps (build.state_dir_name), so a datapath
+ * upgrade keeps every live connection's answers. Bump it (and build.STATE_LAYOUT_VERSION,
+ * tests/test_state_layout.py's record) whenever one of them changes: such an upgrade starts
+ * with empty state. */
+#define STATE_LAYOUT_VERSION 1
 
 /* Default map sizes (maps.DEFAULT_MAP_SIZES): sized for real nodes, never silently small. */
 #define DEFAULT_MAX_PODS  16384
@@ -77,6 +92,9 @@ struct pod_cfg {
     __u32 proxy_gid;
     __u32 ip4;          /* first pod IPv4 (network order), 0 = none */
     __u32 ip6[4];       /* first pod IPv6, all 0 = none */
+#if ISTIO_EBPF_VARIANT
+    __u32 variant[ISTIO_EBPF_VARIANT];   /* build variant: maps.PodCfg mirrors it */
+#endif
 };
 
 /* Pod IP -> pod (pod_by_ip). */

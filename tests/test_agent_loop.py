@@ -225,6 +225,7 @@ def test_restart_adopts_pins_and_removes_entries_of_vanished_pods(kube, proc):
     run.thread.join(5)   # "kill -9": no shutdown, no cleanup
     first.watcher.stop()
     first.server.stop()
+    first.lock.release()     # a dead process's abstract socket goes with it
     kube.pods.pop(dead["metadata"]["uid"])   # deleted while no agent ran
     second = make_agent(proc, store)
     assert not second.ready()[0]

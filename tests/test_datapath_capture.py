@@ -103,7 +103,7 @@ def test_capture_table_detects_a_broken_ebpf_datapath(node, datapath_factory, br
     mode = host_mode()
     dp = datapath_factory(mode)
     dp.attach_cgroup(str(node.parent_cgroup))
-    unpin_link(dp.pin_dir / "links" / f"cg-{os.stat(node.parent_cgroup).st_ino}-{broken}")
+    unpin_link(dp.links_dir / f"cg-{os.stat(node.parent_cgroup).st_ino}-{broken}")
     lab = CaptureLab(node)
     results = lab.run(_CAPTURED_DEFAULT, install=ebpf_installer(dp),
                       uninstall=lambda pod, handle: dp.remove_pod(handle))

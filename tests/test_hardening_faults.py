@@ -76,12 +76,12 @@ def test_pods_beyond_max_pods_refused_whole(node, make_dp):
     handles = {p: dp.add_pod(p.netns_path, PodConfig(pod_ips=ip_list(p.pod_ips)), str(p.cgroup_path))
                for p in (a, b)}
     before = dp.occupancy()
-    links_before = sorted(x.name for x in (dp.pin_dir / "links").iterdir())
+    links_before = sorted(x.name for x in (dp.links_dir).iterdir())
     with pytest.raises(KernelError, match="maps are full") as err:
         dp.add_pod(c.netns_path, PodConfig(pod_ips=ip_list(c.pod_ips)), str(c.cgroup_path))
     assert "\n" not in str(err.value)
     assert dp.occupancy() == before, (before, dp.occupancy())
-    assert sorted(x.name for x in (dp.pin_dir / "links").iterdir()) == links_before
+    assert sorted(x.name for x in dp.links_dir.iterdir()) == links_before
     # c cannot be captured, so it must not run uncaptured (the agent does this: test below):
     # the deny programs in its own cgroup and netns refuse its connections, with no map space.
     inbound = start_probe_server(c, targets=(8080,))
@@ -517,7 +517,7 @@ def test_agent_kill_9_during_pod_churn(node):
                     assert len(libbpf.prog_query(fd, libbpf.SK_LOOKUP)) == 1
                 finally:
                     os.close(fd)
-            links = sorted(p.name for p in (dp.pin_dir / "links").glob("netns-*"))
+            links = sorted(p.name for p in (dp.links_dir).glob("netns-*"))
             assert links == sorted(f"netns-{c}" for c in live_cookies)
             from istio_ebpf_plugin.datapath import maps
             ips = {str(k.address()) for k in libbpf.map_keys(dp.map_fds["pod_by_ip"], maps.IpAddr)}

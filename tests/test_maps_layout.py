@@ -27,7 +27,8 @@ from istio_ebpf_plugin.resources import bpf_dir
 pytestmark = pytest.mark.kernel
 
 #: abi.h's #defines that are build switches (set by build_flags), not values userspace mirrors.
-BUILD_SWITCHES = {"ISTIO_EBPF_ABI_H", "ISTIO_EBPF_COOKIE", "ISTIO_EBPF_SOCKMAP", *build.DEFAULT_MAP_SIZES}
+BUILD_SWITCHES = {"ISTIO_EBPF_ABI_H", "ISTIO_EBPF_COOKIE", "ISTIO_EBPF_SOCKMAP", "ISTIO_EBPF_VARIANT",
+                  *build.DEFAULT_MAP_SIZES}
 
 
 def by_name(t: type) -> object:

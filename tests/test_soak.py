@@ -124,7 +124,7 @@ def test_soak_pod_churn_with_steady_traffic(node):
         wait_for(lambda: drained(dp.occupancy(), baseline), timeout=30,
                  what=f"the maps back to the baseline {baseline} once Envoy's sockets closed")
         occ = dp.occupancy()
-        links = sorted(p.name for p in (dp.pin_dir / "links").glob("netns-*"))
+        links = sorted(p.name for p in (dp.links_dir).glob("netns-*"))
         counters = dp.counters()
         total = results["ok"] + results["failed"]
         print(f"\nsoak {elapsed:.0f}s: churn pods created/deleted {created}/{created}; "

@@ -1,10 +1,16 @@
 """The node agent: mode selection, publishing, datapath, pod following, health.
 
-Start-up order matters for restart safety: the datapath is loaded first
-(adopting whatever a previous agent pinned, so capture never stops), then the
-first complete pod list is reconciled against the pinned map state (entries of
-pods that vanished while no agent ran are removed), and only then is the agent
-ready. A SIGTERM leaves everything pinned; only ``--cleanup`` unpins.
+Start-up order is what makes restarts and upgrades lossless (docs/agent.md, "Upgrades"):
+
+1. the node lock (one agent per node, also when a rollout surges a second pod);
+2. the datapath is loaded: a restart adopts the pins of its own version, an upgrade loads its
+   programs and config maps beside the running version (which keeps capturing all along);
+3. the first complete pod list is reconciled into this version's config maps (entries of pods
+   that vanished while no agent ran are removed);
+4. only then does this version take over every hook (``Datapath.take_over``: one atomic
+   ``BPF_LINK_UPDATE`` per link) and retire the other versions; the agent is then ready.
+
+A SIGTERM leaves everything pinned; only ``--cleanup`` unpins.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from .. import NODE_MODE_LABEL, kube_api
+from ..datapath import failpoint
 from ..datapath.host import DEFAULT_PIN_ROOT
 from ..errors import IstioEbpfError
 from .health_server import HealthServer
@@ -27,6 +34,7 @@ from .locate import PodLocation, PodLocator, boot_seconds, mount_of
 from .metrics import AgentMetrics
 from .mode import ModeDecision, decide
 from .pod_events import PodEvents
+from .node_lock import NodeLock
 from .reconcile import DatapathLike, Reconciler
 from .watch import PodWatcher
 
@@ -34,8 +42,6 @@ log = logging.getLogger(__name__)
 
 REASON_ANNOTATION = "istio-ebpf.io/mode-reason"
 PROBES_ANNOTATION = "istio-ebpf.io/probes"
-#: The loader pins below <root>/<version>, so an upgrade with another layout pins beside, never on
-#: top of, the old one, and retires the old one once its own programs are attached.
 
 
 @dataclass
@@ -65,6 +71,8 @@ class AgentConfig:
     watch_stale_seconds: float = 300.0
     #: sockmap start-up self-test (mode -> (ok, reason)); None = the real one
     sockmap_self_test: Callable[[str], tuple[bool, str]] | None = None
+    #: how long to wait for another agent of this node to exit (None: as long as it takes)
+    lock_timeout: float | None = None
 
 
 def _default_datapath(mode: str, pin_root: str, sockmap: bool) -> DatapathLike:
@@ -108,6 +116,10 @@ class NodeAgent:
         """True while ``istio-ebpf uninstall`` drains this node: captured pods show ``draining``
         in ``istio-ebpf pods``. No drain exists yet, so never."""
         return False
+        self.lock = NodeLock(config.pin_root)
+        #: start-up phases in seconds from start(): lock, loaded, filled, took_over, retired
+        self.switch: dict[str, float] = {}
+        self._t0 = 0.0
 
     # ------------------------------------------------------------------ health
     def healthy(self) -> tuple[bool, str]:
@@ -140,6 +152,9 @@ class NodeAgent:
     # ------------------------------------------------------------------ start
     def start(self, serve: bool = True) -> None:
         cfg = self.config
+        self._t0 = time.monotonic()
+        self.lock.acquire(cfg.lock_timeout)
+        self._mark("lock")
         if serve and self.server is None:
             self.server = HealthServer(cfg.host, cfg.port, self.healthy, self.ready,
                                        self.metrics.registry, {"/pods": self._pods_route}).start()
@@ -174,14 +189,10 @@ class NodeAgent:
                 sockmap = False
                 self.metrics.fallback.labels(reason=why[:200]).set(1)
         self.datapath = dp = self.datapath_factory(d.mode, cfg.pin_root, sockmap)
-        dp.load()     # adopts the pins of a previous agent of the same version
-        dp.attach_cgroup(cfg.cgroup_root)   # idempotent: pinned links are not duplicated
-        for old in dp.retire_other_versions():   # upgrade: ours is attached, now drop the old version's
-            log.info("retired datapath version %s", old)
-        self.attached = True
-        # Published once capture is up: talking to the API (and importing its client) takes about
-        # a second, which a restarted agent should not spend before it captures new pods.
-        self._publish()
+        dp.load()     # adopts the pins of a previous agent of the same version; never attaches
+        self._mark("loaded")
+        failpoint.reached("loaded")
+        # The hooks are taken over after the first pod list is in this version's maps (_take_over).
         # Pod cgroup paths in /proc are relative to the v2 mount (on hybrid hosts that is
         # /sys/fs/cgroup/unified, not /sys/fs/cgroup): pod-IP mode keys pods by that directory.
         locator = cfg.locator or PodLocator(cfg.proc_root, mount_of(cfg.cgroup_root),
@@ -194,6 +205,26 @@ class NodeAgent:
                                   watch_timeout=cfg.watch_timeout,
                                   on_relist=lambda reason: self.metrics.relists.labels(reason=reason).inc())
         self.watcher.start()
+
+    def _mark(self, phase: str) -> None:
+        self.switch[phase] = round(time.monotonic() - self._t0, 4)
+
+    def _take_over(self) -> None:
+        """Every opted-in pod of the first list is in this version's maps: now the hooks."""
+        dp = self.datapath
+        assert dp is not None
+        self._mark("filled")
+        failpoint.reached("filled")
+        out = dp.take_over(self.config.cgroup_root)
+        self._mark("took_over")
+        retired = dp.retire_other_versions()
+        self._mark("retired")
+        self.attached = True
+        log.info("capture runs on this version (%s); retired %s; start-up phases (s): %s",
+                 out, ", ".join(retired) or "nothing", json.dumps(self.switch))
+        # Published once capture is up: talking to the API (and importing its client) takes about
+        # a second, which should not delay the takeover.
+        self._publish()
 
     def _record_decision(self, d: ModeDecision) -> None:
         self.metrics.mode.labels(mode=d.mode, kernel_release=d.kernel_release).set(1)
@@ -278,7 +309,8 @@ class NodeAgent:
     def step(self, timeout: float = 0.2) -> None:
         """Drain the event queue once; retries, metrics and publishing on their own cadence."""
         self.heartbeat = time.monotonic()
-        if not (self.published and self.event_sent):
+        capturing = self.attached or (self.decision is not None and self.decision.mode == "unsupported")
+        if capturing and not (self.published and self.event_sent):
             self._publish()
         if self.reconciler is None:
             time.sleep(timeout)
@@ -339,6 +371,8 @@ class NodeAgent:
             rec.resync(obj)
             self.metrics.reconcile_seconds.observe(time.monotonic() - start)
             self.synced = True
+            if not self.attached:
+                self._take_over()
             self.update_metrics()
         elif etype in ("ADDED", "MODIFIED"):
             rec.apply(obj)
@@ -385,6 +419,7 @@ class NodeAgent:
         if self.server is not None:
             self.server.stop()
             self.server = None
+        self.lock.release()
 
 
 def cleanup_node(node_name: str | None, pin_root: str = DEFAULT_PIN_ROOT) -> str:

@@ -31,7 +31,7 @@ CONSTANTS: tuple[tuple[ModuleType, tuple[str, ...]], ...] = (
             "POD_INBOUND_ALL", "POD_DNS_CAPTURE", "POD_OUT_PORT_INCL",
             "PORT_IN_INCLUDE", "PORT_IN_EXCLUDE", "PORT_OUT_INCLUDE", "PORT_OUT_EXCLUDE",
             "CIDR_EXCLUDE", "CIDR_INCLUDE",
-            "CONN_REDIRECTED", "CONN_INBOUND")),
+            "CONN_REDIRECTED", "CONN_INBOUND", "STATE_LAYOUT_VERSION")),
 )
 
 #: IPv4 addresses mirrored by name: C holds them as the u32 a program reads (network order in memory).

@@ -3,8 +3,10 @@
 Nothing here touches the kernel except :func:`compile_bpf` (BCC creates the maps while
 compiling); loading, pinning and attaching are :mod:`.loader`'s job.
 
-``datapath_version`` hashes the sources and the build flags: it names the pin directory,
-so an agent built differently never adopts another build's programs.
+``datapath_version`` hashes the sources and the build flags: it names the version's pin
+directory (its programs and CONFIGURATION maps), so an agent built differently never adopts
+another build's programs. ``state_dir_name`` names the connection-STATE maps' directory, shared
+by every build with the same state layout, mode and map sizes (docs/architecture.md, "Upgrades").
 
 Every compile also checks the Python mirrors of ``bpf/abi.h`` (:mod:`.abi_check`): a mirror out of
 step fails it, and the error names what differs.
@@ -23,8 +25,14 @@ from ..errors import KernelError, UsageError
 from ..resources import bpf_dir
 from . import abi_check, libbpf, maps
 
-#: Bumped when the pin directory's layout (maps/, progs/, links/) changes.
-LAYOUT_VERSION = "v1"
+#: Bumped when the pin root's layout (links/, versions/<version>/, state-*/) changes.
+#: v1 (one directory per version holding its links too) is retired by a v2 agent.
+LAYOUT_VERSION = "v2"
+#: bpf/abi.h STATE_LAYOUT_VERSION: the connection-state maps' layout (tests/test_state_layout.py).
+STATE_LAYOUT_VERSION = maps.STATE_LAYOUT_VERSION
+#: ISTIO_EBPF_DATAPATH_VARIANT (image build argument DATAPATH_VARIANT): words appended to pod_cfg,
+#: i.e. another CONFIG map layout and another datapath version (maps.VARIANT reads it too).
+VARIANT_ENV = maps.VARIANT_ENV
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,10 @@ PROGRAMS: tuple[Program, ...] = (
 MAPS = ("pod_by_netns", "pod_by_ip", "pod_ports", "pod_cidrs", "origin_by_cookie",
         "origin_by_tuple", "inbound_listeners", "dns_origin", "app_view", "counters")
 SOCKMAP_MAPS = ("accel_socks",)
+#: The connection-STATE maps (bpf/maps_conn.h): pinned in the shared state directory; every
+#: other map is the version's own (pinned below versions/<version>/maps).
+STATE_MAPS = frozenset({"origin_by_cookie", "origin_by_tuple", "inbound_listeners", "dns_origin", "app_view",
+                        "accel_socks"})
 
 
 #: Map sizes (bpf/abi.h defaults, checked by name at every build).
@@ -85,6 +97,8 @@ def build_flags(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = Non
              f"-DISTIO_EBPF_SOCKMAP={1 if sockmap else 0}",
              # the counters array is sized from the names userspace reads (C asserts they agree)
              f"-DISTIO_EBPF_COUNTERS={len(maps.COUNTERS)}"]
+    if maps.VARIANT:
+        flags.append(f"-DISTIO_EBPF_VARIANT={maps.VARIANT}")
     for name, value in sorted((map_sizes or {}).items()):
         if name not in DEFAULT_MAP_SIZES or not 1 <= int(value) <= 1 << 24:
             raise UsageError(f"bad map size {name}={value}")
@@ -93,15 +107,22 @@ def build_flags(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = Non
 
 
 def compile_bpf(bpf_class: Any, programs: Iterable[Program], mode: str, sockmap: bool,
-                map_sizes: dict[str, int] | None = None) -> Any:
+                map_sizes: dict[str, int] | None = None, state_dir: str | None = None) -> Any:
     """The BCC module of ``programs`` built for mode/sockmap (maps created, programs not loaded yet).
 
     The sources carry :func:`.abi_check.static_asserts` at their end: the build fails when the
     Python mirrors and bpf/abi.h differ, and the error names each difference.
+
+    With ``state_dir`` the connection-state maps are BCC pinned tables there: opened when
+    pinned already (another version's), created and pinned otherwise. It is not part of the
+    version hash: the same build under another pin root is the same version.
     """
+    if state_dir is not None and ('"' in state_dir or "\\" in state_dir):
+        raise UsageError(f"state directory {state_dir!r} cannot be a C string")
+    pinned = [f'-DIE_STATE_DIR="{state_dir}"'] if state_dir else []
     # A call to a function no included header declares is an error, not a program the
     # verifier refuses later (a file must include what it uses).
-    cflags = [f"-I{bpf_dir()}", *build_flags(mode, sockmap, map_sizes), "-Wno-unused-function",
+    cflags = [f"-I{bpf_dir()}", *build_flags(mode, sockmap, map_sizes), *pinned, "-Wno-unused-function",
               "-Werror=implicit-function-declaration"]
     text, headers = _source_and_headers(programs)
     if "abi.h" in headers:   # deny.c alone uses no shared layout: nothing to check against
@@ -187,3 +208,14 @@ def datapath_version(mode: str, sockmap: bool, map_sizes: dict[str, int] | None 
         h.update(f.read_bytes())
     h.update(" ".join(build_flags(mode, sockmap, map_sizes)).encode())
     return f"{LAYOUT_VERSION}-{mode}{'-sockmap' if sockmap else ''}-{h.hexdigest()[:12]}"
+
+
+def state_dir_name(mode: str, map_sizes: dict[str, int] | None = None) -> str:
+    """The shared state directory's name: what two builds must agree on to share live connections.
+
+    The state layout version (the structs), the mode (cookie mode keys state by netns cookie,
+    pod-IP mode by address alone) and the sizes of the state maps (a pinned map keeps its
+    max_entries). Not the programs, not the config maps' layout, not the sockmap switch.
+    """
+    sizes = {**DEFAULT_MAP_SIZES, **{k: int(v) for k, v in (map_sizes or {}).items()}}
+    return f"state-s{STATE_LAYOUT_VERSION}-{mode}-c{sizes['MAX_CONNS']}-p{sizes['MAX_PODS']}"

@@ -43,6 +43,14 @@ PROG_SK_LOOKUP = 30
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
+#: bpf_link_update: replace only when the link still runs the expected old program.
+BPF_F_REPLACE = 1 << 2
+
+
+class LinkUpdateOpts(ctypes.Structure):
+    """struct bpf_link_update_opts up to old_prog_fd (libbpf checks fields past ``sz`` are zero)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("flags", ctypes.c_uint32), ("old_prog_fd", ctypes.c_uint32)]
 
 
 @lru_cache(maxsize=1)
@@ -54,6 +62,8 @@ def lib() -> ctypes.CDLL:
         raise KernelError(f"libbpf not found ({name}): install Debian's libbpf1") from exc
     handle.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     handle.bpf_link_detach.argtypes = [ctypes.c_int]
+    handle.bpf_link_update.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(LinkUpdateOpts)]
+    handle.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
     handle.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
     handle.bpf_obj_get.argtypes = [ctypes.c_char_p]
     handle.bpf_prog_attach.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_uint]
@@ -84,6 +94,25 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
 
 def link_detach(link_fd: int) -> None:
     _check(lib().bpf_link_detach(link_fd), "bpf_link_detach")
+
+
+def link_update(link_fd: int, new_prog_fd: int, old_prog_fd: int) -> None:
+    """BPF_LINK_UPDATE: the hook runs new_prog from the next event on, atomically, only if it
+    ran old_prog (EPERM otherwise). cgroup links since 5.7, netns (sk_lookup) links since 5.9."""
+    opts = LinkUpdateOpts(sz=ctypes.sizeof(LinkUpdateOpts), flags=BPF_F_REPLACE, old_prog_fd=old_prog_fd)
+    _check(lib().bpf_link_update(link_fd, new_prog_fd, ctypes.byref(opts)), "bpf_link_update")
+
+
+def link_prog_id(link_fd: int) -> int:
+    """The id of the program a link runs (struct bpf_link_info: type, id, prog_id)."""
+    buf = (ctypes.c_ubyte * 256)()
+    size = ctypes.c_uint(256)
+    _check(lib().bpf_obj_get_info_by_fd(link_fd, buf, ctypes.byref(size)), "bpf_obj_get_info_by_fd")
+    return int.from_bytes(bytes(buf[8:12]), "little")
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    return _check(lib().bpf_prog_get_fd_by_id(prog_id), f"bpf_prog_get_fd_by_id {prog_id}")
 
 
 def obj_pin(fd: int, path: str) -> None:

@@ -1,4 +1,4 @@
-"""Load, adopt, pin, attach, retire and clean up the istio-ebpf datapath.
+"""Load, adopt, pin, attach, take over, retire and clean up the istio-ebpf datapath.
 
 Lifecycle::
 
@@ -9,12 +9,14 @@ Lifecycle::
     # leaving the block closes file descriptors only: pinned links keep capturing
     dp.close(cleanup=True)   # detach and unpin everything
 
-Everything that captures traffic is pinned under ``<pin_root>/<version>/``
-(``maps/``, ``progs/``, ``links/``): a restarted agent adopts the pins (no
-second attachment, map state kept) and traffic keeps flowing while no agent
-runs. ``version`` hashes the sources and build flags (:mod:`.build`), so an
-upgraded agent with different programs gets a fresh directory and retires the
-old one. The pods' map entries are :mod:`.pod_entries`' job.
+The pin layout is :mod:`.pins`'. A version's programs and CONFIGURATION maps are pinned under
+``<pin_root>/versions/<version>/`` (``version`` hashes the sources and build flags, :mod:`.build`);
+the connection-STATE maps in a state directory shared by every version with the same state layout;
+the links in ``<pin_root>/links/``, whatever the version. A restarted agent adopts its pins; an
+upgraded one loads beside the old version, fills its config maps with every pod, then retargets
+each link to its own program (``take_over``: ``BPF_LINK_UPDATE``, atomic per hook) and only then
+unpins the old version (``retire_other_versions``). The pods' map entries are
+:mod:`.pod_entries`' job.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from pathlib import Path
 
 from ..errors import KernelError, UsageError
 from . import libbpf, maps
-from .build import (DEFAULT_MAP_SIZES, LAYOUT_VERSION, MAPS, PROGRAMS, SOCKMAP_MAPS, Program, build_flags,
-                    compile_bpf, datapath_version, source_text)
+from . import failpoint
+from .build import (DEFAULT_MAP_SIZES, LAYOUT_VERSION, MAPS, PROGRAMS, SOCKMAP_MAPS, STATE_MAPS, Program,
+                    build_flags, compile_bpf, datapath_version, source_text, state_dir_name)
 from .headers import find_kernel_headers
-from .host import DEFAULT_PIN_ROOT, ensure_bpffs, remove_version, unpin_link
+from .host import DEFAULT_PIN_ROOT, ensure_bpffs, unpin_link
+from .pins import PinLayout, link_target, remove_tree, retarget
 from .netns import netns_cookie
 from .pod_entries import PinnedMaps, PodTable
 from .podconfig import INBOUND_PORT, PodConfig
@@ -56,7 +60,16 @@ class Datapath:
         self.pin_root = Path(pin_root)
         self.map_sizes = dict(map_sizes or {})
         self.version = datapath_version(mode, sockmap, self.map_sizes)
-        self.pin_dir = self.pin_root / self.version
+        self.layout = PinLayout(self.pin_root)
+        #: this version's programs and config maps
+        self.pin_dir = self.layout.version(self.version)
+        #: the connection-state maps, shared with every version of the same state layout
+        self.state_dir = self.layout.state(state_dir_name(mode, self.map_sizes))
+        self.links_dir = self.layout.links
+        #: the links run our programs (set by take_over/attach_cgroup): from then on a pod's new
+        #: sk_lookup link is retargeted to us too, not only created
+        self.active = False
+        self._taken = 0
         self.programs = tuple(p for p in PROGRAMS if sockmap or not p.needs_sockmap)
         self.map_names = MAPS + (SOCKMAP_MAPS if sockmap else ())
         self.prog_fds: dict[str, int] = {}
@@ -105,13 +118,16 @@ class Datapath:
     def loaded_programs(self) -> tuple[Program, ...]:
         return tuple(p for p in self.programs if p.func in self.prog_fds)
 
+    def _map_pin(self, name: str) -> Path:
+        return self.state_dir / name if name in STATE_MAPS else self.pin_dir / "maps" / name
+
     def _complete_pins(self) -> bool:
-        return all((self.pin_dir / "maps" / m).exists() for m in self.map_names) and \
+        return all(self._map_pin(m).exists() for m in self.map_names) and \
             all((self.pin_dir / "progs" / p.func).exists() for p in self.programs if not p.optional)
 
     def _adopt(self) -> None:
         for m in self.map_names:
-            self.map_fds[m] = libbpf.obj_get(str(self.pin_dir / "maps" / m))
+            self.map_fds[m] = libbpf.obj_get(str(self._map_pin(m)))
         for p in self.programs:
             path = self.pin_dir / "progs" / p.func
             if path.exists() or not p.optional:
@@ -131,9 +147,14 @@ class Datapath:
         # A half-written directory from a crash: start it again.
         if self.pin_dir.exists():
             shutil.rmtree(self.pin_dir, ignore_errors=True)
-        self._bpf = bpf = compile_bpf(BPF, self.programs, self.mode, self.sockmap, self.map_sizes)
-        for sub in ("maps", "progs", "links"):
+        # BCC opens the state maps pinned there (another version's, live connections in them)
+        # or creates and pins them.
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._bpf = bpf = compile_bpf(BPF, self.programs, self.mode, self.sockmap, self.map_sizes,
+                                      state_dir=str(self.state_dir))
+        for sub in ("maps", "progs"):
             (self.pin_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.links_dir.mkdir(parents=True, exist_ok=True)
         for p in self.programs:
             attach = p.attach_type if p.target != "sockhash" else -1
             try:
@@ -150,21 +171,35 @@ class Datapath:
             if fd < 0:
                 raise KernelError(f"map {m} missing from the compiled datapath")
             self.map_fds[m] = os.dup(fd)
-            libbpf.obj_pin(self.map_fds[m], str(self.pin_dir / "maps" / m))
+            if m not in STATE_MAPS:       # BCC pinned the state maps itself
+                libbpf.obj_pin(self.map_fds[m], str(self._map_pin(m)))
+            elif not self._map_pin(m).exists():
+                raise KernelError(f"BCC did not pin the state map {m} in {self.state_dir}")
         if self.sockmap:
+            # Replaces the verdict program of the shared sockhash for sockets added from now on;
+            # sockets already in it keep the program they were added with.
             libbpf.prog_attach(self.prog_fds["ie_accel"], self.map_fds["accel_socks"], libbpf.SK_MSG_VERDICT)
-        (self.pin_dir / "links").mkdir(exist_ok=True)
         log.info("compiled and pinned datapath %s", self.pin_dir)
 
-    # ---- attachments --------------------------------------------------------------
+    # ---- attachments and takeover -------------------------------------------------
     def _link_path(self, name: str) -> Path:
-        return self.pin_dir / "links" / name
+        return self.links_dir / name
+
+    def _hook(self, path: Path, prog: str) -> bool:
+        """Point the pinned link at ``path`` to our ``prog``; False when it needs creating."""
+        if not path.exists():
+            return False
+        if retarget(path, self.prog_fds[prog], libbpf.obj_id(self.prog_fds[prog])) == "gone":
+            return False
+        return True
 
     def attach_cgroup(self, cgroup_path: str) -> list[str]:
-        """Attach every cgroup program to cgroup_path (idempotent). Returns new link names."""
+        """Every cgroup hook of cgroup_path runs our program: an existing link (ours, or another
+        version's) is retargeted atomically, a missing one is created. Returns new link names."""
         path = Path(cgroup_path)
         if not (path / "cgroup.procs").exists():
             raise UsageError(f"{cgroup_path} is not a cgroup v2 directory")
+        self.links_dir.mkdir(parents=True, exist_ok=True)
         created = []
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -173,17 +208,58 @@ class Datapath:
                 if p.target != "cgroup":
                     continue
                 name = f"cg-{ino}-{p.func}"
-                if self._link_path(name).exists():
-                    continue      # adopted: already attached by an earlier agent
+                if self._hook(self._link_path(name), p.func):
+                    self._took_one()
+                    continue      # retargeted, or ours already
                 link = libbpf.link_create(self.prog_fds[p.func], fd, p.attach_type)
                 try:
                     libbpf.obj_pin(link, str(self._link_path(name)))
                 finally:
                     os.close(link)
                 created.append(name)
+                self._took_one()
         finally:
             os.close(fd)
+        self.active = True
         return created
+
+    def _took_one(self) -> None:
+        self._taken += 1
+        failpoint.reached(f"takeover-{self._taken}")
+
+    def take_over(self, cgroup_path: str) -> dict[str, int]:
+        """After load and after every pod's config entries are written: make every hook run this
+        version. Links of layout v1 move to ``links/``; each cgroup hook and each pod's sk_lookup
+        link is retargeted with BPF_LINK_UPDATE (never detached, never doubled); sk_lookup links of
+        pods this version does not hold (the pod is gone) are removed. Counts per outcome."""
+        self._taken = 0
+        self._adopt_legacy_links()
+        out = {"cgroup_created": len(self.attach_cgroup(cgroup_path)), "netns_updated": 0, "netns_removed": 0}
+        ours = set(self._pods.index())
+        for path in self.layout.link_paths("netns-"):
+            key = int(path.name.split("-", 1)[1])
+            if key not in ours:
+                unpin_link(path)
+                out["netns_removed"] += 1
+            elif retarget(path, self.prog_fds["ie_inbound"], libbpf.obj_id(self.prog_fds["ie_inbound"])) == "updated":
+                out["netns_updated"] += 1
+                self._took_one()
+        return out
+
+    def _adopt_legacy_links(self) -> None:
+        """A layout-v1 version pinned its links inside its own directory: pin each link at its
+        layout-v2 path too (same link, no detach), so take_over retargets it like any other."""
+        self.links_dir.mkdir(parents=True, exist_ok=True)
+        for legacy in self.layout.legacy_dirs():
+            for path in sorted((legacy / "links").glob("*")):
+                target = self._link_path(path.name)
+                if not target.exists():
+                    fd = libbpf.obj_get(str(path))
+                    try:
+                        libbpf.obj_pin(fd, str(target))
+                    finally:
+                        os.close(fd)
+                path.unlink()       # the link lives on through its new pin
 
     def attached_program_ids(self, cgroup_path: str) -> dict[str, list[int]]:
         """What the kernel reports attached to a cgroup, per program of ours."""
@@ -235,7 +311,11 @@ class Datapath:
     def _attach_netns(self, netns_path: str, cookie: int) -> None:
         name = f"netns-{cookie}"
         if self._link_path(name).exists():
-            return
+            # Another version's link stays until take_over retargets every hook at once; after
+            # that (a re-added pod) it runs ours at once.
+            if not self.active or self._hook(self._link_path(name), "ie_inbound"):
+                return
+        self.links_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(netns_path, os.O_RDONLY)
         try:
             link = libbpf.link_create(self.prog_fds["ie_inbound"], fd, libbpf.SK_LOOKUP)
@@ -351,8 +431,10 @@ class Datapath:
 
     # ---- teardown -----------------------------------------------------------------
     def close(self, cleanup: bool = False) -> None:
-        """Close our descriptors; with cleanup also detach and unpin everything."""
+        """Close our descriptors; with cleanup also detach and unpin everything of this version
+        (its links, its programs and config maps; the state maps when no other version is left)."""
         if cleanup and self.pin_dir.exists():
+            ours = set(self.program_ids().values())
             if self.sockmap and "accel_socks" in self.map_fds and "ie_accel" in self.prog_fds:
                 try:
                     libbpf.prog_detach(self.prog_fds["ie_accel"], self.map_fds["accel_socks"],
@@ -360,11 +442,15 @@ class Datapath:
                 except OSError as exc:
                     if exc.errno != errno.ENOENT:
                         raise
-            remove_version(self.pin_dir)
-            try:
-                self.pin_root.rmdir()     # only when no other version is left
-            except OSError:
-                pass
+            for link in self.layout.link_paths():
+                if link_target(link) in ours:
+                    unpin_link(link)
+            remove_tree(self.pin_dir)
+            _rmdir_quiet(self.layout.links, self.layout.versions)
+            if not self.layout.version_dirs() and not self.layout.legacy_dirs():
+                for state in self.layout.state_dirs():
+                    remove_tree(state)
+            _rmdir_quiet(self.pin_root)     # only when nothing else is left
         for fd in list(self.prog_fds.values()) + list(self.map_fds.values()):
             try:
                 os.close(fd)
@@ -373,24 +459,41 @@ class Datapath:
         self.prog_fds.clear()
         self.map_fds.clear()
         self._pods.forget()
+        self.active = False
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
 
     def other_versions(self) -> list[Path]:
-        if not self.pin_root.exists():
-            return []
-        # probes_<key> is the probe cache (probe_cache.py), not a datapath version.
-        return [p for p in self.pin_root.iterdir()
-                if p.is_dir() and p.name != self.version and not p.name.startswith("probes_")]
+        """Pins no hook needs once this version runs every hook: other versions (either layout)
+        and state directories of another state layout, mode or size."""
+        return [p for p in self.layout.version_dirs() + self.layout.legacy_dirs() if p != self.pin_dir] + \
+            [p for p in self.layout.state_dirs() if p != self.state_dir]
 
     def retire_other_versions(self) -> list[str]:
-        """After an upgrade: detach what an older agent pinned (after ours is attached)."""
+        """After take_over: unpin what other versions pinned. Their programs and maps die with
+        the last reference; a link still running one of their programs (a take_over that did
+        not finish) keeps that program alive, so retiring is safe at any point. Names retired."""
         gone = []
+        removed = 0
+
+        def step() -> None:
+            nonlocal removed
+            removed += 1
+            failpoint.reached(f"retire-{removed}")
+
         for old in self.other_versions():
-            remove_version(old)
+            remove_tree(old, step)
             gone.append(old.name)
         return gone
+
+
+def _rmdir_quiet(*dirs: Path) -> None:
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            pass
 
 
 def compile_task(args: dict) -> list[str]:
@@ -410,17 +513,22 @@ def compile_task(args: dict) -> list[str]:
 def cleanup_pins(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:
     """Remove every pinned istio-ebpf object below pin_root (agent --cleanup).
 
-    Unpinning a link is what detaches it; sk_msg attachments die with the map.
+    Links first (unpinning a link is what detaches it), then every version, state and probe
+    directory; sk_msg attachments die with the map.
     """
     root = Path(pin_root)
     removed: list[str] = []
     if not root.exists():
         return removed
-    for version in sorted(root.iterdir()):
-        removed += remove_version(version)
-    try:
-        root.rmdir()
-    except OSError:
-        pass
+    layout = PinLayout(root)
+    for link in layout.link_paths():
+        unpin_link(link)
+        removed.append(str(link))
+    for directory in sorted(root.iterdir()):
+        if directory.is_dir() and directory.name == "versions":
+            for version in layout.version_dirs():
+                removed += remove_tree(version)
+        if directory.is_dir():
+            removed += remove_tree(directory)
+    _rmdir_quiet(root)
     return removed
-

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 from .podconfig import IPAddress, IPNetwork, PodConfig
 
@@ -58,11 +60,26 @@ class IpAddr(ctypes.Structure):
         return ipaddress.ip_address(raw[:4] if self.family == socket.AF_INET else raw)
 
 
+#: bpf/abi.h STATE_LAYOUT_VERSION: the connection-state maps' layout (names the shared state directory).
+STATE_LAYOUT_VERSION = 1
+
+#: The build variant (bpf/abi.h ISTIO_EBPF_VARIANT): N words appended to pod_cfg. A build setting
+#: of the whole process, like the image it ships in (Containerfile ARG DATAPATH_VARIANT): two
+#: builds that differ in it differ in a CONFIG map's value layout, which an upgrade must survive.
+VARIANT_ENV = "ISTIO_EBPF_DATAPATH_VARIANT"
+VARIANT = int(os.environ.get(VARIANT_ENV, "0") or 0)
+
+
+_POD_CFG_FIELDS: list[Any] = [("pod_id", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                               ("proxy_uid", ctypes.c_uint32), ("proxy_gid", ctypes.c_uint32),
+                               ("ip4", ctypes.c_uint8 * 4), ("ip6", ctypes.c_uint8 * 16)]
+if VARIANT:
+    _POD_CFG_FIELDS.append(("variant", ctypes.c_uint32 * VARIANT))
+
+
 class PodCfg(ctypes.Structure):
     c_name = "pod_cfg"
-    _fields_ = [("pod_id", ctypes.c_uint32), ("flags", ctypes.c_uint32),
-                ("proxy_uid", ctypes.c_uint32), ("proxy_gid", ctypes.c_uint32),
-                ("ip4", ctypes.c_uint8 * 4), ("ip6", ctypes.c_uint8 * 16)]
+    _fields_ = _POD_CFG_FIELDS
 
 
 class PodIpVal(ctypes.Structure):
@@ -150,6 +167,8 @@ def encode_pod(pod_id: int, netns_cookie: int, cfg: PodConfig) -> PodEntries:
     if cfg.include_outbound_ports:
         flags |= POD_OUT_PORT_INCL
     pc = PodCfg(pod_id=pod_id, flags=flags, proxy_uid=cfg.proxy_uid, proxy_gid=cfg.proxy_gid)
+    if VARIANT:
+        pc.variant[0] = VARIANT
     if cfg.ipv4:
         ctypes.memmove(pc.ip4, cfg.ipv4[0].packed, 4)
     if cfg.ipv6:

@@ -194,7 +194,7 @@ def _detach_cgroup(dp: Any, cgroup_path: str) -> None:
     from ..datapath.host import unpin_link
 
     ino = os.stat(cgroup_path).st_ino
-    for link in (dp.pin_dir / "links").glob(f"cg-{ino}-*"):
+    for link in (dp.links_dir).glob(f"cg-{ino}-*"):
         unpin_link(link)
 
 

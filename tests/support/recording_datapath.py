@@ -40,6 +40,11 @@ class RecordingDatapath:
     def attach_cgroup(self, cgroup_path: str) -> None:
         self.attached.append(cgroup_path)
 
+    def take_over(self, cgroup_path: str) -> dict[str, int]:
+        self.calls.append(("take_over", cgroup_path))
+        self.attached.append(cgroup_path)
+        return {}
+
     def retire_other_versions(self) -> list[str]:
         return []
 

@@ -1,0 +1,159 @@
+"""Datapath upgrade on the real kernel, at the loader's level: version N's live connections keep
+their SO_ORIGINAL_DST answers through the switch to N+1 and back, every hook runs exactly one of
+our programs at every moment, and nothing of the retired version stays pinned.
+
+Two versions in one process differ in a CONFIG map's size (MAX_PORTS), which makes another
+datapath version with the same connection-state layout. The build that changes a config map's
+value LAYOUT (ISTIO_EBPF_DATAPATH_VARIANT) needs its own process: tests/test_upgrade_lab.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from istio_ebpf_plugin.datapath import libbpf
+from istio_ebpf_plugin.datapath.build import PROGRAMS
+from istio_ebpf_plugin.datapath.loader import Datapath, cleanup_pins
+from istio_ebpf_plugin.datapath.podconfig import INBOUND_PORT, OUTBOUND_PORT, PROXY_UID, PodConfig, ip_list
+from istio_ebpf_plugin.datapath.staging import staged
+from istio_ebpf_plugin.harness.probe import PYTHON, wait_ready
+
+from datapath_modes import require_mode
+from test_datapath_conn_state import SCRIPT, Held
+
+pytestmark = pytest.mark.kernel
+
+APP_UID = 1000
+#: Version N+1: the same programs with another pod_ports size (a config map): another version
+#: directory, the same state directory.
+NEXT = {"MAX_PORTS": 262143}
+
+
+def _cgroup_ids(dp: Datapath, cgroup: str) -> dict[str, list[int]]:
+    return dp.attached_program_ids(cgroup)
+
+
+def _sk_lookup_ids(netns_path: str) -> list[int]:
+    fd = os.open(netns_path, os.O_RDONLY)
+    try:
+        return libbpf.prog_query(fd, libbpf.SK_LOOKUP)
+    finally:
+        os.close(fd)
+
+
+def _only(dp: Datapath, cgroup: str, pods) -> None:
+    """Every hook runs exactly one program, and it is dp's."""
+    ids = dp.program_ids()
+    attached = _cgroup_ids(dp, cgroup)
+    assert attached and all(v == [ids[name]] for name, v in attached.items()), (attached, ids)
+    for pod in pods:
+        assert _sk_lookup_ids(pod.netns_path) == [ids["ie_inbound"]], pod.name
+
+
+@pytest.fixture
+def lab(node, request):
+    """(node, pin root, mode, client pod a, server pod b) with Envoy-like held-connection listeners:
+    15001 in a, 15006 in b (uid 1337)."""
+    mode = request.param
+    require_mode(mode)
+    root = f"/sys/fs/bpf/istio-ebpf-test-{uuid.uuid4().hex[:8]}"
+    try:
+        a, b = node.add_pod("a"), node.add_pod("b")
+        procs = []
+        for pod, port in ((a, OUTBOUND_PORT), (b, INBOUND_PORT)):
+            proc = pod.spawn([PYTHON, "-S", staged(SCRIPT), "server", str(port)], uid=PROXY_UID, gid=PROXY_UID,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            wait_ready(proc, f"held-connection server in pod {pod.name}")
+            procs.append(proc)
+        yield node, root, mode, a, b
+    finally:
+        cleanup_pins(root)
+
+
+def _load(root: str, mode: str, node, pods, sizes=None) -> Datapath:
+    """Load a version and fill its config maps with every pod (links untouched: take_over's job)."""
+    dp = Datapath(mode=mode, pin_root=root, map_sizes=sizes).load()
+    for pod in pods:
+        dp.add_pod(pod.netns_path, PodConfig(pod_ips=ip_list(pod.pod_ips)), str(pod.cgroup_path))
+    return dp
+
+
+def _held(a, b) -> dict[str, tuple[Held, tuple[str, int]]]:
+    """An app connection of a captured to a's 15001, and a proxy connection to b captured inbound."""
+    out = {"app": (Held(a, APP_UID, b.ipv4, 9090), (b.ipv4, 9090)),
+           "inbound": (Held(a, PROXY_UID, b.ipv4, 8080), (b.ipv4, 8080))}
+    for conn, want in out.values():
+        assert conn.original_dst() == (want, 0)
+    return out
+
+
+@pytest.mark.parametrize("lab", ["cookie", "podip"], indirect=True)
+def test_new_version_attached_keeps_old_connections_answers(lab):
+    """The window the issue names: version N+1's programs are attached (its getsockopt runs for
+    every socket) while connections N captured are still waiting for Envoy's SO_ORIGINAL_DST.
+    Before this design the new getsockopt had an empty map and answered EPERM on 15001/15006:
+    Envoy closed those connections. Now the state maps are shared: the answer stands."""
+    node, root, mode, a, b = lab
+    cgroup = str(node.parent_cgroup)
+    old = _load(root, mode, node, (a, b))
+    old.attach_cgroup(cgroup)
+    held = _held(a, b)
+    new = _load(root, mode, node, (a, b), NEXT)
+    assert new.version != old.version
+    new.attach_cgroup(cgroup)      # the moment the old agent code attached beside the old version
+    for kind, (conn, want) in held.items():
+        assert conn.original_dst() == (want, 0), kind
+    for conn, _ in held.values():
+        conn.close()
+    old.close()
+    new.close()
+
+
+@pytest.mark.parametrize("lab", ["cookie", "podip"], indirect=True)
+def test_switch_n_to_n1_and_back_keeps_connections_and_hooks(lab):
+    """N -> N+1 -> N with connections held across both switches: every hook runs one program
+    (the active version's) after each switch, the held connections keep their answers, new
+    connections are captured, and the retired version's pins are gone."""
+    node, root, mode, a, b = lab
+    cgroup = str(node.parent_cgroup)
+    n = _load(root, mode, node, (a, b))
+    n.attach_cgroup(cgroup)
+    version_n, ids_n = n.version, n.program_ids()
+    held = _held(a, b)
+    n.close()      # the old agent is gone; its pins keep capturing
+    for sizes in (NEXT, None):
+        dp = _load(root, mode, node, (a, b), sizes)
+        out = dp.take_over(cgroup)
+        assert out["cgroup_created"] == 0, "a version change never creates a second attachment"
+        assert out["netns_updated"] == 2
+        _only(dp, cgroup, (a, b))
+        retired = dp.retire_other_versions()
+        assert len(retired) == 1 and retired[0] != dp.version
+        assert sorted(p.name for p in (Path(root) / "versions").iterdir()) == [dp.version]
+        assert [p.name for p in Path(root).iterdir() if p.name.startswith("state-")] == [dp.state_dir.name]
+        for kind, (conn, want) in held.items():
+            assert conn.original_dst() == (want, 0), kind
+        fresh = _held(a, b)      # new connections: captured by the new version
+        for conn, _ in fresh.values():
+            conn.close()
+        assert dp.counters()["origdst_miss"] == 0
+        dp.close()
+    # Back on N: a rebuilt N is the same version (same hash) but new program ids.
+    back = Datapath(mode=mode, pin_root=root).load()
+    assert back.version == version_n and back.program_ids() != ids_n
+    _only(back, cgroup, (a, b))
+    for conn, _ in held.values():
+        conn.close()
+    back.close(cleanup=True)
+    every_type = {p.attach_type for p in PROGRAMS if p.target == "cgroup"}
+    fd = os.open(cgroup, os.O_RDONLY)
+    try:
+        assert not any(libbpf.prog_query(fd, t) for t in every_type)
+    finally:
+        os.close(fd)
+    assert not Path(root).exists()
