@@ -107,6 +107,10 @@ class NodeAgent:
         self._last_metrics = 0.0
         self._last_listener_refresh = 0.0
         self.pod_events: PodEvents | None = None
+        self.lock = NodeLock(config.pin_root)
+        #: start-up phases in seconds from start(): lock, loaded, filled, took_over, retired
+        self.switch: dict[str, float] = {}
+        self._t0 = 0.0
         self.view: pod_view.PodView | None = None   # what /pods and the per-pod metrics show
         self._pod_counters: Mapping[Any, Mapping[str, int]] = {}
         self.metrics.registry.register(pod_view.PodCollector(lambda: self.view))
@@ -116,10 +120,6 @@ class NodeAgent:
         """True while ``istio-ebpf uninstall`` drains this node: captured pods show ``draining``
         in ``istio-ebpf pods``. No drain exists yet, so never."""
         return False
-        self.lock = NodeLock(config.pin_root)
-        #: start-up phases in seconds from start(): lock, loaded, filled, took_over, retired
-        self.switch: dict[str, float] = {}
-        self._t0 = 0.0
 
     # ------------------------------------------------------------------ health
     def healthy(self) -> tuple[bool, str]:

@@ -235,6 +235,11 @@ class Datapath:
         self._taken = 0
         self._adopt_legacy_links()
         out = {"cgroup_created": len(self.attach_cgroup(cgroup_path)), "netns_updated": 0, "netns_removed": 0}
+        for path in self.layout.link_paths("deny-"):     # deny-<cgroup id>-<program>: a refused pod
+            func = path.name.split("-", 2)[2]
+            if func in self.prog_fds and retarget(path, self.prog_fds[func],
+                                                  libbpf.obj_id(self.prog_fds[func])) == "updated":
+                self._took_one()
         ours = set(self._pods.index())
         for path in self.layout.link_paths("netns-"):
             key = int(path.name.split("-", 1)[1])
@@ -353,8 +358,11 @@ class Datapath:
 
     def _link_deny(self, cgid: int, target: str, target_fd: int) -> None:
         for p in self.loaded_programs:
-            if p.target != target or self._link_path(f"deny-{cgid}-{p.func}").exists():
+            if p.target != target:
                 continue
+            if self._link_path(f"deny-{cgid}-{p.func}").exists():
+                if not self.active or self._hook(self._link_path(f"deny-{cgid}-{p.func}"), p.func):
+                    continue
             link = libbpf.link_create(self.prog_fds[p.func], target_fd, p.attach_type)
             try:
                 libbpf.obj_pin(link, str(self._link_path(f"deny-{cgid}-{p.func}")))
@@ -363,13 +371,12 @@ class Datapath:
 
     def allow_pod(self, deny: int) -> None:
         """Undo :meth:`deny_pod` (idempotent; the pod may be gone)."""
-        for link in self.pin_dir.joinpath("links").glob(f"deny-{deny}-*"):
+        for link in self.layout.link_paths(f"deny-{deny}-"):
             unpin_link(link)
 
     def denied(self) -> set[int]:
         """The cgroup ids of every pod refused now (also by a previous agent)."""
-        links = self.pin_dir / "links"
-        return {int(p.name.split("-")[1]) for p in links.glob("deny-*")} if links.exists() else set()
+        return {int(p.name.split("-")[1]) for p in self.layout.link_paths("deny-")}
 
     # ---- inbound listener (userspace path) ----------------------------------------
     def register_listeners(self, netns_path: str, cookie: int | None = None,
