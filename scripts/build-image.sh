@@ -9,12 +9,16 @@
 #                               /var/cache/istio-ebpf/agent-image-<version>-<inputs hash>.tar
 #   scripts/build-image.sh --inputs-hash   -> prints only the hash (nothing is built)
 # Idempotent: the archive is named after a hash of what goes into the image, so an unchanged tree
-# returns at once. Guarded by flock. Environment: ISTIO_EBPF_CACHE (default /var/cache/istio-ebpf).
+# returns at once. Guarded by flock. Environment: ISTIO_EBPF_CACHE (default /var/cache/istio-ebpf);
+# DATAPATH_VARIANT=N (N > 0): image B of the upgrade tests, another datapath version from the same
+# tree (Containerfile ARG DATAPATH_VARIANT), tagged <version>-variantN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${ISTIO_EBPF_CACHE:-/var/cache/istio-ebpf}
 VERSION=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' istio_ebpf_plugin/__init__.py)
-IMAGE=ghcr.io/istio-ebpf/agent:$VERSION
+DATAPATH_VARIANT=${DATAPATH_VARIANT:-0}
+SUFFIX=$([ "$DATAPATH_VARIANT" = 0 ] || echo "-variant$DATAPATH_VARIANT")
+IMAGE=ghcr.io/istio-ebpf/agent:$VERSION$SUFFIX
 BASE_IMAGE=docker.io/library/debian:bookworm-slim
 
 # What the image is made of: the build context .containerignore lets through (README, tests, docs
@@ -26,7 +30,7 @@ inputs_hash() {
   } | LC_ALL=C sort | while read -r f; do [ -f "$f" ] && { echo "$f"; cat "$f"; }; done | sha256sum | cut -c1-12
 }
 if [ "${1:-}" = --inputs-hash ]; then inputs_hash; exit 0; fi
-ARCHIVE=$CACHE/agent-image-$VERSION-$(inputs_hash).tar
+ARCHIVE=$CACHE/agent-image-$VERSION$SUFFIX-$(inputs_hash).tar
 if [ -s "$ARCHIVE" ]; then echo "$ARCHIVE"; exit 0; fi
 
 mkdir -p "$CACHE"
@@ -74,6 +78,7 @@ fi
 # here); it is bind-mounted for the RUN steps only and is not part of any layer.
 printf '[global]\ncert = /run/istio-ebpf-host-ca.crt\n' > "$work/pip.conf"
 buildah bud --isolation chroot --network host --pull=never --layers \
+  --build-arg "DATAPATH_VARIANT=$DATAPATH_VARIANT" \
   -v /etc/ssl/certs/ca-certificates.crt:/run/istio-ebpf-host-ca.crt:ro \
   -v "$work/pip.conf:/etc/pip.conf:ro" \
   -t "$IMAGE" -f Containerfile . >&2

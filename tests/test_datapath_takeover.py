@@ -23,7 +23,7 @@ from istio_ebpf_plugin.datapath.podconfig import INBOUND_PORT, OUTBOUND_PORT, PR
 from istio_ebpf_plugin.datapath.staging import staged
 from istio_ebpf_plugin.harness.probe import PYTHON, wait_ready
 
-from datapath_modes import require_mode
+from support.datapath_modes import require_mode
 from test_datapath_conn_state import SCRIPT, Held
 
 pytestmark = pytest.mark.kernel

@@ -81,12 +81,17 @@ def _agent_run(pods: list[dict], by_uid: dict[str, str], pin_root: str, cgroup: 
               "occupancy": agent.datapath.occupancy(), "rss_start_mib": round(rss_start / 1024, 1),
               "rss_after_reconcile_mib": round(rss_after_sync / 1024, 1),
               "rss_steady_mib": round(_rss_kib() / 1024, 1),
-              "maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
+              "maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+              "switch": agent.switch, "version": getattr(agent.datapath, "version", None)})
     agent.watcher.stop(0.1)
     agent.datapath.close(cleanup=False)
 
 
-def measure(n: int = 500, mode: str = "cookie") -> dict:
+def measure(n: int = 500, mode: str = "cookie", upgrade: bool = False) -> dict:
+    """Agent start-ups over n pods' entries: ``first_start`` (empty node), ``restart`` (same version,
+    adopts the pins) and with ``upgrade`` also ``upgrade`` (another build variant, fresh interpreter:
+    loads beside, fills, takes over, retires; its ``switch`` phases are the upgrade's timing) and
+    ``rollback`` (the first build again)."""
     from istio_ebpf_plugin.datapath.loader import cleanup_pins
     from istio_ebpf_plugin.datapath.host import require_cgroup_v2_root as cgroup_v2_root
 
@@ -109,14 +114,29 @@ def measure(n: int = 500, mode: str = "cookie") -> dict:
                             annotations={"istio-ebpf.io/redirect": "ebpf"})
             pods.append(p)
             by_uid[p["metadata"]["uid"]] = f"/run/netns/{x}"
-        for label in ("first_start", "restart"):
+        from istio_ebpf_plugin.datapath.maps import VARIANT_ENV
+
+        for label in ("first_start", "restart") + (("upgrade", "rollback") if upgrade else ()):
             recv, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_agent_run, args=(pods, by_uid, pin_root, str(cgroup), mode, send))
-            proc.start()
+            variant = "1" if label == "upgrade" else "0"
+            # a fresh interpreter: the build variant is read when the datapath modules load
+            run_ctx = multiprocessing.get_context("spawn") if upgrade else ctx
+            saved = os.environ.get(VARIANT_ENV)
+            os.environ[VARIANT_ENV] = variant
+            t_spawn = time.monotonic()
+            proc = run_ctx.Process(target=_agent_run, args=(pods, by_uid, pin_root, str(cgroup), mode, send))
+            try:
+                proc.start()
+            finally:
+                if saved is None:
+                    os.environ.pop(VARIANT_ENV, None)
+                else:
+                    os.environ[VARIANT_ENV] = saved
             if not recv.poll(600):
                 proc.kill()
                 raise RuntimeError(f"{label}: agent did not report")
             result[label] = recv.recv()
+            result[label]["process_to_report_seconds"] = round(time.monotonic() - t_spawn, 3)
             proc.join(30)
     finally:
         cleanup_pins(pin_root)
@@ -133,8 +153,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pods", type=int, default=500)
     ap.add_argument("--mode", default="cookie", choices=["cookie", "podip"])
+    ap.add_argument("--upgrade", action="store_true", help="also an upgrade to another build variant and back")
     args = ap.parse_args()
-    print(json.dumps(measure(args.pods, args.mode), indent=1))
+    print(json.dumps(measure(args.pods, args.mode, args.upgrade), indent=1))
     return 0
 
 
