@@ -63,7 +63,7 @@ def cluster():
         annotations = {"istio-ebpf.io/redirect": "ebpf", "proxy.istio.io/config": DNS_CAPTURE}
         pods = [fixture_pod("master/inject/hello.yaml.injected", p.name, NODE, list(p.pod_ips),
                             annotations=annotations) for p in (client, server)]
-        cgroups = {pod["metadata"]["uid"]: str(p.cgroup_path) for pod, p in zip(pods, (client, server))}
+        cgroups = {pod["metadata"]["uid"]: str(p.cgroup_path) for pod, p in zip(pods, (client, server), strict=True)}
         yield node, client, server, pods, cgroups
 
 

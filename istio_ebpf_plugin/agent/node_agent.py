@@ -192,7 +192,12 @@ class NodeAgent:
         dp.load()     # adopts the pins of a previous agent of the same version; never attaches
         self._mark("loaded")
         failpoint.reached("loaded")
-        # The hooks are taken over after the first pod list is in this version's maps (_take_over).
+        if not dp.other_versions():
+            # A fresh node, or a restart of this version (its programs run every hook already):
+            # nothing to take over from, capture is up now, pods follow as the list arrives.
+            self._take_over()
+        # Otherwise (upgrade, rollback, an interrupted switch) the hooks are taken over once the
+        # first pod list is in this version's maps (_dispatch -> _take_over).
         # Pod cgroup paths in /proc are relative to the v2 mount (on hybrid hosts that is
         # /sys/fs/cgroup/unified, not /sys/fs/cgroup): pod-IP mode keys pods by that directory.
         locator = cfg.locator or PodLocator(cfg.proc_root, mount_of(cfg.cgroup_root),

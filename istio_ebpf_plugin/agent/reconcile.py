@@ -64,6 +64,7 @@ class DatapathLike(Protocol):
     def load(self) -> object: ...                              # compile, or adopt a previous agent's pins
     def attach_cgroup(self, cgroup_path: str) -> object: ...   # idempotent
     def take_over(self, cgroup_path: str) -> object: ...       # every hook runs this version (after the fill)
+    def other_versions(self) -> list: ...                      # pins of other versions: a takeover is due
     def retire_other_versions(self) -> list[str]: ...          # after an upgrade: the old version's names
     def pod_key(self, netns_path: str, cgroup_path: str | None = None) -> int: ...   # add_pod's handle
     def add_pod(self, netns_path: str, cfg: PodConfig, cgroup_path: str | None = None) -> int: ...

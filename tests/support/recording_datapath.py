@@ -40,6 +40,9 @@ class RecordingDatapath:
     def attach_cgroup(self, cgroup_path: str) -> None:
         self.attached.append(cgroup_path)
 
+    def other_versions(self) -> list:
+        return []
+
     def take_over(self, cgroup_path: str) -> dict[str, int]:
         self.calls.append(("take_over", cgroup_path))
         self.attached.append(cgroup_path)
