@@ -147,8 +147,9 @@ def test_agent_refuses_a_pod_the_full_maps_cannot_hold(node, monkeypatch, pin_ro
         assert node.probe_connect(d, 1000, 1000, c.ipv4, 8080).errno == "ECONNREFUSED"
         agent.update_metrics()
         assert agent.metrics.pods_failed._value.get() == 1
-        time.sleep(1.5)       # retries back off (0.2, 0.4, 0.5 s): still one Event
-        assert len(events(c, "CaptureFailed")) == 1 and agent.reconciler.failures["maps_full"] >= 3
+        # retries back off (0.2, 0.4, 0.5 s): three failures, still one Event
+        wait_for(lambda: agent.reconciler.failures["maps_full"] >= 3, timeout=30, what="three refused tries")
+        assert len(events(c, "CaptureFailed")) == 1
 
         kube.delete_pod(objs[a]["metadata"]["uid"])        # a slot frees: c is captured, its deny lifted
         wait_for(lambda: events(c, "CaptureReady"), timeout=30, what="CaptureReady for c")
