@@ -144,7 +144,8 @@ def test_uninstall_after_partial_install(cluster, capsys):
 def test_status_reports_istio_upgrade_and_install_repairs(cluster, capsys):
     assert main(["install", "--timeout", "0"]) == 0
     assert main(["status"]) == 0
-    capsys.readouterr()
+    # status links to the per-node pod view (istio-ebpf pods, run in that node's agent pod)
+    assert "-- istio-ebpf pods" in capsys.readouterr().out
     # Istio upgraded underneath: the injector ConfigMap is replaced without our template.
     cluster.configmaps[("istio-system", "istio-sidecar-injector")]["data"]["config"] = CONFIG
     assert main(["status"]) == 1
