@@ -82,6 +82,7 @@ struct ip_addr {
 #define POD_INBOUND_ALL     (1u << 0)   /* -b '*': capture every inbound port but -d */
 #define POD_DNS_CAPTURE     (1u << 1)   /* ISTIO_META_DNS_CAPTURE */
 #define POD_OUT_PORT_INCL   (1u << 2)   /* some -q ports exist */
+#define POD_INIT_BYPASS     (1u << 3)   /* istio-ebpf.io/init-containers: bypass (init_bypass map) */
 
 /* Per-pod configuration (pod_by_netns). Key: the pod's network-namespace cookie (cookie
  * mode) or the id of the pod's cgroup (pod-IP mode, see pod_lookup.h find_pod()). */
@@ -186,6 +187,7 @@ enum counter {
     C_SOCKMAP_BYTES,
     C_RAW_SOCKET_DENIED,    /* raw TCP socket refused to a non-proxy UID */
     C_APP_VIEW_RESTORED,    /* getpeername/getsockname answered as under iptables */
+    C_INIT_BYPASS,          /* an app init container's connection or DNS query left uncaptured */
     C_MAX,
 };
 

@@ -171,12 +171,21 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, struct pod_cfg *cf
     return 1;
 }
 
+/* A pod's app init container, opted out of capture (pod_lookup.h init_bypassed). */
+static __always_inline int bypassed(const struct pod_cfg *cfg)
+{
+    if (!init_bypassed(cfg))
+        return 0;
+    count(C_INIT_BYPASS, 1);
+    return 1;
+}
+
 int ie_connect4(struct bpf_sock_addr *ctx)
 {
     if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
         return 1;
     struct pod_cfg *cfg = find_pod(ctx);
-    if (!cfg)
+    if (!cfg || bypassed(cfg))
         return 1;
     struct flow f = {};
     f.dst.family = AF_INET;
@@ -194,7 +203,7 @@ int ie_connect6(struct bpf_sock_addr *ctx)
     if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
         return 1;
     struct pod_cfg *cfg = find_pod(ctx);
-    if (!cfg)
+    if (!cfg || bypassed(cfg))
         return 1;
     struct flow f = {};
     int mapped = sa_addr6(ctx, &f.dst);

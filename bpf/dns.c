@@ -21,6 +21,10 @@ static __always_inline int dns_verdict(struct bpf_sock_addr *ctx, struct flow *f
     struct pod_cfg *cfg = find_pod(ctx);
     if (!cfg || !(cfg->flags & POD_DNS_CAPTURE))
         return V_PASS;
+    if (init_bypassed(cfg)) {          /* an app init container: as if the pod were not meshed */
+        count(C_INIT_BYPASS, 1);
+        return V_PASS;
+    }
     __u64 ugid = bpf_get_current_uid_gid();
     return outbound_verdict(cfg, f, (__u32)ugid, (__u32)(ugid >> 32));
 }

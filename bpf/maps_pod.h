@@ -23,4 +23,8 @@ BPF_HASH(pod_ports, struct port_key, __u8, MAX_PORTS);
 /* CIDR lists (Istio's -i and -x), one LPM trie for every pod. */
 BPF_F_TABLE("lpm_trie", struct cidr_key, __u8, pod_cidrs, MAX_CIDRS, BPF_F_NO_PREALLOC);
 
+/* Pods with POD_INIT_BYPASS: the cgroup id of each of their app init containers (as the agent
+ * identified them) -> the pod's id. A process there connects as if the pod were not meshed. */
+BPF_HASH(init_bypass, __u64, __u32, MAX_PODS * 4);
+
 #endif /* ISTIO_EBPF_MAPS_POD_H */

@@ -35,6 +35,19 @@ static __always_inline struct pod_cfg *find_pod(void *ctx)
 #endif
 }
 
+/* Is the current task one of the pod's app init containers, as the agent identified them
+ * (istio-ebpf.io/init-containers: bypass)? Only pods with the flag pay the lookup. The key is
+ * the task's own cgroup: a container the agent has not identified (yet), an app container, or
+ * a cgroup a process creates below its container's, is not listed, so it is captured. */
+static __always_inline int init_bypassed(const struct pod_cfg *cfg)
+{
+    if (!(cfg->flags & POD_INIT_BYPASS))
+        return 0;
+    __u64 cgroup = bpf_get_current_cgroup_id();
+    __u32 *pod_id = init_bypass.lookup(&cgroup);
+    return pod_id && *pod_id == cfg->pod_id;
+}
+
 /* The pod's first IPv4 / IPv6 address; 0 if it has none of that family. */
 static __always_inline int pod_ip4(const struct pod_cfg *cfg, struct ip_addr *ip)
 {

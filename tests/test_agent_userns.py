@@ -11,7 +11,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import subprocess
-import threading
 
 import pytest
 
@@ -19,6 +18,7 @@ from support.fake_kube import FakeKube, fixture_pod
 from istio_ebpf_plugin.datapath import userns
 from istio_ebpf_plugin.datapath.podconfig import PodConfig
 from istio_ebpf_plugin.errors import KernelError, UsageError
+from support.lab_agent import NODE, lab_agent
 from support.polling import wait_for
 
 
@@ -98,7 +98,6 @@ def test_a_process_in_a_nested_user_namespace_is_not_taken(lab_node):
 
 # ---- the agent, a real Envoy in a user-namespace pod ---------------------------------------------
 
-NODE = "userns-node"
 PORT = 8080
 
 
@@ -108,7 +107,6 @@ def test_agent_exempts_envoy_in_a_user_namespace_pod(lab_node, pin_root, monkeyp
     """The real agent programs a pod whose processes run in a user namespace with a shifted
     uid_map: the app's connections are captured (its Envoy logs them), Envoy's own upstream
     connections are not (no loop: one outbound entry per request, the server answers)."""
-    from istio_ebpf_plugin.agent.node_agent import AgentConfig, NodeAgent
     from istio_ebpf_plugin.datapath.selftest.envoy import Envoy
     from istio_ebpf_plugin.harness.apps import http_get, start_http_server, url_for
     from istio_ebpf_plugin.harness.node import USERNS_BASE, USERNS_SIZE
@@ -122,18 +120,9 @@ def test_agent_exempts_envoy_in_a_user_namespace_pod(lab_node, pin_root, monkeyp
     pod = fixture_pod("master/inject/hello.yaml.injected", "cli", NODE, list(client.pod_ips),
                       annotations={"istio-ebpf.io/redirect": "ebpf"})
     pod["spec"]["hostUsers"] = False
-    kube = FakeKube(NODE).install(monkeypatch)
-    kube.add(pod)
-    cgroups = {pod["metadata"]["uid"]: str(client.cgroup_path)}
-    agent = NodeAgent(AgentConfig(node_name=NODE, mode_override=mode, pin_root=pin_root,
-                                  cgroup_root=str(lab_node.parent_cgroup), host="127.0.0.1", port=0,
-                                  retry_seconds=0.05, watch_timeout=1, cgroup_for_uid=cgroups.get))
-    stop = threading.Event()
-    loop = threading.Thread(target=lambda: [agent.step(0.05) for _ in iter(stop.is_set, True)], daemon=True)
-    agent.start()
-    loop.start()
-    try:
-        uid = pod["metadata"]["uid"]
+    FakeKube(NODE).install(monkeypatch).add(pod)
+    uid = pod["metadata"]["uid"]
+    with lab_agent(lab_node, pin_root, mode, {uid: str(client.cgroup_path)}) as agent:
         wait_for(lambda: uid in agent.reconciler.records, what="client pod programmed")
         entry = agent.datapath.pods()[agent.reconciler.records[uid].handle]
         assert (entry.proxy_uid, entry.proxy_gid) == (base + 1337, base + 1337)   # the map: host IDs
@@ -148,10 +137,6 @@ def test_agent_exempts_envoy_in_a_user_namespace_pod(lab_node, pin_root, monkeyp
         outbound = [e for e in envoy.access_log() if e.get("listener") == "virtualOutbound"]
         assert len(outbound) == 5 and {e["downstream_local_address"] for e in outbound} == {f"{server.ipv4}:{PORT}"}
         assert {e["upstream_host"] for e in outbound} == {f"{server.ipv4}:{PORT}"}
-    finally:
-        stop.set()
-        loop.join(5)
-        agent.shutdown(cleanup=True)
 
 
 @pytest.mark.kernel

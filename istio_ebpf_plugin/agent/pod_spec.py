@@ -42,6 +42,7 @@ from ..datapath.podconfig import (
     PodConfig,
 )
 from ..errors import UsageError
+from . import containers
 
 A_INCLUDE_CIDRS = "traffic.sidecar.istio.io/includeOutboundIPRanges"
 A_EXCLUDE_CIDRS = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
@@ -438,6 +439,7 @@ def pod_config(pod: Mapping[str, Any]) -> PodConfig:
         proxy_gid=gid,
         dns_capture=dns_capture(ann, proxy),
         status_port=status_port,
+        init_bypass=containers.wants_bypass(ann),
     )
 
 

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from ..datapath.podconfig import PodConfig
 from ..errors import KernelError, UsageError
+from . import containers
 from .locate import PodLocation, PodLocator
 from .pod_spec import ignored, is_opted_in, pod_config
 
@@ -72,6 +73,7 @@ class DatapathLike(Protocol):
     def remove_pod(self, handle: int) -> None: ...
     def pods(self) -> Mapping[int, object]: ...
     def refresh_listeners(self, netns_paths: dict[int, str]) -> int: ...   # handle -> netns path
+    def set_init_bypass(self, handle: int, cgroup_ids: Iterable[int]) -> None: ...   # the pod's listed set
     def counters(self) -> Mapping[str, int]: ...
     def pod_counters(self) -> Mapping[int, Mapping[str, int]]: ...   # handle -> counter name -> value
     def occupancy(self) -> Mapping[str, int]: ...              # map name -> entries
@@ -97,6 +99,7 @@ class PodState:
     config: PodConfig | None = None        # captured: the sandbox's configuration, fixed
     handle: int | None = None         # captured: its map key
     deny: int | None = None           # failed: the deny in place
+    bypass: frozenset[int] | None = None   # captured: app init container cgroups listed (None: not yet)
     capture_seconds: float | None = None   # sandbox start -> entries written
     failure: str = ""                      # failed: category (MAPS_FULL, ...)
     retry_at: float = 0.0
@@ -311,6 +314,7 @@ class Reconciler:
     # ------------------------------------------------------------------ one sandbox
     def _same_sandbox(self, st: PodState, want: _Wanted, where: PodLocation | None) -> None:
         """The pod's sandbox is the one already decided (or its process is not visible now)."""
+        self._follow_init_containers(st)      # its status names the init containers as they start
         if st.state == CAPTURED:
             if want.kind == "capture" and want.config == st.config:
                 st.notice = ""
@@ -371,6 +375,7 @@ class Reconciler:
                 self._adoptable.discard(key)
                 self._own(st, key, config)
                 self._set(st, CAPTURED, "")
+                self._follow_init_containers(st)
                 return
         try:
             # hostUsers: false: the proxy's IDs as the kernel sees them (datapath/userns.py).
@@ -402,6 +407,23 @@ class Reconciler:
             else "(sandbox start time unknown)"
         self._set(st, CAPTURED, "", "Normal", "CaptureReady",
                   f"eBPF capture ready ({self.mode or 'eBPF'} mode): entries written {took}")
+        self._follow_init_containers(st)
+
+    def _follow_init_containers(self, st: PodState) -> None:
+        """``istio-ebpf.io/init-containers: bypass`` (fixed with the sandbox's capture): list the
+        app init containers the pod's status names now (agent/containers.py). Whatever is not
+        listed stays captured, so a failure here leaves them captured (fail closed)."""
+        if st.state != CAPTURED or st.handle is None or st.config is None or not st.config.init_bypass:
+            return
+        want = containers.bypass_cgroups(st.pod, st.cgroup_path)
+        if want == st.bypass:
+            return
+        try:
+            self.datapath.set_init_bypass(st.handle, want)
+        except (KeyError, OSError, KernelError) as exc:
+            log.warning("pod %s/%s: init containers stay captured: %s", st.namespace, st.name, exc)
+            return
+        st.bypass = want
 
     def _own(self, st: PodState, handle: int, config: PodConfig) -> None:
         previous = self.owners.get(handle)
@@ -437,7 +459,7 @@ class Reconciler:
             self.datapath.remove_pod(st.handle)
         if st.deny is not None:
             self.datapath.allow_pod(st.deny)
-        st.handle = st.deny = st.config = st.netns_inode = None
+        st.handle = st.deny = st.config = st.netns_inode = st.bypass = None
         st.netns_path = st.cgroup_path = st.notice = st.failure = ""
         st.retry_delay = 0.0
         st.state = PENDING

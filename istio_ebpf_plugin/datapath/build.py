@@ -79,7 +79,7 @@ PROGRAMS: tuple[Program, ...] = (
     Program("ie_deny_inbound", "deny.c", libbpf.PROG_SK_LOOKUP, libbpf.SK_LOOKUP, "pod-netns"),
 )
 
-MAPS = ("pod_by_netns", "pod_by_ip", "pod_ports", "pod_cidrs", "origin_by_cookie",
+MAPS = ("pod_by_netns", "pod_by_ip", "pod_ports", "pod_cidrs", "init_bypass", "origin_by_cookie",
         "origin_by_tuple", "inbound_listeners", "dns_origin", "app_view", "counters")
 SOCKMAP_MAPS = ("accel_socks",)
 #: The connection-STATE maps (bpf/maps_conn.h): pinned in the shared state directory; every

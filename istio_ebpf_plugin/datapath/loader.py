@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Iterable
 
 from ..errors import KernelError, UsageError
 from . import libbpf, maps
@@ -307,6 +308,19 @@ class Datapath:
             raise KeyError(f"pod {handle:#x} is not managed")
         self._pods.write(handle, cfg)
 
+    def set_init_bypass(self, handle: int, cgroup_ids: Iterable[int]) -> None:
+        """The cgroups of the pod's app init containers whose connections go uncaptured (the pod
+        must carry ``init_bypass``); replaces the pod's previous set. Raises KeyError for a pod
+        that is not ours, KernelError when the map is full (those containers stay captured)."""
+        if handle not in self._pods.index():
+            raise KeyError(f"pod {handle:#x} is not managed")
+        self._pods.set_bypass(handle, set(cgroup_ids))
+
+    def init_bypass(self, handle: int) -> set[int]:
+        """The cgroup ids listed for the pod now (empty for an unknown pod)."""
+        entry = self._pods.index().get(handle)
+        return set(entry.bypass) if entry is not None else set()
+
     def remove_pod(self, handle: int) -> None:
         self._pods.remove(handle)
         link = self._link_path(f"netns-{handle}")
@@ -432,8 +446,8 @@ class Datapath:
         return out
 
     def occupancy(self) -> dict[str, int]:
-        hashes = ("pod_by_netns", "pod_by_ip", "pod_ports", "pod_cidrs", "origin_by_tuple", "origin_by_cookie",
-                  "dns_origin", "app_view")
+        hashes = ("pod_by_netns", "pod_by_ip", "pod_ports", "pod_cidrs", "init_bypass", "origin_by_tuple",
+                  "origin_by_cookie", "dns_origin", "app_view")
         return {name: len(self._maps.keys(name, maps.MAP_TYPES[name][0])) for name in hashes}
 
     # ---- teardown -----------------------------------------------------------------

@@ -21,6 +21,7 @@ from .podconfig import IPAddress, IPNetwork, PodConfig
 POD_INBOUND_ALL = 1 << 0
 POD_DNS_CAPTURE = 1 << 1
 POD_OUT_PORT_INCL = 1 << 2
+POD_INIT_BYPASS = 1 << 3
 
 PORT_IN_INCLUDE, PORT_IN_EXCLUDE, PORT_OUT_INCLUDE, PORT_OUT_EXCLUDE = 1, 2, 3, 4
 CIDR_EXCLUDE, CIDR_INCLUDE = 1, 2
@@ -40,6 +41,7 @@ COUNTERS = (
     "out_redirect", "in_redirect_local", "inbound_assign", "inbound_no_listener",
     "dns_redirect", "origdst_hit", "origdst_miss", "tuple_stored", "podip_bind_fail",
     "sockmap_insert", "sockmap_msgs", "sockmap_bytes", "raw_socket_denied", "app_view_restored",
+    "init_bypass",
 )
 
 
@@ -127,6 +129,7 @@ MAP_TYPES: dict[str, tuple[type, type | None]] = {
     "pod_by_ip": (IpAddr, PodIpVal),
     "pod_ports": (PortKey, ctypes.c_uint8),
     "pod_cidrs": (CidrKey, ctypes.c_uint8),
+    "init_bypass": (ctypes.c_uint64, ctypes.c_uint32),
     "origin_by_cookie": (ctypes.c_uint64, Origin),
     "origin_by_tuple": (ConnKey, Origin),
     "inbound_listeners": (IpAddr, None),
@@ -166,6 +169,8 @@ def encode_pod(pod_id: int, netns_cookie: int, cfg: PodConfig) -> PodEntries:
         flags |= POD_DNS_CAPTURE
     if cfg.include_outbound_ports:
         flags |= POD_OUT_PORT_INCL
+    if cfg.init_bypass:
+        flags |= POD_INIT_BYPASS
     pc = PodCfg(pod_id=pod_id, flags=flags, proxy_uid=cfg.proxy_uid, proxy_gid=cfg.proxy_gid)
     if VARIANT:
         pc.variant[0] = VARIANT

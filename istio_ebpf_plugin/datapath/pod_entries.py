@@ -64,6 +64,7 @@ class PodIndex:
     cidrs: set[CidrTuple] = field(default_factory=set)
     ips: set[bytes] = field(default_factory=set)               # bytes(IpAddr)
     cfg: bytes = b""                                            # bytes(PodCfg) in pod_by_netns
+    bypass: set[int] = field(default_factory=set)              # cgroup ids in init_bypass
 
 
 def _cidr_tuple(k: maps.CidrKey) -> CidrTuple:
@@ -112,6 +113,10 @@ class PodTable:
         for k in self.access.keys("pod_cidrs", maps.CidrKey):
             if k.pod_id in by_id:
                 by_id[k.pod_id].cidrs.add(_cidr_tuple(k))
+        for cg in self.access.keys("init_bypass", ctypes.c_uint64):
+            pod_id = ctypes.c_uint32()
+            if self.access.lookup("init_bypass", cg, pod_id) and pod_id.value in by_id:
+                by_id[pod_id.value].bypass.add(cg.value)
         return index
 
     def configs(self) -> dict[int, maps.PodCfg]:
@@ -221,9 +226,35 @@ class PodTable:
         entry.cidrs -= cidrs
         entry.ips -= ips
 
+    def set_bypass(self, handle: int, cgroup_ids: set[int]) -> None:
+        """List exactly ``cgroup_ids`` as the pod's bypassed app init containers. New entries
+        first, stale ones after; a refused update rolls this call's entries back (those
+        containers stay captured) and raises KernelError."""
+        entry = self.index()[handle]
+        added: list[int] = []
+        try:
+            for cg in sorted(cgroup_ids - entry.bypass):
+                self.access.update("init_bypass", ctypes.c_uint64(cg), ctypes.c_uint32(entry.pod_id))
+                added.append(cg)
+        except OSError as exc:
+            for cg in added:
+                self.access.delete("init_bypass", ctypes.c_uint64(cg))
+            raise KernelError(f"cannot list an init container as bypassed ({exc.strerror}): it stays "
+                              "captured") from exc
+        entry.bypass |= set(added)
+        self._drop_bypass(entry, entry.bypass - cgroup_ids)
+
+    def _drop_bypass(self, entry: PodIndex, cgroup_ids: set[int]) -> None:
+        for cg in cgroup_ids:
+            owner = ctypes.c_uint32()
+            if self.access.lookup("init_bypass", ctypes.c_uint64(cg), owner) and owner.value == entry.pod_id:
+                self.access.delete("init_bypass", ctypes.c_uint64(cg))
+        entry.bypass -= cgroup_ids
+
     def remove(self, handle: int) -> None:
         """Delete the pod's config and every entry it owns (unknown handle: only the config key)."""
         entry = self.index().pop(handle, None)
         self.access.delete("pod_by_netns", ctypes.c_uint64(handle))
         if entry is not None:
+            self._drop_bypass(entry, set(entry.bypass))
             self.delete_entries(entry, set(entry.ports), set(entry.cidrs), set(entry.ips))

@@ -59,6 +59,9 @@ class PodConfig:
     dns_capture: bool = False
     #: Sidecar status port (excluded inbound and outbound like the CNI plugin does); 0 = none.
     status_port: int = DEFAULT_STATUS_PORT
+    #: ``istio-ebpf.io/init-containers: bypass``: the cgroups the agent lists as the pod's app
+    #: init containers connect uncaptured (``Datapath.set_init_bypass``).
+    init_bypass: bool = False
 
     @property
     def ipv4(self) -> tuple[ipaddress.IPv4Address, ...]:

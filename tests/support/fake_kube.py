@@ -119,8 +119,10 @@ class FakeKube:
         return pod
 
     def modify(self, uid: str, annotations: dict[str, str | None] | None = None,
-               ips: list[str] | None = None) -> dict[str, Any]:
+               ips: list[str] | None = None, status: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Change a pod (``status``: fields merged into its status, as kubelet writes them)."""
         pod = self.pods[uid]
+        pod["status"].update(status or {})
         ann = pod["metadata"].setdefault("annotations", {})
         for k, v in (annotations or {}).items():
             if v is None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from typing import Callable
+from typing import Callable, Iterable
 
 from istio_ebpf_plugin.agent.reconcile import DatapathLike
 from istio_ebpf_plugin.datapath.podconfig import PodConfig
@@ -32,6 +32,7 @@ class RecordingDatapath:
         self.capacity: int | None = None
         self.denies: set[int] = set()
         self.per_pod: dict[int, dict[str, int]] = {}
+        self.bypass: dict[int, set[int]] = {}      # handle -> cgroup ids listed (set_init_bypass)
 
     def load(self) -> RecordingDatapath:
         self.calls.append(("load",))
@@ -72,6 +73,7 @@ class RecordingDatapath:
     def remove_pod(self, handle: int) -> None:
         self.calls.append(("remove", handle))
         del self.entries[handle]
+        self.bypass.pop(handle, None)
 
     def pods(self) -> dict[int, PodConfig]:
         return dict(self.entries)
@@ -79,6 +81,12 @@ class RecordingDatapath:
     def refresh_listeners(self, netns_paths: dict[int, str]) -> int:
         self.listener_refreshes.append(dict(netns_paths))
         return 0
+
+    def set_init_bypass(self, handle: int, cgroup_ids: Iterable[int]) -> None:
+        if handle not in self.entries:
+            raise KeyError(handle)
+        self.calls.append(("bypass", handle))
+        self.bypass[handle] = set(cgroup_ids)
 
     def counters(self) -> dict[str, int]:
         return {"out_redirect": 7, "in_redirect_local": 3, "origdst_hit": 7}
