@@ -241,6 +241,23 @@ def test_a_token_kubeconfig_needs_no_kubernetes_package_and_lists_without_manage
     assert server.requests[0]["auth"] == "Bearer t0k3n"
 
 
+@pytest.mark.parametrize("indent", [None, 1])
+def test_a_pod_list_is_decoded_pod_by_pod_as_json_loads_would_without_managed_fields(indent):
+    pods = [{"metadata": {"name": f"p{i}", "uid": str(i), "annotations": {"a": '{"x": [1, "]"]}'},
+                          "managedFields": [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}]},
+             "spec": {"containers": [{"name": "c", "args": ["-x", "", "\\", "\u00e9"]}]}, "status": {"podIPs": []}}
+            for i in range(3)]
+    for body in ({"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "42"}, "items": pods},
+                 {"items": pods, "metadata": {"resourceVersion": "43", "continue": ""}, "kind": "PodList"},
+                 {"kind": "PodList", "metadata": {"resourceVersion": "44"}, "items": []},
+                 {"kind": "PodList", "metadata": {"resourceVersion": "45"}, "items": None}):
+        raw = json.dumps(body, indent=indent).encode()
+        expected = json.loads(raw)
+        for pod in expected["items"] or []:
+            del pod["metadata"]["managedFields"]
+        assert kube_api.decode_pod_list(raw) == (expected["items"] or [], expected["metadata"]["resourceVersion"])
+
+
 def test_a_client_certificate_kubeconfig_still_goes_through_the_kubernetes_loader(tmp_path):
     cfg = {"apiVersion": "v1", "kind": "Config", "current-context": "c",
            "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],

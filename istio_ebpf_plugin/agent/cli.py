@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import signal
@@ -68,6 +69,16 @@ def _uninstalling() -> bool:
     return ds is None or bool((ds.get("metadata") or {}).get("deletionTimestamp"))
 
 
+def _large_allocations_unmapped() -> None:
+    """glibc: allocations above 128 KiB stay in mappings of their own and go back on free. Its default
+    raises that threshold after the first such free, and a node's pod list (MBs of JSON, every relist)
+    then stays on the heap: 4 MiB more RSS with 500 pods."""
+    try:
+        ctypes.CDLL(None).mallopt(-3, 128 * 1024)     # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):                 # not glibc
+        pass
+
+
 def run(args: argparse.Namespace) -> int:
     from .mode import find_cgroup2
     from .node_agent import AgentConfig, NodeAgent, cleanup_node
@@ -90,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         if cg2 is None:
             raise UsageError("no cgroup v2 mount found: pass --cgroup-root")
         cgroup_root = _kubepods(cg2)
+    _large_allocations_unmapped()
     config = AgentConfig(node_name=node, mode_override=None if mode == "auto" else mode, pin_root=args.pin_root,
                          cgroup_root=cgroup_root, proc_root=args.proc_root, host=args.health_host,
                          port=args.health_port, resync_seconds=args.resync_seconds, sockmap=args.sockmap)
