@@ -191,4 +191,79 @@ enum counter {
     C_MAX,
 };
 
+/* Per-pod counters: one struct pod_counters per pod id in the pod_counters array (counters.h);
+ * maps.POD_COUNTERS names them in this order, "PC_" + upper case. The RULES come first: each is
+ * one rule of Istio's chains, the one that decided a connection, as outbound_rule()
+ * (outbound_policy.h) and inbound_rule() (pod_lookup.h) return it, counted once per decision
+ * (outbound: per connect(), or per DNS datagram; inbound: per SYN). Then events.
+ * Append only: an upgrade carries a pod's totals to the next version by index. */
+enum pod_counter {
+    /* ISTIO_OUTPUT, in chain order */
+    PC_OUT_PASS_EXCLUDED_PORT = 0,  /* -o P (or the status port): --dport P -j RETURN */
+    PC_OUT_PASS_PASSTHROUGH_SRC,    /* -o lo -s 127.0.0.6 -j RETURN */
+    PC_OUT_CAPTURED_PROXY_UID_LOCAL,/* -o lo ! -d 127.0.0.1 -p tcp --uid-owner PROXY -j ISTIO_IN_REDIRECT */
+    PC_OUT_PASS_LOCAL_UID,          /* -o lo -m owner ! --uid-owner PROXY -j RETURN */
+    PC_OUT_PASS_PROXY_UID,          /* -m owner --uid-owner PROXY -j RETURN */
+    PC_OUT_CAPTURED_PROXY_GID_LOCAL,/* the same three rules for --gid-owner */
+    PC_OUT_PASS_LOCAL_GID,
+    PC_OUT_PASS_PROXY_GID,
+    PC_OUT_DNS,                     /* --dport 53 -j REDIRECT --to-ports 15053 (DNS capture) */
+    PC_OUT_PASS_NOT_TCP,            /* ISTIO_REDIRECT matches -p tcp only */
+    PC_OUT_PASS_LOOPBACK,           /* -d 127.0.0.1/32 -j RETURN */
+    PC_OUT_PASS_EXCLUDED_CIDR,      /* -x: -d CIDR -j RETURN */
+    PC_OUT_CAPTURED_PORT,           /* -q: -p tcp --dport P -j ISTIO_REDIRECT */
+    PC_OUT_CAPTURED_CIDR,           /* -i: -d CIDR -j ISTIO_REDIRECT */
+    PC_OUT_PASS_NOT_INCLUDED,       /* the end of ISTIO_OUTPUT: in no -i CIDR, no -q port */
+    /* ISTIO_INBOUND */
+    PC_IN_PASS_HBONE,               /* -p tcp --dport 15008 -j RETURN */
+    PC_IN_PASS_EXCLUDED_PORT,       /* -b '*' -d P: --dport P -j RETURN */
+    PC_IN_CAPTURED_ALL_PORTS,       /* -b '*': -p tcp -j ISTIO_IN_REDIRECT */
+    PC_IN_CAPTURED_PORT,            /* -b P: --dport P -j ISTIO_IN_REDIRECT */
+    PC_IN_PASS_NOT_INCLUDED,        /* -b list without P (or empty): no rule matches */
+    /* events */
+    PC_IN_NO_LISTENER,              /* captured inbound SYN dropped: no Envoy listening */
+    PC_ORIGDST_HIT,                 /* SO_ORIGINAL_DST answered (asked by the pod's Envoy) */
+    PC_ORIGDST_MISS,                /* SO_ORIGINAL_DST on 15001/15006 without an entry: EPERM */
+    PC_RAW_SOCKET_DENIED,           /* raw TCP socket refused to a non-proxy UID */
+    PC_PODIP_BIND_FAIL,             /* pod-IP mode could not bind a captured socket: refused */
+    PC_MAX,
+};
+
+struct pod_counters {
+    __u64 c[PC_MAX];
+};
+
+/* explain (explain.c, run by userspace with BPF_PROG_TEST_RUN, never attached): one question
+ * about a pod, answered by the same functions the hooks decide with. The request sits at
+ * EXPLAIN_REQ_OFFSET of the test packet, the answer right after it. */
+#define EXPLAIN_REQ_OFFSET  14      /* after an Ethernet header's worth of bytes */
+#define EXPLAIN_OUTBOUND    1       /* a connect() (TCP) or an unconnected sendmsg() (UDP) */
+#define EXPLAIN_INBOUND     2       /* a TCP connection to the pod's IP from another address */
+struct explain_req {
+    __u64 pod;              /* the pod's pod_by_netns key */
+    struct ip_addr peer;    /* outbound: the destination; inbound: the client (IPv6 words may be v4-mapped) */
+    struct ip_addr bound;   /* outbound: the socket's bound address, family 0 = unbound */
+    __u32 uid;
+    __u32 gid;
+    __u16 port;             /* outbound: destination port; inbound: the pod's port */
+    __u8  direction;        /* EXPLAIN_OUTBOUND / EXPLAIN_INBOUND */
+    __u8  tcp;              /* 1 = TCP, 0 = UDP */
+};
+
+/* explain_ans.status: whether a rule decided (the others: nothing of ours decides it). */
+#define EXPLAIN_DECIDED     1       /* rule holds the deciding rule (a pod counter) */
+#define EXPLAIN_NO_POD      2       /* no such pod in pod_by_netns */
+#define EXPLAIN_NO_POD_IP   3       /* inbound: the pod has no address of the client's family */
+#define EXPLAIN_OWN_POD     4       /* inbound from the pod itself: decided on the way out */
+#define EXPLAIN_UDP_IGNORED 5       /* UDP other than DNS of a pod with DNS capture: no hook decides */
+struct explain_ans {
+    __u32 status;           /* EXPLAIN_* */
+    __u32 rule;             /* PC_* of the deciding rule (EXPLAIN_DECIDED) */
+    struct origin orig;     /* captured: SO_ORIGINAL_DST's answer, orig.listener = the port it goes to */
+    __u8  captured;         /* 1 = sent to orig.listener */
+    __u8  listener_ready;   /* inbound captured: Envoy's listening socket is registered */
+    __u16 pad;
+    __u32 ran;              /* 1: the program wrote this answer */
+};
+
 #endif /* ISTIO_EBPF_ABI_H */

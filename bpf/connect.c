@@ -1,7 +1,8 @@
 /* connect.c - cgroup/connect4 and cgroup/connect6: outbound capture.
  *
- * Decides with Istio's ISTIO_OUTPUT semantics (outbound_policy.h) and
- * rewrites the destination of captured connections to Envoy:
+ * Decides with Istio's ISTIO_OUTPUT semantics (outbound_policy.h), counts the
+ * deciding rule for the pod, and rewrites the destination of captured
+ * connections to Envoy:
  *   V_OUTBOUND       -> 127.0.0.1:15001 (::1 for IPv6)
  *   V_INBOUND_LOCAL  -> 127.0.0.1:15006 (proxy traffic to its own pod)
  *   V_DNS            -> 127.0.0.1:15053
@@ -76,15 +77,6 @@ static __always_inline int bind_pod_ip6(struct bpf_sock_addr *ctx, const struct 
     return bpf_bind(ctx, (struct sockaddr *)&sa, sizeof(sa)) == 0;
 }
 
-static __always_inline __u16 target_port(int verdict)
-{
-    if (verdict == V_OUTBOUND)
-        return OUTBOUND_PORT;
-    if (verdict == V_INBOUND_LOCAL)
-        return INBOUND_PORT;
-    return DNS_PROXY_PORT;
-}
-
 static __always_inline void count_verdict(int verdict)
 {
     if (verdict == V_OUTBOUND)
@@ -144,7 +136,9 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, struct pod_cfg *cf
                                    int ipv6, int mapped)
 {
     __u64 ugid = bpf_get_current_uid_gid();
-    int verdict = outbound_verdict(cfg, f, (__u32)ugid, (__u32)(ugid >> 32));
+    int rule = outbound_rule(cfg, f, (__u32)ugid, (__u32)(ugid >> 32));
+    pod_count(cfg->pod_id, rule);
+    int verdict = rule_verdict(rule);
     if (verdict == V_PASS || (!f->tcp && verdict != V_DNS))
         return 1;
     struct ip_addr local = {};
@@ -152,6 +146,7 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, struct pod_cfg *cf
 #if !ISTIO_EBPF_COOKIE
     if (f->tcp && !(ipv6 ? bind_pod_ip6(ctx, cfg, mapped) : bind_pod_ip4(ctx, cfg))) {
         count(C_PODIP_BIND_FAIL, 1);
+        pod_count(cfg->pod_id, PC_PODIP_BIND_FAIL);
         return 0;
     }
 #else

@@ -1,4 +1,5 @@
-/* counters.h - the counters array (read by the agent's /metrics and by the tests) and count().
+/* counters.h - the node's counters array and count(), the per-pod counters and pod_count() (read by
+ * the agent's /metrics and /pods, and by the tests).
  *
  * One u64 per enum counter (abi.h); userspace names them with maps.COUNTERS, in order. The
  * loader sizes the array from len(maps.COUNTERS), and the generated ABI check asserts every
@@ -22,6 +23,19 @@ static __always_inline void count(__u32 idx, __u64 n)
     __u64 *v = counters.lookup(&idx);
     if (v)
         __sync_fetch_and_add(v, n);
+}
+
+/* Per-pod counters (enum pod_counter), indexed by the pod's small pod_id (pod_cfg, pod_ip_val):
+ * one array lookup, no hash. Like pod_id, they belong to one datapath version (a CONFIG-side
+ * map); userspace zeroes a pod's slot when it assigns the pod_id. Slot 0 is never a pod's: what
+ * cannot be told apart (e.g. a miss whose asker has no pod address, getsockopt.c) lands there. */
+BPF_ARRAY(pod_counters, struct pod_counters, MAX_PODS + 1);
+
+static __always_inline void pod_count(__u32 pod_id, __u32 idx)
+{
+    struct pod_counters *pc = pod_counters.lookup(&pod_id);
+    if (pc && idx < PC_MAX)
+        __sync_fetch_and_add(&pc->c[idx], 1);
 }
 
 #endif /* ISTIO_EBPF_COUNTERS_H */

@@ -19,14 +19,16 @@
 static __always_inline int dns_verdict(struct bpf_sock_addr *ctx, struct flow *f)
 {
     struct pod_cfg *cfg = find_pod(ctx);
-    if (!cfg || !(cfg->flags & POD_DNS_CAPTURE))
+    if (!cfg || !udp_decided(cfg, f->dport))
         return V_PASS;
     if (init_bypassed(cfg)) {          /* an app init container: as if the pod were not meshed */
         count(C_INIT_BYPASS, 1);
         return V_PASS;
     }
     __u64 ugid = bpf_get_current_uid_gid();
-    return outbound_verdict(cfg, f, (__u32)ugid, (__u32)(ugid >> 32));
+    int rule = outbound_rule(cfg, f, (__u32)ugid, (__u32)(ugid >> 32));
+    pod_count(cfg->pod_id, rule);
+    return rule_verdict(rule);
 }
 
 static __always_inline void remember(struct bpf_sock_addr *ctx, const struct flow *f)

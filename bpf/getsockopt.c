@@ -10,6 +10,7 @@
 #include "addr.h"
 #include "counters.h"
 #include "maps_conn.h"
+#include "maps_pod.h"
 
 #ifndef SOL_IP
 #define SOL_IP 0
@@ -20,6 +21,22 @@
 #ifndef EPERM
 #define EPERM 1
 #endif
+
+/* The pod whose Envoy asks, for its counters (0: none found). Cookie mode: by the asking
+ * socket's netns. Pod-IP mode (no cgroup ancestor helper in sockopt programs before 6.4): by an
+ * address of the connection that is the pod's own, its local address for an inbound connection,
+ * its peer (the app socket, bound to the pod IP) for a redirected one. */
+static __always_inline __u32 asking_pod(const struct conn_key *k, const struct ip_addr *local)
+{
+#if ISTIO_EBPF_COOKIE
+    __u64 netns = k->netns;
+    struct pod_cfg *cfg = pod_by_netns.lookup(&netns);
+    return cfg ? cfg->pod_id : 0;
+#else
+    struct pod_ip_val *pod = pod_by_ip.lookup((struct ip_addr *)(k->kind == CONN_INBOUND ? local : &k->ip));
+    return pod ? pod->pod_id : 0;
+#endif
+}
 
 int ie_getsockopt(struct bpf_sockopt *ctx)
 {
@@ -48,6 +65,7 @@ int ie_getsockopt(struct bpf_sockopt *ctx)
              * dialled 15001 itself): answer EPERM. With conntrack active the
              * kernel would name the listener itself and Envoy would loop. */
             count(C_ORIGDST_MISS, 1);
+            pod_count(asking_pod(&k, &local), PC_ORIGDST_MISS);
             /* Returning 0 alone is EPERM only where the kernel had no
              * error of its own: since 5.19 an earlier error (ENOENT
              * without conntrack) stands. Setting retval makes it EPERM
@@ -83,5 +101,6 @@ int ie_getsockopt(struct bpf_sockopt *ctx)
     asm volatile("" ::: "memory");
     ctx->retval = 0;
     count(C_ORIGDST_HIT, 1);
+    pod_count(asking_pod(&k, &local), PC_ORIGDST_HIT);
     return 1;
 }

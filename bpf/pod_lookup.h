@@ -90,14 +90,26 @@ static __always_inline int is_own_ip(__u32 pod_id, const struct ip_addr *ip)
     return v && v->pod_id == pod_id;
 }
 
-/* Istio's ISTIO_INBOUND port rules: -b '*' minus -d, or the -b list; 15008 never. */
-static __always_inline int inbound_port_captured(const struct pod_ip_val *pod, __u16 port)
+/* Istio's ISTIO_INBOUND port rules: the one that decides port, a pod counter (PC_IN_*):
+ * 15008 never; -b '*' minus -d, or the -b list. */
+static __always_inline int inbound_rule(const struct pod_ip_val *pod, __u16 port)
 {
     if (port == HBONE_PORT)
-        return 0;
+        return PC_IN_PASS_HBONE;
     if (pod->flags & POD_INBOUND_ALL)
-        return !port_listed(pod->pod_id, PORT_IN_EXCLUDE, port);
-    return port_listed(pod->pod_id, PORT_IN_INCLUDE, port);
+        return port_listed(pod->pod_id, PORT_IN_EXCLUDE, port) ? PC_IN_PASS_EXCLUDED_PORT
+                                                                 : PC_IN_CAPTURED_ALL_PORTS;
+    return port_listed(pod->pod_id, PORT_IN_INCLUDE, port) ? PC_IN_CAPTURED_PORT : PC_IN_PASS_NOT_INCLUDED;
+}
+
+static __always_inline int inbound_rule_captures(int rule)
+{
+    return rule == PC_IN_CAPTURED_ALL_PORTS || rule == PC_IN_CAPTURED_PORT;
+}
+
+static __always_inline int inbound_port_captured(const struct pod_ip_val *pod, __u16 port)
+{
+    return inbound_rule_captures(inbound_rule(pod, port));
 }
 
 /* A source the pod itself owns: 127/8, anything in ::/96 (::1, ::6, ::), or one of its IPs.
@@ -109,6 +121,22 @@ static __always_inline int from_own_pod(__u32 pod_id, const struct ip_addr *remo
     if (ip_is_own_src(remote))
         return 1;
     return is_own_ip(pod_id, remote);
+}
+
+/* sk_lookup's decision for a TCP connection from remote to local:port: the ISTIO_INBOUND rule
+ * (PC_IN_*, >= 0) and in *found the pod; or -EXPLAIN_NO_POD_IP (local is no pod's address) or
+ * -EXPLAIN_OWN_POD (the pod's own connection, decided on the way out as iptables decides it in
+ * OUTPUT rather than PREROUTING). */
+static __always_inline int inbound_decision(const struct ip_addr *local, const struct ip_addr *remote, __u16 port,
+                                            struct pod_ip_val **found)
+{
+    struct pod_ip_val *pod = pod_by_ip.lookup((struct ip_addr *)local);
+    *found = pod;
+    if (!pod)
+        return -EXPLAIN_NO_POD_IP;
+    if (from_own_pod(pod->pod_id, remote))
+        return -EXPLAIN_OWN_POD;
+    return inbound_rule(pod, port);
 }
 
 #endif /* ISTIO_EBPF_POD_LOOKUP_H */

@@ -35,22 +35,26 @@ int ie_inbound(struct bpf_sk_lookup *ctx)
         ip_set6(&remote, w);
     }
 
-    struct pod_ip_val *pod = pod_by_ip.lookup(&local);
-    if (!pod || from_own_pod(pod->pod_id, &remote))
+    struct pod_ip_val *pod = NULL;
+    int rule = inbound_decision(&local, &remote, ctx->local_port, &pod);
+    if (rule < 0 || !pod)
         return SK_PASS;
-    if (!inbound_port_captured(pod, ctx->local_port))
+    pod_count(pod->pod_id, rule);
+    if (!inbound_rule_captures(rule))
         return SK_PASS;
 
     struct bpf_sock *sk = (struct bpf_sock *)inbound_listeners.lookup(&local);
     if (!sk) {
         /* Captured port, no Envoy listening yet: never deliver uncaptured. */
         count(C_INBOUND_NO_LISTENER, 1);
+        pod_count(pod->pod_id, PC_IN_NO_LISTENER);
         return SK_DROP;
     }
     long err = bpf_sk_assign(ctx, sk, 0);
     bpf_sk_release(sk);
     if (err) {
         count(C_INBOUND_NO_LISTENER, 1);
+        pod_count(pod->pod_id, PC_IN_NO_LISTENER);
         return SK_DROP;
     }
     count(C_INBOUND_ASSIGN, 1);

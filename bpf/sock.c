@@ -34,6 +34,7 @@ int ie_sock_create(struct bpf_sock *sk)
     if ((__u32)ugid == cfg->proxy_uid)
         return 1;
     count(C_RAW_SOCKET_DENIED, 1);
+    pod_count(cfg->pod_id, PC_RAW_SOCKET_DENIED);
     return 0;           /* EPERM */
 }
 

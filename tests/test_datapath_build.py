@@ -94,7 +94,7 @@ def test_programs_and_maps_are_consistent():
     names = [p.func for p in build.PROGRAMS]
     assert len(names) == len(set(names))
     assert all((bpf_dir() / p.source).exists() for p in build.PROGRAMS)
-    assert {p.target for p in build.PROGRAMS} == {"cgroup", "netns", "sockhash", "pod-cgroup", "pod-netns"}
+    assert {p.target for p in build.PROGRAMS} == {"cgroup", "netns", "sockhash", "pod-cgroup", "pod-netns", "test-run"}
     assert [p.func for p in build.PROGRAMS if p.needs_sockmap] == ["ie_accel"]
     assert set(build.MAPS + build.SOCKMAP_MAPS) == set(maps.MAP_TYPES) and not set(build.SOCKMAP_MAPS) & set(build.MAPS)
 

@@ -15,6 +15,7 @@ from istio_ebpf_plugin.datapath.podconfig import PodConfig, ip_list
 from istio_ebpf_plugin.harness.capture_cases import (CASES, KNOWN_DIFFERENCES, CaptureLab, ebpf_installer, failures,
                                                     report)
 from istio_ebpf_plugin.harness.conflict import run_quadruple_conflict
+from istio_ebpf_plugin.harness.explain_table import agrees, counter_deltas, expected_counters, predict
 from istio_ebpf_plugin.harness.probe import PYTHON, start_probe_server
 
 from support.datapath_modes import host_mode, require_mode
@@ -28,15 +29,46 @@ MODES = ["cookie", "podip"]
 @pytest.mark.parametrize("mode,sockmap", [("cookie", False), ("podip", False), ("cookie", True)])
 def test_capture_table_matches_istio_iptables(node, datapath_factory, mode, sockmap):
     """Every case of the differential table (the one the iptables baseline passes
-    in test_harness_*) reaches the same listener with the same original destination."""
+    in test_harness_*) reaches the same listener with the same original destination.
+
+    Around each case, ``explain`` (the kernel's decision functions run with BPF_PROG_TEST_RUN)
+    is asked first: it must name the case's rules and predict the listener, pod and original
+    destination the connection then gets; and each pod's counters must move exactly as the
+    case's rules say (explain itself counts nothing)."""
     dp = datapath_factory(mode, sockmap)
     dp.attach_cgroup(str(node.parent_cgroup))
     lab = CaptureLab(node)
+    seen: dict[str, tuple] = {}
+
+    def around(case, handles, probe):
+        before = dp.pod_counters()
+        prediction = predict(lab, dp, case, handles)
+        between = dp.pod_counters()
+        outcome = probe()
+        after = dp.pod_counters()
+        seen[case.id] = (prediction, counter_deltas(before, between, handles),
+                         counter_deltas(before, after, handles), outcome)
+        return outcome
+
     results = lab.run(CASES, install=ebpf_installer(dp),
-                      uninstall=lambda pod, handle: dp.remove_pod(handle))
+                      uninstall=lambda pod, handle: dp.remove_pod(handle), around=around)
     assert len(results) == len(CASES) > 130
     allowed = KNOWN_DIFFERENCES.get(mode, {})
     assert not failures(results, allowed), report(results, allowed)
+    wrong = []
+    for r in results:
+        prediction, by_explain, moved, outcome = seen[r.case.id]
+        refused_bound = mode == "podip" and r.case.bind is not None      # KNOWN_DIFFERENCES: refused
+        if prediction.rules != r.case.rules:
+            wrong.append(f"{r.case.id}: explain names {prediction.rules}, the case {r.case.rules}")
+        if not refused_bound and not agrees(prediction, r.got.listener, r.got.pod, r.got.orig):
+            wrong.append(f"{r.case.id}: explain predicts {prediction.as_json()}, got {r.got}")
+        if by_explain:
+            wrong.append(f"{r.case.id}: explain moved counters {by_explain}")
+        if moved != expected_counters(r.case, mode):
+            wrong.append(f"{r.case.id}: counters moved {moved}, the case predicts "
+                         f"{expected_counters(r.case, mode)}")
+    assert not wrong, "\n".join(wrong)
     assert sum(pod.iptables_rule_count() for pod in lab.pods) == 0
     c = dp.counters()
     assert c["out_redirect"] > 0 and c["inbound_assign"] > 0 and c["dns_redirect"] > 0

@@ -135,16 +135,19 @@ def test_a_wrong_default_map_size_fails_the_build_naming_it(monkeypatch):
     assert "maps.DEFAULT_MAP_SIZES['MAX_CONNS'] is 65536, DEFAULT_MAX_CONNS" in compile_error()
 
 
-def test_reordered_counters_fail_the_build_naming_them(monkeypatch):
+@pytest.mark.parametrize("names,a,b,enum", [("COUNTERS", "origdst_hit", "origdst_miss", abi_check.counter_enum),
+                                             ("POD_COUNTERS", "out_captured_port", "out_captured_cidr",
+                                              abi_check.pod_counter_enum)])
+def test_reordered_counters_fail_the_build_naming_them(monkeypatch, names, a, b, enum):
     """A counter list in another order would mislabel every metric after it: the index of each
     name is asserted, not only the count."""
-    names = list(maps.COUNTERS)
-    i, j = names.index("origdst_hit"), names.index("origdst_miss")
-    names[i], names[j] = names[j], names[i]
-    monkeypatch.setattr(maps, "COUNTERS", tuple(names))
+    order = list(getattr(maps, names))
+    i, j = order.index(a), order.index(b)
+    order[i], order[j] = order[j], order[i]
+    monkeypatch.setattr(maps, names, tuple(order))
     error = compile_error()
-    assert f"maps.COUNTERS[{i}] is 'origdst_miss', C_ORIGDST_MISS is not {i}" in error
-    assert f"maps.COUNTERS[{j}] is 'origdst_hit', C_ORIGDST_HIT is not {j}" in error
+    assert f"maps.{names}[{i}] is '{b}', {enum(b)} is not {i}" in error
+    assert f"maps.{names}[{j}] is '{a}', {enum(a)} is not {j}" in error
 
 
 def test_a_counter_list_out_of_step_with_c_does_not_compile(monkeypatch, capfd):
@@ -160,6 +163,16 @@ def test_counter_array_holds_exactly_the_counter_names(compiled):
     assert len(set(maps.COUNTERS)) == len(maps.COUNTERS)
 
 
+def test_pod_counters_hold_every_pod_id_and_every_name(compiled):
+    """One slot per pod id (1..MAX_PODS, 0 never a pod's), one u64 per name."""
+    _, leaf, max_entries = compiled("pod_counters")
+    assert max_entries == maps.DEFAULT_MAP_SIZES["MAX_PODS"] + 1
+    assert ctypes.sizeof(leaf) == 8 * len(maps.POD_COUNTERS)
+    assert len(set(maps.POD_COUNTERS)) == len(maps.POD_COUNTERS)
+    assert maps.OUTBOUND_RULES + maps.INBOUND_RULES == maps.POD_COUNTERS[:len(maps.OUTBOUND_RULES + maps.INBOUND_RULES)]
+
+
+
 def test_every_define_struct_and_counter_of_abi_h_has_a_mirror():
     header = (bpf_dir() / "abi.h").read_text()
     defines = set(re.findall(r"^#define (\w+)", header, re.M)) - BUILD_SWITCHES
@@ -168,6 +181,21 @@ def test_every_define_struct_and_counter_of_abi_h_has_a_mirror():
     enum = re.search(r"enum counter \{(.*?)\};", header, re.S)
     assert enum is not None
     assert re.findall(r"\b(C_\w+)", enum.group(1)) == [abi_check.counter_enum(n) for n in maps.COUNTERS] + ["C_MAX"]
+    pod_enum = re.search(r"enum pod_counter \{(.*?)\};", header, re.S)
+    assert pod_enum is not None
+    assert re.findall(r"\b(PC_\w+)", pod_enum.group(1)) == \
+        [abi_check.pod_counter_enum(n) for n in maps.POD_COUNTERS] + ["PC_MAX"]
+
+
+@pytest.mark.parametrize("cls", maps.PACKET_TYPES, ids=lambda c: c.c_name)
+def test_test_run_packet_structs_name_every_c_field(cls):
+    """No map describes these (they travel in a test-run packet): the build asserts each mirror
+    field's offset and size by name; here every C field, in order, has its mirror."""
+    header = (bpf_dir() / "abi.h").read_text()
+    body = re.search(rf"^struct {cls.c_name} \{{(.*?)^\}};", header, re.S | re.M)
+    assert body is not None
+    c_fields = re.findall(r"^\s+(?:struct \w+|__u\d+)\s+(\w+)", body.group(1), re.M)
+    assert c_fields == [f[0] for f in cls._fields_]
 
 
 def test_every_struct_in_maps_py_is_checked():
@@ -182,5 +210,5 @@ def test_every_struct_in_maps_py_is_checked():
             out |= nested(ftype)
         return out
 
-    reachable = set().union(*(nested(t) for t in used))
+    reachable = set().union(*(nested(t) for t in (*used, *maps.PACKET_TYPES)))
     assert structs <= reachable, f"not compared with C: {sorted(s.__name__ for s in structs - reachable)}"

@@ -1,9 +1,9 @@
 """The Python side of ``bpf/abi.h``, checked by the C compiler in every build.
 
 ``bpf/abi.h`` holds what the programs and userspace share; :mod:`.maps` (structs, flags, kinds,
-counters, map sizes) and :mod:`.podconfig` (ports, the passthrough source) mirror it under the
+counters and per-pod counters, map sizes) and :mod:`.podconfig` (ports, the passthrough source) mirror it under the
 same names. :func:`static_asserts` turns the mirrors into C: one ``_Static_assert`` per struct
-size, per field offset and size (by field NAME), per constant and per counter index. The build
+size, per field offset and size (by field NAME), per constant and per counter index (node and per-pod). The build
 (:func:`.build.compile_bpf`) appends it to the sources, so a mirror out of step fails the node's
 own compile with a message that names the field or constant ("ABI: ..."), not only CI.
 
@@ -31,7 +31,9 @@ CONSTANTS: tuple[tuple[ModuleType, tuple[str, ...]], ...] = (
             "POD_INBOUND_ALL", "POD_DNS_CAPTURE", "POD_OUT_PORT_INCL", "POD_INIT_BYPASS",
             "PORT_IN_INCLUDE", "PORT_IN_EXCLUDE", "PORT_OUT_INCLUDE", "PORT_OUT_EXCLUDE",
             "CIDR_EXCLUDE", "CIDR_INCLUDE",
-            "CONN_REDIRECTED", "CONN_INBOUND", "STATE_LAYOUT_VERSION")),
+            "CONN_REDIRECTED", "CONN_INBOUND", "STATE_LAYOUT_VERSION",
+            "EXPLAIN_REQ_OFFSET", "EXPLAIN_OUTBOUND", "EXPLAIN_INBOUND",
+            "EXPLAIN_DECIDED", "EXPLAIN_NO_POD", "EXPLAIN_NO_POD_IP", "EXPLAIN_OWN_POD", "EXPLAIN_UDP_IGNORED")),
 )
 
 #: IPv4 addresses mirrored by name: C holds them as the u32 a program reads (network order in memory).
@@ -46,6 +48,11 @@ MAP_SIZE_PREFIX = "DEFAULT_"
 def counter_enum(name: str) -> str:
     """The C enumerator of a counter name (maps.COUNTERS): ``out_redirect`` -> ``C_OUT_REDIRECT``."""
     return "C_" + name.upper()
+
+
+def pod_counter_enum(name: str) -> str:
+    """The C enumerator of a per-pod counter (maps.POD_COUNTERS): ``origdst_hit`` -> ``PC_ORIGDST_HIT``."""
+    return "PC_" + name.upper()
 
 
 def structs() -> dict[str, type]:
@@ -115,6 +122,11 @@ def static_asserts() -> str:
                              f"maps.COUNTERS[{index}] is {name!r}, {counter_enum(name)} is not {index}"))
     lines.append(_assert(f"C_MAX == {len(maps.COUNTERS)}",
                          f"maps.COUNTERS names {len(maps.COUNTERS)} counters, enum counter has another number"))
+    for index, name in enumerate(maps.POD_COUNTERS):
+        lines.append(_assert(f"{pod_counter_enum(name)} == {index}",
+                             f"maps.POD_COUNTERS[{index}] is {name!r}, {pod_counter_enum(name)} is not {index}"))
+    lines.append(_assert(f"PC_MAX == {len(maps.POD_COUNTERS)}", f"maps.POD_COUNTERS names {len(maps.POD_COUNTERS)} "
+                         "counters, enum pod_counter has another number"))
     return "\n".join(lines) + "\n"
 
 

@@ -41,7 +41,9 @@ class Program:
     source: str
     prog_type: int
     attach_type: int
-    target: str          # "cgroup" | "netns" | "sockhash" | "pod-cgroup" | "pod-netns" (deny_pod)
+    #: "cgroup" | "netns" | "sockhash" | "pod-cgroup" | "pod-netns" (deny_pod) | "test-run" (never
+    #: attached: run by userspace with BPF_PROG_TEST_RUN, explain.py)
+    target: str
     needs_sockmap: bool = False
     #: Hardening extras: used where the kernel accepts them, skipped (and logged) where not.
     optional: bool = False
@@ -77,10 +79,13 @@ PROGRAMS: tuple[Program, ...] = (
     Program("ie_deny_sendmsg4", "deny.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP4_SENDMSG, "pod-cgroup"),
     Program("ie_deny_sendmsg6", "deny.c", libbpf.PROG_CGROUP_SOCK_ADDR, libbpf.CGROUP_UDP6_SENDMSG, "pod-cgroup"),
     Program("ie_deny_inbound", "deny.c", libbpf.PROG_SK_LOOKUP, libbpf.SK_LOOKUP, "pod-netns"),
+    # `istio-ebpf explain`: the hooks' decision functions over the same maps, run on request.
+    # Optional: a kernel that refuses it still captures; explain then says it cannot answer.
+    Program("ie_explain", "explain.c", libbpf.PROG_SCHED_CLS, -1, "test-run", optional=True),
 )
 
 MAPS = ("pod_by_netns", "pod_by_ip", "pod_ports", "pod_cidrs", "init_bypass", "origin_by_cookie",
-        "origin_by_tuple", "inbound_listeners", "dns_origin", "app_view", "counters")
+        "origin_by_tuple", "inbound_listeners", "dns_origin", "app_view", "counters", "pod_counters")
 SOCKMAP_MAPS = ("accel_socks",)
 #: The connection-STATE maps (bpf/maps_conn.h): pinned in the shared state directory; every
 #: other map is the version's own (pinned below versions/<version>/maps).

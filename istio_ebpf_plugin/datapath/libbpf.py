@@ -34,6 +34,7 @@ CGROUP_INET_SOCK_RELEASE = 34
 SK_LOOKUP = 36
 
 # enum bpf_prog_type
+PROG_SCHED_CLS = 3
 PROG_CGROUP_SOCK = 9
 PROG_SOCK_OPS = 13
 PROG_SK_MSG = 16
@@ -45,6 +46,16 @@ BPF_ANY = 0
 BPF_NOEXIST = 1
 #: bpf_link_update: replace only when the link still runs the expected old program.
 BPF_F_REPLACE = 1 << 2
+
+
+class TestRunOpts(ctypes.Structure):
+    """struct bpf_test_run_opts up to ``duration`` (libbpf reads ``sz`` and zeroes the rest)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
+                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+                ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p),
+                ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
+                ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int), ("duration", ctypes.c_uint32)]
 
 
 class LinkUpdateOpts(ctypes.Structure):
@@ -78,6 +89,7 @@ def lib() -> ctypes.CDLL:
     handle.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
     handle.bpf_map_get_next_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     handle.bpf_enable_stats.argtypes = [ctypes.c_int]
+    handle.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(TestRunOpts)]
     return handle
 
 
@@ -174,6 +186,18 @@ def enable_stats() -> int:
     closed, also if the process dies, so the host's sysctl is never left changed.
     """
     return _check(lib().bpf_enable_stats(BPF_STATS_RUN_TIME), "bpf_enable_stats")
+
+
+def prog_test_run(prog_fd: int, data: bytes) -> tuple[int, bytes]:
+    """BPF_PROG_TEST_RUN once with ``data`` as the packet: (the program's return value, the packet
+    as the program left it). Nothing is attached; the program sees its maps as they are."""
+    data_in = ctypes.create_string_buffer(data, len(data))
+    data_out = ctypes.create_string_buffer(len(data) + 256)
+    opts = TestRunOpts(sz=ctypes.sizeof(TestRunOpts), data_in=ctypes.addressof(data_in),
+                       data_out=ctypes.addressof(data_out), data_size_in=len(data),
+                       data_size_out=len(data_out), repeat=1)
+    _check(lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "bpf_prog_test_run")
+    return opts.retval, data_out.raw[:opts.data_size_out]
 
 
 def map_update(fd: int, key: ctypes.Structure | ctypes._SimpleCData,

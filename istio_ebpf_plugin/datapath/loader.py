@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import KernelError, UsageError
-from . import libbpf, maps
-from . import failpoint
+from . import explain, failpoint, libbpf, maps
 from .build import (DEFAULT_MAP_SIZES, LAYOUT_VERSION, MAPS, PROGRAMS, SOCKMAP_MAPS, STATE_MAPS, Program,
                     build_flags, compile_bpf, datapath_version, source_text, state_dir_name)
 from .headers import find_kernel_headers
@@ -433,9 +432,20 @@ class Datapath:
 
     # ---- observation --------------------------------------------------------------
     def pod_counters(self) -> dict[int, dict[str, int]]:
-        """Per-pod counters by pod handle. The programs keep node-wide counters only so far
-        (:meth:`counters`): no pod has any yet."""
-        return {}
+        """Per-pod counters by pod handle (names: maps.POD_COUNTERS; the rules of Istio's chains that
+        decided the pod's connections, then events), counted by the programs in ``pod_counters``."""
+        return self._pods.counters()
+
+    def explain(self, handle: int, question: "explain.Question") -> "explain.Answer":
+        """Ask the kernel (``bpf/explain.c`` over this version's maps) how the pod keyed ``handle`` would
+        have ``question`` decided. :class:`.explain.ExplainUnavailable` when this kernel cannot."""
+        why = explain.unavailable(self.prog_fds)
+        if why:
+            raise explain.ExplainUnavailable(f"this kernel cannot run explain: {why}")
+        cfg = maps.PodCfg()
+        if not self._maps.lookup("pod_by_netns", ctypes.c_uint64(handle), cfg):
+            cfg.proxy_uid = cfg.proxy_gid = 0
+        return explain.ask(self.prog_fds[explain.PROGRAM], handle, question, cfg.proxy_uid, cfg.proxy_gid)
 
     def counters(self) -> dict[str, int]:
         out = {}

@@ -45,6 +45,31 @@ COUNTERS = (
 )
 
 
+#: The per-pod counters, in enum pod_counter order (PC_<NAME>): first the rules of Istio's chains
+#: (each counted when it decides a connection: outbound_rule(), inbound_rule()), then events.
+#: Append only: an upgrade carries a pod's totals to the next version by index.
+POD_COUNTERS = (
+    # ISTIO_OUTPUT, in chain order
+    "out_pass_excluded_port", "out_pass_passthrough_src",
+    "out_captured_proxy_uid_local", "out_pass_local_uid", "out_pass_proxy_uid",
+    "out_captured_proxy_gid_local", "out_pass_local_gid", "out_pass_proxy_gid",
+    "out_dns", "out_pass_not_tcp", "out_pass_loopback", "out_pass_excluded_cidr",
+    "out_captured_port", "out_captured_cidr", "out_pass_not_included",
+    # ISTIO_INBOUND
+    "in_pass_hbone", "in_pass_excluded_port", "in_captured_all_ports", "in_captured_port", "in_pass_not_included",
+    # events
+    "in_no_listener", "origdst_hit", "origdst_miss", "raw_socket_denied", "podip_bind_fail",
+)
+#: The rules among them (what ``explain`` names as the deciding rule).
+OUTBOUND_RULES = POD_COUNTERS[:POD_COUNTERS.index("in_pass_hbone")]
+INBOUND_RULES = POD_COUNTERS[len(OUTBOUND_RULES):POD_COUNTERS.index("in_no_listener")]
+
+#: explain (bpf/explain.c): where the request sits in the test packet, its directions, the statuses.
+EXPLAIN_REQ_OFFSET = 14
+EXPLAIN_OUTBOUND, EXPLAIN_INBOUND = 1, 2
+EXPLAIN_DECIDED, EXPLAIN_NO_POD, EXPLAIN_NO_POD_IP, EXPLAIN_OWN_POD, EXPLAIN_UDP_IGNORED = 1, 2, 3, 4, 5
+
+
 class IpAddr(ctypes.Structure):
     c_name = "ip_addr"
     _fields_ = [("family", ctypes.c_uint32), ("a", ctypes.c_uint8 * 16)]
@@ -122,6 +147,31 @@ class SockKey(ctypes.Structure):
                 ("local_port", ctypes.c_uint32), ("remote_port", ctypes.c_uint32)]
 
 
+class PodCounters(ctypes.Structure):
+    c_name = "pod_counters"
+    _fields_ = [("c", ctypes.c_uint64 * len(POD_COUNTERS))]
+
+    def named(self) -> dict[str, int]:
+        return dict(zip(POD_COUNTERS, (int(v) for v in self.c), strict=True))
+
+
+class ExplainReq(ctypes.Structure):
+    c_name = "explain_req"
+    _fields_ = [("pod", ctypes.c_uint64), ("peer", IpAddr), ("bound", IpAddr), ("uid", ctypes.c_uint32),
+                ("gid", ctypes.c_uint32), ("port", ctypes.c_uint16), ("direction", ctypes.c_uint8),
+                ("tcp", ctypes.c_uint8)]
+
+
+class ExplainAns(ctypes.Structure):
+    c_name = "explain_ans"
+    _fields_ = [("status", ctypes.c_uint32), ("rule", ctypes.c_uint32), ("orig", Origin),
+                ("captured", ctypes.c_uint8), ("listener_ready", ctypes.c_uint8), ("pad", ctypes.c_uint16),
+                ("ran", ctypes.c_uint32)]
+
+
+#: Structs that travel in a BPF_PROG_TEST_RUN packet rather than a map (bpf/explain.c).
+PACKET_TYPES: tuple[type, ...] = (ExplainReq, ExplainAns)
+
 #: Key and value types userspace reads each map with (None: userspace never reads that side).
 #: The sockhashes' values are socket fds (u32 as written, u64 cookies as read).
 MAP_TYPES: dict[str, tuple[type, type | None]] = {
@@ -136,6 +186,7 @@ MAP_TYPES: dict[str, tuple[type, type | None]] = {
     "dns_origin": (ctypes.c_uint64, Origin),
     "app_view": (ctypes.c_uint64, AppView),
     "counters": (ctypes.c_uint32, ctypes.c_uint64),
+    "pod_counters": (ctypes.c_uint32, PodCounters),
     "accel_socks": (SockKey, None),     # sockmap builds only
 }
 

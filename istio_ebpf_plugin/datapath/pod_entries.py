@@ -128,6 +128,15 @@ class PodTable:
                 out[key.value] = val
         return out
 
+    def counters(self) -> dict[int, dict[str, int]]:
+        """handle -> its per-pod counters by name (maps.POD_COUNTERS), read from the map."""
+        out = {}
+        for handle, entry in self.index().items():
+            value = maps.PodCounters()
+            if self.access.lookup("pod_counters", ctypes.c_uint32(entry.pod_id), value):
+                out[handle] = value.named()
+        return out
+
     def ips(self, handle: int) -> list[maps.IpAddr] | None:
         """The pod's addresses (None: not a pod of ours)."""
         entry = self.index().get(handle)
@@ -142,11 +151,35 @@ class PodTable:
         if new:
             used = {e.pod_id for e in index.values()}
             index[handle] = PodIndex(next(i for i in range(1, len(used) + 2) if i not in used))
+        slot = ctypes.c_uint32(index[handle].pod_id)
+        previous: maps.PodCounters | None = None
+        zeroed = False
         try:
+            if new:
+                # The id's counters start at 0 before any entry names it (an earlier pod's stay behind).
+                previous = maps.PodCounters()
+                if not self.access.lookup("pod_counters", slot, previous):
+                    previous = None
+                self._update("pod_counters", slot, maps.PodCounters())
+                zeroed = True
             self.write(handle, cfg)
         except Exception:
             if new:
                 index.pop(handle, None)   # refused whole: write() rolled its entries back
+                if zeroed and previous is not None:
+                    self.access.update("pod_counters", slot, previous)
+                elif zeroed:
+                    self.access.delete("pod_counters", slot)
+            raise
+
+    def _update(self, name: str, key: Any, value: Any) -> None:
+        """An update whose refusal by a full map is the one-line "maps are full" error."""
+        try:
+            self.access.update(name, key, value)
+        except OSError as exc:
+            if exc.errno in FULL_ERRNOS:
+                raise KernelError(f"datapath maps are full ({exc.strerror}): pod not captured; "
+                                  f"raise the map sizes") from exc
             raise
 
     def write(self, handle: int, cfg: PodConfig) -> None:

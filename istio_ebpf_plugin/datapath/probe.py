@@ -41,7 +41,11 @@ _PROBES: dict[str, tuple[str, int, int]] = {
     "sk_lookup_assign": ("p_sk_lookup", libbpf.PROG_SK_LOOKUP, libbpf.SK_LOOKUP),
     "sk_msg_redirect": ("p_sk_msg", libbpf.PROG_SK_MSG, -1),
     "sk_msg_netns_cookie": ("p_sk_msg_cookie", libbpf.PROG_SK_MSG, -1),
+    # `istio-ebpf explain` (datapath/explain.py): a sched_cls program, loaded AND test-run once.
+    "explain_test_run": ("p_explain", libbpf.PROG_SCHED_CLS, -1),
 }
+#: Probes that must also run once with BPF_PROG_TEST_RUN (a 64-byte packet) to pass.
+_TEST_RUN = frozenset({"explain_test_run"})
 
 _SOURCE = r"""
 #include <uapi/linux/bpf.h>
@@ -61,6 +65,7 @@ int p_getsockopt_cookie(struct bpf_sockopt *ctx) { return bpf_get_netns_cookie(c
 int p_sk_lookup(struct bpf_sk_lookup *ctx) { bpf_sk_assign(ctx, 0, 0); return SK_PASS; }
 int p_sk_msg(struct sk_msg_md *msg) { u32 k = 0; p_hash.msg_redirect_hash(msg, &k, BPF_F_INGRESS); return SK_PASS; }
 int p_sk_msg_cookie(struct sk_msg_md *msg) { return bpf_get_netns_cookie(msg) != 0 ? SK_PASS : SK_PASS; }
+int p_explain(struct __sk_buff *skb) { u32 v = 1; bpf_skb_store_bytes(skb, 14, &v, sizeof(v), 0); return 0; }
 """
 
 #: What the application must see in either mode: getpeername/getsockname as under iptables (5.8).
@@ -169,7 +174,11 @@ def probe_programs() -> Features:
     try:
         for name, (func, prog_type, attach) in _PROBES.items():
             try:
-                module.load_func(func.encode(), prog_type, None, attach)
+                fn = module.load_func(func.encode(), prog_type, None, attach)
+                if name in _TEST_RUN:
+                    _, out = libbpf.prog_test_run(fn.fd, bytes(64))
+                    if out[14:18] != (1).to_bytes(4, "little"):
+                        raise KernelError(f"{func}: the test run's packet did not come back changed")
                 results[name] = True
             except Exception:
                 results[name] = False
@@ -208,10 +217,15 @@ def probe_features() -> Features:
     return with_cheap_checks(probe_programs_isolated())
 
 
+def forced_failures() -> set[str]:
+    """The probes ISTIO_EBPF_PROBE_FAIL names (reported as failed whatever the kernel says)."""
+    return {name.strip() for name in os.environ.get(FORCE_FAIL_ENV, "").split(",") if name.strip()}
+
+
 def apply_forced(results: Mapping[str, bool]) -> Features:
     out = Features(results, reasons_of(results))
-    for name in filter(None, os.environ.get(FORCE_FAIL_ENV, "").split(",")):
-        out[name.strip()] = False
+    for name in forced_failures():
+        out[name] = False
     return out
 
 

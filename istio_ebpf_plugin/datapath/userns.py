@@ -75,6 +75,38 @@ def owner_userns(netns_path: str) -> tuple[int, int]:
         os.close(user_fd)
 
 
+def id_maps(netns_path: str, pids: Iterable[int],
+            proc_root: str | Path = "/proc") -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]] | None:
+    """(uid_map, gid_map) of the user namespace that owns the pod's network namespace, read through
+    a process of the pod in it; None when that is the agent's own (IDs are host IDs already).
+    Raises :class:`KernelError` when no process of the pod is in that namespace."""
+    owner = owner_userns(netns_path)
+    if owner == _ns_inode("/proc/self/ns/user"):
+        return None
+    for pid in pids:
+        base = Path(proc_root, str(pid))
+        try:
+            if _ns_inode(base / "ns" / "user") != owner:
+                continue
+            return parse_id_map((base / "uid_map").read_text()), parse_id_map((base / "gid_map").read_text())
+        except OSError:
+            continue          # exited meanwhile: another process of the pod may do
+    raise KernelError(f"no process of the pod in the user namespace owning {netns_path}")
+
+
+def host_ids(uid: int, gid: int, netns_path: str, pids: Iterable[int],
+             proc_root: str | Path = "/proc") -> tuple[int, int]:
+    """A UID and GID as seen inside the pod -> as the programs see them (host IDs).
+    :class:`UsageError` when the pod's user namespace does not map them."""
+    maps = id_maps(netns_path, pids, proc_root)
+    if maps is None:
+        return uid, gid
+    host_uid, host_gid = to_outside(uid, maps[0]), to_outside(gid, maps[1])
+    if host_uid is None or host_gid is None:
+        raise UsageError(f"UID/GID {uid}/{gid} is not mapped in the pod's user namespace (uid_map/gid_map)")
+    return host_uid, host_gid
+
+
 def host_config(config: PodConfig, netns_path: str, pids: Iterable[int],
                 proc_root: str | Path = "/proc") -> PodConfig:
     """``config`` with the proxy UID/GID translated to host IDs.
@@ -86,21 +118,11 @@ def host_config(config: PodConfig, netns_path: str, pids: Iterable[int],
     again later) and :class:`UsageError` when the map does not cover the proxy's IDs
     (no process of the pod can have them: nothing would be exempt).
     """
-    owner = owner_userns(netns_path)
-    if owner == _ns_inode("/proc/self/ns/user"):
+    maps = id_maps(netns_path, pids, proc_root)
+    if maps is None:
         return config
-    for pid in pids:
-        base = Path(proc_root, str(pid))
-        try:
-            if _ns_inode(base / "ns" / "user") != owner:
-                continue
-            uid_map = parse_id_map((base / "uid_map").read_text())
-            gid_map = parse_id_map((base / "gid_map").read_text())
-        except OSError:
-            continue          # exited meanwhile: another process of the pod may do
-        uid, gid = to_outside(config.proxy_uid, uid_map), to_outside(config.proxy_gid, gid_map)
-        if uid is None or gid is None:
-            raise UsageError(f"proxy UID/GID {config.proxy_uid}/{config.proxy_gid} is not mapped in the pod's "
-                             "user namespace (uid_map/gid_map): nothing could be exempt from capture")
-        return dataclasses.replace(config, proxy_uid=uid, proxy_gid=gid)
-    raise KernelError(f"no process of the pod in the user namespace owning {netns_path}")
+    uid, gid = to_outside(config.proxy_uid, maps[0]), to_outside(config.proxy_gid, maps[1])
+    if uid is None or gid is None:
+        raise UsageError(f"proxy UID/GID {config.proxy_uid}/{config.proxy_gid} is not mapped in the pod's "
+                         "user namespace (uid_map/gid_map): nothing could be exempt from capture")
+    return dataclasses.replace(config, proxy_uid=uid, proxy_gid=gid)

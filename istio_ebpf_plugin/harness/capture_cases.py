@@ -122,6 +122,8 @@ class Case:
     proto: str = "tcp"
     expect_orig: str | None = None
     bind: str | None = None   # source symbol to bind (port 0) or None
+    #: the rules that decide it (O_*/I_* below): ``explain`` must name them, the counters count them
+    rules: tuple[str, ...] = ()
 
     @property
     def uid(self) -> int:
@@ -133,12 +135,33 @@ class Case:
 
 
 def _c(id: str, config: str, src: str, creds: tuple[int, int], dst: str, port: int, expect: str,
-       pod: str | None, why: str, *, proto: str = "tcp", orig: bool | None = None) -> Case:
+       pod: str | None, why: str, *, proto: str = "tcp", orig: bool | None = None,
+       rules: tuple[str, ...] = ()) -> Case:
     if orig is None:
         orig = expect in ("outbound", "inbound")
     return Case(id=id, config=config, src=src, creds=creds, dst=dst, port=port, expect=expect,
-                expect_pod=pod, why=why, proto=proto, expect_orig=f"{dst}:{port}" if orig else None)
+                expect_pod=pod, why=why, proto=proto, expect_orig=f"{dst}:{port}" if orig else None, rules=rules)
 
+
+#: The rules that decide a case, as ``explain`` and the per-pod counters name them
+#: (datapath/maps.POD_COUNTERS): the outbound rule at the source pod (when it is captured and a
+#: hook decides), then the inbound rule at the destination pod (a connection that reaches another
+#: captured pod's address).
+O_CIDR = "out_captured_cidr"
+O_PORT = "out_captured_port"
+O_XPORT = "out_pass_excluded_port"
+O_LO = "out_pass_local_uid"
+O_PUID = "out_pass_proxy_uid"
+O_PGID = "out_pass_proxy_gid"
+O_SELF = "out_captured_proxy_uid_local"
+O_XCIDR = "out_pass_excluded_cidr"
+O_NOTIN = "out_pass_not_included"
+O_DNS = "out_dns"
+I_ALL = "in_captured_all_ports"
+I_PORT = "in_captured_port"
+I_XPORT = "in_pass_excluded_port"
+I_HBONE = "in_pass_hbone"
+I_NOTIN = "in_pass_not_included"
 
 R_OUT = "ISTIO_OUTPUT -j ISTIO_REDIRECT (app traffic leaving the pod)"
 R_LO_APP = "-o lo -m owner ! --uid-owner 1337 -j RETURN (app over lo is not captured)"
@@ -157,47 +180,52 @@ def _default_cases() -> list[Case]:
     d = "default"
     for f in ("4", "6"):
         cs += [
-            _c(f"out-app-b{f}-8080", d, "a", APP, f"b{f}", 8080, "outbound", "a", R_OUT),
-            _c(f"out-app-c{f}-8080", d, "a", APP, f"c{f}", 8080, "outbound", "a", R_OUT),
+            _c(f"out-app-b{f}-8080", d, "a", APP, f"b{f}", 8080, "outbound", "a", R_OUT, rules=(O_CIDR,)),
+            _c(f"out-app-c{f}-8080", d, "a", APP, f"c{f}", 8080, "outbound", "a", R_OUT, rules=(O_CIDR,)),
             _c(f"out-app-b{f}-15008", d, "a", APP, f"b{f}", 15008, "outbound", "a",
-               "app traffic to 15008 of another pod is captured like any port: " + R_OUT),
-            _c(f"out-app-c{f}-15020", d, "a", APP, f"c{f}", 15020, "direct", "c", R_STATUS_OUT),
-            _c(f"out-app-lo{f}-8080", d, "a", APP, f"lo{f}", 8080, "direct", "a", R_LO_DST),
-            _c(f"out-app-self{f}-8080", d, "a", APP, f"a{f}", 8080, "direct", "a", R_LO_APP),
-            _c(f"out-app-pt{f}-8080", d, "a", APP, f"pt{f}", 8080, "direct", "a", "-o lo -s 127.0.0.6 / " + R_LO_APP),
-            _c(f"out-proxy-c{f}-8080", d, "a", PROXY, f"c{f}", 8080, "direct", "c", R_PROXY_OUT),
+               "app traffic to 15008 of another pod is captured like any port: " + R_OUT, rules=(O_CIDR,)),
+            _c(f"out-app-c{f}-15020", d, "a", APP, f"c{f}", 15020, "direct", "c", R_STATUS_OUT, rules=(O_XPORT,)),
+            _c(f"out-app-lo{f}-8080", d, "a", APP, f"lo{f}", 8080, "direct", "a", R_LO_DST, rules=(O_LO,)),
+            _c(f"out-app-self{f}-8080", d, "a", APP, f"a{f}", 8080, "direct", "a", R_LO_APP, rules=(O_LO,)),
+            _c(f"out-app-pt{f}-8080", d, "a", APP, f"pt{f}", 8080, "direct", "a", "-o lo -s 127.0.0.6 / " + R_LO_APP,
+               rules=(O_LO,)),
+            _c(f"out-proxy-c{f}-8080", d, "a", PROXY, f"c{f}", 8080, "direct", "c", R_PROXY_OUT, rules=(O_PUID,)),
             _c(f"out-proxy-b{f}-8080", d, "a", PROXY, f"b{f}", 8080, "inbound", "b",
-               R_PROXY_OUT + "; then b's " + R_IN),
-            _c(f"out-proxyuid-c{f}-8080", d, "a", PROXY_UID_ONLY, f"c{f}", 8080, "direct", "c", R_PROXY_OUT),
-            _c(f"out-proxygid-c{f}-8080", d, "a", PROXY_GID_ONLY, f"c{f}", 8080, "direct", "c", R_PROXY_GID),
-            _c(f"proxy-self{f}-8080", d, "a", PROXY, f"a{f}", 8080, "inbound", "a", R_PROXY_SELF),
-            _c(f"proxyuid-self{f}-8080", d, "a", PROXY_UID_ONLY, f"a{f}", 8080, "inbound", "a", R_PROXY_SELF),
+               R_PROXY_OUT + "; then b's " + R_IN, rules=(O_PUID, I_ALL)),
+            _c(f"out-proxyuid-c{f}-8080", d, "a", PROXY_UID_ONLY, f"c{f}", 8080, "direct", "c", R_PROXY_OUT,
+               rules=(O_PUID,)),
+            _c(f"out-proxygid-c{f}-8080", d, "a", PROXY_GID_ONLY, f"c{f}", 8080, "direct", "c", R_PROXY_GID,
+               rules=(O_PGID,)),
+            _c(f"proxy-self{f}-8080", d, "a", PROXY, f"a{f}", 8080, "inbound", "a", R_PROXY_SELF, rules=(O_SELF,)),
+            _c(f"proxyuid-self{f}-8080", d, "a", PROXY_UID_ONLY, f"a{f}", 8080, "inbound", "a", R_PROXY_SELF,
+               rules=(O_SELF,)),
             _c(f"proxy-self{f}-15008", d, "a", PROXY, f"a{f}", 15008, "direct", "a",
-               R_PROXY_SELF + " does not match 15008; " + R_PROXY_OUT),
-            _c(f"proxy-lo{f}-8080", d, "a", PROXY, f"lo{f}", 8080, "direct", "a", R_PROXY_SELF + " excludes loopback"),
+               R_PROXY_SELF + " does not match 15008; " + R_PROXY_OUT, rules=(O_PUID,)),
+            _c(f"proxy-lo{f}-8080", d, "a", PROXY, f"lo{f}", 8080, "direct", "a", R_PROXY_SELF + " excludes loopback",
+               rules=(O_PUID,)),
             _c(f"proxygid-self{f}-8080", d, "a", PROXY_GID_ONLY, f"a{f}", 8080, "direct", "a",
-               "uid rules first: " + R_LO_APP),
-            _c(f"in-c-b{f}-8080", d, "c", APP, f"b{f}", 8080, "inbound", "b", R_IN),
-            _c(f"in-c-b{f}-9090", d, "c", APP, f"b{f}", 9090, "inbound", "b", R_IN),
-            _c(f"in-c-b{f}-15008", d, "c", APP, f"b{f}", 15008, "direct", "b", R_HBONE),
-            _c(f"in-c-b{f}-15020", d, "c", APP, f"b{f}", 15020, "direct", "b", R_IN_EXCL),
-            _c(f"in-c-b{f}-15021", d, "c", APP, f"b{f}", 15021, "direct", "b", R_IN_EXCL),
-            _c(f"in-c-b{f}-15090", d, "c", APP, f"b{f}", 15090, "direct", "b", R_IN_EXCL),
+               "uid rules first: " + R_LO_APP, rules=(O_LO,)),
+            _c(f"in-c-b{f}-8080", d, "c", APP, f"b{f}", 8080, "inbound", "b", R_IN, rules=(I_ALL,)),
+            _c(f"in-c-b{f}-9090", d, "c", APP, f"b{f}", 9090, "inbound", "b", R_IN, rules=(I_ALL,)),
+            _c(f"in-c-b{f}-15008", d, "c", APP, f"b{f}", 15008, "direct", "b", R_HBONE, rules=(I_HBONE,)),
+            _c(f"in-c-b{f}-15020", d, "c", APP, f"b{f}", 15020, "direct", "b", R_IN_EXCL, rules=(I_XPORT,)),
+            _c(f"in-c-b{f}-15021", d, "c", APP, f"b{f}", 15021, "direct", "b", R_IN_EXCL, rules=(I_XPORT,)),
+            _c(f"in-c-b{f}-15090", d, "c", APP, f"b{f}", 15090, "direct", "b", R_IN_EXCL, rules=(I_XPORT,)),
             _c(f"udp-app-c{f}-53-nodns", d, "a", APP, f"c{f}", 53, "direct", "c",
-               "no DNS capture: UDP is never redirected", proto="udp"),
+               "no DNS capture: UDP is never redirected", proto="udp", rules=()),
             _c(f"tcp-app-c{f}-53-nodns", d, "a", APP, f"c{f}", 53, "outbound", "a",
-               "no DNS capture: TCP 53 is ordinary outbound: " + R_OUT),
+               "no DNS capture: TCP 53 is ordinary outbound: " + R_OUT, rules=(O_CIDR,)),
         ]
     # istio-validation: listeners on 127.0.0.1:15001/15006, a proxy-owned connection to
     # 127.0.0.6:15002 must report original destination port 15002.
     cs.append(_c("validation-pt4-15002", d, "a", PROXY, "pt4", 15002, "inbound", "a",
-                 "istio-validation check: " + R_PROXY_SELF))
+                 "istio-validation check: " + R_PROXY_SELF, rules=(O_SELF,)))
     # The same from the app identity is not captured (lo RETURN), so nothing listens there.
-    cs.append(_c("out-app-pt4-15002", d, "a", APP, "pt4", 15002, "refused", None, R_LO_APP))
+    cs.append(_c("out-app-pt4-15002", d, "a", APP, "pt4", 15002, "refused", None, R_LO_APP, rules=(O_LO,)))
     # An app that binds (wildcard, port 0: the port is taken at bind time) before connecting.
     for f in ("4", "6"):
         cs.append(replace(_c(f"out-app-bound-c{f}-8080", d, "a", APP, f"c{f}", 8080, "outbound", "a",
-                             "bind() first changes nothing for iptables: " + R_OUT), bind=f"any{f}"))
+                             "bind() first changes nothing for iptables: " + R_OUT, rules=(O_CIDR,)), bind=f"any{f}"))
     return cs
 
 
@@ -207,93 +235,98 @@ def _config_cases() -> list[Case]:
         e = "excl-ports"
         cs += [
             _c(f"exclport-app-c{f}-9090", e, "a", APP, f"c{f}", 9090, "direct", "c",
-               "-o 9090: ISTIO_OUTPUT --dport 9090 -j RETURN"),
-            _c(f"exclport-app-c{f}-8080", e, "a", APP, f"c{f}", 8080, "outbound", "a", R_OUT),
-            _c(f"exclport-in-b{f}-7070", e, "c", APP, f"b{f}", 7070, "direct", "b", R_IN_EXCL),
+               "-o 9090: ISTIO_OUTPUT --dport 9090 -j RETURN", rules=(O_XPORT,)),
+            _c(f"exclport-app-c{f}-8080", e, "a", APP, f"c{f}", 8080, "outbound", "a", R_OUT, rules=(O_CIDR,)),
+            _c(f"exclport-in-b{f}-7070", e, "c", APP, f"b{f}", 7070, "direct", "b", R_IN_EXCL, rules=(I_XPORT,)),
             _c(f"exclport-in-b{f}-9090", e, "c", APP, f"b{f}", 9090, "inbound", "b",
-               "-o only affects outbound; " + R_IN),
+               "-o only affects outbound; " + R_IN, rules=(I_ALL,)),
         ]
         e = "excl-cidr"
         cs += [
             _c(f"exclcidr-app-c{f}-8080", e, "a", APP, f"c{f}", 8080, "direct", "c",
-               "-x: ISTIO_OUTPUT -d <cidr> -j RETURN"),
-            _c(f"exclcidr-app-b{f}-8080", e, "a", APP, f"b{f}", 8080, "outbound", "a", R_OUT),
+               "-x: ISTIO_OUTPUT -d <cidr> -j RETURN", rules=(O_XCIDR,)),
+            _c(f"exclcidr-app-b{f}-8080", e, "a", APP, f"b{f}", 8080, "outbound", "a", R_OUT, rules=(O_CIDR,)),
         ]
         e = "incl-cidr"
         cs += [
             _c(f"inclcidr-app-b{f}-8080", e, "a", APP, f"b{f}", 8080, "outbound", "a",
-               "-i: ISTIO_OUTPUT -d <cidr> -j ISTIO_REDIRECT"),
+               "-i: ISTIO_OUTPUT -d <cidr> -j ISTIO_REDIRECT", rules=(O_CIDR,)),
             _c(f"inclcidr-app-c{f}-8080", e, "a", APP, f"c{f}", 8080, "direct", "c",
-               "not in -i: falls off ISTIO_OUTPUT"),
+               "not in -i: falls off ISTIO_OUTPUT", rules=(O_NOTIN,)),
             _c(f"inclcidr-app-c{f}-8081", e, "a", APP, f"c{f}", 8081, "outbound", "a",
-               "-q 8081: ISTIO_OUTPUT -p tcp --dport 8081 -j ISTIO_REDIRECT"),
-            _c(f"inclcidr-app-self{f}-8080", e, "a", APP, f"a{f}", 8080, "direct", "a", R_LO_APP),
+               "-q 8081: ISTIO_OUTPUT -p tcp --dport 8081 -j ISTIO_REDIRECT", rules=(O_PORT,)),
+            _c(f"inclcidr-app-self{f}-8080", e, "a", APP, f"a{f}", 8080, "direct", "a", R_LO_APP, rules=(O_LO,)),
         ]
         e = "incl-port-excl-cidr"
         cs += [
             _c(f"inclport-exclcidr-app-c{f}-8081", e, "a", APP, f"c{f}", 8081, "direct", "c",
-               "-x RETURN comes before the -q rules: excluded CIDRs win"),
-            _c(f"inclport-exclcidr-app-b{f}-8081", e, "a", APP, f"b{f}", 8081, "outbound", "a", "-q 8081"),
+               "-x RETURN comes before the -q rules: excluded CIDRs win", rules=(O_XCIDR,)),
+            _c(f"inclport-exclcidr-app-b{f}-8081", e, "a", APP, f"b{f}", 8081, "outbound", "a", "-q 8081",
+               rules=(O_PORT,)),
             _c(f"inclport-exclcidr-app-b{f}-8080", e, "a", APP, f"b{f}", 8080, "inbound", "b",
-               "empty -i: not captured in a; b's " + R_IN),
+               "empty -i: not captured in a; b's " + R_IN, rules=(O_NOTIN, I_ALL)),
         ]
         e = "incl-inbound"
         cs += [
             _c(f"inclin-in-b{f}-8080", e, "c", APP, f"b{f}", 8080, "inbound", "b",
-               "-b 8080: --dport 8080 -j ISTIO_IN_REDIRECT"),
-            _c(f"inclin-in-b{f}-8081", e, "c", APP, f"b{f}", 8081, "direct", "b", "port not in -b"),
+               "-b 8080: --dport 8080 -j ISTIO_IN_REDIRECT", rules=(I_PORT,)),
+            _c(f"inclin-in-b{f}-8081", e, "c", APP, f"b{f}", 8081, "direct", "b", "port not in -b", rules=(I_NOTIN,)),
         ]
         e = "no-inbound"
         cs += [
-            _c(f"noin-in-b{f}-8080", e, "c", APP, f"b{f}", 8080, "direct", "b", "empty -b: no PREROUTING jump"),
-            _c(f"noin-app-b{f}-8080", e, "a", APP, f"b{f}", 8080, "outbound", "a", R_OUT),
+            _c(f"noin-in-b{f}-8080", e, "c", APP, f"b{f}", 8080, "direct", "b", "empty -b: no PREROUTING jump",
+               rules=(I_NOTIN,)),
+            _c(f"noin-app-b{f}-8080", e, "a", APP, f"b{f}", 8080, "outbound", "a", R_OUT, rules=(O_CIDR,)),
         ]
         e = "dns"
         cs += [
             _c(f"dns-udp-app-c{f}-53", e, "a", APP, f"c{f}", 53, "dns", "a",
-               "ISTIO_OUTPUT_DNS -p udp --dport 53 -j REDIRECT --to-port 15053", proto="udp"),
+               "ISTIO_OUTPUT_DNS -p udp --dport 53 -j REDIRECT --to-port 15053", proto="udp", rules=(O_DNS,)),
             _c(f"dns-tcp-app-c{f}-53", e, "a", APP, f"c{f}", 53, "dns", "a",
-               "ISTIO_OUTPUT_DNS -p tcp --dport 53 -j REDIRECT --to-ports 15053", orig=True),
+               "ISTIO_OUTPUT_DNS -p tcp --dport 53 -j REDIRECT --to-ports 15053", orig=True, rules=(O_DNS,)),
             _c(f"dns-udp-proxy-c{f}-53", e, "a", PROXY, f"c{f}", 53, "direct", "c",
-               "the agent's own queries: -m owner --uid-owner 1337 -j RETURN", proto="udp"),
+               "the agent's own queries: -m owner --uid-owner 1337 -j RETURN", proto="udp", rules=(O_PUID,)),
             _c(f"dns-udp-app-lo{f}-53", e, "a", APP, f"lo{f}", 53, "dns", "a",
-               "capture-all DNS also catches a resolver on localhost", proto="udp"),
-            _c(f"dns-tcp-app-c{f}-8080", e, "a", APP, f"c{f}", 8080, "outbound", "a", R_OUT),
+               "capture-all DNS also catches a resolver on localhost", proto="udp", rules=(O_DNS,)),
+            _c(f"dns-tcp-app-c{f}-8080", e, "a", APP, f"c{f}", 8080, "outbound", "a", R_OUT, rules=(O_CIDR,)),
         ]
         e = "proxy-uid"
         cs += [
             _c(f"puid-1337-c{f}-8080", e, "a", PROXY, f"c{f}", 8080, "outbound", "a",
-               "-u 2000 -g 2000: UID 1337 is an ordinary app; " + R_OUT),
-            _c(f"puid-custom-c{f}-8080", e, "a", CUSTOM, f"c{f}", 8080, "direct", "c", "--uid-owner 2000 -j RETURN"),
+               "-u 2000 -g 2000: UID 1337 is an ordinary app; " + R_OUT, rules=(O_CIDR,)),
+            _c(f"puid-custom-c{f}-8080", e, "a", CUSTOM, f"c{f}", 8080, "direct", "c", "--uid-owner 2000 -j RETURN",
+               rules=(O_PUID,)),
             _c(f"puid-custom-self{f}-8080", e, "a", CUSTOM, f"a{f}", 8080, "inbound", "a",
-               "-o lo ! -d 127.0.0.1 --uid-owner 2000 -j ISTIO_IN_REDIRECT"),
+               "-o lo ! -d 127.0.0.1 --uid-owner 2000 -j ISTIO_IN_REDIRECT", rules=(O_SELF,)),
             _c(f"puid-customuid-self{f}-8080", e, "a", CUSTOM_UID_ONLY, f"a{f}", 8080, "inbound", "a",
-               "--uid-owner 2000 -j ISTIO_IN_REDIRECT"),
+               "--uid-owner 2000 -j ISTIO_IN_REDIRECT", rules=(O_SELF,)),
             _c(f"puid-customgid-c{f}-8080", e, "a", CUSTOM_GID_ONLY, f"c{f}", 8080, "direct", "c",
-               "--gid-owner 2000 -j RETURN"),
+               "--gid-owner 2000 -j RETURN", rules=(O_PGID,)),
             _c(f"puid-customgid-self{f}-8080", e, "a", CUSTOM_GID_ONLY, f"a{f}", 8080, "direct", "a",
-               "uid rules first: " + R_LO_APP),
+               "uid rules first: " + R_LO_APP, rules=(O_LO,)),
             _c(f"puid-1337-self{f}-8080", e, "a", PROXY, f"a{f}", 8080, "direct", "a",
-               "UID 1337 is an app here: " + R_LO_APP),
+               "UID 1337 is an app here: " + R_LO_APP, rules=(O_LO,)),
             _c(f"puid-custom-b{f}-8080", e, "a", CUSTOM, f"b{f}", 8080, "inbound", "b",
-               "--uid-owner 2000 -j RETURN; then b's " + R_IN),
+               "--uid-owner 2000 -j RETURN; then b's " + R_IN, rules=(O_PUID, I_ALL)),
         ]
         e = "incl-inbound-multi"
         cs += [
-            _c(f"inclin2-in-b{f}-7070", e, "c", APP, f"b{f}", 7070, "inbound", "b", "-b 7070,9090"),
-            _c(f"inclin2-in-b{f}-9090", e, "c", APP, f"b{f}", 9090, "inbound", "b", "-b 7070,9090"),
-            _c(f"inclin2-in-b{f}-8080", e, "c", APP, f"b{f}", 8080, "direct", "b", "port not in -b"),
-            _c(f"inclin2-in-b{f}-15020", e, "c", APP, f"b{f}", 15020, "direct", "b", "port not in -b"),
+            _c(f"inclin2-in-b{f}-7070", e, "c", APP, f"b{f}", 7070, "inbound", "b", "-b 7070,9090", rules=(I_PORT,)),
+            _c(f"inclin2-in-b{f}-9090", e, "c", APP, f"b{f}", 9090, "inbound", "b", "-b 7070,9090", rules=(I_PORT,)),
+            _c(f"inclin2-in-b{f}-8080", e, "c", APP, f"b{f}", 8080, "direct", "b", "port not in -b", rules=(I_NOTIN,)),
+            _c(f"inclin2-in-b{f}-15020", e, "c", APP, f"b{f}", 15020, "direct", "b", "port not in -b",
+               rules=(I_NOTIN,)),
         ]
         e = "lists-mix"
         cs += [
-            _c(f"mix-app-b{f}-8080", e, "a", APP, f"b{f}", 8080, "outbound", "a", "-i <b's subnet>"),
+            _c(f"mix-app-b{f}-8080", e, "a", APP, f"b{f}", 8080, "outbound", "a", "-i <b's subnet>", rules=(O_CIDR,)),
             _c(f"mix-app-b{f}-8081", e, "a", APP, f"b{f}", 8081, "inbound", "b",
-               "-o 8081 RETURN comes first; then b's " + R_IN),
-            _c(f"mix-app-c{f}-8080", e, "a", APP, f"c{f}", 8080, "direct", "c", "-x <c> RETURN"),
-            _c(f"mix-app-c{f}-9090", e, "a", APP, f"c{f}", 9090, "direct", "c", "-x RETURN comes before -q 9090"),
-            _c(f"mix-app-b{f}-9090", e, "a", APP, f"b{f}", 9090, "outbound", "a", "-q 9090"),
-            _c(f"mix-proxy-c{f}-8080", e, "a", PROXY, f"c{f}", 8080, "direct", "c", R_PROXY_OUT),
+               "-o 8081 RETURN comes first; then b's " + R_IN, rules=(O_XPORT, I_ALL)),
+            _c(f"mix-app-c{f}-8080", e, "a", APP, f"c{f}", 8080, "direct", "c", "-x <c> RETURN", rules=(O_XCIDR,)),
+            _c(f"mix-app-c{f}-9090", e, "a", APP, f"c{f}", 9090, "direct", "c", "-x RETURN comes before -q 9090",
+               rules=(O_XCIDR,)),
+            _c(f"mix-app-b{f}-9090", e, "a", APP, f"b{f}", 9090, "outbound", "a", "-q 9090", rules=(O_PORT,)),
+            _c(f"mix-proxy-c{f}-8080", e, "a", PROXY, f"c{f}", 8080, "direct", "c", R_PROXY_OUT, rules=(O_PUID,)),
         ]
     return cs
 
@@ -302,17 +335,17 @@ def _v4mapped_cases() -> list[Case]:
     """IPv4 traffic on an IPv6 socket (``::ffff:a.b.c.d``): iptables (not ip6tables) decides it."""
     d = "default"
     return [
-        _c("v4m-app-c-8080", d, "a", APP, "c4m", 8080, "outbound", "a", "IPv4 " + R_OUT),
-        _c("v4m-app-b-15008", d, "a", APP, "b4m", 15008, "outbound", "a", "IPv4 " + R_OUT),
-        _c("v4m-app-c-15020", d, "a", APP, "c4m", 15020, "direct", "c", R_STATUS_OUT),
-        _c("v4m-app-lo-8080", d, "a", APP, "lo4m", 8080, "direct", "a", R_LO_DST),
-        _c("v4m-app-self-8080", d, "a", APP, "a4m", 8080, "direct", "a", R_LO_APP),
-        _c("v4m-proxy-self-8080", d, "a", PROXY, "a4m", 8080, "inbound", "a", R_PROXY_SELF),
-        _c("v4m-proxy-c-8080", d, "a", PROXY, "c4m", 8080, "direct", "c", R_PROXY_OUT),
-        _c("v4m-in-c-b-8080", d, "c", APP, "b4m", 8080, "inbound", "b", "IPv4 " + R_IN),
-        _c("v4m-in-c-b-15021", d, "c", APP, "b4m", 15021, "direct", "b", R_IN_EXCL),
+        _c("v4m-app-c-8080", d, "a", APP, "c4m", 8080, "outbound", "a", "IPv4 " + R_OUT, rules=(O_CIDR,)),
+        _c("v4m-app-b-15008", d, "a", APP, "b4m", 15008, "outbound", "a", "IPv4 " + R_OUT, rules=(O_CIDR,)),
+        _c("v4m-app-c-15020", d, "a", APP, "c4m", 15020, "direct", "c", R_STATUS_OUT, rules=(O_XPORT,)),
+        _c("v4m-app-lo-8080", d, "a", APP, "lo4m", 8080, "direct", "a", R_LO_DST, rules=(O_LO,)),
+        _c("v4m-app-self-8080", d, "a", APP, "a4m", 8080, "direct", "a", R_LO_APP, rules=(O_LO,)),
+        _c("v4m-proxy-self-8080", d, "a", PROXY, "a4m", 8080, "inbound", "a", R_PROXY_SELF, rules=(O_SELF,)),
+        _c("v4m-proxy-c-8080", d, "a", PROXY, "c4m", 8080, "direct", "c", R_PROXY_OUT, rules=(O_PUID,)),
+        _c("v4m-in-c-b-8080", d, "c", APP, "b4m", 8080, "inbound", "b", "IPv4 " + R_IN, rules=(I_ALL,)),
+        _c("v4m-in-c-b-15021", d, "c", APP, "b4m", 15021, "direct", "b", R_IN_EXCL, rules=(I_XPORT,)),
         _c("v4m-dns-tcp-app-c-53", "dns", "a", APP, "c4m", 53, "dns", "a",
-           "ISTIO_OUTPUT_DNS -p tcp --dport 53", orig=True),
+           "ISTIO_OUTPUT_DNS -p tcp --dport 53", orig=True, rules=(O_DNS,)),
     ]
 
 
@@ -344,6 +377,10 @@ def _in_userns_pod(case: Case) -> Case:
 
 _BASE_CASES = _default_cases() + _config_cases() + _v4mapped_cases()
 CASES: tuple[Case, ...] = tuple(_BASE_CASES + [_in_userns_pod(c) for c in _BASE_CASES if c.id in _USERNS_FROM])
+
+
+#: ``CaptureLab.run``'s hook around one probe: (case, captured pod name -> handle, probe) -> outcome.
+Around = Callable[[Case, dict[str, Any], Callable[[], Outcome]], Outcome]
 
 
 class View(NamedTuple):
@@ -491,8 +528,10 @@ class CaptureLab:
         return out
 
     def run(self, cases: Iterable[Case], install: Callable[["Pod", PodConfig], Any],
-            uninstall: Callable[["Pod", Any], None]) -> list[CaseResult]:
-        """Run cases grouped by configuration; ``install`` is called for pods a and b per config."""
+            uninstall: Callable[["Pod", Any], None], around: "Around | None" = None) -> list[CaseResult]:
+        """Run cases grouped by configuration; ``install`` is called for the captured pods per config.
+        ``around(case, handles, probe)`` (handles: pod name -> what install returned) runs each
+        probe itself, to look at the datapath before and after it."""
         cases = list(cases)
         results: list[CaseResult] = []
         for config in dict.fromkeys(c.config for c in cases):
@@ -500,8 +539,12 @@ class CaptureLab:
             try:
                 for pod in self.captured:
                     handles.append((pod, install(pod, self.podconfig(config, pod))))
+                by_name = {pod.name: handle for pod, handle in handles}
                 for case in (c for c in cases if c.config == config):
-                    outcome = self.probe(case)
+                    if around is None:
+                        outcome = self.probe(case)
+                    else:
+                        outcome = around(case, by_name, lambda case=case: self.probe(case))
                     results.append(CaseResult(case, outcome, self.expected_key(case), self.outcome_key(case, outcome)))
             finally:
                 for pod, handle in reversed(handles):

@@ -21,6 +21,7 @@ FEATURE_SINCE: dict[str, tuple[int, int]] = {
     "sockops_netns_cookie": (5, 15),
     "getsockopt_netns_cookie": (5, 15),
     "sk_msg_netns_cookie": (5, 15),
+    "explain_test_run": (4, 12),                   # BPF_PROG_TEST_RUN of sched_cls (explain.c)
 }
 
 
