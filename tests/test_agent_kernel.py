@@ -6,6 +6,7 @@ pods, their uid/nodeName/podIPs filled in from the harness pods).
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import os
 import signal
@@ -118,6 +119,41 @@ def test_agent_captures_keeps_sandbox_config_and_deletes(cluster, pin_root, monk
         wait_for(lambda: set(agent.datapath.pods()) == {client_key}
                  and agent.datapath.occupancy()["pod_by_ip"] == 2, what="srv removed")   # the client's v4 + v6
         assert agent.datapath.occupancy()["pod_by_netns"] == 1
+    finally:
+        stop.set()
+        loop.join(5)
+        agent.shutdown(cleanup=True)
+
+
+def test_a_sandbox_is_captured_before_kubelet_reports_its_addresses(cluster, pin_root, monkeypatch):
+    """The Pod object has no IP yet (kubelet reports it with its next status update); the sandbox runs:
+    captured with the addresses of its network namespace, traffic goes through Envoy, and the API's
+    addresses arriving later change nothing (no CaptureUnchanged)."""
+    from istio_ebpf_plugin.harness.apps import http_get, url_for
+
+    node, client, server, envoys, pods, cgroups = cluster
+    kube = FakeKube(NODE).install(monkeypatch)
+    uid = pods["cli"]["metadata"]["uid"]
+    kube.add(pods["srv"])
+    no_ip = copy.deepcopy(pods["cli"])
+    no_ip["status"].update(podIP=None, podIPs=[])
+    kube.add(no_ip)
+    agent = NodeAgent(agent_config(node, pin_root, cgroups))
+    stop = threading.Event()
+    loop = threading.Thread(target=lambda: [agent.step(0.05) for _ in iter(stop.is_set, True)], daemon=True)
+    agent.start()
+    loop.start()
+    try:
+        wait_for(lambda: uid in agent.reconciler.records, what="the client captured without an IP in the API")
+        assert {str(ip) for ip in agent.reconciler.records[uid].config.pod_ips} == set(client.pod_ips)
+        url = url_for(server.ipv4, PORT)
+        before = outbound_requests(envoys["cli"])
+        assert [r["status"] for r in http_get(client, url, count=3)] == [200] * 3
+        assert outbound_requests(envoys["cli"]) == before + 3, "not through Envoy"
+        kube.modify(uid, ips=list(reversed(client.pod_ips)))      # kubelet's report, in another order
+        kube.delete_pod(pods["srv"]["metadata"]["uid"])           # queued after it: handled in order
+        wait_for(lambda: len(agent.datapath.pods()) == 1, what="srv removed")
+        assert not [e for e in kube.events if e["reason"] == "CaptureUnchanged"], kube.events
     finally:
         stop.set()
         loop.join(5)

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..datapath.podconfig import PodConfig
-from ..datapath import userns
+from ..datapath import netns, userns
+from ..datapath.podconfig import IPAddress, PodConfig
 
 
 @dataclass(frozen=True)
@@ -235,6 +235,14 @@ class PodLocator:
     def host_config(self, config: PodConfig, where: PodLocation) -> PodConfig:
         """``config`` with the proxy's IDs as the kernel sees them (pods with ``hostUsers: false``)."""
         return userns.host_config(config, where.netns_path, self.pod_pids(where), self.proc_root)
+
+    def addresses(self, where: PodLocation) -> tuple[IPAddress, ...]:
+        """The addresses its CNI plugin gave the pod, read in its network namespace (none when
+        unreadable): known once the sandbox runs, before kubelet reports them to the API."""
+        try:
+            return netns.addresses(where.netns_path)
+        except OSError:
+            return ()
 
     def sandbox_started(self, where: PodLocation) -> float | None:
         """When the pod's first process started (its sandbox, the pause container), in seconds on

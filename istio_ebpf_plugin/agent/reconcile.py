@@ -34,6 +34,7 @@ does not rewrite (and so does not change) any running sandbox's capture.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import time
@@ -144,8 +145,15 @@ def _wanted(pod: Mapping[str, Any]) -> _Wanted:
     except UsageError as exc:
         return _Wanted("invalid", str(exc), True)
     if not config.pod_ips:
-        return _Wanted("wait", "no pod IP yet")
+        return _Wanted("wait", "no pod IP yet", config=config)
     return _Wanted("capture", config=config)
+
+
+def _same_capture(a: PodConfig | None, b: PodConfig | None) -> bool:
+    """Equal, the order of the addresses aside (they may have come from the sandbox, not the API)."""
+    if a is None or b is None or a == b:
+        return a == b
+    return set(a.pod_ips) == set(b.pod_ips) and dataclasses.replace(a, pod_ips=b.pod_ips) == b
 
 
 def _failure_kind(exc: BaseException) -> str:
@@ -242,6 +250,14 @@ class Reconciler:
                 self._set(st, IGNORED, want.message, "Warning" if want.warning else "Normal", "CaptureIgnored",
                           f"istio-ebpf opt-in ignored: {want.message}")
             return
+        if want.kind == "wait" and want.config is not None:
+            # Only the addresses are missing: the API has them after kubelet's next status update
+            # (its relist, up to a second after the sandbox runs), the sandbox's interfaces at once.
+            # Capture then does not wait for it, nor does istio-validation, which waits for capture.
+            where = where or self.locator.locate(uid)
+            ips = self.locator.addresses(where) if where is not None else ()
+            if ips:
+                want = _Wanted("capture", config=dataclasses.replace(want.config, pod_ips=ips))
         if want.kind == "wait":
             self._set(st, PENDING, want.message)
             return
@@ -316,7 +332,7 @@ class Reconciler:
         """The pod's sandbox is the one already decided (or its process is not visible now)."""
         self._follow_init_containers(st)      # its status names the init containers as they start
         if st.state == CAPTURED:
-            if want.kind == "capture" and want.config == st.config:
+            if want.kind == "capture" and _same_capture(want.config, st.config):
                 st.notice = ""
                 return
             if want.kind == "invalid":

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import http.client
+import ipaddress
 import json
 import os
 import socket
+import struct
 import threading
 from typing import Any, Callable, TypeVar
 
@@ -89,6 +91,56 @@ def _return_home(home: int) -> None:
     except OSError as exc:      # cannot happen with the fd held open; never carry on if it does
         os.write(2, f"istio-ebpf: fatal: {exc}\n".encode())
         os._exit(70)
+
+
+# rtnetlink (linux/rtnetlink.h, linux/if_addr.h)
+_NETLINK_ROUTE, _RTM_GETADDR, _RTM_NEWADDR = 0, 22, 20
+_NLM_F_REQUEST, _NLM_F_DUMP, _NLMSG_ERROR, _NLMSG_DONE = 0x1, 0x300, 2, 3
+_IFA_ADDRESS, _IFA_LOCAL = 1, 2
+_RT_SCOPE_UNIVERSE = 0
+_LOOPBACK_IFINDEX = 1        # a network namespace's lo is always its first device
+_NLMSG = struct.Struct("=IHHII")
+_IFADDRMSG = struct.Struct("=BBBBI")
+_RTATTR = struct.Struct("=HH")
+
+
+def addresses(netns_path: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
+    """The global addresses of a network namespace's interfaces (lo aside): IPv4 first, then IPv6.
+
+    What its CNI plugin assigned, readable as soon as the sandbox runs; the Pod object shows the
+    same addresses only after kubelet's next status update.
+    """
+    found: dict[int, list] = {socket.AF_INET: [], socket.AF_INET6: []}
+    with socket_in(netns_path, socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_ROUTE) as nl:
+        nl.send(_NLMSG.pack(_NLMSG.size + _IFADDRMSG.size, _RTM_GETADDR, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0)
+                + _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0))
+        done = False
+        while not done:
+            data = nl.recv(65536)
+            off = 0
+            while off + _NLMSG.size <= len(data):
+                length, mtype, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
+                if mtype == _NLMSG_DONE or length < _NLMSG.size:
+                    done = True
+                    break
+                if mtype == _NLMSG_ERROR:
+                    err = -struct.unpack_from("=i", data, off + _NLMSG.size)[0]
+                    raise OSError(err, f"RTM_GETADDR in {netns_path}: {os.strerror(err)}")
+                if mtype == _RTM_NEWADDR:
+                    family, _plen, _flags8, scope, index = _IFADDRMSG.unpack_from(data, off + _NLMSG.size)
+                    attrs: dict[int, bytes] = {}
+                    a = off + _NLMSG.size + _IFADDRMSG.size
+                    while a + _RTATTR.size <= off + length:
+                        alen, atype = _RTATTR.unpack_from(data, a)
+                        if alen < _RTATTR.size:
+                            break
+                        attrs[atype] = data[a + _RTATTR.size:a + alen]
+                        a += (alen + 3) & ~3
+                    raw = attrs.get(_IFA_LOCAL) or attrs.get(_IFA_ADDRESS)
+                    if family in found and raw and scope == _RT_SCOPE_UNIVERSE and index != _LOOPBACK_IFINDEX:
+                        found[family].append(ipaddress.ip_address(raw))
+                off += (length + 3) & ~3
+    return tuple(found[socket.AF_INET] + found[socket.AF_INET6])
 
 
 def netns_inode(netns_path: str) -> int:

@@ -52,6 +52,9 @@ class _NetnsLocator:
     def sandbox_started(self, where: PodLocation) -> float | None:
         return None
 
+    def addresses(self, where: PodLocation) -> tuple:
+        return ()          # the pods' addresses come from their objects here
+
     def host_config(self, config, where: PodLocation):
         return userns.host_config(config, where.netns_path, [])   # netns of this user namespace
 
