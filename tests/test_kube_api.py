@@ -359,3 +359,31 @@ def test_watch_health_goes_stale_when_the_api_stops_answering(monkeypatch):
         assert w.health(60)[0]       # the thread itself is alive
     finally:
         w.stop()
+
+
+def test_periodic_relist_waits_until_the_agent_took_the_previous_list(monkeypatch):
+    """A resync slower than the relist period must not pile whole lists up in the queue."""
+    class Backend:
+        lists = 0
+        watches = 0
+
+        def list_node_pods(self, node):
+            Backend.lists += 1
+            return [], str(Backend.lists)
+
+        def watch_node_pods(self, node, rv, timeout):
+            Backend.watches += 1
+            time.sleep(0.01)
+            return iter([])
+
+    monkeypatch.setattr(kube_api, "_backend_override", Backend())
+    out: "queue.Queue" = queue.Queue()
+    w = PodWatcher("n", out, resync_seconds=0.05, watch_timeout=1)
+    w.start()
+    try:
+        wait_for(lambda: Backend.watches >= 20, what="the watch going on past several relist periods")
+        assert Backend.lists == 1 and out.qsize() == 1          # the agent has not taken the first list
+        assert out.get_nowait()[0] == "RESYNC"
+        wait_for(lambda: Backend.lists >= 2, what="the periodic relist once the queue is empty")
+    finally:
+        w.stop()
