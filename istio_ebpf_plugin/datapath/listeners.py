@@ -15,18 +15,15 @@ import struct
 from pathlib import Path
 from typing import Iterator
 
-from .netns import socket_in
+from .netns import netlink_dump, socket_in
 
 SYS_PIDFD_OPEN = 434
 SYS_PIDFD_GETFD = 438
 _TCP_LISTEN = "0A"
-# sock_diag (linux/sock_diag.h, linux/inet_diag.h, linux/netlink.h)
+# sock_diag (linux/sock_diag.h, linux/inet_diag.h)
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-NLMSG_ERROR, NLMSG_DONE = 2, 3
 TCPF_LISTEN = 1 << 10
-_NLMSG = struct.Struct("=IHHII")             # struct nlmsghdr
 _DIAG_REQ = struct.Struct("=BBBBI48x")       # struct inet_diag_req_v2, inet_diag_sockid zeroed: every socket
 _MSG_SPORT, _MSG_INODE = 4, 68               # offsets in struct inet_diag_msg (sport is big-endian)
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -56,24 +53,9 @@ def _diag_listening_inodes(netns_path: str, port: int) -> dict[int, int]:
     with socket_in(netns_path, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
         for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
             req = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, TCPF_LISTEN)
-            nl.send(_NLMSG.pack(_NLMSG.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
-                    + req)
-            done = False
-            while not done:
-                data = nl.recv(65536)
-                off = 0
-                while off + _NLMSG.size <= len(data):
-                    length, mtype, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
-                    body = off + _NLMSG.size
-                    if mtype == NLMSG_DONE or length < _NLMSG.size:
-                        done = True
-                        break
-                    if mtype == NLMSG_ERROR:
-                        err = -struct.unpack_from("=i", data, body)[0]
-                        raise OSError(err, f"sock_diag: {os.strerror(err)}")
-                    if mtype == SOCK_DIAG_BY_FAMILY and struct.unpack_from("!H", data, body + _MSG_SPORT)[0] == port:
-                        found[struct.unpack_from("=I", data, body + _MSG_INODE)[0]] = family
-                    off += (length + 3) & ~3
+            for mtype, msg in netlink_dump(nl, SOCK_DIAG_BY_FAMILY, req, seq):
+                if mtype == SOCK_DIAG_BY_FAMILY and struct.unpack_from("!H", msg, _MSG_SPORT)[0] == port:
+                    found[struct.unpack_from("=I", msg, _MSG_INODE)[0]] = family
     return found
 
 

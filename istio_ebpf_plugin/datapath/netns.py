@@ -10,7 +10,7 @@ import os
 import socket
 import struct
 import threading
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from ..errors import KernelError
 
@@ -93,15 +93,34 @@ def _return_home(home: int) -> None:
         os._exit(70)
 
 
-# rtnetlink (linux/rtnetlink.h, linux/if_addr.h)
+# netlink (linux/netlink.h), rtnetlink (linux/rtnetlink.h, linux/if_addr.h)
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+_NLMSG = struct.Struct("=IHHII")             # struct nlmsghdr
 _NETLINK_ROUTE, _RTM_GETADDR, _RTM_NEWADDR = 0, 22, 20
-_NLM_F_REQUEST, _NLM_F_DUMP, _NLMSG_ERROR, _NLMSG_DONE = 0x1, 0x300, 2, 3
 _IFA_ADDRESS, _IFA_LOCAL = 1, 2
 _RT_SCOPE_UNIVERSE = 0
 _LOOPBACK_IFINDEX = 1        # a network namespace's lo is always its first device
-_NLMSG = struct.Struct("=IHHII")
-_IFADDRMSG = struct.Struct("=BBBBI")
+_IFADDRMSG = struct.Struct("=BBBBI")         # struct ifaddrmsg
 _RTATTR = struct.Struct("=HH")
+
+
+def netlink_dump(sock: socket.socket, msg_type: int, request: bytes, seq: int = 1) -> Iterator[tuple[int, bytes]]:
+    """Send one dump request; yield (type, payload) of every answer up to NLMSG_DONE (an error raises)."""
+    sock.send(_NLMSG.pack(_NLMSG.size + len(request), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + request)
+    while True:
+        data = sock.recv(65536)
+        off = 0
+        while off + _NLMSG.size <= len(data):
+            length, mtype, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
+            if mtype == NLMSG_DONE or length < _NLMSG.size:
+                return
+            payload = data[off + _NLMSG.size:off + length]
+            if mtype == NLMSG_ERROR:
+                err = -struct.unpack_from("=i", payload)[0]
+                raise OSError(err, f"netlink dump {msg_type}: {os.strerror(err)}")
+            yield mtype, payload
+            off += (length + 3) & ~3
 
 
 def addresses(netns_path: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
@@ -112,34 +131,21 @@ def addresses(netns_path: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Ad
     """
     found: dict[int, list] = {socket.AF_INET: [], socket.AF_INET6: []}
     with socket_in(netns_path, socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_ROUTE) as nl:
-        nl.send(_NLMSG.pack(_NLMSG.size + _IFADDRMSG.size, _RTM_GETADDR, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0)
-                + _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0))
-        done = False
-        while not done:
-            data = nl.recv(65536)
-            off = 0
-            while off + _NLMSG.size <= len(data):
-                length, mtype, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
-                if mtype == _NLMSG_DONE or length < _NLMSG.size:
-                    done = True
+        for mtype, msg in netlink_dump(nl, _RTM_GETADDR, _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
+            if mtype != _RTM_NEWADDR:
+                continue
+            family, _plen, _flags, scope, index = _IFADDRMSG.unpack_from(msg)
+            attrs: dict[int, bytes] = {}
+            a = _IFADDRMSG.size
+            while a + _RTATTR.size <= len(msg):
+                alen, atype = _RTATTR.unpack_from(msg, a)
+                if alen < _RTATTR.size:
                     break
-                if mtype == _NLMSG_ERROR:
-                    err = -struct.unpack_from("=i", data, off + _NLMSG.size)[0]
-                    raise OSError(err, f"RTM_GETADDR in {netns_path}: {os.strerror(err)}")
-                if mtype == _RTM_NEWADDR:
-                    family, _plen, _flags8, scope, index = _IFADDRMSG.unpack_from(data, off + _NLMSG.size)
-                    attrs: dict[int, bytes] = {}
-                    a = off + _NLMSG.size + _IFADDRMSG.size
-                    while a + _RTATTR.size <= off + length:
-                        alen, atype = _RTATTR.unpack_from(data, a)
-                        if alen < _RTATTR.size:
-                            break
-                        attrs[atype] = data[a + _RTATTR.size:a + alen]
-                        a += (alen + 3) & ~3
-                    raw = attrs.get(_IFA_LOCAL) or attrs.get(_IFA_ADDRESS)
-                    if family in found and raw and scope == _RT_SCOPE_UNIVERSE and index != _LOOPBACK_IFINDEX:
-                        found[family].append(ipaddress.ip_address(raw))
-                off += (length + 3) & ~3
+                attrs[atype] = msg[a + _RTATTR.size:a + alen]
+                a += (alen + 3) & ~3
+            raw = attrs.get(_IFA_LOCAL) or attrs.get(_IFA_ADDRESS)
+            if family in found and raw and scope == _RT_SCOPE_UNIVERSE and index != _LOOPBACK_IFINDEX:
+                found[family].append(ipaddress.ip_address(raw))
     return tuple(found[socket.AF_INET] + found[socket.AF_INET6])
 
 
