@@ -26,6 +26,7 @@ _SUBCOMMAND_MODULES = (
     "istio_ebpf_plugin.install.cli",
     "istio_ebpf_plugin.agent.cli",
     "istio_ebpf_plugin.agent.pods_cli",
+    "istio_ebpf_plugin.agent.explain_cli",
     "istio_ebpf_plugin.bench.cli",
 )
 #: The lab's modules, the commands each registers and the make target that runs each from a

@@ -22,14 +22,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from .. import NODE_MODE_LABEL, kube_api
 from ..datapath import failpoint
 from ..datapath.host import DEFAULT_PIN_ROOT
 from ..errors import IstioEbpfError
 from .health_server import HealthServer
-from . import pod_view
+from . import explain_route, pod_view
 from .locate import PodLocation, PodLocator, boot_seconds, mount_of
 from .metrics import AgentMetrics
 from .mode import ModeDecision, decide
@@ -157,7 +157,8 @@ class NodeAgent:
         self._mark("lock")
         if serve and self.server is None:
             self.server = HealthServer(cfg.host, cfg.port, self.healthy, self.ready,
-                                       self.metrics.registry, {"/pods": self._pods_route}).start()
+                                       self.metrics.registry,
+                                       {"/pods": self._pods_route, "/explain": self._explain_route}).start()
         features = cfg.features
         if features is None:
             # Verdicts cached in the pin root: a restart does not compile the probes again.
@@ -289,6 +290,19 @@ class NodeAgent:
                 else "the agent has not reconciled the node's pods yet"
             return 503, {"error": why}
         return 200, view.as_json()
+
+    def _explain_route(self, query: Mapping[str, list[str]]) -> tuple[int, Any]:
+        """``GET /explain``: how the kernel decides one connection of one pod (``istio-ebpf explain``)."""
+        d, rec = self.decision, self.reconciler
+        unsupported = d.reason if d is not None and d.mode == "unsupported" else None
+
+        def pids(target: pod_view.PodTarget) -> Iterator[int]:
+            if rec is None or not hasattr(rec.locator, "pod_pids"):
+                return iter(())
+            where = PodLocation(target.cgroup_path, target.netns_path, 0, target.netns_inode or 0)
+            return (p for p in rec.locator.pod_pids(where) if p)
+
+        return explain_route.answer(query, self.view, self.datapath, unsupported, pids, self.config.proc_root)
 
     def refresh_view(self) -> None:
         """Rebuild what /pods and the per-pod metrics show (agent loop only)."""

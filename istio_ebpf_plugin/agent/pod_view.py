@@ -1,4 +1,4 @@
-"""The node's opted-in pods as the agent sees them: ``/pods`` and the per-pod metrics.
+"""The node's opted-in pods as the agent sees them: ``/pods``, ``/explain``'s targets and the per-pod metrics.
 
 The agent loop builds a :class:`PodView` (a plain list, replaced whole) and the HTTP thread
 reads whatever view is current: the reconciler's dictionaries are never iterated from two
@@ -20,6 +20,18 @@ from .reconcile import CAPTURED, DRAINING, Reconciler
 
 
 @dataclass(frozen=True)
+class PodTarget:
+    """What ``/explain`` needs of one pod (not shown in ``/pods``)."""
+
+    state: str
+    error: str
+    handle: int | None          # the datapath's key while captured
+    netns_path: str
+    cgroup_path: str
+    netns_inode: int | None
+
+
+@dataclass(frozen=True)
 class PodView:
     node: str
     mode: str
@@ -27,6 +39,7 @@ class PodView:
     pods: tuple[dict[str, Any], ...] = ()
     failures: Mapping[str, int] = field(default_factory=dict)    # category -> failed attempts
     at: float = field(default_factory=time.time)
+    targets: Mapping[str, PodTarget] = field(default_factory=dict)   # "namespace/name" -> target
 
     def as_json(self) -> dict[str, Any]:
         return {"node": self.node, "mode": self.mode, "draining": self.draining, "at": round(self.at, 3),
@@ -37,8 +50,11 @@ def build(node: str, mode: str, draining: bool, reconciler: Reconciler,
           counters: Mapping[Hashable, Mapping[str, int]]) -> PodView:
     """One entry per opted-in pod the reconciler knows, sorted by namespace and name."""
     pods = []
+    targets = {}
     for st in sorted(reconciler.states.values(), key=lambda s: (s.namespace, s.name)):
         state = DRAINING if draining and st.state == CAPTURED else st.state
+        targets[f"{st.namespace}/{st.name}"] = PodTarget(state, st.error, st.handle, st.netns_path, st.cgroup_path,
+                                                          st.netns_inode)
         own = counters.get(st.handle, {}) if st.handle is not None else {}
         pods.append({
             "namespace": st.namespace, "name": st.name, "uid": st.uid, "mode": mode, "state": state,
@@ -46,7 +62,7 @@ def build(node: str, mode: str, draining: bool, reconciler: Reconciler,
             "capture_seconds": None if st.capture_seconds is None else round(st.capture_seconds, 3),
             "counters": {k: int(v) for k, v in sorted(own.items())},
         })
-    return PodView(node, mode, draining, tuple(pods), dict(reconciler.failures))
+    return PodView(node, mode, draining, tuple(pods), dict(reconciler.failures), targets=targets)
 
 
 class PodCollector(Collector):

@@ -16,8 +16,9 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
-from typing import Any
+from typing import Any, Mapping
 
 from ..errors import IstioEbpfError
 
@@ -39,20 +40,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def fetch(url: str, timeout: float = 5.0) -> dict[str, Any]:
-    """The agent's ``/pods`` answer; :class:`IstioEbpfError` with one line when it has none."""
+class AgentAnswered(IstioEbpfError):
+    """The agent answered with an error status (``code``); the message is its one line."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def fetch(url: str, timeout: float = 5.0, path: str = "/pods", query: Mapping[str, Any] | None = None,
+          command: str = "pods") -> dict[str, Any]:
+    """The agent's JSON answer at ``path``; :class:`AgentAnswered` (its status) or
+    :class:`IstioEbpfError` with one line when there is none."""
+    target = url.rstrip("/") + path + ("?" + urllib.parse.urlencode(query) if query else "")
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/pods", timeout=timeout) as r:
+        with urllib.request.urlopen(target, timeout=timeout) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as exc:
         try:
             why = json.loads(exc.read()).get("error", exc.reason)
         except ValueError:
             why = exc.reason
-        raise IstioEbpfError(f"the agent at {url} answered {exc.code}: {why}") from None
+        raise AgentAnswered(f"the agent at {url} answered {exc.code}: {why}", exc.code) from None
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise IstioEbpfError(f"no agent answers at {url} ({reason}); on another node: {KUBECTL_COMMAND}") from None
+        raise IstioEbpfError(f"no agent answers at {url} ({reason}); on another node: "
+                             f"{KUBECTL_COMMAND.replace('istio-ebpf pods', f'istio-ebpf {command}')}") from None
 
 
 def _counters(counters: dict[str, int]) -> str:

@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
+from ..datapath.explain import Answer, Question
 from ..datapath.podconfig import PodConfig
 from ..errors import KernelError, UsageError
 from . import containers
@@ -77,6 +78,7 @@ class DatapathLike(Protocol):
     def set_init_bypass(self, handle: int, cgroup_ids: Iterable[int]) -> None: ...   # the pod's listed set
     def counters(self) -> Mapping[str, int]: ...
     def pod_counters(self) -> Mapping[int, Mapping[str, int]]: ...   # handle -> counter name -> value
+    def explain(self, handle: int, question: Question) -> Answer: ...   # the kernel's decision (ExplainUnavailable)
     def occupancy(self) -> Mapping[str, int]: ...              # map name -> entries
     def deny_pod(self, netns_path: str, cgroup_path: str) -> int: ...   # refuse the pod's connections
     def allow_pod(self, deny: int) -> None: ...                # undo deny_pod (idempotent, pod may be gone)

@@ -7,7 +7,7 @@ CRC-32 of its cgroup path: the fake /proc's cgroups do not exist).
 
 ``capacity`` stands for full maps (``add_pod`` beyond it raises the loader's KernelError);
 ``denies`` holds the pods whose connections are refused (``deny_pod``/``allow_pod``);
-``per_pod`` holds the per-pod counters ``pod_counters`` reports.
+``per_pod`` holds the per-pod counters ``pod_counters`` reports; ``explain`` records its questions.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import zlib
 from typing import Callable, Iterable
 
 from istio_ebpf_plugin.agent.reconcile import DatapathLike
+from istio_ebpf_plugin.datapath.explain import Answer, ExplainUnavailable, Question
 from istio_ebpf_plugin.datapath.podconfig import PodConfig
 from istio_ebpf_plugin.errors import KernelError
 
@@ -32,6 +33,7 @@ class RecordingDatapath:
         self.capacity: int | None = None
         self.denies: set[int] = set()
         self.per_pod: dict[int, dict[str, int]] = {}
+        self.explain_unavailable: ExplainUnavailable | None = None
         self.bypass: dict[int, set[int]] = {}      # handle -> cgroup ids listed (set_init_bypass)
 
     def load(self) -> RecordingDatapath:
@@ -93,6 +95,17 @@ class RecordingDatapath:
 
     def pod_counters(self) -> dict[int, dict[str, int]]:
         return {h: c for h, c in self.per_pod.items() if h in self.entries}
+
+    def explain(self, handle: int, question: Question) -> Answer:
+        """Records the question; answers "not captured" by rule ``out_pass_not_included``, or raises
+        ``explain_unavailable`` (an ExplainUnavailable) when set. The kernel's answers are the
+        real datapath's (test_datapath_capture.py, test_agent_explain.py)."""
+        self.calls.append(("explain", handle, question))
+        if self.explain_unavailable is not None:
+            raise self.explain_unavailable
+        if handle not in self.entries:
+            return Answer(question, "no_pod")
+        return Answer(question, "decided", "out_pass_not_included")
 
     def deny_pod(self, netns_path: str, cgroup_path: str) -> int:
         deny = zlib.crc32(cgroup_path.encode())
