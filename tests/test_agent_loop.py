@@ -388,3 +388,21 @@ def test_locator_reads_kubelet_cgroup_paths(tmp_path, monkeypatch):
     loc = PodLocator(str(proc.root), "/sys/fs/cgroup").locate(uid)
     assert loc.pid == 4242 and loc.cgroup_path == f"/sys/fs/cgroup/kubepods/burstable/pod{uid}"
     assert PodLocator(str(proc.root)).locate("no-such-uid") is None
+
+
+def test_pod_events_wait_while_held_and_all_go_afterwards(kube):
+    """A full resync holds pod Events back (their API round trips would slow it); none is lost."""
+    from istio_ebpf_plugin.agent.pod_events import PodEvents
+
+    events = PodEvents()
+    pod = fixture_pod("master/inject/hello.yaml.injected", "p", NODE, ["10.0.0.9"])
+    try:
+        with events.held():
+            for i in range(3):
+                events.post(pod, "Normal", "CaptureReady", f"ready {i}")
+            wait_for(lambda: events._queue.qsize() == 2, what="the sender holding the first Event")
+            assert kube.events == [] and events.sent == 0
+        assert events.flush(10)
+        assert [e["message"] for e in kube.events if e["reason"] == "CaptureReady"] == ["ready 0", "ready 1", "ready 2"]
+    finally:
+        events.stop()

@@ -15,6 +15,7 @@ A SIGTERM leaves everything pinned; only ``--cleanup`` unpins.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -387,7 +388,8 @@ class NodeAgent:
         self._view_dirty = True
         if etype == "RESYNC":
             start = time.monotonic()
-            rec.resync(obj)
+            with self.pod_events.held() if self.pod_events is not None else contextlib.nullcontext():
+                rec.resync(obj)
             self.metrics.reconcile_seconds.observe(time.monotonic() - start)
             self.synced = True
             if not self.attached:

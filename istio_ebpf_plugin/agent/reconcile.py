@@ -39,7 +39,8 @@ import errno
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
 
 from ..datapath.explain import Answer, Question
 from ..datapath.podconfig import PodConfig
