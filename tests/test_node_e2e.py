@@ -12,8 +12,13 @@ performing Istio's check.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import os
+import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,12 +26,14 @@ from typing import Any, Iterator
 
 import pytest
 from support import node_bench
-from support.node_scenario import (AGENT_NS, AGENT_SELECTOR, APP_PORT, HEALTH, agent_pod, app_namespace,
-                                   cgroup_programs, cli, cluster, container_log, container_status, http_get,
-                                   injected_client_pod, injector_configmap, iptables_rules, netns_links, pod_pid,
-                                   pod_ready, server_pod, step, wait)
+from support.node_scenario import (AGENT_NS, AGENT_SELECTOR, APP_PORT, CONNECT_FROM_POD, HEALTH, LISTEN_IN_POD,
+                                   agent_pod, app_namespace, cgroup_programs, cli, cluster, container_exec,
+                                   container_log, container_status, http_get, injected_client_pod, injector_configmap,
+                                   iptables_rules, netns_links, pod_cgroup, pod_pid, pod_process, pod_ready,
+                                   server_pod, step, wait)
 
-from istio_ebpf_plugin import NODE_MODE_LABEL
+from istio_ebpf_plugin import NODE_MODE_LABEL, OPT_IN_ANNOTATION, OPT_IN_VALUE
+from istio_ebpf_plugin.datapath import libbpf, maps
 
 pytestmark = [pytest.mark.kernel, pytest.mark.node_e2e]
 
@@ -208,6 +215,161 @@ def test_plain_pod_is_untouched(env):
         assert wait(lambda: _metric("istio_ebpf_pods_managed"), 10, "agent metrics") == 1
         s.note("server netns: 0 BPF links, 0 iptables rules; client netns: "
                f"{len(netns_links(client_pid))} sk_lookup link(s); pods_managed 1")
+
+
+def _pod_events(env: dict, name: str, reason: str) -> list[dict]:
+    """The pod's Events as the apiserver stores them."""
+    items = (env["api"].get(f"/api/v1/namespaces/{env['ns']}/events") or {}).get("items", [])
+    return [e for e in items if e["involvedObject"].get("name") == name and e["reason"] == reason]
+
+
+def _metrics_text() -> str:
+    try:
+        code, text = http_get(f"{HEALTH}/metrics")
+    except OSError:
+        return ""
+    return text if code == 200 else ""
+
+
+def _pod_view(name: str) -> dict | None:
+    code, body = http_get(f"{HEALTH}/pods")
+    assert code == 200, body
+    return next((p for p in json.loads(body)["pods"] if p["name"] == name), None)
+
+
+def test_pod_events_node_view_and_metrics(env):
+    ns, lab = env["ns"], env["lab"]
+    with step("pod Events, istio-ebpf pods (in the agent pod, as kubectl exec) and per-pod metrics") as s:
+        (ready,) = wait(lambda: _pod_events(env, "client", "CaptureReady"), 30, "CaptureReady on the client")
+        s.note(f"client Event {ready['type']} CaptureReady: {ready['message']}")
+        assert ready["type"] == "Normal" and "(cookie mode)" in ready["message"]
+        assert "s after the sandbox started" in ready["message"]
+        agent = _agent_pod(env)
+        assert agent is not None
+        out = container_exec(lab, AGENT_NS, agent["metadata"]["name"], "agent", ["istio-ebpf", "pods"])
+        for line in out.stdout.splitlines():
+            s.note(f"istio-ebpf pods| {line}")
+        assert out.returncode == 0, out.stderr
+        row = next(line.split() for line in out.stdout.splitlines() if line.startswith(ns) and " client " in line)
+        assert row[2:4] == ["cookie", "captured"], row
+        answer = json.loads(container_exec(lab, AGENT_NS, agent["metadata"]["name"], "agent",
+                                           ["istio-ebpf", "pods", "--json"]).stdout)
+        assert [p["name"] for p in answer["pods"]] == ["client"] and answer["node"] == lab.node_name
+        series = f'istio_ebpf_pod_state{{namespace="{ns}",pod="client",state="captured"}} 1.0'
+        assert series in _metrics_text()
+        s.note(f"/metrics: {series}")
+
+
+def test_opt_in_without_a_sidecar_is_ignored(env):
+    api, lab, ns = env["api"], env["lab"], env["ns"]
+    with step("opt-in on a pod without a sidecar: ignored, with a Warning Event; its traffic untouched") as s:
+        pod = server_pod(ns, "nosidecar", env["images"].app_ref)
+        pod["metadata"]["annotations"] = {OPT_IN_ANNOTATION: OPT_IN_VALUE}
+        api.call("POST", f"/api/v1/namespaces/{ns}/pods", pod)
+        try:
+            pod = wait(lambda: (p := api.pod(ns, "nosidecar")) and pod_ready(p) and p, 120, "nosidecar Ready")
+            (ev,) = wait(lambda: _pod_events(env, "nosidecar", "CaptureIgnored"), 30, "CaptureIgnored")
+            s.note(f"Event {ev['type']} CaptureIgnored: {ev['message']}")
+            assert ev["type"] == "Warning" and "no istio-proxy container" in ev["message"]
+            assert netns_links(pod_pid(lab, ns, "nosidecar", "app")) == []
+            code, body = http_get(f"http://{pod['status']['podIP']}:{APP_PORT}/")
+            assert code == 200 and json.loads(body)["pod"] == "nosidecar", body     # reached directly
+            assert _pod_view("nosidecar")["state"] == "ignored"
+            s.note("no BPF link in its netns; host -> nosidecar:8080 answered by the app itself; /pods: ignored")
+        finally:
+            api.delete_pod(ns, "nosidecar", grace=0)
+        wait(lambda: not api.pod(ns, "nosidecar"), 120, "nosidecar gone")
+        wait(lambda: 'pod="nosidecar"' not in _metrics_text(), 30, "its series gone from /metrics")
+
+
+def _fill_pod_map(env: dict) -> list[int]:
+    """Fill the agent's pinned pod_by_netns map with keys no pod has, up to its size (full maps)."""
+    (pin,) = env["lab"].in_node(PIN_ROOT).glob("*/maps/pod_by_netns")
+    fd = libbpf.obj_get(str(pin))
+    keys: list[int] = []
+    try:
+        for i in range(1 << 20):
+            key = ctypes.c_uint64(0xE2E0_0000_0000_0000 + i)
+            try:
+                libbpf.map_update(fd, key, maps.PodCfg())
+            except OSError as exc:
+                if exc.errno == errno.E2BIG:
+                    return keys
+                raise
+            keys.append(key.value)
+    finally:
+        os.close(fd)
+    raise AssertionError("pod_by_netns never filled up")
+
+
+def _empty_pod_map(env: dict, keys: list[int]) -> None:
+    (pin,) = env["lab"].in_node(PIN_ROOT).glob("*/maps/pod_by_netns")
+    fd = libbpf.obj_get(str(pin))
+    try:
+        for k in keys:
+            libbpf.map_delete(fd, ctypes.c_uint64(k))
+    finally:
+        os.close(fd)
+
+
+def _deny_pins(env: dict) -> list[str]:
+    return sorted(p.name for p in env["lab"].in_node(PIN_ROOT).glob("*/links/deny-*"))
+
+
+def test_full_maps_refuse_the_pod_until_it_is_programmed(env):
+    api, ns = env["api"], env["ns"]
+    server_ip = env["server"]["status"]["podIP"]
+    with step("full maps: an opted-in pod that cannot be programmed is refused (CaptureFailed), "
+              "then captured once there is room (CaptureReady)") as s:
+        keys = _fill_pod_map(env)
+        s.note(f"pod_by_netns filled with {len(keys)} keys no pod has")
+        listener = None
+        try:
+            api.call("POST", f"/api/v1/namespaces/{ns}/pods",
+                     injected_client_pod(ns, "client2", env["images"], injector_configmap(api), env["render"]))
+            (failed,) = wait(lambda: _pod_events(env, "client2", "CaptureFailed"), 90, "CaptureFailed on client2")
+            s.note(f"Event {failed['type']} CaptureFailed: {failed['message'][:200]}")
+            assert failed["type"] == "Warning" and "maps are full" in failed["message"]
+            pod = api.pod(ns, "client2")
+            ip, uid = pod["status"]["podIP"], pod["metadata"]["uid"]
+            assert len(_deny_pins(env)) == 5, _deny_pins(env)
+            pid, leaf = pod_process(pod_cgroup(_kubepods(), uid))
+            netns = f"--net=/proc/{pid}/ns/net"
+            # outbound from the pod's cgroup and netns: refused by connect()
+            out = subprocess.run(["nsenter", netns, sys.executable, "-c", CONNECT_FROM_POD, str(leaf), server_ip,
+                                  str(APP_PORT)], capture_output=True, text=True, timeout=30)
+            assert out.stdout.strip() == "EPERM", (out.stdout, out.stderr)
+            # inbound to a socket listening in the pod's netns: refused
+            listener = subprocess.Popen(["nsenter", netns, sys.executable, "-c", LISTEN_IN_POD, "9999"],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert listener.stdout.readline().strip() == "LISTENING"
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((ip, 9999), timeout=5).close()
+            s.note(f"client2 ({ip}): connect() from it -> EPERM; connect to it (a listener on 9999) -> refused; "
+                   f"deny pins {_deny_pins(env)[:2]}...")
+            view = _pod_view("client2")
+            assert view["state"] == "failed" and "maps are full" in view["error"]
+            failed_series = f'istio_ebpf_pod_state{{namespace="{ns}",pod="client2",state="failed"}} 1.0'
+            wait(lambda: "istio_ebpf_pods_failed 1.0" in (t := _metrics_text()) and failed_series in t, 15,
+                 "the failure in /metrics (refreshed every 2 s)")
+            wait(lambda: (_metric('istio_ebpf_pod_capture_failures_total{reason="maps_full"}') or 0) >= 3, 60,
+                 "three failed attempts (backing off)")
+            assert len(_pod_events(env, "client2", "CaptureFailed")) == 1
+        finally:
+            if listener is not None:
+                listener.kill()
+                listener.wait()
+            _empty_pod_map(env, keys)
+        (ready,) = wait(lambda: _pod_events(env, "client2", "CaptureReady"), 120, "CaptureReady on client2")
+        s.note(f"room again: Event CaptureReady: {ready['message']}")
+        assert _deny_pins(env) == [] and _pod_view("client2")["state"] == "captured"
+        wait(lambda: "istio_ebpf_pods_failed 0.0" in _metrics_text(), 10, "pods_failed back to 0")
+    with step("per-pod metrics follow the pod: client2 deleted, its series go") as s:
+        api.delete_pod(ns, "client2", grace=0)
+        wait(lambda: not api.pod(ns, "client2"), 120, "client2 gone")
+        wait(lambda: 'pod="client2"' not in _metrics_text(), 30, "client2's series gone")
+        assert f'istio_ebpf_pod_state{{namespace="{ns}",pod="client",state="captured"}} 1.0' in _metrics_text()
+        s.note("client2's istio_ebpf_pod_state series gone; client's still there")
 
 
 def test_pod_startup_benchmark_runs_both_variants(env):

@@ -361,3 +361,56 @@ def container_log(lab: Any, pod: dict, container: str) -> list[str]:
             parts = raw.split(" ", 3)   # CRI format: <time> <stream> <P|F> <text>
             lines.append(parts[3] if len(parts) == 4 else raw)
     return lines
+
+
+def container_exec(lab: Any, ns: str, pod_name: str, container: str, argv: list[str],
+                   timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``argv`` in a running container (what ``kubectl exec`` does, through containerd)."""
+    for cid in lab.ctr("containers", "ls", "-q").stdout.split():
+        labels = json.loads(lab.ctr("containers", "info", cid).stdout).get("Labels") or {}
+        if (labels.get("io.kubernetes.pod.namespace"), labels.get("io.kubernetes.pod.name"),
+                labels.get("io.kubernetes.container.name")) == (ns, pod_name, container):
+            running = [ln.split() for ln in lab.ctr("tasks", "ls", check=False).stdout.splitlines()]
+            if any(p and p[0] == cid and p[2] == "RUNNING" for p in running):
+                return lab.ctr("tasks", "exec", "--exec-id", f"e2e-{os.urandom(4).hex()}", cid, *argv,
+                               check=False, timeout=timeout)
+    raise AssertionError(f"no running container {container} of {ns}/{pod_name}")
+
+
+def pod_cgroup(kubepods: Path, uid: str) -> Path:
+    """The pod's cgroup v2 directory (kubepods/<qos>/pod<uid>, cgroupfs driver)."""
+    found = [p for p in kubepods.rglob(f"pod{uid}") if p.is_dir()]
+    assert len(found) == 1, (uid, found)
+    return found[0]
+
+
+def pod_process(cgroup: Path) -> tuple[int, Path]:
+    """A process of the pod (its pause container, while nothing else runs) and its leaf cgroup."""
+    for d in [cgroup, *sorted(p for p in cgroup.rglob("*") if p.is_dir())]:
+        pids = (d / "cgroup.procs").read_text().split()
+        if pids:
+            return int(pids[0]), d
+    raise AssertionError(f"no process in {cgroup}")
+
+
+#: Joins the pod's cgroup (argv[1], a leaf directory), then connects (its netns is entered by nsenter)
+CONNECT_FROM_POD = r"""
+import errno, os, socket, sys
+open(os.path.join(sys.argv[1], "cgroup.procs"), "w").write(str(os.getpid()))
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[2] else socket.AF_INET)
+s.settimeout(5)
+try:
+    s.connect((sys.argv[2], int(sys.argv[3])))
+    print("CONNECTED")
+except OSError as e:
+    print(errno.errorcode.get(e.errno, str(e.errno)))
+"""
+
+#: Listens in the pod's netns (entered by nsenter) on argv[1] until stdin closes
+LISTEN_IN_POD = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(8)
+print("LISTENING", flush=True)
+sys.stdin.read()
+"""
