@@ -325,8 +325,9 @@ def test_full_maps_refuse_the_pod_until_it_is_programmed(env):
         s.note(f"pod_by_netns filled with {len(keys)} keys no pod has")
         listener = None
         try:
+            cm = api.get("/api/v1/namespaces/istio-system/configmaps/istio-sidecar-injector")   # the patched one
             api.call("POST", f"/api/v1/namespaces/{ns}/pods",
-                     injected_client_pod(ns, "client2", env["images"], injector_configmap(api), env["render"]))
+                     injected_client_pod(ns, "client2", env["images"], cm, env["render"]))
             (failed,) = wait(lambda: _pod_events(env, "client2", "CaptureFailed"), 90, "CaptureFailed on client2")
             s.note(f"Event {failed['type']} CaptureFailed: {failed['message'][:200]}")
             assert failed["type"] == "Warning" and "maps are full" in failed["message"]
