@@ -282,9 +282,15 @@ def test_opt_in_without_a_sidecar_is_ignored(env):
         wait(lambda: 'pod="nosidecar"' not in _metrics_text(), 30, "its series gone from /metrics")
 
 
+def _pod_map_pin(env: dict) -> Path:
+    """The agent's pinned pod_by_netns (a configuration map: <pin root>/versions/<version>/maps/)."""
+    (pin,) = env["lab"].in_node(PIN_ROOT).glob("versions/*/maps/pod_by_netns")
+    return pin
+
+
 def _fill_pod_map(env: dict) -> list[int]:
     """Fill the agent's pinned pod_by_netns map with keys no pod has, up to its size (full maps)."""
-    (pin,) = env["lab"].in_node(PIN_ROOT).glob("*/maps/pod_by_netns")
+    pin = _pod_map_pin(env)
     fd = libbpf.obj_get(str(pin))
     keys: list[int] = []
     try:
@@ -303,7 +309,7 @@ def _fill_pod_map(env: dict) -> list[int]:
 
 
 def _empty_pod_map(env: dict, keys: list[int]) -> None:
-    (pin,) = env["lab"].in_node(PIN_ROOT).glob("*/maps/pod_by_netns")
+    pin = _pod_map_pin(env)
     fd = libbpf.obj_get(str(pin))
     try:
         for k in keys:
@@ -313,7 +319,7 @@ def _empty_pod_map(env: dict, keys: list[int]) -> None:
 
 
 def _deny_pins(env: dict) -> list[str]:
-    return sorted(p.name for p in env["lab"].in_node(PIN_ROOT).glob("*/links/deny-*"))
+    return sorted(p.name for p in env["lab"].in_node(PIN_ROOT).glob("links/deny-*"))   # version-independent
 
 
 def test_full_maps_refuse_the_pod_until_it_is_programmed(env):
