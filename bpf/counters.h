@@ -31,11 +31,17 @@ static __always_inline void count(__u32 idx, __u64 n)
  * cannot be told apart (e.g. a miss whose asker has no pod address, getsockopt.c) lands there. */
 BPF_ARRAY(pod_counters, struct pod_counters, MAX_PODS + 1);
 
+#ifndef ISTIO_EBPF_POD_COUNTERS
+#define ISTIO_EBPF_POD_COUNTERS 1   /* 0: the benchmark's baseline, nothing counted per pod */
+#endif
+
 static __always_inline void pod_count(__u32 pod_id, __u32 idx)
 {
+#if ISTIO_EBPF_POD_COUNTERS
     struct pod_counters *pc = pod_counters.lookup(&pod_id);
     if (pc && idx < PC_MAX)
         __sync_fetch_and_add(&pc->c[idx], 1);
+#endif
 }
 
 #endif /* ISTIO_EBPF_COUNTERS_H */

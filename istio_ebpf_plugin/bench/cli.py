@@ -37,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--agent", action="store_true",
                    help="also measure the real agent: RSS and time to capture, fresh and restarted over its pins")
     p.add_argument("--workloads", help="comma list of workload names (default: all, or the quick set)")
-    p.add_argument("--variants", help="comma list among direct,iptables,ebpf,ebpf-sockmap,explicit")
+    p.add_argument("--variants", help="comma list among direct,iptables,ebpf,ebpf-sockmap,explicit and "
+                                      "ebpf-nocount (ebpf without per-pod counters: their cost)")
     p.add_argument("--mode", choices=("auto", "cookie", "podip"), default="auto",
                    help="datapath mode for the ebpf variants")
     p.set_defaults(func=_bench)
@@ -83,9 +84,9 @@ def _bench(args: argparse.Namespace) -> int:
         merged.update(extra)
     if args.variants:
         chosen = tuple(v.strip() for v in args.variants.split(","))
-        bad = [v for v in chosen if v not in topology.VARIANTS]
+        bad = [v for v in chosen if v not in topology.KNOWN_VARIANTS]
         if bad:
-            raise UsageError(f"unknown variant(s) {', '.join(bad)}; known: {', '.join(topology.VARIANTS)}")
+            raise UsageError(f"unknown variant(s) {', '.join(bad)}; known: {', '.join(topology.KNOWN_VARIANTS)}")
         settings = replace(settings, variants=chosen)
     if args.from_json:
         try:

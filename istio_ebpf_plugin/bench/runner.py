@@ -233,6 +233,8 @@ def run(settings: Settings, progress: Callable[[str], None] = lambda s: None) ->
                                 c = bpf_cost.Cost.between(snap, bpf_cost.snapshot(dp))
                                 key = (path, v, w.name)
                                 costs[key] = costs[key].plus(c) if key in costs else c
+                                per_conn = c.per_connection(m.get("requests") or 0) if w.close_each else None
+                                m["bpf_ns"] = per_conn["capture_ns"] if per_conn and not m.get("errors") else None
                             m["round"] = rnd
                             measured.setdefault((path, v, w.name), []).append(m)
                             if m["rps"] is None:
@@ -341,6 +343,15 @@ def aggregate(settings: Settings, measured: dict[tuple[str, str, str], list[dict
                     row[v]["bpf"] = per_conn
                     row[v]["bpf_ns_per_connection"] = per_conn["capture_ns"] if per_conn else None
                     row[v]["bpf_ns_per_message"] = cost.per_message() if cost else None
+                    # the same, round by round against ebpf-nocount (no per-pod counters): their cost
+                    nocount = [m for m in measured.get((path, "ebpf-nocount", w.name), []) if m.get("bpf_ns")]
+                    if v != "ebpf-nocount" and nocount and w.close_each:
+                        row[v].update(_ratio_fields("bpf_vs_nocount", _paired(ms, nocount, "bpf_ns", used)))
+                    if w.close_each:
+                        rounds_ns = [m["bpf_ns"] for m in ms if m.get("bpf_ns")]
+                        ci = stats.bootstrap_ci(rounds_ns)
+                        row[v]["bpf_ns_per_connection_rounds"] = [round(x, 1) for x in rounds_ns]
+                        row[v]["bpf_ns_per_connection_ci"] = [round(x, 1) for x in ci] if ci else None
             for v, r in row.items():
                 ms = [m for m in measured.get((path, v, w.name), []) if m.get("rps") is not None]
                 for base_v, prefix in (("iptables", "rps_vs_iptables"), ("explicit", "rps_vs_explicit"),

@@ -38,8 +38,11 @@ from .forwarder import Forwarder
 log = logging.getLogger(__name__)
 
 VARIANTS = ("direct", "iptables", "ebpf", "ebpf-sockmap", "explicit")
+#: Run only when asked (--variants): ebpf-nocount is ebpf without per-pod counting (the counters' cost).
+OPTIONAL_VARIANTS = ("ebpf-nocount",)
+KNOWN_VARIANTS = VARIANTS + OPTIONAL_VARIANTS
 PATHS = ("http", "l4", "capture-only")
-EBPF_VARIANTS = ("ebpf", "ebpf-sockmap")
+EBPF_VARIANTS = ("ebpf", "ebpf-sockmap", "ebpf-nocount")
 SERVER_ADMIN_PORT = 15100
 SERVER_BASE_PORT = 8000        # payload k is served on 8000 + k
 EXPLICIT_CLIENT_BASE = 15200   # client sidecar explicit listener, 127.0.0.1:15200 + k
@@ -119,7 +122,7 @@ def build(node: Node, variants: tuple[str, ...], payloads: tuple[int, ...], *, m
     out: dict[tuple[str, str], VariantPods] = {}
     for pi, path in enumerate(paths):
         for variant in variants_for(path, variants):
-            vi = VARIANTS.index(variant)
+            vi = KNOWN_VARIANTS.index(variant)
             group = variant.replace("-", "")
             tag = f"{'hlc'[pi]}{vi}"
             vp = VariantPods(variant, node.add_pod(f"{tag}c", group=group), node.add_pod(f"{tag}s", group=group),
@@ -149,7 +152,8 @@ def build(node: Node, variants: tuple[str, ...], payloads: tuple[int, ...], *, m
         dp = None
         try:
             from ..datapath.loader import Datapath
-            dp = Datapath(mode=mode, sockmap=(variant == "ebpf-sockmap"), pin_root=f"{pin_prefix}-{group}")
+            dp = Datapath(mode=mode, sockmap=(variant == "ebpf-sockmap"), pin_root=f"{pin_prefix}-{group}",
+                          pod_counters=(variant != "ebpf-nocount"))
             dp.load()
             dp.attach_cgroup(str(node.group_cgroup(group)))
             for vp in members:

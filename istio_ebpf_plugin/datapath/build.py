@@ -97,11 +97,15 @@ STATE_MAPS = frozenset({"origin_by_cookie", "origin_by_tuple", "inbound_listener
 DEFAULT_MAP_SIZES = maps.DEFAULT_MAP_SIZES
 
 
-def build_flags(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = None) -> list[str]:
+def build_flags(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = None,
+                pod_counters: bool = True) -> list[str]:
     flags = [f"-DISTIO_EBPF_COOKIE={1 if mode == 'cookie' else 0}",
              f"-DISTIO_EBPF_SOCKMAP={1 if sockmap else 0}",
              # the counters array is sized from the names userspace reads (C asserts they agree)
              f"-DISTIO_EBPF_COUNTERS={len(maps.COUNTERS)}"]
+    if not pod_counters:
+        # the benchmark's baseline (bench variant ebpf-nocount): pod_count() counts nothing
+        flags.append("-DISTIO_EBPF_POD_COUNTERS=0")
     if maps.VARIANT:
         flags.append(f"-DISTIO_EBPF_VARIANT={maps.VARIANT}")
     for name, value in sorted((map_sizes or {}).items()):
@@ -112,7 +116,8 @@ def build_flags(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = Non
 
 
 def compile_bpf(bpf_class: Any, programs: Iterable[Program], mode: str, sockmap: bool,
-                map_sizes: dict[str, int] | None = None, state_dir: str | None = None) -> Any:
+                map_sizes: dict[str, int] | None = None, state_dir: str | None = None,
+                pod_counters: bool = True) -> Any:
     """The BCC module of ``programs`` built for mode/sockmap (maps created, programs not loaded yet).
 
     The sources carry :func:`.abi_check.static_asserts` at their end: the build fails when the
@@ -127,7 +132,8 @@ def compile_bpf(bpf_class: Any, programs: Iterable[Program], mode: str, sockmap:
     pinned = [f'-DIE_STATE_DIR="{state_dir}"'] if state_dir else []
     # A call to a function no included header declares is an error, not a program the
     # verifier refuses later (a file must include what it uses).
-    cflags = [f"-I{bpf_dir()}", *build_flags(mode, sockmap, map_sizes), *pinned, "-Wno-unused-function",
+    cflags = [f"-I{bpf_dir()}", *build_flags(mode, sockmap, map_sizes, pod_counters), *pinned,
+              "-Wno-unused-function",
               "-Werror=implicit-function-declaration"]
     text, headers = _source_and_headers(programs)
     if "abi.h" in headers:   # deny.c alone uses no shared layout: nothing to check against
@@ -206,12 +212,13 @@ def _source_and_headers(programs: Iterable[Program]) -> tuple[str, set[str]]:
     return "\n".join(_inline_local_includes((directory / f).read_text(), seen) for f in files), seen
 
 
-def datapath_version(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = None) -> str:
+def datapath_version(mode: str, sockmap: bool, map_sizes: dict[str, int] | None = None,
+                     pod_counters: bool = True) -> str:
     h = hashlib.sha256()
     for f in sorted(bpf_dir().glob("*.[ch]")):
         h.update(f.name.encode())
         h.update(f.read_bytes())
-    h.update(" ".join(build_flags(mode, sockmap, map_sizes)).encode())
+    h.update(" ".join(build_flags(mode, sockmap, map_sizes, pod_counters)).encode())
     return f"{LAYOUT_VERSION}-{mode}{'-sockmap' if sockmap else ''}-{h.hexdigest()[:12]}"
 
 

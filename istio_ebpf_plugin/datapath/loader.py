@@ -52,14 +52,17 @@ class Datapath:
     """The eBPF capture datapath of one node (or of one test)."""
 
     def __init__(self, mode: str = "cookie", sockmap: bool = False,
-                 pin_root: str = DEFAULT_PIN_ROOT, map_sizes: dict[str, int] | None = None) -> None:
+                 pin_root: str = DEFAULT_PIN_ROOT, map_sizes: dict[str, int] | None = None,
+                 pod_counters: bool = True) -> None:
         if mode not in ("cookie", "podip"):
             raise UsageError(f"datapath mode must be cookie or podip, not {mode!r}")
         self.mode = mode
         self.sockmap = sockmap
         self.pin_root = Path(pin_root)
         self.map_sizes = dict(map_sizes or {})
-        self.version = datapath_version(mode, sockmap, self.map_sizes)
+        #: False only for the benchmark's baseline (bench variant ebpf-nocount): no per-pod counting
+        self.counts_pods = pod_counters
+        self.version = datapath_version(mode, sockmap, self.map_sizes, pod_counters)
         self.layout = PinLayout(self.pin_root)
         #: this version's programs and config maps
         self.pin_dir = self.layout.version(self.version)
@@ -108,7 +111,8 @@ class Datapath:
             self.compile_and_pin_here()
             return
         compile_worker.run("datapath", {"mode": self.mode, "sockmap": self.sockmap,
-                                        "pin_root": str(self.pin_root), "map_sizes": self.map_sizes})
+                                        "pin_root": str(self.pin_root), "map_sizes": self.map_sizes,
+                                        "pod_counters": self.counts_pods})
         if not self._complete_pins():
             raise KernelError(f"the BCC worker reported success but {self.pin_dir} is incomplete")
         self._adopt()
@@ -151,7 +155,7 @@ class Datapath:
         # or creates and pins them.
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._bpf = bpf = compile_bpf(BPF, self.programs, self.mode, self.sockmap, self.map_sizes,
-                                      state_dir=str(self.state_dir))
+                                      state_dir=str(self.state_dir), pod_counters=self.counts_pods)
         for sub in ("maps", "progs"):
             (self.pin_dir / sub).mkdir(parents=True, exist_ok=True)
         self.links_dir.mkdir(parents=True, exist_ok=True)
@@ -530,7 +534,7 @@ def _rmdir_quiet(*dirs: Path) -> None:
 def compile_task(args: dict) -> list[str]:
     """The compile worker's "datapath" task: compile, load and pin here, keep the pins, exit."""
     dp = Datapath(mode=args["mode"], sockmap=args["sockmap"], pin_root=args["pin_root"],
-                  map_sizes=args.get("map_sizes") or {})
+                  map_sizes=args.get("map_sizes") or {}, pod_counters=args.get("pod_counters", True))
     try:
         dp.compile_and_pin_here()
     except BaseException:
