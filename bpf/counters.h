@@ -31,6 +31,10 @@ static __always_inline void count(__u32 idx, __u64 n)
  * cannot be told apart (e.g. a miss whose asker has no pod address, getsockopt.c) lands there. */
 BPF_ARRAY(pod_counters, struct pod_counters, MAX_PODS + 1);
 
+/* What a pod counted under the versions before this one (an upgrade carries it, by pod id):
+ * written by userspace only, never by a program; a pod's totals are base + pod_counters. */
+BPF_F_TABLE("hash", __u32, struct pod_counters, pod_counter_base, MAX_PODS, BPF_F_NO_PREALLOC);
+
 #ifndef ISTIO_EBPF_POD_COUNTERS
 #define ISTIO_EBPF_POD_COUNTERS 1   /* 0: the benchmark's baseline, nothing counted per pod */
 #endif

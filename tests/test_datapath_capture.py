@@ -15,7 +15,7 @@ from istio_ebpf_plugin.datapath.podconfig import PodConfig, ip_list
 from istio_ebpf_plugin.harness.capture_cases import (CASES, KNOWN_DIFFERENCES, CaptureLab, ebpf_installer, failures,
                                                     report)
 from istio_ebpf_plugin.harness.conflict import run_quadruple_conflict
-from istio_ebpf_plugin.harness.explain_table import agrees, counter_deltas, expected_counters, predict
+from istio_ebpf_plugin.harness.explain_table import check_case, predict
 from istio_ebpf_plugin.harness.probe import PYTHON, start_probe_server
 
 from support.datapath_modes import host_mode, require_mode
@@ -38,16 +38,15 @@ def test_capture_table_matches_istio_iptables(node, datapath_factory, mode, sock
     dp = datapath_factory(mode, sockmap)
     dp.attach_cgroup(str(node.parent_cgroup))
     lab = CaptureLab(node)
-    seen: dict[str, tuple] = {}
+    wrong: list[str] = []
 
     def around(case, handles, probe):
         before = dp.pod_counters()
         prediction = predict(lab, dp, case, handles)
-        between = dp.pod_counters()
+        if dp.pod_counters() != before:
+            wrong.append(f"{case.id}: explain moved counters")
         outcome = probe()
-        after = dp.pod_counters()
-        seen[case.id] = (prediction, counter_deltas(before, between, handles),
-                         counter_deltas(before, after, handles), outcome)
+        wrong.extend(check_case(lab, case, prediction, before, dp.pod_counters(), handles, mode, outcome))
         return outcome
 
     results = lab.run(CASES, install=ebpf_installer(dp),
@@ -55,19 +54,6 @@ def test_capture_table_matches_istio_iptables(node, datapath_factory, mode, sock
     assert len(results) == len(CASES) > 130
     allowed = KNOWN_DIFFERENCES.get(mode, {})
     assert not failures(results, allowed), report(results, allowed)
-    wrong = []
-    for r in results:
-        prediction, by_explain, moved, outcome = seen[r.case.id]
-        refused_bound = mode == "podip" and r.case.bind is not None      # KNOWN_DIFFERENCES: refused
-        if prediction.rules != r.case.rules:
-            wrong.append(f"{r.case.id}: explain names {prediction.rules}, the case {r.case.rules}")
-        if not refused_bound and not agrees(prediction, r.got.listener, r.got.pod, r.got.orig):
-            wrong.append(f"{r.case.id}: explain predicts {prediction.as_json()}, got {r.got}")
-        if by_explain:
-            wrong.append(f"{r.case.id}: explain moved counters {by_explain}")
-        if moved != expected_counters(r.case, mode):
-            wrong.append(f"{r.case.id}: counters moved {moved}, the case predicts "
-                         f"{expected_counters(r.case, mode)}")
     assert not wrong, "\n".join(wrong)
     assert sum(pod.iptables_rule_count() for pod in lab.pods) == 0
     c = dp.counters()

@@ -200,3 +200,41 @@ def test_a_write_cut_short_before_the_config_is_rewritten_whole_after_a_restart(
     restarted = pod_table(fake)
     restarted.add(A, cfg("10.1.0.5"))
     assert fake.snapshot() == before
+
+
+def _count(fake: FakeMaps, pod_id: int, **values: int) -> None:
+    """What the programs would have counted for a pod id (the live array)."""
+    live = maps.PodCounters.of([values.get(n, 0) for n in maps.POD_COUNTERS])
+    fake.update("pod_counters", ctypes.c_uint32(pod_id), live)
+
+
+def test_counters_start_at_zero_for_a_new_pod_id_and_carry_never_goes_back():
+    fake = FakeMaps()
+    pods = pod_table(fake)
+    pods.add(A, cfg("10.1.0.5"))
+    assert set(pods.counters()[A].values()) == {0}
+    _count(fake, 1, out_captured_cidr=3, origdst_hit=2)
+    # an upgrade: the retired version's totals become where this one goes on from
+    older = {A: [0] * len(maps.POD_COUNTERS), B: [9] * len(maps.POD_COUNTERS)}   # B: not a pod of ours
+    older[A][maps.POD_COUNTERS.index("out_captured_cidr")] = 10
+    assert pods.carry(older) == 1
+    assert pods.counters()[A]["out_captured_cidr"] == 13 and pods.counters()[A]["origdst_hit"] == 2
+    assert pods.carry(older) == 1 and pods.counters()[A]["out_captured_cidr"] == 13     # again: nothing added
+    shorter = {A: [4]}      # an older build's list may be shorter (append-only): the rest counts 0
+    pods.carry(shorter)
+    assert pods.counters()[A]["out_captured_cidr"] == 13 and pods.counters()[A]["out_pass_excluded_port"] == 4
+    # the pod goes, its id is reused: nothing of the old pod is counted for the new one
+    pods.remove(A)
+    pods.add(B, cfg("10.1.0.6"))
+    assert pods.configs()[B].pod_id == 1 and set(pods.counters()[B].values()) == {0}
+
+
+def test_a_refused_new_pod_leaves_the_previous_pods_counts_as_they_were():
+    fake = FakeMaps()
+    pods = pod_table(fake)
+    _count(fake, 1, in_captured_port=5)       # left by a pod removed before (its id is free again)
+    before = fake.snapshot()
+    fake.fail_update(0)                        # the zeroing itself is refused
+    with pytest.raises(KernelError, match="maps are full"):
+        pods.add(A, cfg("10.1.0.5"))
+    assert fake.snapshot() == before

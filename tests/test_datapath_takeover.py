@@ -118,13 +118,16 @@ def test_new_version_attached_keeps_old_connections_answers(lab):
 def test_switch_n_to_n1_and_back_keeps_connections_and_hooks(lab):
     """N -> N+1 -> N with connections held across both switches: every hook runs one program
     (the active version's) after each switch, the held connections keep their answers, new
-    connections are captured, and the retired version's pins are gone."""
+    connections are captured, and the retired version's pins are gone. Each pod's counters go
+    on from where the retired version left them (carried), never back to 0."""
     node, root, mode, a, b = lab
     cgroup = str(node.parent_cgroup)
     n = _load(root, mode, node, (a, b))
     n.attach_cgroup(cgroup)
     version_n, ids_n = n.version, n.program_ids()
     held = _held(a, b)
+    counts = n.pod_counters()
+    assert counts[n.pod_key(a.netns_path, str(a.cgroup_path))]["out_captured_cidr"] == 1
     n.close()      # the old agent is gone; its pins keep capturing
     for sizes in (NEXT, None):
         dp = _load(root, mode, node, (a, b), sizes)
@@ -134,6 +137,7 @@ def test_switch_n_to_n1_and_back_keeps_connections_and_hooks(lab):
         _only(dp, cgroup, (a, b))
         retired = dp.retire_other_versions()
         assert len(retired) == 1 and retired[0] != dp.version
+        assert dp.pod_counters() == counts and any(any(c.values()) for c in counts.values())
         assert sorted(p.name for p in (Path(root) / "versions").iterdir()) == [dp.version]
         assert [p.name for p in Path(root).iterdir() if p.name.startswith("state-")] == [dp.state_dir.name]
         for kind, (conn, want) in held.items():
@@ -142,6 +146,10 @@ def test_switch_n_to_n1_and_back_keeps_connections_and_hooks(lab):
         for conn, _ in fresh.values():
             conn.close()
         assert dp.counters()["origdst_miss"] == 0
+        key_a = dp.pod_key(a.netns_path, str(a.cgroup_path))
+        now = dp.pod_counters()
+        assert now[key_a]["out_captured_cidr"] == counts[key_a]["out_captured_cidr"] + 1   # the fresh app connection
+        counts = now
         dp.close()
     # Back on N: a rebuilt N is the same version (same hash) but new program ids.
     back = Datapath(mode=mode, pin_root=root).load()

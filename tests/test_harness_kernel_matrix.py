@@ -1,7 +1,7 @@
 """Kernel matrix: real Debian kernels booted with virtme-ng run the datapath.
 
 The VM test boots 5.10 (pod-IP mode) and 6.12 (cookie mode) and runs the CI subset of
-steps (tests/support/kernel_expectations.py: CI_MATRIX); `make kernel-matrix` runs all six steps on
+steps (tests/support/kernel_expectations.py: CI_MATRIX); `make kernel-matrix` runs every step on
 5.10, 6.1, 6.12 and this host. The unit tests pin the rule and the probes on kernels the
 registry no longer serves.
 """
@@ -21,6 +21,7 @@ from support.kernel_expectations import CI_MATRIX, EXPECTED_MODE, FEATURE_SINCE,
 from istio_ebpf_plugin.datapath.probe import select_mode
 from istio_ebpf_plugin.errors import UsageError
 from istio_ebpf_plugin.harness import kernel_matrix
+from istio_ebpf_plugin.harness.capture_cases import CASES
 from istio_ebpf_plugin.kernel import mode_for_release
 
 
@@ -151,6 +152,15 @@ def check_report(name: str, steps: list[str], report: dict) -> None:
         assert demo.get("mode") == mode, demo
         assert demo["requests_ok"] == 50 and demo["requests_failed"] == 0, demo
         assert demo["original_destination_ok"] is True and demo["iptables_rules_in_pods"] == 0, demo
+    for step in ("explain", "explain-rules"):
+        if step in steps:
+            ex = report["steps"][step]
+            # every case: the rules (and with connections, the listener, pod, original destination
+            # and counter deltas) as the case says; a kernel without the test run says so instead
+            if version >= FEATURE_SINCE["explain_test_run"]:
+                assert ex["ok"] and ex["agree"] == ex["total"] == len(CASES), ex
+            else:
+                assert not ex["ok"] and ex["unavailable"].startswith("this kernel cannot run explain"), ex
     if "selftest" in steps:
         st = report["steps"]["selftest"]
         # a verdict, short, refusing exactly the readers this kernel breaks: acceleration stays off

@@ -203,7 +203,8 @@ def _run(cluster, pin_root: str, mode: str, tmp_path: Path, steps: list[tuple[in
                 outputs[name] = {"error": repr(exc)}
         for agent in agents:
             agent.kill()
-    return {"load": outputs["load"], "syns": outputs["sniffer"], "switches": switches}
+    return {"load": outputs["load"], "syns": outputs["sniffer"], "switches": switches,
+            "pod_counters": [a.ready["pod_counters"] for a in agents if a.ready]}
 
 
 def _assert_clean(result: dict) -> None:
@@ -221,9 +222,18 @@ def _assert_clean(result: dict) -> None:
 
 @pytest.mark.parametrize("mode", ["cookie", "podip"])
 def test_upgrade_and_rollback_under_load(cluster, pin_root, tmp_path, mode):
-    """N -> N+1 -> N: no failed request, no SYN without Envoy, right original destinations."""
+    """N -> N+1 -> N: no failed request, no SYN without Envoy, right original destinations. Each
+    pod's counters go on from where the retired version left them (its pod_cfg is another size)."""
     result = _run(cluster, pin_root, mode, tmp_path, [(0, None), (1, None), (0, None)])
     _assert_clean(result)
+    # READY comes milliseconds after the takeover: what a new version shows then is what it carried
+    # (the load ran for seconds under the version before), and it never goes back.
+    seen = result["pod_counters"]
+    assert len(seen) == 3
+    for before, after in zip(seen[:-1], seen[1:], strict=True):
+        assert set(after) == set(before) and max(c["out_captured_cidr"] for c in after.values()) >= 5, after
+        for handle, counts in before.items():
+            assert all(after[handle][k] >= v for k, v in counts.items()), (handle, counts, after[handle])
 
 
 @pytest.mark.parametrize("mode", ["cookie", "podip"])

@@ -85,7 +85,8 @@ PROGRAMS: tuple[Program, ...] = (
 )
 
 MAPS = ("pod_by_netns", "pod_by_ip", "pod_ports", "pod_cidrs", "init_bypass", "origin_by_cookie",
-        "origin_by_tuple", "inbound_listeners", "dns_origin", "app_view", "counters", "pod_counters")
+        "origin_by_tuple", "inbound_listeners", "dns_origin", "app_view", "counters", "pod_counters",
+        "pod_counter_base")
 SOCKMAP_MAPS = ("accel_socks",)
 #: The connection-STATE maps (bpf/maps_conn.h): pinned in the shared state directory; every
 #: other map is the version's own (pinned below versions/<version>/maps).

@@ -161,6 +161,14 @@ def obj_id(fd: int) -> int:
     return int.from_bytes(bytes(buf[4:8]), "little")
 
 
+def map_value_size(fd: int) -> int:
+    """A map's value size (struct bpf_map_info: type, id, key_size, value_size, ...)."""
+    buf = (ctypes.c_ubyte * 256)()
+    size = ctypes.c_uint(256)
+    _check(lib().bpf_obj_get_info_by_fd(fd, buf, ctypes.byref(size)), "bpf_obj_get_info_by_fd")
+    return int.from_bytes(bytes(buf[12:16]), "little")
+
+
 #: struct bpf_prog_info offsets of run_time_ns and run_cnt (uapi, stable since 5.1).
 _PROG_INFO_RUN_TIME_NS = 192
 _PROG_INFO_RUN_CNT = 200

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import logging
 import os
 import shutil
@@ -517,10 +518,47 @@ class Datapath:
             removed += 1
             failpoint.reached(f"retire-{removed}")
 
-        for old in self.other_versions():
+        others = self.other_versions()
+        for old in others:
+            if old in self.layout.version_dirs():
+                self.carry_counters(old)
+        for old in others:
             remove_tree(old, step)
             gone.append(old.name)
         return gone
+
+    def carry_counters(self, version_dir: Path) -> int:
+        """Before another version is retired: its pods' counts become where ours continue from
+        (:meth:`.pod_entries.PodTable.carry`), so a pod's counters never go back at an upgrade.
+        Its maps are read by layout, not by our mirrors (its pod_cfg may be longer, its counter
+        list shorter: counters are append-only). Returns the pods carried."""
+        maps_dir = version_dir / "maps"
+        fds: dict[str, int] = {}
+        try:
+            for name in ("pod_by_netns", "pod_counters", "pod_counter_base"):
+                if (maps_dir / name).exists():
+                    fds[name] = libbpf.obj_get(str(maps_dir / name))
+            if "pod_by_netns" not in fds or "pod_counters" not in fds:
+                return 0      # a version from before per-pod counters: nothing to carry
+            cfg_size = libbpf.map_value_size(fds["pod_by_netns"])
+            older: dict[int, list[int]] = {}
+            for key in libbpf.map_keys(fds["pod_by_netns"], ctypes.c_uint64):
+                cfg = (ctypes.c_ubyte * cfg_size)()
+                if not libbpf.map_lookup(fds["pod_by_netns"], key, cfg):
+                    continue
+                pod_id = ctypes.c_uint32(int.from_bytes(bytes(cfg[:4]), "little"))   # pod_cfg.pod_id
+                total: list[int] = []
+                for name in ("pod_counters", "pod_counter_base"):
+                    if name in fds:
+                        words = libbpf.map_value_size(fds[name]) // 8
+                        value = (ctypes.c_uint64 * words)()
+                        if libbpf.map_lookup(fds[name], pod_id, value):
+                            total = [a + b for a, b in itertools.zip_longest(total, value, fillvalue=0)]
+                older[key.value] = total
+            return self._pods.carry(older)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
 
 def _rmdir_quiet(*dirs: Path) -> None:

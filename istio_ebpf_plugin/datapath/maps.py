@@ -154,6 +154,14 @@ class PodCounters(ctypes.Structure):
     def named(self) -> dict[str, int]:
         return dict(zip(POD_COUNTERS, (int(v) for v in self.c), strict=True))
 
+    @classmethod
+    def of(cls, values: "list[int]") -> "PodCounters":
+        """From the first len(POD_COUNTERS) values (another version's may be fewer: the rest 0)."""
+        out = cls()
+        for i, v in enumerate(values[:len(POD_COUNTERS)]):
+            out.c[i] = v
+        return out
+
 
 class ExplainReq(ctypes.Structure):
     c_name = "explain_req"
@@ -187,6 +195,7 @@ MAP_TYPES: dict[str, tuple[type, type | None]] = {
     "app_view": (ctypes.c_uint64, AppView),
     "counters": (ctypes.c_uint32, ctypes.c_uint64),
     "pod_counters": (ctypes.c_uint32, PodCounters),
+    "pod_counter_base": (ctypes.c_uint32, PodCounters),
     "accel_socks": (SockKey, None),     # sockmap builds only
 }
 

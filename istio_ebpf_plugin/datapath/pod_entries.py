@@ -53,6 +53,8 @@ class PinnedMaps:
 
 
 CidrTuple = tuple[int, int, int, bytes]    # (kind, family, prefixlen, addr bytes)
+#: A pod id's counts: live (counted by the programs) and carried from older versions (userspace).
+COUNTER_MAPS = ("pod_counters", "pod_counter_base")
 
 
 @dataclass
@@ -129,13 +131,40 @@ class PodTable:
         return out
 
     def counters(self) -> dict[int, dict[str, int]]:
-        """handle -> its per-pod counters by name (maps.POD_COUNTERS), read from the map."""
+        """handle -> its per-pod counters by name (maps.POD_COUNTERS): what this version counted
+        plus what earlier versions had (carried at an upgrade: :meth:`carry`)."""
         out = {}
         for handle, entry in self.index().items():
-            value = maps.PodCounters()
-            if self.access.lookup("pod_counters", ctypes.c_uint32(entry.pod_id), value):
-                out[handle] = value.named()
+            total = [0] * len(maps.POD_COUNTERS)
+            found = False
+            for name in COUNTER_MAPS:
+                value = maps.PodCounters()
+                if self.access.lookup(name, ctypes.c_uint32(entry.pod_id), value):
+                    found = True
+                    total = [t + int(v) for t, v in zip(total, value.c, strict=True)]
+            if found:
+                out[handle] = dict(zip(maps.POD_COUNTERS, total, strict=True))
         return out
+
+    def carry(self, older: Mapping[int, list[int]]) -> int:
+        """Keep counting where another version left off: ``older`` is, per handle, that version's
+        totals (carried ones included). Each pod's carried counts become at least those, counter by
+        counter: counts only grow, so doing it again (a retirement cut short) adds nothing twice.
+        Returns the pods carried."""
+        carried = 0
+        for handle, values in older.items():
+            entry = self.index().get(handle)
+            if entry is None:
+                continue
+            slot = ctypes.c_uint32(entry.pod_id)
+            base = maps.PodCounters()
+            self.access.lookup("pod_counter_base", slot, base)
+            want = maps.PodCounters.of(values)
+            for i in range(len(maps.POD_COUNTERS)):
+                want.c[i] = max(want.c[i], base.c[i])
+            self.access.update("pod_counter_base", slot, want)
+            carried += 1
+        return carried
 
     def ips(self, handle: int) -> list[maps.IpAddr] | None:
         """The pod's addresses (None: not a pod of ours)."""
@@ -151,26 +180,33 @@ class PodTable:
         if new:
             used = {e.pod_id for e in index.values()}
             index[handle] = PodIndex(next(i for i in range(1, len(used) + 2) if i not in used))
-        slot = ctypes.c_uint32(index[handle].pod_id)
-        previous: maps.PodCounters | None = None
-        zeroed = False
+        saved: list[tuple[str, maps.PodCounters | None]] = []
         try:
             if new:
-                # The id's counters start at 0 before any entry names it (an earlier pod's stay behind).
-                previous = maps.PodCounters()
-                if not self.access.lookup("pod_counters", slot, previous):
-                    previous = None
-                self._update("pod_counters", slot, maps.PodCounters())
-                zeroed = True
+                # The id's counts start at 0 before any entry names it (an earlier pod's stay behind).
+                saved = self._reset_counters(index[handle].pod_id)
             self.write(handle, cfg)
         except Exception:
             if new:
-                index.pop(handle, None)   # refused whole: write() rolled its entries back
-                if zeroed and previous is not None:
-                    self.access.update("pod_counters", slot, previous)
-                elif zeroed:
-                    self.access.delete("pod_counters", slot)
+                pod_id = index.pop(handle).pod_id    # refused whole: write() rolled its entries back
+                for name, value in saved:
+                    if value is not None:
+                        self.access.update(name, ctypes.c_uint32(pod_id), value)
+                    else:
+                        self.access.delete(name, ctypes.c_uint32(pod_id))
             raise
+
+    def _reset_counters(self, pod_id: int) -> list[tuple[str, maps.PodCounters | None]]:
+        """Zero a pod id's counts (live, and carried from an older version); what they held."""
+        slot = ctypes.c_uint32(pod_id)
+        saved: list[tuple[str, maps.PodCounters | None]] = []
+        for name in COUNTER_MAPS:
+            value = maps.PodCounters()
+            saved.append((name, value if self.access.lookup(name, slot, value) else None))
+        self._update("pod_counters", slot, maps.PodCounters())
+        if saved[1][1] is not None:
+            self.access.delete("pod_counter_base", slot)
+        return saved
 
     def _update(self, name: str, key: Any, value: Any) -> None:
         """An update whose refusal by a full map is the one-line "maps are full" error."""
@@ -291,3 +327,4 @@ class PodTable:
         if entry is not None:
             self._drop_bypass(entry, set(entry.bypass))
             self.delete_entries(entry, set(entry.ports), set(entry.cidrs), set(entry.ips))
+            self.access.delete("pod_counter_base", ctypes.c_uint32(entry.pod_id))

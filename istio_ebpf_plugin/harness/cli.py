@@ -29,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # kernel_matrix itself is imported only when the command runs (the CLI loads no lab code)
     k = subparsers.add_parser("kernel-matrix", help="run the datapath on real Debian kernels in virtme-ng VMs")
     k.add_argument("--kernels", default="5.10,6.1,6.12,host", help="comma list of 5.10, 6.1, 6.12, host")
-    k.add_argument("--steps", default="probe,demo,table,conflict,selftest,cleanup",
-                   help="comma list of probe, demo, table, conflict, selftest, cleanup")
+    k.add_argument("--steps", default="probe,demo,table,explain,explain-rules,conflict,selftest,cleanup",
+                   help="comma list of probe, demo, table, explain, explain-rules, conflict, selftest, cleanup")
     k.add_argument("--out", default="out/kernel-matrix", help="one <kernel>.json per kernel and table.txt here")
     k.add_argument("--timeout", type=float, default=3600.0, help="seconds per kernel")
     k.set_defaults(func=cmd_kernel_matrix)

@@ -130,3 +130,22 @@ def counter_deltas(before: Mapping[int, Mapping[str, int]], after: Mapping[int, 
         if moved:
             out[name] = moved
     return out
+
+
+def check_case(lab: "CaptureLab", case: "Case", prediction: Prediction, before: Mapping[int, Mapping[str, int]],
+               after: Mapping[int, Mapping[str, int]], handles: Mapping[str, Any], mode: str,
+               outcome: Any) -> list[str]:
+    """What differs, for one case run after ``prediction``: the rules explain named against the
+    case's, the prediction against what the connection did (``outcome``), and the pods' counter
+    deltas (``before`` the question, ``after`` the connection) against the case's rules. A socket
+    bound to a port before connect() is refused in pod-IP mode (KNOWN_DIFFERENCES): not predicted."""
+    wrong = []
+    if prediction.rules != case.rules:
+        wrong.append(f"{case.id}: explain names {prediction.rules}, the case {case.rules}")
+    got = lab.outcome_key(case, outcome)
+    if not (mode == "podip" and case.bind) and not agrees(prediction, got.listener, got.pod, got.orig):
+        wrong.append(f"{case.id}: explain predicts {prediction.as_json()}, got {got}")
+    moved, want = counter_deltas(before, after, handles), expected_counters(case, mode)
+    if moved != want:
+        wrong.append(f"{case.id}: counters moved {moved}, the case predicts {want}")
+    return wrong

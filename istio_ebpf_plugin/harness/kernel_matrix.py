@@ -8,8 +8,11 @@ through a shared read-write directory, print a table.
 
 Guest side (``python -m istio_ebpf_plugin.harness.kernel_matrix guest``), in order:
 probe, demo (auto mode), table (the differential capture table against Istio's iptables
-rules), conflict (quadruple conflict), selftest (sockmap self-test), cleanup (``agent
---cleanup`` on an agent-like pinned datapath, then a leftover check).
+rules), explain (the table again, ``explain`` asked before every case: the rules it names, the
+listener, pod and original destination it predicts and each pod's counter deltas must be the
+case's), explain-rules (the same questions without connections: the rules only, quick enough for
+CI), conflict (quadruple conflict), selftest (sockmap self-test), cleanup (``agent --cleanup`` on
+an agent-like pinned datapath, then a leftover check).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from . import names, vm
 
 #: name -> Debian suite (None: this host's running kernel, no VM)
 KERNELS: dict[str, str | None] = {"5.10": "bullseye", "6.1": "bookworm", "6.12": "trixie", "host": None}
-STEPS = ("probe", "demo", "table", "conflict", "selftest", "cleanup")
+STEPS = ("probe", "demo", "table", "explain", "explain-rules", "conflict", "selftest", "cleanup")
 REPORT = "report.json"
 #: waits inside an emulated guest (see istio_ebpf_plugin.timeouts)
 TCG_TIMEOUT_SCALE = "8"
@@ -69,7 +72,7 @@ class GuestRun:
             try:
                 if name != "probe" and self.features is None:
                     self.step_probe()
-                result = getattr(self, f"step_{name}")()
+                result = getattr(self, f"step_{name.replace('-', '_')}")()
             except Exception as exc:   # one step's failure must not hide the others' results
                 result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:600],
                           "trace": traceback.format_exc()[-1500:]}
@@ -121,6 +124,55 @@ class GuestRun:
                 "total": len(CASES), "iptables_rules_in_pods": rules,
                 "documented_differences": sum(1 for r in results if not r.ok and r.case.id in allowed),
                 "disagree": [f"{r.case.id}[{r.case.config}]: {r.got}" for r in bad][:5]}
+
+    def step_explain(self) -> dict:
+        return self._explain(connect=True)
+
+    def step_explain_rules(self) -> dict:
+        return self._explain(connect=False)
+
+    def _explain(self, connect: bool) -> dict:
+        """Every case of the table asked of ``explain`` first (the kernel's decision functions with
+        BPF_PROG_TEST_RUN); with ``connect`` the connection is made too and compared."""
+        from ..datapath.explain import ExplainUnavailable
+        from .capture_cases import CASES, CaptureLab, ebpf_installer
+        from .explain_table import check_case, predict
+        from .node import Node
+        from .probe import Outcome
+
+        dp = self.datapath()
+        wrong: list[str] = []
+        counted = 0
+        with Node() as node:
+            dp.attach_cgroup(str(node.parent_cgroup))
+            try:
+                lab = CaptureLab(node)
+
+                def around(case: Any, handles: dict[str, Any], probe: Callable[[], Outcome]) -> Outcome:
+                    nonlocal counted
+                    before = dp.pod_counters()
+                    prediction = predict(lab, dp, case, handles)
+                    if not connect:
+                        if prediction.rules != case.rules:
+                            wrong.append(f"{case.id}: explain names {prediction.rules}, the case {case.rules}")
+                        return Outcome("skipped")
+                    outcome = probe()
+                    problems = check_case(lab, case, prediction, before, dp.pod_counters(), handles, self.mode,
+                                          outcome)
+                    wrong.extend(problems)
+                    counted += not problems
+                    return outcome
+
+                try:
+                    lab.run(CASES, install=ebpf_installer(dp), uninstall=lambda pod, handle: dp.remove_pod(handle),
+                            around=around)
+                except ExplainUnavailable as exc:
+                    return {"ok": False, "unavailable": str(exc), "agree": 0, "total": len(CASES)}
+            finally:
+                _detach_cgroup(dp, str(node.parent_cgroup))
+        bad = {w.split(":", 1)[0] for w in wrong}
+        return {"ok": not wrong, "agree": len(CASES) - len(bad), "total": len(CASES), "connections": connect,
+                "disagree": wrong[:5]}
 
     def step_conflict(self) -> dict:
         from .conflict import run_quadruple_conflict
@@ -304,6 +356,8 @@ def cell(step: str, r: dict | None) -> str:
         "probe": lambda: r.get("mode", "?"),
         "demo": lambda: f"{r['requests_ok']}/{r['requests_ok'] + r['requests_failed']}",
         "table": lambda: f"{r['agree']}/{r['total']}",
+        "explain": lambda: "unavailable" if r.get("unavailable") else f"{r['agree']}/{r['total']}",
+        "explain-rules": lambda: "unavailable" if r.get("unavailable") else f"{r['agree']}/{r['total']}",
         "conflict": lambda: f"{r['mixed_up']} mixed/{r['connections']}",
         "selftest": lambda: "pass" if r["passed"] else ("no verdict" if "could not run" in r["reason"] else "refused"),
         "cleanup": lambda: "clean" if not r["leftovers"] else f"{len(r['leftovers'])} left",

@@ -4,7 +4,7 @@
 ``cgroups`` (pod uid -> cgroup directory) and AgentConfig fields. The datapath version is the
 process's: ``ISTIO_EBPF_DATAPATH_VARIANT`` in its environment (another pod_cfg layout), and
 ``ISTIO_EBPF_FAILPOINT`` kills it at one step of the switch. Prints one line
-``READY {"switch": {...}, "version": ...}`` once the agent is ready, then runs until killed.
+``READY {"switch": {...}, "version": ..., "pod_counters": ...}`` once the agent is ready, then runs until killed.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def main() -> None:
         if not told and agent.ready()[0]:
             dp = agent.datapath
             print("READY " + json.dumps({"switch": agent.switch, "version": getattr(dp, "version", None),
-                                         "programs": dp.program_ids() if hasattr(dp, "program_ids") else {}}),
+                                         "programs": dp.program_ids() if hasattr(dp, "program_ids") else {},
+                                         "pod_counters": {str(h): c for h, c in dp.pod_counters().items()}}),
                   flush=True)
             told = True
 
