@@ -117,3 +117,36 @@ def test_containerfile_uses_setup_sh_steps_that_exist():
     assert "setup.sh host" not in "\n".join(ln for ln in text.splitlines() if ln.startswith("RUN"))
     init = daemonset()["spec"]["template"]["spec"]["initContainers"][0]
     assert init["command"][-2:] == ["/opt/istio-ebpf/src/scripts/setup.sh", "host"]
+
+
+def test_prepare_init_container_builds_what_the_agent_adopts():
+    """The prepare-datapath init container compiles the agent's own version (same image, mode and
+    headers) before the agent starts, so an upgrade's switch does not wait for the compile."""
+    spec = daemonset()["spec"]["template"]["spec"]
+    (agent,) = spec["containers"]
+    assert [c["name"] for c in spec["initContainers"]] == ["mount-bpffs", "prepare-datapath"]
+    prep = spec["initContainers"][1]
+    assert prep["image"] == agent["image"]
+    prep_lines, agent_lines = prep["args"][0].splitlines(), agent["args"][0].splitlines()
+    assert prep_lines[0] == agent_lines[0]          # the same kernel headers choice
+    args = build_parser().parse_args(shlex.split(prep_lines[1].strip())[2:])
+    assert args.prepare and not args.cleanup and args.pin_root == "/sys/fs/bpf/istio-ebpf" and not args.sockmap
+    env = {e["name"]: e for e in prep["env"]}
+    assert env["ISTIO_EBPF_MODE"] == next(e for e in agent["env"] if e["name"] == "ISTIO_EBPF_MODE")
+    sc = prep["securityContext"]
+    assert sc["privileged"] is False and sc["capabilities"]["drop"] == ["ALL"]
+    assert set(sc["capabilities"]["add"]) <= set(agent["securityContext"]["capabilities"]["add"])
+    mounts = {m["mountPath"]: m for m in prep["volumeMounts"]}
+    assert mounts["/sys/fs/bpf"]["mountPropagation"] == "HostToContainer"
+    assert all(mounts[p]["readOnly"] for p in ("/sys/fs/cgroup", "/lib/modules", "/usr/src"))
+
+
+def test_mode_override_reaches_the_prepare_step_too():
+    from istio_ebpf_plugin.install import manifests
+
+    (doc,) = [d for d in manifests.agent_documents(MANIFESTS_DIR) if d.kind == "DaemonSet"]
+    manifests.set_daemonset_env(doc, "ISTIO_EBPF_MODE", "podip")
+    spec = doc.data["spec"]["template"]["spec"]
+    for c in [spec["containers"][0], spec["initContainers"][1]]:
+        assert {"name": "ISTIO_EBPF_MODE", "value": "podip"} in c["env"], c["name"]
+    assert "env" not in spec["initContainers"][0]      # the bpffs mount does not read it

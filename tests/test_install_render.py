@@ -252,5 +252,6 @@ def test_release_image_follows_the_package_version_and_a_site_image_stays(agent_
     monkeypatch.delenv("ISTIO_EBPF_MANIFESTS_DIR")
     assert main(["render", "-f", str(GOLDENS[0])]) == 0   # the shipped manifests already carry it
     daemonset = (MANIFESTS_DIR / "daemonset.yaml").read_text()
-    assert daemonset.count(f"image: ghcr.io/istio-ebpf/agent:{__version__}\n") == 2
+    # mount-bpffs, prepare-datapath, agent
+    assert daemonset.count(f"image: ghcr.io/istio-ebpf/agent:{__version__}\n") == 3
     assert daemonset in capsys.readouterr().out

@@ -42,6 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--if-uninstalled", action="store_true",
                    help="with --cleanup (the preStop hook): only when the owning DaemonSet is gone or being "
                         "deleted, so a rolling update keeps capture up")
+    p.add_argument("--prepare", action="store_true",
+                   help="compile and pin this version's datapath beside the running one, attach nothing, exit "
+                        "(the DaemonSet's init container: the agent that follows adopts it, so an upgrade's "
+                        "switch does not wait for the compile)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=run)
 
@@ -87,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     mode = kernel.validate_mode(args.mode)
     node = args.node_name or socket.gethostname()
+    if args.prepare and args.cleanup:
+        raise UsageError("--prepare and --cleanup exclude each other")
     if args.cleanup:
         if args.if_uninstalled and not _uninstalling():
             print("istio-ebpf agent: DaemonSet still installed (rolling update?): pins kept")
@@ -96,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     if args.if_uninstalled:
         raise UsageError("--if-uninstalled only goes with --cleanup")
     cgroup_root = args.cgroup_root
+    if cgroup_root is None and args.prepare:
+        cgroup_root = "/sys/fs/cgroup"    # nothing is attached: the kubepods cgroup is not needed
     if cgroup_root is None:
         cg2 = find_cgroup2()
         if cg2 is None:
@@ -105,6 +113,12 @@ def run(args: argparse.Namespace) -> int:
     config = AgentConfig(node_name=node, mode_override=None if mode == "auto" else mode, pin_root=args.pin_root,
                          cgroup_root=cgroup_root, proc_root=args.proc_root, host=args.health_host,
                          port=args.health_port, resync_seconds=args.resync_seconds, sockmap=args.sockmap)
+    if args.prepare:
+        done = NodeAgent(config).prepare()
+        what = "compiled and pinned" if done["compiled"] else "already pinned"
+        print(f"istio-ebpf agent: mode {done['mode']}" + (f", datapath {done['version']} {what}" if done["version"]
+              else ", nothing to prepare") + f" in {done['seconds']:.2f} s; nothing attached", flush=True)
+        return 0
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

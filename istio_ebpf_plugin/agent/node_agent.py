@@ -31,7 +31,7 @@ from ..datapath.host import DEFAULT_PIN_ROOT
 from ..errors import IstioEbpfError
 from .health_server import HealthServer
 from . import explain_route, pod_view
-from .locate import PodLocation, PodLocator, boot_seconds, mount_of
+from .locate import PodLocation, PodLocator, boot_seconds, mount_of, process_started
 from .metrics import AgentMetrics
 from .mode import ModeDecision, decide
 from .pod_events import PodEvents
@@ -111,7 +111,8 @@ class NodeAgent:
         self.lock = NodeLock(config.pin_root)
         #: start-up phases in seconds from start(): lock, loaded, filled, took_over, retired
         self.switch: dict[str, float] = {}
-        self._t0 = 0.0
+        #: time.monotonic() when start() began (the switch phases count from it)
+        self.started_at = 0.0
         self.view: pod_view.PodView | None = None   # what /pods and the per-pod metrics show
         self._pod_counters: Mapping[Any, Mapping[str, int]] = {}
         self.metrics.registry.register(pod_view.PodCollector(lambda: self.view))
@@ -153,24 +154,18 @@ class NodeAgent:
     # ------------------------------------------------------------------ start
     def start(self, serve: bool = True) -> None:
         cfg = self.config
-        self._t0 = time.monotonic()
+        self.started_at = time.monotonic()
+        started = process_started(os.getpid())
+        if started is not None:
+            # interpreter start and imports: part of "from the agent's start" on a node
+            self.switch["exec"] = round(max(0.0, boot_seconds() - started), 3)
         self.lock.acquire(cfg.lock_timeout)
         self._mark("lock")
         if serve and self.server is None:
             self.server = HealthServer(cfg.host, cfg.port, self.healthy, self.ready,
                                        self.metrics.registry,
                                        {"/pods": self._pods_route, "/explain": self._explain_route}).start()
-        features = cfg.features
-        if features is None:
-            # Verdicts cached in the pin root: a restart does not compile the probes again.
-            from ..datapath import probe_cache
-
-            features, cached = probe_cache.probe_features(cfg.pin_root)
-            log.info("feature probes: %s", "cached in the pin root" if cached else "compiled, now cached")
-        self.decision = d = decide(release=cfg.kernel_release, override=cfg.mode_override,
-                                   features=features)
-        log.info("mode %s: %s", d.mode, d.reason)
-        self._record_decision(d)
+        d, sockmap = self._select_mode()
         if d.mode == "unsupported":
             if cfg.features is None:
                 from ..datapath import probe_cache
@@ -178,18 +173,6 @@ class NodeAgent:
                 probe_cache.discard(cfg.pin_root)    # nothing of ours stays on an iptables node
             self._publish()
             return
-        sockmap = cfg.sockmap and d.sockmap
-        if cfg.sockmap and not d.sockmap:
-            log.warning("sockmap acceleration requested but its probes failed: staying off")
-        if sockmap:
-            # Kernels broke sockmap before (FIONREAD, stalls, splice): real transfers first.
-            from ..datapath.selftest.sockmap_check import self_test
-
-            ok, why = (cfg.sockmap_self_test or self_test)(d.mode)
-            log.log(logging.INFO if ok else logging.WARNING, "%s", why)
-            if not ok:
-                sockmap = False
-                self.metrics.fallback.labels(reason=why[:200]).set(1)
         self.datapath = dp = self.datapath_factory(d.mode, cfg.pin_root, sockmap)
         dp.load()     # adopts the pins of a previous agent of the same version; never attaches
         self._mark("loaded")
@@ -213,8 +196,62 @@ class NodeAgent:
                                   on_relist=lambda reason: self.metrics.relists.labels(reason=reason).inc())
         self.watcher.start()
 
+    def _select_mode(self) -> tuple[ModeDecision, bool]:
+        """The node's mode (probe verdicts cached in the pin root) and whether sockmap is on."""
+        cfg = self.config
+        features = cfg.features
+        if features is None:
+            # Verdicts cached in the pin root: a restart does not compile the probes again.
+            from ..datapath import probe_cache
+
+            features, cached = probe_cache.probe_features(cfg.pin_root)
+            log.info("feature probes: %s", "cached in the pin root" if cached else "compiled, now cached")
+        self.decision = d = decide(release=cfg.kernel_release, override=cfg.mode_override,
+                                   features=features)
+        log.info("mode %s: %s", d.mode, d.reason)
+        self._record_decision(d)
+        if d.mode == "unsupported":
+            return d, False
+        sockmap = cfg.sockmap and d.sockmap
+        if cfg.sockmap and not d.sockmap:
+            log.warning("sockmap acceleration requested but its probes failed: staying off")
+        if sockmap:
+            # Kernels broke sockmap before (FIONREAD, stalls, splice): real transfers first.
+            from ..datapath.selftest.sockmap_check import self_test
+
+            ok, why = (cfg.sockmap_self_test or self_test)(d.mode)
+            log.log(logging.INFO if ok else logging.WARNING, "%s", why)
+            if not ok:
+                sockmap = False
+                self.metrics.fallback.labels(reason=why[:200]).set(1)
+        return d, sockmap
+
+    def prepare(self) -> dict[str, Any]:
+        """``istio-ebpf agent --prepare`` (the DaemonSet's init container): compile and pin this
+        version's programs and config maps beside the running version, attach nothing, exit.
+
+        The compile is most of an upgrade's time; done here, while the pinned old version still
+        captures every hook, the agent that follows adopts the complete pins and goes from its
+        start to the old version's retirement without compiling (docs/agent.md, "Upgrades").
+        The node lock keeps it apart from a running agent's own load."""
+        t0 = time.monotonic()
+        self.lock.acquire(self.config.lock_timeout)
+        try:
+            d, sockmap = self._select_mode()
+            if d.mode == "unsupported":
+                return {"mode": d.mode, "version": None, "compiled": False,
+                        "seconds": round(time.monotonic() - t0, 3)}
+            dp = self.datapath_factory(d.mode, self.config.pin_root, sockmap)
+            dp.load()
+            out = {"mode": d.mode, "version": getattr(dp, "version", None),
+                   "compiled": not getattr(dp, "adopted", False), "seconds": round(time.monotonic() - t0, 3)}
+            dp.close(cleanup=False)      # the pins stay for the agent; nothing was attached
+            return out
+        finally:
+            self.lock.release()
+
     def _mark(self, phase: str) -> None:
-        self.switch[phase] = round(time.monotonic() - self._t0, 4)
+        self.switch[phase] = round(time.monotonic() - self.started_at, 4)
 
     def _take_over(self) -> None:
         """Every opted-in pod of the first list is in this version's maps: now the hooks."""
@@ -227,7 +264,8 @@ class NodeAgent:
         retired = dp.retire_other_versions()
         self._mark("retired")
         self.attached = True
-        log.info("capture runs on this version (%s); retired %s; start-up phases (s): %s",
+        log.info("capture runs on this version (%s, %s); retired %s; start-up phases (s from start(), "
+                 "exec: from the process start to start()): %s", getattr(dp, "version", "?"),
                  out, ", ".join(retired) or "nothing", json.dumps(self.switch))
         # Published once capture is up: talking to the API (and importing its client) takes about
         # a second, which should not delay the takeover.

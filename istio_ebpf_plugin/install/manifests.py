@@ -312,9 +312,13 @@ def set_daemonset_image(doc: Document, image: str, repository: str | None = None
 
 
 def set_daemonset_env(doc: Document, name: str, value: str) -> None:
-    """Set ``name=value`` in every container of a DaemonSet document (re-serialises that document)."""
+    """Set ``name=value`` in every container of a DaemonSet document, and in every init container
+    that declares ``name`` already (the agent's prepare step must agree with the agent; the bpffs
+    mount does not need it). Re-serialises that document."""
     rt = _rt_yaml().load(doc.text)
-    containers = (((rt.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or []
+    spec = ((rt.get("spec") or {}).get("template") or {}).get("spec") or {}
+    containers = list(spec.get("containers") or []) + \
+        [c for c in spec.get("initContainers") or [] if any(e.get("name") == name for e in c.get("env") or [])]
     for container in containers:
         env = container.setdefault("env", [])
         for item in env:

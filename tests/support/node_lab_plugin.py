@@ -37,7 +37,8 @@ def istio_ebpf_transform_manifests(stream: Any, options: Any, plan: Any) -> None
     for doc in stream.documents:
         if doc.kind != "DaemonSet":
             continue
-        for c in doc.data["spec"]["template"]["spec"]["containers"]:
+        spec = doc.data["spec"]["template"]["spec"]
+        for c in spec.get("initContainers", []) + spec["containers"]:
             caps = ((c.get("securityContext") or {}).get("capabilities") or {}).get("add") or []
             dropped = not_grantable(caps, bounding)
             if dropped:
