@@ -77,6 +77,7 @@ def _agent_run(pods: list[dict], by_uid: dict[str, str], pin_root: str, cgroup: 
     while not agent.synced:
         agent.step(0.01)
     t_synced = time.monotonic()
+    retired_at = agent.started_at + agent.switch["retired"] if "retired" in agent.switch else None
     rss_after_sync = _rss_kib()
     for _ in range(20):  # steady state a little while (watch idle, metrics refreshed)
         agent.step(0.05)
@@ -87,12 +88,47 @@ def _agent_run(pods: list[dict], by_uid: dict[str, str], pin_root: str, cgroup: 
               "rss_after_reconcile_mib": round(rss_after_sync / 1024, 1),
               "rss_steady_mib": round(_rss_kib() / 1024, 1),
               "maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-              "switch": agent.switch, "version": getattr(agent.datapath, "version", None)})
+              "switch": agent.switch, "version": getattr(agent.datapath, "version", None),
+              "retired_at": retired_at, "compiled": not agent.datapath.adopted})
     agent.watcher.stop(0.1)
     agent.datapath.close(cleanup=False)
 
 
-def measure(n: int = 500, mode: str = "cookie", upgrade: bool = False) -> dict:
+def _prepare_run(pin_root: str, mode: str, out: "multiprocessing.connection.Connection") -> None:
+    """``istio-ebpf agent --prepare`` (the DaemonSet's init container) in its own interpreter."""
+    from istio_ebpf_plugin.agent.node_agent import AgentConfig, NodeAgent
+
+    out.send(NodeAgent(AgentConfig(node_name=NODE, mode_override=mode, pin_root=pin_root)).prepare())
+
+
+def _spawned(target, args: tuple, variant: str, timeout: float = 600) -> tuple[dict, float]:
+    """Run ``target(*args, conn)`` in a fresh interpreter of build ``variant`` (read when the datapath
+    modules load); its one report and the monotonic time the process was started."""
+    from istio_ebpf_plugin.datapath.maps import VARIANT_ENV
+
+    recv, send = multiprocessing.Pipe(duplex=False)
+    saved = os.environ.get(VARIANT_ENV)
+    os.environ[VARIANT_ENV] = variant
+    t_spawn = time.monotonic()
+    proc = multiprocessing.get_context("spawn").Process(target=target, args=(*args, send))
+    try:
+        proc.start()
+    finally:
+        if saved is None:
+            os.environ.pop(VARIANT_ENV, None)
+        else:
+            os.environ[VARIANT_ENV] = saved
+    try:
+        if not recv.poll(timeout):
+            raise RuntimeError(f"{target.__name__}: no report within {timeout:.0f} s")
+        return recv.recv(), t_spawn
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+
+
+def measure(n: int = 500, mode: str = "cookie", upgrade: bool = False, prepare: bool = True) -> dict:
     """Agent start-ups over n pods' entries: ``first_start`` (empty node), ``restart`` (same version,
     adopts the pins) and with ``upgrade`` also ``upgrade`` (another build variant, fresh interpreter:
     loads beside, fills, takes over, retires; its ``switch`` phases are the upgrade's timing) and
@@ -119,30 +155,28 @@ def measure(n: int = 500, mode: str = "cookie", upgrade: bool = False) -> dict:
                             annotations={"istio-ebpf.io/redirect": "ebpf"})
             pods.append(p)
             by_uid[p["metadata"]["uid"]] = f"/run/netns/{x}"
-        from istio_ebpf_plugin.datapath.maps import VARIANT_ENV
-
         for label in ("first_start", "restart") + (("upgrade", "rollback") if upgrade else ()):
-            recv, send = ctx.Pipe(duplex=False)
             variant = "1" if label == "upgrade" else "0"
-            # a fresh interpreter: the build variant is read when the datapath modules load
-            run_ctx = multiprocessing.get_context("spawn") if upgrade else ctx
-            saved = os.environ.get(VARIANT_ENV)
-            os.environ[VARIANT_ENV] = variant
-            t_spawn = time.monotonic()
-            proc = run_ctx.Process(target=_agent_run, args=(pods, by_uid, pin_root, str(cgroup), mode, send))
-            try:
+            if upgrade and prepare and label in ("upgrade", "rollback"):
+                # as the DaemonSet's init container does: compile beside the running version first
+                result[f"{label}_prepare"], _ = _spawned(_prepare_run, (pin_root, mode), variant)
+            if upgrade:
+                report, t_spawn = _spawned(_agent_run, (pods, by_uid, pin_root, str(cgroup), mode), variant)
+            else:
+                recv, send = ctx.Pipe(duplex=False)
+                t_spawn = time.monotonic()
+                proc = ctx.Process(target=_agent_run, args=(pods, by_uid, pin_root, str(cgroup), mode, send))
                 proc.start()
-            finally:
-                if saved is None:
-                    os.environ.pop(VARIANT_ENV, None)
-                else:
-                    os.environ[VARIANT_ENV] = saved
-            if not recv.poll(600):
-                proc.kill()
-                raise RuntimeError(f"{label}: agent did not report")
-            result[label] = recv.recv()
-            result[label]["process_to_report_seconds"] = round(time.monotonic() - t_spawn, 3)
-            proc.join(30)
+                if not recv.poll(600):
+                    proc.kill()
+                    raise RuntimeError(f"{label}: agent did not report")
+                report = recv.recv()
+                proc.join(30)
+            report["process_to_report_seconds"] = round(time.monotonic() - t_spawn, 3)
+            if report.get("retired_at") is not None:
+                # from the spawn of the agent's process (interpreter, imports, FakeKube) to retirement
+                report["spawn_to_retired_seconds"] = round(report["retired_at"] - t_spawn, 3)
+            result[label] = report
     finally:
         cleanup_pins(pin_root)
         subprocess.run(["ip", "-batch", "-"], input="".join(f"netns del {x}\n" for x in names),
@@ -159,8 +193,10 @@ def main() -> int:
     ap.add_argument("--pods", type=int, default=500)
     ap.add_argument("--mode", default="cookie", choices=["cookie", "podip"])
     ap.add_argument("--upgrade", action="store_true", help="also an upgrade to another build variant and back")
+    ap.add_argument("--no-prepare", action="store_true",
+                    help="upgrade without the init container's compile first (the agent compiles in its switch)")
     args = ap.parse_args()
-    print(json.dumps(measure(args.pods, args.mode, args.upgrade), indent=1))
+    print(json.dumps(measure(args.pods, args.mode, args.upgrade, not args.no_prepare), indent=1))
     return 0
 
 
