@@ -155,3 +155,20 @@ def test_pod_startup_results_reach_the_json_and_the_page(tmp_path: Path) -> None
     page = out_md.read_text()
     assert "### Pod start-up on a real node" in page and "| ebpf | 20 | 3380 [" in page
     assert "sandbox start -> capture written" in proc.stdout
+
+
+def test_agent_flag_measures_one_upgrade_switch_under_load(tmp_path: Path) -> None:
+    """`--agent` alone (`--paths none`): the agent's footprint and one lab switch N -> N+1 under load
+    (prepare step, then the new agent process) in meta: switch time, failed requests, uncaptured SYNs."""
+    out_json = tmp_path / "agent.json"
+    proc = subprocess.run([str(ROOT / ".venv/bin/istio-ebpf"), "bench", "--paths", "none", "--agent",
+                           "--json", str(out_json)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads(out_json.read_text())["meta"]
+    assert "upgrade_error" not in m and "agent_error" not in m, m
+    assert 0 < m["upgrade_switch_s"] and 0 < m["upgrade_prepare_s"], m
+    assert m["upgrade_failed"] == 0 and m["upgrade_uncaptured"] == 0 and m["upgrade_problems"] == [], m
+    assert m["upgrade_requests"]["http"] > 0 and m["upgrade_requests"]["dns"] > 0, m
+    phases = m["upgrade_switch_phases"]
+    assert phases["loaded"] <= phases["filled"] <= phases["took_over"] <= phases["retired"], phases
+    assert "upgrade N -> N+1 under load: switch" in proc.stdout

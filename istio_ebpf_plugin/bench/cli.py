@@ -35,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--discard-flagged", action="store_true",
                    help="leave rounds taken under other load (CPU of other processes, steal) out of the ratios")
     p.add_argument("--agent", action="store_true",
-                   help="also measure the real agent: RSS and time to capture, fresh and restarted over its pins")
+                   help="also measure the real agent: RSS and time to capture, fresh and restarted over its pins, "
+                        "and one lab upgrade switch N -> N+1 under load (switch time, failed, uncaptured)")
     p.add_argument("--workloads", help="comma list of workload names (default: all, or the quick set)")
     p.add_argument("--variants", help="comma list among direct,iptables,ebpf,ebpf-sockmap,explicit and "
                                       "ebpf-nocount (ebpf without per-pod counters: their cost)")
@@ -110,6 +111,12 @@ def _bench(args: argparse.Namespace) -> int:
                 doc["meta"].update(agent_footprint.measure())
             except Exception as exc:  # noqa: BLE001 - the benchmark's results are kept either way
                 doc["meta"]["agent_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            from . import upgrade_switch
+
+            try:
+                doc["meta"].update(upgrade_switch.measure(doc["meta"]["settings"]["mode"], progress=progress))
+            except Exception as exc:  # noqa: BLE001 - the benchmark's results are kept either way
+                doc["meta"]["upgrade_error"] = f"{type(exc).__name__}: {exc}"[:300]
         if no_paths:
             doc["meta"].update(elapsed_s=round(time.monotonic() - started, 1), loadavg_end=runner.loadavg())
     print(report.table(doc))

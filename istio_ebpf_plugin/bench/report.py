@@ -64,6 +64,10 @@ def table(doc: dict) -> str:
     if "agent_rss_mib" in m:
         lines.append(f"agent: RSS {m['agent_rss_mib']:.0f} MiB; start to capture {m['agent_start_to_capture_s']:.2f} s "
                      f"fresh (probes + compile), {m['agent_restart_to_capture_s']:.2f} s restarted over its pins")
+    if m.get("upgrade_switch_s") is not None:
+        lines.append(f"upgrade N -> N+1 under load: switch {m['upgrade_switch_s']:.2f} s (agent process start -> old "
+                     f"version retired; prepare step {m['upgrade_prepare_s']:.2f} s before it), "
+                     f"{m['upgrade_failed']} failed, {m['upgrade_uncaptured']} uncaptured")
     for key, info in m["variants"].items():
         if info.get("error"):
             lines.append(f"{key}: {info['error']}")
