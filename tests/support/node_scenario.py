@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -116,13 +117,15 @@ def container_status(pod: dict, name: str, init: bool = False) -> dict:
 
 
 # ---------------------------------------------------------------------- the cluster
-def agent_archive() -> Path:
+def agent_archive(variant: int = 0) -> Path:
     """The agent image (docker-archive) that scripts/build-image.sh builds from the Containerfile
-    ($ISTIO_EBPF_AGENT_ARCHIVE: an archive built before, e.g. while iterating on the test)."""
-    if os.environ.get("ISTIO_EBPF_AGENT_ARCHIVE"):
+    ($ISTIO_EBPF_AGENT_ARCHIVE: an archive built before, e.g. while iterating on the test). With
+    ``variant`` > 0: image B of the upgrade test, the build argument DATAPATH_VARIANT=variant (another
+    datapath version from the same tree), tagged ``AGENT_IMAGE-variant<N>``."""
+    if not variant and os.environ.get("ISTIO_EBPF_AGENT_ARCHIVE"):
         return Path(os.environ["ISTIO_EBPF_AGENT_ARCHIVE"])
     out = subprocess.run(["bash", str(PROJECT_ROOT / "scripts" / "build-image.sh")], stdout=subprocess.PIPE,
-                         text=True, check=True)
+                         text=True, check=True, env=dict(os.environ, DATAPATH_VARIANT=str(variant)))
     return Path(out.stdout.strip().splitlines()[-1])
 
 
@@ -353,13 +356,18 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
 
 def container_log(lab: Any, pod: dict, container: str) -> list[str]:
     """The container's stdout/stderr lines from kubelet's log files (inside the node)."""
+    return [text for _, text in container_log_timed(lab, pod, container)]
+
+
+def container_log_timed(lab: Any, pod: dict, container: str) -> list[tuple[float | None, str]]:
+    """The container's log lines with the time containerd read each (epoch seconds, ns precision)."""
     meta = pod["metadata"]
     d = lab.in_node(f"/var/log/pods/{meta['namespace']}_{meta['name']}_{meta['uid']}/{container}")
-    lines: list[str] = []
+    lines: list[tuple[float | None, str]] = []
     for f in sorted(d.glob("*.log")) if d.exists() else []:
         for raw in f.read_text(errors="replace").splitlines():
             parts = raw.split(" ", 3)   # CRI format: <time> <stream> <P|F> <text>
-            lines.append(parts[3] if len(parts) == 4 else raw)
+            lines.append((rfc3339(parts[0]), parts[3]) if len(parts) == 4 else (None, raw))
     return lines
 
 
@@ -414,3 +422,15 @@ s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(8)
 print("LISTENING", flush=True)
 sys.stdin.read()
 """
+
+
+def rfc3339(text: str) -> float | None:
+    """Epoch seconds of an RFC 3339 time (Kubernetes' seconds, CRI logs' nanoseconds); None if unreadable."""
+    import datetime
+
+    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", text.strip())
+    if not m:
+        return None
+    zone = "+00:00" if m.group(3) == "Z" else m.group(3)
+    base = datetime.datetime.fromisoformat(m.group(1) + zone).timestamp()
+    return base + (int(m.group(2)) / 10 ** len(m.group(2)) if m.group(2) else 0.0)

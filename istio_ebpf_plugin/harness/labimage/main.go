@@ -3,7 +3,8 @@
 //	app serve NAME PORT          HTTP server answering {"pod","local","remote"} (local = the address
 //	                             the connection really arrived at: the original destination)
 //	app front NAME PORT          HTTP server whose /fetch?url=U makes one new connection to U and
-//	                             relays the answer (502 on failure): the app behind the sidecar
+//	                             relays the answer (502 on failure): the app behind the sidecar; its
+//	                             outbound sockets carry TOS 0x20 (Envoy does not copy it upstream)
 //	pilot-agent proxy sidecar …  stand-in for Istio's pilot-agent: execs Envoy with the lab bootstrap
 //	pilot-agent istio-iptables …  stand-in for istio-init: loads the rules the lab rendered from the same
 //	                             arguments ($ISTIO_LAB_IPTABLES_RULES) with iptables-restore
@@ -30,6 +31,21 @@ import (
 
 const soOriginalDst = 80 // SO_ORIGINAL_DST (linux/netfilter_ipv4.h)
 
+// AppTOS marks the front app's outbound sockets (IP_TOS / IPV6_TCLASS).
+const AppTOS = 0x20
+
+func markTOS(network, address string, c syscall.RawConn) error {
+	var err error
+	c.Control(func(fd uintptr) {
+		if strings.HasSuffix(network, "6") {
+			err = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_IPV6, syscall.IPV6_TCLASS, AppTOS)
+		} else {
+			err = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_IP, syscall.IP_TOS, AppTOS)
+		}
+	})
+	return err
+}
+
 func main() {
 	args := os.Args[1:]
 	if filepath.Base(os.Args[0]) == "pilot-agent" {
@@ -43,8 +59,11 @@ func main() {
 }
 
 func serveHTTP(mode, name, port string) int {
+	// The app's own connections carry TOS AppTOS, which Envoy does not copy to its upstream
+	// connections: a SYN with it at the server went around the sidecar (the upgrade e2e sniffs).
+	dialer := &net.Dialer{Timeout: 5 * time.Second, Control: markTOS}
 	client := &http.Client{Timeout: 5 * time.Second,
-		Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil}}
+		Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil, DialContext: dialer.DialContext}}
 	http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		local := ""
 		if a, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr); ok {
