@@ -108,3 +108,25 @@ def test_upgrade_switch_time_with_100_pods():
         # No compile inside the switch: from the agent's start() to the old version's retirement
         # (the goal is 2 s from the process start; the figures are printed above and measured quiet).
         assert phases["retired"] <= 2.0, phases
+
+
+def test_prepare_command_compiles_once_and_attaches_nothing(pin_root):
+    """`istio-ebpf agent --prepare` as the init container runs it: compiles and pins a version and
+    links nothing; run again (a same-version restart), it finds the pins complete."""
+    import subprocess
+    import sys
+
+    from support.datapath_modes import host_mode
+
+    argv = [str(Path(sys.executable).with_name("istio-ebpf")), "agent", "--prepare", "--pin-root", pin_root,
+            "--mode", host_mode(), "--node-name", "prepare-test"]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    print(first.stdout.strip(), "|", again.stdout.strip())
+    assert "compiled and pinned" in first.stdout and "nothing attached" in first.stdout, first.stdout
+    assert "already pinned" in again.stdout, again.stdout
+    root = Path(pin_root)
+    assert len(list((root / "versions").iterdir())) == 1
+    assert not list(root.glob("links/*"))      # no link: nothing attached
