@@ -238,3 +238,20 @@ def test_a_refused_new_pod_leaves_the_previous_pods_counts_as_they_were():
     with pytest.raises(KernelError, match="maps are full"):
         pods.add(A, cfg("10.1.0.5"))
     assert fake.snapshot() == before
+
+
+def test_freed_pod_ids_are_reused_lowest_first():
+    fake = FakeMaps()
+    pods = pod_table(fake)
+    handles = [0x100 + i for i in range(4)]
+    for h in handles[:3]:
+        pods.add(h, cfg("10.1.0.5"))
+    pods.remove(handles[1])
+    pods.add(handles[3], cfg("10.1.0.6"))
+    assert pods.index()[handles[3]].pod_id == 2
+    pods.remove(handles[0])
+    pods.remove(handles[2])
+    restarted = pod_table(fake)         # the ids in use come back from the maps: 2
+    for h, want in ((0x200, 1), (0x201, 3), (0x202, 4)):
+        restarted.add(h, cfg("10.1.0.7"))
+        assert restarted.index()[h].pod_id == want

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..datapath import netns, userns
+from ..datapath.host import cgroup_pids
 from ..datapath.podconfig import IPAddress, PodConfig
 
 
@@ -222,15 +223,8 @@ class PodLocator:
     def pod_pids(self, where: PodLocation) -> Iterator[int]:
         """The located process first, then every process of the pod's cgroup tree."""
         yield where.pid
-        if not where.cgroup_path:
-            return
-        for dirpath, _dirs, files in os.walk(where.cgroup_path):
-            if "cgroup.procs" in files:
-                try:
-                    pids = [int(x) for x in Path(dirpath, "cgroup.procs").read_text().split()]
-                except (OSError, ValueError):
-                    continue
-                yield from (p for p in pids if p != where.pid)
+        if where.cgroup_path:
+            yield from (p for p in cgroup_pids(where.cgroup_path) if p != where.pid)
 
     def host_config(self, config: PodConfig, where: PodLocation) -> PodConfig:
         """``config`` with the proxy's IDs as the kernel sees them (pods with ``hostUsers: false``)."""

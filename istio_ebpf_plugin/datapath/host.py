@@ -73,6 +73,25 @@ def require_cgroup_v2_root() -> Path:
     return root
 
 
+def cgroup_pids(cgroup_path: str) -> list[int]:
+    """The processes of a cgroup and of every cgroup below it (a pod's: its containers').
+
+    Plain scandir and open: a resync reads this for every pod, and os.walk with pathlib cost
+    ~2 ms a pod under load."""
+    pids: list[int] = []
+    dirs = [cgroup_path]
+    while dirs:
+        d = dirs.pop()
+        try:
+            with os.scandir(d) as entries:
+                dirs += [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+            with open(os.path.join(d, "cgroup.procs")) as f:
+                pids += [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            continue      # the container went away meanwhile
+    return pids
+
+
 def unpin_link(path: Path) -> None:
     """Detach a pinned link now, then remove its pin.
 

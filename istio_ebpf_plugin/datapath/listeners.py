@@ -15,6 +15,7 @@ import struct
 from pathlib import Path
 from typing import Iterator
 
+from .host import cgroup_pids
 from .netns import netlink_dump, socket_in
 
 SYS_PIDFD_OPEN = 434
@@ -110,21 +111,11 @@ def processes_in_cgroup(cgroup_path: str, proc: str = "/proc") -> dict[int, list
     resync of 500 pods spent 1.6 s in those passes with no other process running).
     """
     out: dict[int, list[Path]] = {}
-    dirs = [cgroup_path]
-    while dirs:
-        d = dirs.pop()
+    for pid in cgroup_pids(cgroup_path):
         try:
-            with os.scandir(d) as entries:
-                dirs += [e.path for e in entries if e.is_dir(follow_symlinks=False)]
-            with open(os.path.join(d, "cgroup.procs")) as f:
-                pids = f.read().split()
+            out.setdefault(os.stat(f"{proc}/{pid}/ns/net").st_ino, []).append(Path(proc, str(pid)))
         except OSError:
-            continue      # the container went away meanwhile
-        for pid in pids:
-            try:
-                out.setdefault(os.stat(f"{proc}/{pid}/ns/net").st_ino, []).append(Path(proc, pid))
-            except OSError:
-                continue
+            continue
     return out
 
 

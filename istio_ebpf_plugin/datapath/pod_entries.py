@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import heapq
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
@@ -85,6 +86,8 @@ class PodTable:
     def __init__(self, access: MapAccess) -> None:
         self.access = access
         self._index: dict[int, PodIndex] | None = None
+        self._free_ids: list[int] = []     # heap of pod ids below _next_id that no pod holds
+        self._next_id = 1
 
     def forget(self) -> None:
         """Drop the mirror (the descriptors are closing); the next use rebuilds it from the maps."""
@@ -93,7 +96,20 @@ class PodTable:
     def index(self) -> dict[int, PodIndex]:
         if self._index is None:
             self._index = self._rebuild()
+            used = {e.pod_id for e in self._index.values()}
+            self._next_id = max(used, default=0) + 1
+            self._free_ids = [i for i in range(1, self._next_id) if i not in used]   # sorted: a heap
         return self._index
+
+    def _take_id(self) -> int:
+        """The lowest pod id no pod holds (a heap of freed ids: picking one was a pass over all pods)."""
+        if self._free_ids:
+            return heapq.heappop(self._free_ids)
+        self._next_id += 1
+        return self._next_id - 1
+
+    def _give_id(self, pod_id: int) -> None:
+        heapq.heappush(self._free_ids, pod_id)
 
     def _rebuild(self) -> dict[int, PodIndex]:
         index: dict[int, PodIndex] = {}
@@ -178,8 +194,7 @@ class PodTable:
         index = self.index()
         new = handle not in index
         if new:
-            used = {e.pod_id for e in index.values()}
-            index[handle] = PodIndex(next(i for i in range(1, len(used) + 2) if i not in used))
+            index[handle] = PodIndex(self._take_id())
         saved: list[tuple[str, maps.PodCounters | None]] = []
         try:
             if new:
@@ -189,6 +204,7 @@ class PodTable:
         except Exception:
             if new:
                 pod_id = index.pop(handle).pod_id    # refused whole: write() rolled its entries back
+                self._give_id(pod_id)
                 for name, value in saved:
                     if value is not None:
                         self.access.update(name, ctypes.c_uint32(pod_id), value)
@@ -325,6 +341,7 @@ class PodTable:
         entry = self.index().pop(handle, None)
         self.access.delete("pod_by_netns", ctypes.c_uint64(handle))
         if entry is not None:
+            self._give_id(entry.pod_id)
             self._drop_bypass(entry, set(entry.bypass))
             self.delete_entries(entry, set(entry.ports), set(entry.cidrs), set(entry.ips))
             self.access.delete("pod_counter_base", ctypes.c_uint32(entry.pod_id))
