@@ -259,6 +259,93 @@ def test_pod_events_node_view_and_metrics(env):
         s.note(f"/metrics: {series}")
 
 
+def _lab_answers(client_pod: dict, questions: list[Any]) -> list[dict]:
+    """The same questions about a lab pod with the client's configuration (the agent's pod_config of
+    the same Pod object, the lab pod's addresses), asked of a datapath loaded here: the lab's answer."""
+    import dataclasses
+    import uuid
+
+    from istio_ebpf_plugin.agent.pod_spec import pod_config
+    from istio_ebpf_plugin.datapath.loader import Datapath
+    from istio_ebpf_plugin.datapath.podconfig import ip_list
+    from istio_ebpf_plugin.harness.node import Node
+
+    dp = Datapath(mode="cookie", pin_root=f"/sys/fs/bpf/istio-ebpf-test-{uuid.uuid4().hex[:8]}").load()
+    try:
+        with Node() as node:
+            pod = node.add_pod("client")
+            cfg = dataclasses.replace(pod_config(client_pod), pod_ips=ip_list(pod.pod_ips))
+            handle = dp.add_pod(pod.netns_path, cfg, str(pod.cgroup_path))
+            return [dp.explain(handle, q).as_json() for q in questions]
+    finally:
+        dp.close(cleanup=True)
+
+
+def _pod_counters(name: str) -> dict[str, int]:
+    view = _pod_view(name)
+    assert view is not None
+    return view["counters"]
+
+
+def test_explain_and_per_pod_counters(env):
+    """``istio-ebpf explain`` in the agent pod answers for the real pod as the lab answers for the same
+    configuration; the pod's counters and metric series move by the rules it names."""
+    import ipaddress
+
+    from istio_ebpf_plugin.datapath.explain import Question
+
+    ns, lab = env["ns"], env["lab"]
+    server_ip, client_ip = env["server"]["status"]["podIP"], env["client"]["status"]["podIP"]
+    with step("istio-ebpf explain (in the agent pod) = the lab's answer; per-pod counters and series") as s:
+        agent = _agent_pod(env)
+        assert agent is not None
+
+        def explain(*args: str) -> subprocess.CompletedProcess:
+            return container_exec(lab, AGENT_NS, agent["metadata"]["name"], "agent", ["istio-ebpf", "explain", *args])
+
+        asked = [(f"{ns}/client", f"{server_ip}:{APP_PORT}", "--uid", "1000", "--gid", "1000"),
+                 (f"{ns}/client", f"{server_ip}:{APP_PORT}", "--uid", "1337", "--gid", "1337"),
+                 (f"{ns}/client", server_ip, "--inbound", str(APP_PORT)),
+                 (f"{ns}/client", server_ip, "--inbound", "15021")]
+        node_answers = []
+        for args in asked:
+            out = explain(*args)
+            assert out.returncode == 0, out.stderr
+            for line in out.stdout.splitlines():
+                s.note(f"istio-ebpf explain {' '.join(args)}| {line}")
+            node_answers.append(json.loads(explain(*args, "--json").stdout))
+        server = ipaddress.ip_address(server_ip)
+        lab_answers = _lab_answers(env["client"], [
+            Question("outbound", server, APP_PORT, 1000, 1000), Question("outbound", server, APP_PORT, 1337, 1337),
+            Question("inbound", server, APP_PORT), Question("inbound", server, 15021)])
+        keys = ("status", "rule", "captured", "listener", "why")
+        for got, want in zip(node_answers, lab_answers, strict=True):
+            assert {k: got[k] for k in keys} == {k: want[k] for k in keys}, (got, want)
+        assert [a["rule"] for a in node_answers] == ["out_captured_cidr", "out_pass_proxy_uid",
+                                                     "in_captured_all_ports", "in_pass_excluded_port"]
+        assert node_answers[0]["original_destination"] == [server_ip, APP_PORT]
+        assert node_answers[2]["original_destination"] == [client_ip, APP_PORT]
+        assert node_answers[2]["listener_ready"] is True        # the real Envoy's 15006 socket
+        # ... and what the pod's traffic then counts: host -> client (inbound) -> app -> server (outbound)
+        before = _pod_counters("client")
+        n = 5
+        for _ in range(n):
+            code, body = _fetch(env)
+            assert code == 200, body
+        after = wait(lambda: (c := _pod_counters("client"))["out_captured_cidr"] >= before["out_captured_cidr"] + n
+                     and c, 10, "the client's counters")
+        moved = {k: after[k] - before[k] for k in after if after[k] != before[k]}
+        s.note(f"{n} requests host -> client -> server: the client's counters moved {moved}")
+        assert moved["out_captured_cidr"] == n and moved["in_captured_all_ports"] == n, moved
+        assert moved["origdst_hit"] >= 2 * n and moved.get("origdst_miss", 0) == 0, moved
+        text = _metrics_text()
+        series = [line for line in text.splitlines() if line.startswith("istio_ebpf_pod_datapath_total{")
+                  and 'pod="client"' in line and line.split()[-1] != "0.0"]
+        for line in series:
+            s.note(f"/metrics| {line}")
+        assert any('counter="out_captured_cidr"' in line for line in series)
+
+
 def test_opt_in_without_a_sidecar_is_ignored(env):
     api, lab, ns = env["api"], env["lab"], env["ns"]
     with step("opt-in on a pod without a sidecar: ignored, with a Warning Event; its traffic untouched") as s:
