@@ -138,7 +138,9 @@ def create_userns_pod_netns(pod: Pod, host_base: int, size: int = USERNS_SIZE) -
         Path(f"/proc/{holder.pid}/{name}").write_text(f"0 {host_base} {size}\n")
     pod.userns_path = f"/proc/{holder.pid}/ns/user"
     run_checked(["ip", "netns", "attach", pod.netns, str(holder.pid)])
-    pod.ns_exec(["sysctl", "-q", "-w", *[f"{k}={v}" for k, v in POD_SYSCTLS.items()]])
+    # -e: the kernel may hide net.core.somaxconn in a netns owned by another user namespace
+    # (5.10 does: "cannot stat"); the pod then keeps the default backlog.
+    pod.ns_exec(["sysctl", "-e", "-q", "-w", *[f"{k}={v}" for k, v in POD_SYSCTLS.items()]])
 
 
 class Node:
