@@ -39,7 +39,7 @@ import errno
 import logging
 import time
 from dataclasses import dataclass, field
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from ..datapath.explain import Answer, Question
@@ -71,7 +71,8 @@ class DatapathLike(Protocol):
     def other_versions(self) -> list: ...                      # pins of other versions: a takeover is due
     def retire_other_versions(self) -> list[str]: ...          # after an upgrade: the old version's names
     def pod_key(self, netns_path: str, cgroup_path: str | None = None) -> int: ...   # add_pod's handle
-    def add_pod(self, netns_path: str, cfg: PodConfig, cgroup_path: str | None = None) -> int: ...
+    def add_pod(self, netns_path: str, cfg: PodConfig, cgroup_path: str | None = None,
+                pids: Sequence[int] = ()) -> int: ...   # pids: the pod's processes, if known
     def update_pod(self, handle: int, cfg: PodConfig) -> None: ...   # KeyError: not a pod of this datapath
     def remove_pod(self, handle: int) -> None: ...
     def pods(self) -> Mapping[int, object]: ...
@@ -406,7 +407,7 @@ class Reconciler:
             self._fail(st, where, f"user namespace of the pod not readable: {exc}", KERNEL)
             return
         try:
-            handle = self.datapath.add_pod(where.netns_path, entries, where.cgroup_path)
+            handle = self.datapath.add_pod(where.netns_path, entries, where.cgroup_path, where.pids)
         except (OSError, KernelError) as exc:
             if _sandbox_gone(exc):
                 # The sandbox went away between finding and programming it: find it again.

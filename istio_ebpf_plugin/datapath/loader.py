@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from ..errors import KernelError, UsageError
 from . import explain, failpoint, libbpf, maps
@@ -297,14 +297,16 @@ class Datapath:
             raise UsageError("pod-IP mode keys pods by their cgroup: pass the pod's cgroup directory")
         return os.stat(cgroup_path).st_ino     # the cgroup id on 64-bit kernels
 
-    def add_pod(self, netns_path: str, cfg: PodConfig, cgroup_path: str | None = None) -> int:
+    def add_pod(self, netns_path: str, cfg: PodConfig, cgroup_path: str | None = None,
+                pids: Sequence[int] = ()) -> int:
         """Capture the pod whose network namespace is netns_path (and, in pod-IP mode, whose
-        cgroup v2 directory is cgroup_path). Returns its handle (the pod's map key)."""
+        cgroup v2 directory is cgroup_path). Returns its handle (the pod's map key).
+        ``pids``: the pod's processes when the caller knows them (else those of cgroup_path)."""
         cookie = self.pod_key(netns_path, cgroup_path)
         self._pods.add(cookie, cfg)
         self._attach_netns(netns_path, cookie)
         # Listeners are looked for among the pod's own processes, not every process of the node.
-        self.register_listeners(netns_path, cookie, cfg, cgroup_path=cgroup_path)
+        self.register_listeners(netns_path, cookie, cfg, cgroup_path=cgroup_path, pids=pids)
         return cookie
 
     def update_pod(self, handle: int, cfg: PodConfig) -> None:
@@ -399,7 +401,8 @@ class Datapath:
     # ---- inbound listener (userspace path) ----------------------------------------
     def register_listeners(self, netns_path: str, cookie: int | None = None,
                            cfg: PodConfig | None = None, proc: str = "/proc",
-                           by_netns: dict | None = None, cgroup_path: str | None = None) -> int:
+                           by_netns: dict | None = None, cgroup_path: str | None = None,
+                           pids: Sequence[int] = ()) -> int:
         """Find sockets listening on 15006 in the pod and make them the sk_lookup target.
 
         Cookie mode does this in sockops when Envoy starts listening; this path
@@ -417,7 +420,7 @@ class Datapath:
         if ips is None:
             return 0
         written = 0
-        for family, fd in find_listeners(netns_path, INBOUND_PORT, proc, by_netns, cgroup_path):
+        for family, fd in find_listeners(netns_path, INBOUND_PORT, proc, by_netns, cgroup_path, pids):
             try:
                 for ip in ips:
                     if ip.family == family:

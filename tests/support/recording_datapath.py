@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from istio_ebpf_plugin.agent.reconcile import DatapathLike
 from istio_ebpf_plugin.datapath.explain import Answer, ExplainUnavailable, Question
@@ -57,7 +57,8 @@ class RecordingDatapath:
     def pod_key(self, netns_path: str, cgroup_path: str | None = None) -> int:
         return os.stat(netns_path).st_ino if self.mode == "cookie" else zlib.crc32(str(cgroup_path).encode())
 
-    def add_pod(self, netns_path: str, cfg: PodConfig, cgroup_path: str | None = None) -> int:
+    def add_pod(self, netns_path: str, cfg: PodConfig, cgroup_path: str | None = None,
+                pids: Sequence[int] = ()) -> int:
         handle = self.pod_key(netns_path, cgroup_path)
         self.calls.append(("add", handle))
         if self.capacity is not None and handle not in self.entries and len(self.entries) >= self.capacity:
