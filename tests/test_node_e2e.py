@@ -411,58 +411,66 @@ def _deny_pins(env: dict) -> list[str]:
 def test_full_maps_refuse_the_pod_until_it_is_programmed(env):
     api, ns = env["api"], env["ns"]
     server_ip = env["server"]["status"]["podIP"]
-    with step("full maps: an opted-in pod that cannot be programmed is refused (CaptureFailed), "
-              "then captured once there is room (CaptureReady)") as s:
-        keys = _fill_pod_map(env)
-        s.note(f"pod_by_netns filled with {len(keys)} keys no pod has")
-        listener = None
-        try:
-            cm = api.get("/api/v1/namespaces/istio-system/configmaps/istio-sidecar-injector")   # the patched one
-            api.call("POST", f"/api/v1/namespaces/{ns}/pods",
-                     injected_client_pod(ns, "client2", env["images"], cm, env["render"]))
-            (failed,) = wait(lambda: _pod_events(env, "client2", "CaptureFailed"), 90, "CaptureFailed on client2")
-            s.note(f"Event {failed['type']} CaptureFailed: {failed['message'][:200]}")
-            assert failed["type"] == "Warning" and "maps are full" in failed["message"]
-            pod = api.pod(ns, "client2")
-            ip, uid = pod["status"]["podIP"], pod["metadata"]["uid"]
-            assert len(_deny_pins(env)) == 5, _deny_pins(env)
-            pid, leaf = pod_process(pod_cgroup(_kubepods(), uid))
-            netns = f"--net=/proc/{pid}/ns/net"
-            # outbound from the pod's cgroup and netns: refused by connect()
-            out = subprocess.run(["nsenter", netns, sys.executable, "-c", CONNECT_FROM_POD, str(leaf), server_ip,
-                                  str(APP_PORT)], capture_output=True, text=True, timeout=30)
-            assert out.stdout.strip() == "EPERM", (out.stdout, out.stderr)
-            # inbound to a socket listening in the pod's netns: refused
-            listener = subprocess.Popen(["nsenter", netns, sys.executable, "-c", LISTEN_IN_POD, "9999"],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            assert listener.stdout.readline().strip() == "LISTENING"
-            with pytest.raises(ConnectionRefusedError):
-                socket.create_connection((ip, 9999), timeout=5).close()
-            s.note(f"client2 ({ip}): connect() from it -> EPERM; connect to it (a listener on 9999) -> refused; "
-                   f"deny pins {_deny_pins(env)[:2]}...")
-            view = _pod_view("client2")
-            assert view["state"] == "failed" and "maps are full" in view["error"]
-            failed_series = f'istio_ebpf_pod_state{{namespace="{ns}",pod="client2",state="failed"}} 1.0'
-            wait(lambda: "istio_ebpf_pods_failed 1.0" in (t := _metrics_text()) and failed_series in t, 15,
-                 "the failure in /metrics (refreshed every 2 s)")
-            wait(lambda: (_metric('istio_ebpf_pod_capture_failures_total{reason="maps_full"}') or 0) >= 3, 60,
-                 "three failed attempts (backing off)")
-            assert len(_pod_events(env, "client2", "CaptureFailed")) == 1
-        finally:
-            if listener is not None:
-                listener.kill()
-                listener.wait()
-            _empty_pod_map(env, keys)
-        (ready,) = wait(lambda: _pod_events(env, "client2", "CaptureReady"), 120, "CaptureReady on client2")
-        s.note(f"room again: Event CaptureReady: {ready['message']}")
-        assert _deny_pins(env) == [] and _pod_view("client2")["state"] == "captured"
-        wait(lambda: "istio_ebpf_pods_failed 0.0" in _metrics_text(), 10, "pods_failed back to 0")
-    with step("per-pod metrics follow the pod: client2 deleted, its series go") as s:
+    try:
+        with step("full maps: an opted-in pod that cannot be programmed is refused (CaptureFailed), "
+                  "then captured once there is room (CaptureReady)") as s:
+            keys = _fill_pod_map(env)
+            s.note(f"pod_by_netns filled with {len(keys)} keys no pod has")
+            listener = None
+            try:
+                cm = api.get("/api/v1/namespaces/istio-system/configmaps/istio-sidecar-injector")   # the patched one
+                api.call("POST", f"/api/v1/namespaces/{ns}/pods",
+                         injected_client_pod(ns, "client2", env["images"], cm, env["render"]))
+                (failed,) = wait(lambda: _pod_events(env, "client2", "CaptureFailed"), 90, "CaptureFailed on client2")
+                s.note(f"Event {failed['type']} CaptureFailed: {failed['message'][:200]}")
+                assert failed["type"] == "Warning" and "maps are full" in failed["message"]
+                # The agent reads the sandbox's addresses itself: its Event can come before kubelet's status.
+                pod = wait(lambda: (p := api.pod(ns, "client2")) and p["status"].get("podIP") and p, 60,
+                           "client2's podIP in its status")
+                ip, uid = pod["status"]["podIP"], pod["metadata"]["uid"]
+                assert len(_deny_pins(env)) == 5, _deny_pins(env)
+                pid, leaf = pod_process(pod_cgroup(_kubepods(), uid))
+                netns = f"--net=/proc/{pid}/ns/net"
+                # outbound from the pod's cgroup and netns: refused by connect()
+                out = subprocess.run(["nsenter", netns, sys.executable, "-c", CONNECT_FROM_POD, str(leaf), server_ip,
+                                      str(APP_PORT)], capture_output=True, text=True, timeout=30)
+                assert out.stdout.strip() == "EPERM", (out.stdout, out.stderr)
+                # inbound to a socket listening in the pod's netns: refused
+                listener = subprocess.Popen(["nsenter", netns, sys.executable, "-c", LISTEN_IN_POD, "9999"],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                assert listener.stdout.readline().strip() == "LISTENING"
+                with pytest.raises(ConnectionRefusedError):
+                    socket.create_connection((ip, 9999), timeout=5).close()
+                s.note(f"client2 ({ip}): connect() from it -> EPERM; connect to it (a listener on 9999) -> refused; "
+                       f"deny pins {_deny_pins(env)[:2]}...")
+                view = _pod_view("client2")
+                assert view["state"] == "failed" and "maps are full" in view["error"]
+                failed_series = f'istio_ebpf_pod_state{{namespace="{ns}",pod="client2",state="failed"}} 1.0'
+                wait(lambda: "istio_ebpf_pods_failed 1.0" in (t := _metrics_text()) and failed_series in t, 15,
+                     "the failure in /metrics (refreshed every 2 s)")
+                wait(lambda: (_metric('istio_ebpf_pod_capture_failures_total{reason="maps_full"}') or 0) >= 3, 60,
+                     "three failed attempts (backing off)")
+                assert len(_pod_events(env, "client2", "CaptureFailed")) == 1
+            finally:
+                if listener is not None:
+                    listener.kill()
+                    listener.wait()
+                _empty_pod_map(env, keys)
+            (ready,) = wait(lambda: _pod_events(env, "client2", "CaptureReady"), 120, "CaptureReady on client2")
+            s.note(f"room again: Event CaptureReady: {ready['message']}")
+            assert _deny_pins(env) == [] and _pod_view("client2")["state"] == "captured"
+            wait(lambda: "istio_ebpf_pods_failed 0.0" in _metrics_text(), 10, "pods_failed back to 0")
+        with step("per-pod metrics follow the pod: client2 deleted, its series go") as s:
+            api.delete_pod(ns, "client2", grace=0)
+            wait(lambda: not api.pod(ns, "client2"), 120, "client2 gone")
+            wait(lambda: 'pod="client2"' not in _metrics_text(), 30, "client2's series gone")
+            assert f'istio_ebpf_pod_state{{namespace="{ns}",pod="client",state="captured"}} 1.0' in _metrics_text()
+            s.note("client2's istio_ebpf_pod_state series gone; client's still there")
+    except BaseException:
+        # The later tests count the node's captured pods: client2 must not outlive a failure here.
         api.delete_pod(ns, "client2", grace=0)
-        wait(lambda: not api.pod(ns, "client2"), 120, "client2 gone")
-        wait(lambda: 'pod="client2"' not in _metrics_text(), 30, "client2's series gone")
-        assert f'istio_ebpf_pod_state{{namespace="{ns}",pod="client",state="captured"}} 1.0' in _metrics_text()
-        s.note("client2's istio_ebpf_pod_state series gone; client's still there")
+        wait(lambda: not api.pod(ns, "client2"), 120, "client2 gone after a failure")
+        raise
 
 
 def test_pod_startup_benchmark_runs_both_variants(env):

@@ -159,7 +159,7 @@ def test_init_container_step_runs_in_the_image(podman):
     mounted and that has no kernel headers (the agent then uses the image's)."""
     ds = next(d for d in yaml.safe_load_all((ROOT / "manifests" / "daemonset.yaml").read_text())
               if d and d["kind"] == "DaemonSet")
-    (init,) = ds["spec"]["template"]["spec"]["initContainers"]
+    (init,) = [c for c in ds["spec"]["template"]["spec"]["initContainers"] if c["name"] == "mount-bpffs"]
     proc = podman.run("--privileged", "--network", "none", "-v", "/sys/fs/bpf:/sys/fs/bpf", IMAGE,
                       *init["command"][1:], *init.get("args", []), entrypoint=init["command"][0])
     assert proc.returncode == 0, proc.stdout + proc.stderr
