@@ -160,3 +160,12 @@ def test_test_doubles_live_in_tests_not_in_the_package():
         fakes = [n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name.startswith("Fake")]
         assert not fakes, f"{path.relative_to(ROOT)} defines test doubles {fakes}: move them to tests/"
         assert not path.stem.startswith("fake"), path
+
+
+def test_the_agent_reaches_its_seams_through_their_types():
+    """NodeAgent calls the datapath and the pod locator through typed seams (``DatapathLike``,
+    ``PodLocator``), never ``getattr``: mypy checks every call."""
+    tree = ast.parse((PACKAGE / "agent" / "node_agent.py").read_text())
+    calls = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+             and n.func.id in ("getattr", "hasattr")]
+    assert not calls, f"agent/node_agent.py: getattr/hasattr at lines {calls}"

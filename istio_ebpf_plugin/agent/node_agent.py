@@ -243,8 +243,8 @@ class NodeAgent:
                         "seconds": round(time.monotonic() - t0, 3)}
             dp = self.datapath_factory(d.mode, self.config.pin_root, sockmap)
             dp.load()
-            out = {"mode": d.mode, "version": getattr(dp, "version", None),
-                   "compiled": not getattr(dp, "adopted", False), "seconds": round(time.monotonic() - t0, 3)}
+            out = {"mode": d.mode, "version": dp.version,
+                   "compiled": not dp.adopted, "seconds": round(time.monotonic() - t0, 3)}
             dp.close(cleanup=False)      # the pins stay for the agent; nothing was attached
             return out
         finally:
@@ -265,7 +265,7 @@ class NodeAgent:
         self._mark("retired")
         self.attached = True
         log.info("capture runs on this version (%s, %s); retired %s; start-up phases (s from start(), "
-                 "exec: from the process start to start()): %s", getattr(dp, "version", "?"),
+                 "exec: from the process start to start()): %s", dp.version,
                  out, ", ".join(retired) or "nothing", json.dumps(self.switch))
         # Published once capture is up: talking to the API (and importing its client) takes about
         # a second, which should not delay the takeover.
@@ -336,7 +336,7 @@ class NodeAgent:
         unsupported = d.reason if d is not None and d.mode == "unsupported" else None
 
         def pids(target: pod_view.PodTarget) -> Iterator[int]:
-            if rec is None or not hasattr(rec.locator, "pod_pids"):
+            if rec is None:
                 return iter(())
             where = PodLocation(target.cgroup_path, target.netns_path, 0, target.netns_inode or 0)
             return (p for p in rec.locator.pod_pids(where) if p)
@@ -354,8 +354,7 @@ class NodeAgent:
     def _pod_captured(self, pod: Mapping[str, Any], where: PodLocation) -> float | None:
         """Sandbox start -> entries written (for the pod's CaptureReady Event; into the histogram
         for pods this agent saw start, not those whose sandbox predates it)."""
-        started = getattr(self.reconciler.locator if self.reconciler else None, "sandbox_started", None)
-        t0 = started(where) if started is not None else None
+        t0 = self.reconciler.locator.sandbox_started(where) if self.reconciler else None
         if t0 is None:
             return None
         age = max(0.0, boot_seconds() - t0)

@@ -65,6 +65,9 @@ class DatapathLike(Protocol):
     ``deny_pod`` returned, opaque too.
     """
 
+    version: str        # this build's name (sources and flags hashed), as pinned under versions/
+    adopted: bool       # load() found this version pinned (a restart, or a prepare step ran)
+
     def load(self) -> object: ...                              # compile, or adopt a previous agent's pins
     def attach_cgroup(self, cgroup_path: str) -> object: ...   # idempotent
     def take_over(self, cgroup_path: str) -> object: ...       # every hook runs this version (after the fill)

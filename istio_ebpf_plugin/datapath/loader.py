@@ -473,7 +473,9 @@ class Datapath:
         """Close our descriptors; with cleanup also detach and unpin everything of this version
         (its links, its programs and config maps; the state maps when no other version is left)."""
         if cleanup and self.pin_dir.exists():
-            ours = set(self.program_ids().values())
+            # Our programs by id: from our descriptors, or from the pins when this object was closed
+            # already (an empty set would remove the version but leave its links attached).
+            ours = set(self.program_ids().values()) or _pinned_program_ids(self.pin_dir / "progs")
             if self.sockmap and "accel_socks" in self.map_fds and "ie_accel" in self.prog_fds:
                 try:
                     libbpf.prog_detach(self.prog_fds["ie_accel"], self.map_fds["accel_socks"],
@@ -608,3 +610,18 @@ def cleanup_pins(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:
             removed += remove_tree(directory)
     _rmdir_quiet(root)
     return removed
+
+
+def _pinned_program_ids(progs: Path) -> set[int]:
+    """The ids of the programs pinned in a version's progs/ directory."""
+    ids: set[int] = set()
+    for pin in progs.iterdir() if progs.is_dir() else []:
+        try:
+            fd = libbpf.obj_get(str(pin))
+        except OSError:
+            continue
+        try:
+            ids.add(libbpf.obj_id(fd))
+        finally:
+            os.close(fd)
+    return ids

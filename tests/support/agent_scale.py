@@ -20,6 +20,7 @@ import os
 import subprocess
 import time
 import uuid
+from typing import Iterator
 from pathlib import Path
 
 from .fake_kube import FakeKube, fixture_pod
@@ -51,6 +52,9 @@ class _NetnsLocator:
 
     def sandbox_started(self, where: PodLocation) -> float | None:
         return None
+
+    def pod_pids(self, where: PodLocation) -> Iterator[int]:
+        return iter(())    # the stand-in sandboxes' processes are not looked at here
 
     def addresses(self, where: PodLocation) -> tuple:
         return ()          # the pods' addresses come from their objects here

@@ -25,6 +25,8 @@ from istio_ebpf_plugin.errors import KernelError
 class RecordingDatapath:
     def __init__(self, mode: str, pin_dir: str, sockmap: bool, store: dict[int, PodConfig] | None = None) -> None:
         self.mode = mode
+        self.version = f"recording-{mode}"
+        self.adopted = False
         self.entries: dict[int, PodConfig] = store if store is not None else {}
         self.calls: list[tuple] = []
         self.attached: list[str] = []
