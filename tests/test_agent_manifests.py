@@ -150,3 +150,62 @@ def test_mode_override_reaches_the_prepare_step_too():
     for c in [spec["containers"][0], spec["initContainers"][1]]:
         assert {"name": "ISTIO_EBPF_MODE", "value": "podip"} in c["env"], c["name"]
     assert "env" not in spec["initContainers"][0]      # the bpffs mount does not read it
+
+
+# --- admission on modern clusters (Pod Security, AppArmor, SELinux), checked on the rendered output
+
+def _rendered(capsys, *args: str) -> list[dict]:
+    from istio_ebpf_plugin.cli import main
+    from support.istio_fixtures import FIXTURES
+
+    golden = FIXTURES / "master" / "manifest-generate" / "output" / "pilot_default.golden.yaml"
+    assert main(["render", "-f", str(golden), *args]) == 0
+    return [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+
+
+def test_namespace_carries_the_pod_security_labels_istio_asks_for_cni(capsys, monkeypatch):
+    monkeypatch.delenv("ISTIO_EBPF_MANIFESTS_DIR", raising=False)
+    (ns,) = [d for d in _rendered(capsys) if d["kind"] == "Namespace" and d["metadata"]["name"] == "istio-ebpf-system"]
+    labels = {k: v for k, v in ns["metadata"]["labels"].items() if k.startswith("pod-security.kubernetes.io/")}
+    assert labels == {f"pod-security.kubernetes.io/{mode}{suffix}": value
+                      for mode in ("enforce", "warn", "audit")
+                      for suffix, value in (("", "privileged"), ("-version", "latest"))}
+
+
+def test_every_agent_container_is_apparmor_unconfined_by_annotation(capsys, monkeypatch):
+    monkeypatch.delenv("ISTIO_EBPF_MANIFESTS_DIR", raising=False)
+    (ds,) = [d for d in _rendered(capsys) if d["kind"] == "DaemonSet"]
+    template = ds["spec"]["template"]
+    names = [c["name"] for c in template["spec"]["initContainers"] + template["spec"]["containers"]]
+    prefix = "container.apparmor.security.beta.kubernetes.io/"
+    apparmor = {k[len(prefix):]: v for k, v in template["metadata"]["annotations"].items() if k.startswith(prefix)}
+    # Exactly the pod's containers: an apiserver rejects an annotation naming a container the pod lacks.
+    assert apparmor == dict.fromkeys(names, "unconfined") and len(names) == 3
+    # The 1.30+ field is not used: 1.20-1.29 would drop it, and both forms must agree when present.
+    assert all("appArmorProfile" not in (c.get("securityContext") or {}) for c in
+               template["spec"]["initContainers"] + template["spec"]["containers"])
+    assert "appArmorProfile" not in (template["spec"].get("securityContext") or {})
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_selinux_type_option_sets_the_pod_security_context(capsys, monkeypatch, version):
+    monkeypatch.delenv("ISTIO_EBPF_MANIFESTS_DIR", raising=False)
+    (plain,) = [d for d in _rendered(capsys) if d["kind"] == "DaemonSet"]
+    assert "seLinuxOptions" not in (plain["spec"]["template"]["spec"].get("securityContext") or {})
+    (ds,) = [d for d in _rendered(capsys, "--selinux-type", "spc_t") if d["kind"] == "DaemonSet"]
+    assert ds["spec"]["template"]["spec"]["securityContext"] == {"seLinuxOptions": {"type": "spc_t"}}
+    kubernetes_validate.validate(ds, version, strict=True)
+    # Nothing else of the DaemonSet changed.
+    ds["spec"]["template"]["spec"].pop("securityContext")
+    assert ds == plain
+
+
+def test_bad_selinux_type_is_a_usage_error(capsys, monkeypatch):
+    from istio_ebpf_plugin.cli import main
+    from support.istio_fixtures import FIXTURES
+
+    monkeypatch.delenv("ISTIO_EBPF_MANIFESTS_DIR", raising=False)
+    golden = FIXTURES / "master" / "manifest-generate" / "output" / "pilot_default.golden.yaml"
+    assert main(["render", "-f", str(golden), "--selinux-type", "spc_t:s0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "invalid SELinux type 'spc_t:s0'" in captured.err

@@ -304,11 +304,25 @@ def set_daemonset_image(doc: Document, image: str, repository: str | None = None
     for container in _pod_template_containers(rt):
         if wanted(container):
             container["image"] = image
+    _dump_rt(doc, rt)
+
+
+def _dump_rt(doc: Document, rt: Any) -> None:
     buf = io.StringIO()
     _rt_yaml().dump(rt, buf)
     doc.text = buf.getvalue()
     doc.data = _safe_load(doc.text, doc.where())
     doc.changed = True
+
+
+def set_daemonset_selinux_type(doc: Document, selinux_type: str) -> None:
+    """``spec.template.spec.securityContext.seLinuxOptions.type`` of a DaemonSet document (every
+    container of the pod runs with that SELinux type, e.g. ``spc_t``). Re-serialises that document."""
+    rt = _rt_yaml().load(doc.text)
+    spec = rt["spec"]["template"]["spec"]
+    security = spec.setdefault("securityContext", {})
+    security.setdefault("seLinuxOptions", {})["type"] = selinux_type
+    _dump_rt(doc, rt)
 
 
 def set_daemonset_env(doc: Document, name: str, value: str) -> None:
@@ -328,11 +342,7 @@ def set_daemonset_env(doc: Document, name: str, value: str) -> None:
                 break
         else:
             env.append({"name": name, "value": value})
-    buf = io.StringIO()
-    _rt_yaml().dump(rt, buf)
-    doc.text = buf.getvalue()
-    doc.data = _safe_load(doc.text, doc.where())
-    doc.changed = True
+    _dump_rt(doc, rt)
 
 
 def merge_agent(stream: Stream, agent: list[Document]) -> None:

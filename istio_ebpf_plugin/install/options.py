@@ -21,6 +21,7 @@ class Options:
     istio_namespace: str | None = None
     mode: str = "auto"               # auto | cookie | podip | unsupported
     image: str | None = None         # agent image; None: $ISTIO_EBPF_IMAGE, else the release image
+    selinux_type: str | None = None  # render/install: SELinux type of the agent pod (e.g. spc_t)
     dry_run: bool = False
     timeout: float = 300.0           # install: DaemonSet rollout; uninstall: agent pods' clean-up (0: no wait)
     retries: int = 5                 # install: attempts when an injector ConfigMap changes under us

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 import sys
 import time
 from typing import Any
@@ -33,6 +34,10 @@ MODE_ENV = "ISTIO_EBPF_MODE"
 AGENT_REASON_ANNOTATION = "istio-ebpf.io/mode-reason"
 
 
+#: An SELinux type name (the third field of a context such as system_u:system_r:spc_t:s0).
+_SELINUX_TYPE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -49,6 +54,9 @@ def istio_ebpf_add_options(parser: argparse.ArgumentParser, command: str) -> Non
     if command in ("render", "install"):
         parser.add_argument("--image", default=DEFAULTS.image, metavar="REF",
                             help=f"agent image (default: ${resources.IMAGE_ENV}, else {resources.release_image()})")
+        parser.add_argument("--selinux-type", default=DEFAULTS.selinux_type, metavar="TYPE",
+                            help="SELinux type of the agent pod (seLinuxOptions.type), e.g. spc_t on "
+                                 "OpenShift or other SELinux-enforcing nodes; default: the runtime's")
     if command in ("install", "uninstall"):
         parser.add_argument("--dry-run", action="store_true",
                             help="print the JSON patches and manifests instead of applying them")
@@ -108,9 +116,14 @@ def istio_ebpf_agent_manifests(options: Options, plan: list[planmod.NodePlan] | 
     image = agent_image(options)
     if mode != "auto":
         kernel.validate_mode(mode)
+    selinux = Options.of(options).selinux_type
+    if selinux is not None and not _SELINUX_TYPE.fullmatch(selinux):
+        raise UsageError(f"invalid SELinux type {selinux!r} (letters, digits and _, e.g. spc_t)")
     for doc in docs:
         if doc.kind != "DaemonSet":
             continue
+        if selinux:
+            manifests.set_daemonset_selinux_type(doc, selinux)
         if image:
             manifests.set_daemonset_image(doc, image)
         else:  # the release image follows the package version; a site's own images stay
