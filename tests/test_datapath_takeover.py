@@ -165,3 +165,61 @@ def test_switch_n_to_n1_and_back_keeps_connections_and_hooks(lab):
     finally:
         os.close(fd)
     assert not Path(root).exists()
+
+
+def _netns_links(root: str) -> set[str]:
+    links = Path(root) / "links"
+    return {p.name for p in links.glob("netns-*")} if links.is_dir() else set()
+
+
+@pytest.mark.parametrize("lab", ["cookie", "podip"], indirect=True)
+def test_mode_change_keeps_one_sk_lookup_program_per_pod_and_leaves_no_pin_of_the_old_mode(lab):
+    """A forced mode change without a reboot: the other mode keys pods differently (netns cookie vs
+    cgroup id), so each pod's sk_lookup link is pinned under another name. The new mode's add_pod
+    takes that same link over by its name (never a second link in the netns: two of our programs
+    would answer there until take_over); take_over retargets it; pod c, held by the old mode only
+    (gone while no agent ran), loses its link; retiring leaves no version, state directory or link
+    of the old mode. Every pod's netns runs exactly one sk_lookup program at every step."""
+    node, root, old_mode, a, b = lab
+    new_mode = "podip" if old_mode == "cookie" else "cookie"
+    require_mode(new_mode)
+    c = node.add_pod("c")
+    cgroup = str(node.parent_cgroup)
+    old = _load(root, old_mode, node, (a, b, c))
+    old.attach_cgroup(cgroup)
+    old_ids = old.program_ids()
+    old_keys = {p.name: old.pod_key(p.netns_path, str(p.cgroup_path)) for p in (a, b, c)}
+    for conn, _ in _held(a, b).values():      # captured by the old mode
+        conn.close()
+    old.close()
+
+    def sk_lookup(pod) -> list[int]:
+        return _sk_lookup_ids(pod.netns_path)
+
+    assert all(sk_lookup(p) == [old_ids["ie_inbound"]] for p in (a, b, c))
+    new = Datapath(mode=new_mode, pin_root=root).load()
+    new_keys = {p.name: new.pod_key(p.netns_path, str(p.cgroup_path)) for p in (a, b)}
+    assert not set(new_keys.values()) & set(old_keys.values())
+    for pod in (a, b):
+        new.add_pod(pod.netns_path, PodConfig(pod_ips=ip_list(pod.pod_ips)), str(pod.cgroup_path))
+        # Renamed, not doubled: the old mode's program still answers until take_over.
+        assert all(sk_lookup(p) == [old_ids["ie_inbound"]] for p in (a, b, c)), pod.name
+        assert f"netns-{new_keys[pod.name]}" in _netns_links(root)
+        assert f"netns-{old_keys[pod.name]}" not in _netns_links(root)
+    out = new.take_over(cgroup)
+    assert out == {"cgroup_created": 0, "netns_updated": 2, "netns_removed": 1}, out
+    _only(new, cgroup, (a, b))
+    assert sk_lookup(c) == []
+    retired = new.retire_other_versions()
+    assert len(retired) == 2 and all(old_mode in name for name in retired), retired     # version + state dir
+    assert [p.name for p in (Path(root) / "versions").iterdir()] == [new.version]
+    assert [p.name for p in Path(root).iterdir() if p.name.startswith("state-")] == [new.state_dir.name]
+    assert not any(old_mode in p.name for p in list(Path(root).iterdir()) + list((Path(root) / "versions").iterdir()))
+    assert _netns_links(root) == {f"netns-{k}" for k in new_keys.values()}
+    _only(new, cgroup, (a, b))
+    for conn, _ in _held(a, b).values():      # captured by the new mode
+        conn.close()
+    assert new.counters()["origdst_miss"] == 0
+    new.close(cleanup=True)
+    assert all(sk_lookup(p) == [] for p in (a, b, c))
+    assert not Path(root).exists()

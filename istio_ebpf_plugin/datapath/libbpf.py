@@ -123,6 +123,15 @@ def link_prog_id(link_fd: int) -> int:
     return int.from_bytes(bytes(buf[8:12]), "little")
 
 
+def link_netns_ino(link_fd: int) -> int:
+    """The inode of the network namespace a netns link (sk_lookup) is attached to; 0 when that
+    namespace is gone (struct bpf_link_info: type, id, prog_id, pad, then netns_ino at 16)."""
+    buf = (ctypes.c_ubyte * 256)()
+    size = ctypes.c_uint(256)
+    _check(lib().bpf_obj_get_info_by_fd(link_fd, buf, ctypes.byref(size)), "bpf_obj_get_info_by_fd")
+    return int.from_bytes(bytes(buf[16:20]), "little")
+
+
 def prog_fd_by_id(prog_id: int) -> int:
     return _check(lib().bpf_prog_get_fd_by_id(prog_id), f"bpf_prog_get_fd_by_id {prog_id}")
 

@@ -36,7 +36,7 @@ from .build import (DEFAULT_MAP_SIZES, LAYOUT_VERSION, MAPS, PROGRAMS, SOCKMAP_M
                     build_flags, compile_bpf, datapath_version, source_text, state_dir_name)
 from .headers import find_kernel_headers
 from .host import DEFAULT_PIN_ROOT, ensure_bpffs, unpin_link
-from .pins import PinLayout, link_target, remove_tree, retarget
+from .pins import PinLayout, link_netns, link_target, remove_tree, rename_link, retarget
 from .netns import netns_cookie
 from .pod_entries import PinnedMaps, PodTable
 from .podconfig import INBOUND_PORT, PodConfig
@@ -74,6 +74,9 @@ class Datapath:
         #: sk_lookup link is retargeted to us too, not only created
         self.active = False
         self._taken = 0
+        #: netns inode -> a pinned sk_lookup link named after another key (the other mode's pod key),
+        #: read once when a pod's link is missing (_adopt_netns_link); empty after take_over
+        self._netns_links: dict[int, Path] | None = None
         self.programs = tuple(p for p in PROGRAMS if sockmap or not p.needs_sockmap)
         self.map_names = MAPS + (SOCKMAP_MAPS if sockmap else ())
         self.prog_fds: dict[str, int] = {}
@@ -246,6 +249,7 @@ class Datapath:
                                                   libbpf.obj_id(self.prog_fds[func])) == "updated":
                 self._took_one()
         ours = set(self._pods.index())
+        self._netns_links = {}       # every link left is named after one of ours, or is removed now
         for path in self.layout.link_paths("netns-"):
             key = int(path.name.split("-", 1)[1])
             if key not in ours:
@@ -334,22 +338,44 @@ class Datapath:
             unpin_link(link)
 
     def _attach_netns(self, netns_path: str, cookie: int) -> None:
-        name = f"netns-{cookie}"
-        if self._link_path(name).exists():
-            # Another version's link stays until take_over retargets every hook at once; after
-            # that (a re-added pod) it runs ours at once.
-            if not self.active or self._hook(self._link_path(name), "ie_inbound"):
-                return
-        self.links_dir.mkdir(parents=True, exist_ok=True)
+        path = self._link_path(f"netns-{cookie}")
         fd = os.open(netns_path, os.O_RDONLY)
         try:
+            if not path.exists():
+                self._adopt_netns_link(os.fstat(fd).st_ino, path)
+            if path.exists():
+                # Another version's link stays until take_over retargets every hook at once; after
+                # that (a re-added pod) it runs ours at once.
+                if not self.active or self._hook(path, "ie_inbound"):
+                    return
+            self.links_dir.mkdir(parents=True, exist_ok=True)
             link = libbpf.link_create(self.prog_fds["ie_inbound"], fd, libbpf.SK_LOOKUP)
             try:
-                libbpf.obj_pin(link, str(self._link_path(name)))
+                libbpf.obj_pin(link, str(path))
             finally:
                 os.close(link)
         finally:
             os.close(fd)
+
+    def _adopt_netns_link(self, netns_ino: int, path: Path) -> None:
+        """The other mode keys pods differently (netns cookie vs cgroup id), so after a mode change
+        the pod's sk_lookup link is pinned under another name: pin that same link at ``path`` (never
+        a second link in the netns: two of our programs would run there until take_over). The
+        links are read once; a link moved here is dropped from the index, a stale entry is checked."""
+        if self._netns_links is None:
+            self._netns_links = {}
+            for pinned in self.layout.link_paths("netns-"):
+                ino = link_netns(pinned)
+                if ino:
+                    self._netns_links[ino] = pinned
+        other = self._netns_links.pop(netns_ino, None)
+        if other is None or not other.exists() or link_netns(other) != netns_ino:
+            return
+        key = other.name.split("-", 1)[1]
+        if key.isdigit() and int(key) in self._pods.index():
+            return         # a pod of ours (the same netns under two keys): not another mode's link
+        rename_link(other, path)
+        log.info("sk_lookup link %s of another mode is %s now (same link)", other.name, path.name)
 
     # ---- refusing a pod that cannot be programmed ---------------------------------
     # When a pod's entries cannot be written (full maps, ...), its connections must not go out

@@ -3,7 +3,8 @@
 ::
 
     <pin_root>/links/cg-<cgroup inode>-<program>   one link per cgroup hook, whatever the version
-    <pin_root>/links/netns-<pod key>               one sk_lookup link per pod
+    <pin_root>/links/netns-<pod key>               one sk_lookup link per pod (a mode change re-pins
+                                                   it under the new mode's key: the same link)
     <pin_root>/state-s<N>-<mode>-c<conns>-p<pods>/ connection-STATE maps (build.state_dir_name),
                                                    shared by every version with that state layout
     <pin_root>/versions/<version>/progs/, maps/    one version's programs and CONFIGURATION maps
@@ -78,6 +79,28 @@ def link_target(path: Path) -> int | None:
         return libbpf.link_prog_id(fd)
     finally:
         os.close(fd)
+
+
+def link_netns(path: Path) -> int:
+    """The inode of the netns a pinned sk_lookup link is attached to; 0 when the pin or the netns is gone."""
+    try:
+        fd = libbpf.obj_get(str(path))
+    except OSError:
+        return 0
+    try:
+        return libbpf.link_netns_ino(fd)
+    finally:
+        os.close(fd)
+
+
+def rename_link(old: Path, new: Path) -> None:
+    """Pin the link at ``old`` at ``new`` too, then drop ``old``: the same link, never detached."""
+    fd = libbpf.obj_get(str(old))
+    try:
+        libbpf.obj_pin(fd, str(new))
+    finally:
+        os.close(fd)
+    old.unlink()
 
 
 def retarget(path: Path, prog_fd: int, prog_id: int) -> str:
