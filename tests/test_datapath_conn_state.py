@@ -67,6 +67,11 @@ class Held:
         rec = self._send("query")
         return (tuple(rec["orig_dst"]) if rec["orig_dst"] else None), rec["errno"]
 
+    def peer(self) -> tuple[str, int]:
+        """getpeername() as the app that holds the connection asks it now."""
+        ip, port = self._send("peer")["peer"]
+        return ip, port
+
     def close(self) -> None:
         assert self._send("close") == {"closed": True}
         self.proc.wait(timeout=scaled(10))

@@ -1,5 +1,6 @@
-"""Datapath upgrade on the real kernel, at the loader's level: version N's live connections keep
-their SO_ORIGINAL_DST answers through the switch to N+1 and back, every hook runs exactly one of
+"""Datapath upgrade on the real kernel, at the loader's level: version N's live connections (IPv4 and
+IPv6) keep their SO_ORIGINAL_DST answers, and the app its getpeername answer (the address it
+dialled), through the switch to N+1 and back, every hook runs exactly one of
 our programs at every moment, and nothing of the retired version stays pinned.
 
 Two versions in one process differ in a CONFIG map's size (MAX_PORTS), which makes another
@@ -58,7 +59,7 @@ def _only(dp: Datapath, cgroup: str, pods) -> None:
 @pytest.fixture
 def lab(node, request):
     """(node, pin root, mode, client pod a, server pod b) with Envoy-like held-connection listeners:
-    15001 in a, 15006 in b (uid 1337)."""
+    15001 in a, 15006 in b (uid 1337), IPv4 and IPv6."""
     mode = request.param
     require_mode(mode)
     root = f"/sys/fs/bpf/istio-ebpf-test-{uuid.uuid4().hex[:8]}"
@@ -66,7 +67,7 @@ def lab(node, request):
         a, b = node.add_pod("a"), node.add_pod("b")
         procs = []
         for pod, port in ((a, OUTBOUND_PORT), (b, INBOUND_PORT)):
-            proc = pod.spawn([PYTHON, "-S", staged(SCRIPT), "server", str(port)], uid=PROXY_UID, gid=PROXY_UID,
+            proc = pod.spawn([PYTHON, "-S", staged(SCRIPT), "server", str(port), "ipv6"], uid=PROXY_UID, gid=PROXY_UID,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             wait_ready(proc, f"held-connection server in pod {pod.name}")
             procs.append(proc)
@@ -84,12 +85,19 @@ def _load(root: str, mode: str, node, pods, sizes=None) -> Datapath:
 
 
 def _held(a, b) -> dict[str, tuple[Held, tuple[str, int]]]:
-    """An app connection of a captured to a's 15001, and a proxy connection to b captured inbound."""
+    """App connections of a (IPv4, IPv6) captured to a's 15001, and a proxy connection to b captured
+    inbound. Answers checked: Envoy's SO_ORIGINAL_DST, and the app's getpeername (the address it dialled)."""
     out = {"app": (Held(a, APP_UID, b.ipv4, 9090), (b.ipv4, 9090)),
+           "app6": (Held(a, APP_UID, b.ipv6, 9090), (b.ipv6, 9090)),
            "inbound": (Held(a, PROXY_UID, b.ipv4, 8080), (b.ipv4, 8080))}
-    for conn, want in out.values():
-        assert conn.original_dst() == (want, 0)
+    _check_answers(out)
     return out
+
+
+def _check_answers(held: dict[str, tuple[Held, tuple[str, int]]]) -> None:
+    for kind, (conn, want) in held.items():
+        assert conn.original_dst() == (want, 0), kind
+        assert conn.peer() == want, kind
 
 
 @pytest.mark.parametrize("lab", ["cookie", "podip"], indirect=True)
@@ -106,8 +114,7 @@ def test_new_version_attached_keeps_old_connections_answers(lab):
     new = _load(root, mode, node, (a, b), NEXT)
     assert new.version != old.version
     new.attach_cgroup(cgroup)      # the moment the old agent code attached beside the old version
-    for kind, (conn, want) in held.items():
-        assert conn.original_dst() == (want, 0), kind
+    _check_answers(held)
     for conn, _ in held.values():
         conn.close()
     old.close()
@@ -127,7 +134,7 @@ def test_switch_n_to_n1_and_back_keeps_connections_and_hooks(lab):
     version_n, ids_n = n.version, n.program_ids()
     held = _held(a, b)
     counts = n.pod_counters()
-    assert counts[n.pod_key(a.netns_path, str(a.cgroup_path))]["out_captured_cidr"] == 1
+    assert counts[n.pod_key(a.netns_path, str(a.cgroup_path))]["out_captured_cidr"] == 2     # app, app6
     n.close()      # the old agent is gone; its pins keep capturing
     for sizes in (NEXT, None):
         dp = _load(root, mode, node, (a, b), sizes)
@@ -140,15 +147,14 @@ def test_switch_n_to_n1_and_back_keeps_connections_and_hooks(lab):
         assert dp.pod_counters() == counts and any(any(c.values()) for c in counts.values())
         assert sorted(p.name for p in (Path(root) / "versions").iterdir()) == [dp.version]
         assert [p.name for p in Path(root).iterdir() if p.name.startswith("state-")] == [dp.state_dir.name]
-        for kind, (conn, want) in held.items():
-            assert conn.original_dst() == (want, 0), kind
+        _check_answers(held)      # Envoy's SO_ORIGINAL_DST and the app's getpeername, IPv4 and IPv6
         fresh = _held(a, b)      # new connections: captured by the new version
         for conn, _ in fresh.values():
             conn.close()
         assert dp.counters()["origdst_miss"] == 0
         key_a = dp.pod_key(a.netns_path, str(a.cgroup_path))
         now = dp.pod_counters()
-        assert now[key_a]["out_captured_cidr"] == counts[key_a]["out_captured_cidr"] + 1   # the fresh app connection
+        assert now[key_a]["out_captured_cidr"] == counts[key_a]["out_captured_cidr"] + 2   # the fresh app, app6
         counts = now
         dp.close()
     # Back on N: a rebuilt N is the same version (same hash) but new program ids.

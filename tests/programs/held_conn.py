@@ -1,14 +1,16 @@
 """Held TCP connections whose SO_ORIGINAL_DST can be asked again at any time (stdlib only; run by path).
 
-server: ``held_conn.py server PORT[,PORT...]`` listens on 0.0.0.0 on each port (as Envoy's 15001/15006
-would) and keeps every accepted connection open. Each line ``q`` it receives is answered with one JSON
-line: the connection's SO_ORIGINAL_DST asked NOW (``orig_dst`` ``[ip, port]`` or null, ``errno``), its
-``local`` and ``peer``. ``c`` (or EOF) closes it, the server first, so the TIME_WAIT stays with the
+server: ``held_conn.py server PORT[,PORT...] [ipv6]`` listens on 0.0.0.0 on each port (as Envoy's
+15001/15006 would; with ``ipv6`` on :: too, IPv6 only) and keeps every accepted connection open. Each
+line ``q`` it receives is answered with one JSON line: the connection's SO_ORIGINAL_DST (or
+IP6T_SO_ORIGINAL_DST) asked NOW (``orig_dst`` ``[ip, port]`` or null, ``errno``), its ``local`` and
+``peer``. ``c`` (or EOF) closes it, the server first, so the TIME_WAIT stays with the
 server and the client's socket goes through CLOSE. Prints ``READY`` once listening.
 
 client: ``held_conn.py client DST PORT`` connects, prints ``{"local": [ip, port]}``, then obeys stdin:
-``query`` prints the server's answer, ``close`` asks the server to close, waits for its FIN, closes and
-prints ``{"closed": true}``.
+``query`` prints the server's answer, ``peer`` prints ``{"peer": [ip, port]}`` (getpeername asked NOW:
+the address the app sees), ``close`` asks the server to close, waits for its FIN, closes and prints
+``{"closed": true}``.
 """
 
 from __future__ import annotations
@@ -19,25 +21,31 @@ import socket
 import struct
 import sys
 
-SO_ORIGINAL_DST = 80
+SO_ORIGINAL_DST = 80       # SOL_IP; IP6T_SO_ORIGINAL_DST is the same number at SOL_IPV6
+SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
 
 
 def original_dst(conn: socket.socket) -> tuple[list | None, int]:
+    v6 = conn.family == socket.AF_INET6
     try:
-        raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        raw = conn.getsockopt(SOL_IPV6 if v6 else socket.SOL_IP, SO_ORIGINAL_DST, 28 if v6 else 16)
     except OSError as exc:
         return None, exc.errno or -1
-    return [socket.inet_ntop(socket.AF_INET, raw[4:8]), struct.unpack("!H", raw[2:4])[0]], 0
+    addr = socket.inet_ntop(socket.AF_INET6, raw[8:24]) if v6 else socket.inet_ntop(socket.AF_INET, raw[4:8])
+    return [addr, struct.unpack("!H", raw[2:4])[0]], 0
 
 
-def serve(ports: list[int]) -> None:
+def serve(ports: list[int], ipv6: bool) -> None:
     sel = selectors.DefaultSelector()
     for port in ports:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("0.0.0.0", port))
-        s.listen(64)
-        sel.register(s, selectors.EVENT_READ, None)
+        for family, host in ((socket.AF_INET, "0.0.0.0"),) + (((socket.AF_INET6, "::"),) if ipv6 else ()):
+            s = socket.socket(family)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((host, port))
+            s.listen(64)
+            sel.register(s, selectors.EVENT_READ, None)
     print("READY", flush=True)
     buffers: dict[socket.socket, bytes] = {}
     while True:
@@ -56,8 +64,8 @@ def serve(ports: list[int]) -> None:
             for line in lines:
                 if line == b"q":
                     orig, err = original_dst(sock)
-                    rec = {"orig_dst": orig, "errno": err, "local": list(sock.getsockname()),
-                           "peer": list(sock.getpeername())}
+                    rec = {"orig_dst": orig, "errno": err, "local": list(sock.getsockname()[:2]),
+                           "peer": list(sock.getpeername()[:2])}
                     sock.sendall((json.dumps(rec) + "\n").encode())
                 elif line == b"c":
                     done = True
@@ -70,12 +78,14 @@ def serve(ports: list[int]) -> None:
 def client(dst: str, port: int) -> None:
     s = socket.create_connection((dst, port), timeout=10)
     reader = s.makefile("rb")
-    print(json.dumps({"local": list(s.getsockname())}), flush=True)
+    print(json.dumps({"local": list(s.getsockname()[:2])}), flush=True)
     for cmd in sys.stdin:
         cmd = cmd.strip()
         if cmd == "query":
             s.sendall(b"q\n")
             print(reader.readline().decode().strip(), flush=True)
+        elif cmd == "peer":
+            print(json.dumps({"peer": list(s.getpeername()[:2])}), flush=True)
         elif cmd == "close":
             s.sendall(b"c\n")
             while reader.read(4096):    # until the server's FIN
@@ -87,6 +97,6 @@ def client(dst: str, port: int) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "server":
-        serve([int(p) for p in sys.argv[2].split(",")])
+        serve([int(p) for p in sys.argv[2].split(",")], sys.argv[3:] == ["ipv6"])
     else:
         client(sys.argv[2], int(sys.argv[3]))
