@@ -13,8 +13,8 @@ in user namespaces; every connection is made from both and everything the differ
 compares (:class:`~istio_ebpf_plugin.harness.capture_cases.View`) must be equal.
 
 CI runs a fixed set of examples (``CAPTURE_PROPERTY_EXAMPLES``, default 40: derandomized by
-the ``ci`` profile) in the mode the probes select; ``make test-deep`` runs many more, in both
-modes (``CAPTURE_PROPERTY_MODE``).
+the ``ci`` profile) in the mode the probes select, and ``make test`` then 8 more in pod-IP mode
+(``CAPTURE_PROPERTY_MODE``); ``make test-deep`` runs 400 in each mode.
 """
 
 from __future__ import annotations
