@@ -55,20 +55,27 @@ def lab_node():
 
 @pytest.mark.kernel
 def test_host_ids_of_a_user_namespace_pod(lab_node):
-    from istio_ebpf_plugin.harness.node import USERNS_BASE, USERNS_SIZE
+    from istio_ebpf_plugin.harness.node import USERNS_BASE, USERNS_GID_SHIFT, USERNS_SIZE
 
     u, plain = lab_node.add_pod("u", userns=True), lab_node.add_pod("p")
     base = USERNS_BASE + 1 * USERNS_SIZE          # pod index 1
+    gbase = base + USERNS_GID_SHIFT               # the lab maps GIDs elsewhere: a mix-up shows
+    holder = u.userns_path.removesuffix("/ns/user")       # the process that holds the pod's namespaces
+    assert open(f"{holder}/uid_map").read().split() == ["0", str(base), str(USERNS_SIZE)]
+    assert open(f"{holder}/gid_map").read().split() == ["0", str(gbase), str(USERNS_SIZE)]
     cfg = PodConfig(pod_ips=_ips(u))
     got = userns.host_config(cfg, u.netns_path, u.pids())
-    assert (got.proxy_uid, got.proxy_gid) == (base + 1337, base + 1337)
-    assert got == PodConfig(pod_ips=_ips(u), proxy_uid=base + 1337, proxy_gid=base + 1337)
+    assert got.proxy_uid == base + 1337
+    assert got.proxy_gid == gbase + 1337
+    assert got == PodConfig(pod_ips=_ips(u), proxy_uid=base + 1337, proxy_gid=gbase + 1337)
     custom = userns.host_config(PodConfig(proxy_uid=2000, proxy_gid=3000), u.netns_path, u.pids())
-    assert (custom.proxy_uid, custom.proxy_gid) == (base + 2000, base + 3000)
+    assert custom.proxy_uid == base + 2000
+    assert custom.proxy_gid == gbase + 3000
     # What a process of the pod really is on the host: the same numbers.
     proc = u.spawn(["sleep", "30"], uid=1337, gid=1337)
     wait_for(lambda: os.stat(f"/proc/{proc.pid}").st_uid == base + 1337, what="sleep as the proxy user")
-    assert (os.stat(f"/proc/{proc.pid}").st_uid, os.stat(f"/proc/{proc.pid}").st_gid) == (base + 1337, base + 1337)
+    assert os.stat(f"/proc/{proc.pid}").st_uid == base + 1337
+    assert os.stat(f"/proc/{proc.pid}").st_gid == gbase + 1337
     # A pod with the host's users: unchanged, no process needed.
     assert userns.host_config(PodConfig(pod_ips=_ips(plain)), plain.netns_path, []) == PodConfig(pod_ips=_ips(plain))
     # No process of the pod in its user namespace (none given): try again later.
@@ -109,14 +116,15 @@ def test_agent_exempts_envoy_in_a_user_namespace_pod(lab_node, pin_root, monkeyp
     connections are not (no loop: one outbound entry per request, the server answers)."""
     from istio_ebpf_plugin.datapath.selftest.envoy import Envoy
     from istio_ebpf_plugin.harness.apps import http_get, start_http_server, url_for
-    from istio_ebpf_plugin.harness.node import USERNS_BASE, USERNS_SIZE
+    from istio_ebpf_plugin.harness.node import USERNS_BASE, USERNS_GID_SHIFT, USERNS_SIZE
 
     client, server = lab_node.add_pod("cli", userns=True), lab_node.add_pod("srv")
     start_http_server(server, PORT)
     envoy: Envoy = client.start_envoy()
-    envoy_uid = os.stat(f"/proc/{envoy.proc.pid}").st_uid
     base = USERNS_BASE + 1 * USERNS_SIZE
-    assert envoy_uid == base + 1337, "Envoy runs as UID 1337 of the pod, another UID on the host"
+    gbase = base + USERNS_GID_SHIFT
+    assert os.stat(f"/proc/{envoy.proc.pid}").st_uid == base + 1337, "Envoy's UID 1337: another UID on the host"
+    assert os.stat(f"/proc/{envoy.proc.pid}").st_gid == gbase + 1337, "its GID 1337: another GID on the host"
     pod = fixture_pod("master/inject/hello.yaml.injected", "cli", NODE, list(client.pod_ips),
                       annotations={"istio-ebpf.io/redirect": "ebpf"})
     pod["spec"]["hostUsers"] = False
@@ -125,7 +133,8 @@ def test_agent_exempts_envoy_in_a_user_namespace_pod(lab_node, pin_root, monkeyp
     with lab_agent(lab_node, pin_root, mode, {uid: str(client.cgroup_path)}) as agent:
         wait_for(lambda: uid in agent.reconciler.records, what="client pod programmed")
         entry = agent.datapath.pods()[agent.reconciler.records[uid].handle]
-        assert (entry.proxy_uid, entry.proxy_gid) == (base + 1337, base + 1337)   # the map: host IDs
+        assert entry.proxy_uid == base + 1337      # the maps: host IDs
+        assert entry.proxy_gid == gbase + 1337
         assert agent.reconciler.records[uid].config.proxy_uid == 1337        # the pod's own view, kept
         before = agent.datapath.counters()["out_redirect"]
         res = http_get(client, url_for(server.ipv4, PORT), count=5)
@@ -164,3 +173,45 @@ def test_without_host_ids_envoy_would_loop(lab_node, pin_root):
         assert dp.counters()["out_redirect"] - before >= 2    # the app's, then Envoy's own
     finally:
         dp.close(cleanup=True)
+
+
+@pytest.mark.kernel
+def test_agent_refuses_a_pod_whose_proxy_uid_is_not_mapped(lab_node, pin_root, monkeypatch):
+    """``sidecar.istio.io/proxyUID: "70000"`` (the injector renders it as istio-proxy's runAsUser) in a
+    pod whose uid_map covers 0-65535: no process of the pod can run as that UID, so Envoy could not be
+    told apart. The agent does not capture the pod: one Warning CaptureFailed Event says why, and the
+    deny programs in the pod's own cgroup and netns refuse its connections (outbound connect() EPERM,
+    inbound refused) instead of leaving it uncaptured."""
+    from istio_ebpf_plugin.harness.probe import start_probe_server
+    from support.datapath_modes import host_mode
+
+    client, server = lab_node.add_pod("cli", userns=True), lab_node.add_pod("srv")
+    probes = [start_probe_server(server, targets=(PORT,)), start_probe_server(client, targets=(PORT,))]
+    pod = fixture_pod("master/inject/hello.yaml.injected", "cli", NODE, list(client.pod_ips),
+                      annotations={"istio-ebpf.io/redirect": "ebpf"})
+    pod["spec"]["hostUsers"] = False
+    # What the injector renders from the annotation: istio-init's -u and istio-proxy's runAsUser.
+    for c in pod["spec"]["initContainers"]:
+        if c["name"] == "istio-init":
+            c["args"][c["args"].index("-u") + 1] = "70000"
+        if c["name"] == "istio-proxy":
+            c["securityContext"]["runAsUser"] = 70000
+    kube = FakeKube(NODE).install(monkeypatch)
+    kube.add(pod)
+    uid = pod["metadata"]["uid"]
+    try:
+        with lab_agent(lab_node, pin_root, host_mode(), {uid: str(client.cgroup_path)}) as agent:
+            failed = wait_for(lambda: [e for e in kube.events if e["reason"] == "CaptureFailed"], what="CaptureFailed")
+            (ev,) = failed
+            assert ev["type"] == "Warning" and ev["involvedObject"]["name"] == "cli", ev
+            assert "not mapped" in ev["message"] and "refused" in ev["message"], ev["message"]
+            st = agent.reconciler.states[uid]
+            assert uid in agent.reconciler.failed and st.handle is None and agent.datapath.pods() == {}
+            assert agent.datapath.denied() == {st.deny} and st.deny is not None
+            out = lab_node.probe_connect(client, 1000, 1000, server.ipv4, PORT)
+            assert (out.listener, out.errno) == ("error", "EPERM"), out          # outbound: refused
+            assert lab_node.probe_connect(server, 1000, 1000, client.ipv4, PORT).errno == "ECONNREFUSED"
+            assert not [e for e in kube.events if e["reason"] == "CaptureReady"]
+    finally:
+        for p in probes:
+            p.stop()

@@ -112,17 +112,21 @@ class Pod(topology.Pod):
 
 
 #: Host IDs of user-namespace pods: pod i gets [USERNS_BASE + i * USERNS_SIZE, + USERNS_SIZE), as
-#: kubelet gives every pod with ``hostUsers: false`` its own 65536 IDs.
+#: kubelet gives every pod with ``hostUsers: false`` its own 65536 IDs. Its group IDs start
+#: USERNS_GID_SHIFT higher: kubelet maps both alike, the lab does not, so a UID taken for a GID
+#: (or the reverse) anywhere shows.
 USERNS_BASE = 1 << 20
 USERNS_SIZE = 1 << 16
+USERNS_GID_SHIFT = 1 << 24
 
 _HOLD = 'echo $$ > "$1" || exit 126; shift; exec "$@"'
 
 
 def create_userns_pod_netns(pod: Pod, host_base: int, size: int = USERNS_SIZE) -> None:
     """The pod's cgroup, work directory and a network namespace OWNED BY a new user namespace
-    whose IDs 0..size-1 are host IDs ``host_base``.. (what a runtime sets up for a pod with
-    ``hostUsers: false``; Istio's ``-m owner`` rules are read through that namespace).
+    whose UIDs 0..size-1 are host UIDs ``host_base``.. and GIDs 0..size-1 host GIDs ``host_base +
+    USERNS_GID_SHIFT``.. (what a runtime sets up for a pod with ``hostUsers: false``; Istio's
+    ``-m owner`` rules are read through that namespace).
 
     A holder process in the pod cgroup (the pod's "pause") creates both and keeps them; the
     pod's processes then enter its user namespace (``Pod.userns_path``).
@@ -134,8 +138,8 @@ def create_userns_pod_netns(pod: Pod, host_base: int, size: int = USERNS_SIZE) -
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pod.processes.append(holder)
     wait_ready(holder, f"user namespace of pod {pod.name}")
-    for name in ("uid_map", "gid_map"):
-        Path(f"/proc/{holder.pid}/{name}").write_text(f"0 {host_base} {size}\n")
+    for name, base in (("uid_map", host_base), ("gid_map", host_base + USERNS_GID_SHIFT)):
+        Path(f"/proc/{holder.pid}/{name}").write_text(f"0 {base} {size}\n")
     pod.userns_path = f"/proc/{holder.pid}/ns/user"
     run_checked(["ip", "netns", "attach", pod.netns, str(holder.pid)])
     # -e: the kernel may hide net.core.somaxconn in a netns owned by another user namespace
