@@ -20,11 +20,13 @@ import pytest
 from istio_ebpf_plugin.datapath import libbpf
 from istio_ebpf_plugin.datapath.build import PROGRAMS
 from istio_ebpf_plugin.datapath.loader import Datapath, cleanup_pins
+from istio_ebpf_plugin.datapath.pins import link_netns, rename_link
 from istio_ebpf_plugin.datapath.podconfig import INBOUND_PORT, OUTBOUND_PORT, PROXY_UID, PodConfig, ip_list
 from istio_ebpf_plugin.datapath.staging import staged
 from istio_ebpf_plugin.harness.probe import PYTHON, wait_ready
 
 from support.datapath_modes import require_mode
+from support.polling import wait_for
 from test_datapath_conn_state import SCRIPT, Held
 
 pytestmark = pytest.mark.kernel
@@ -173,6 +175,24 @@ def test_switch_n_to_n1_and_back_keeps_connections_and_hooks(lab):
     assert not Path(root).exists()
 
 
+def _pin_defunct_link(path: Path, prog_id: int) -> None:
+    """An sk_lookup link running prog_id pinned at path, whose netns is then deleted."""
+    name = f"istio-ebpf-test-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        prog, ns = libbpf.prog_fd_by_id(prog_id), os.open(f"/run/netns/{name}", os.O_RDONLY)
+        try:
+            link = libbpf.link_create(prog, ns, libbpf.SK_LOOKUP)
+            libbpf.obj_pin(link, str(path))
+            os.close(link)
+        finally:
+            os.close(prog)
+            os.close(ns)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+    wait_for(lambda: link_netns(path) == 0, what="the deleted netns's link defunct")
+
+
 def _netns_links(root: str) -> set[str]:
     links = Path(root) / "links"
     return {p.name for p in links.glob("netns-*")} if links.is_dir() else set()
@@ -183,18 +203,22 @@ def test_mode_change_keeps_one_sk_lookup_program_per_pod_and_leaves_no_pin_of_th
     """A forced mode change without a reboot: the other mode keys pods differently (netns cookie vs
     cgroup id), so each pod's sk_lookup link is pinned under another name. The new mode's add_pod
     takes that same link over by its name (never a second link in the netns: two of our programs
-    would answer there until take_over); take_over retargets it; pod c, held by the old mode only
-    (gone while no agent ran), loses its link; retiring leaves no version, state directory or link
-    of the old mode. Every pod's netns runs exactly one sk_lookup program at every step."""
+    would answer there until take_over); take_over retargets it; pods c and d, held by the old mode
+    only (gone while no agent ran), lose their links; retiring leaves no version, state directory or
+    link of the old mode. c's old key is made to equal a's new key (netns cookies and cgroup ids
+    are both small counters: they can collide): a's add_pod sets c's link aside instead of taking it
+    for a's. b's new key names a defunct link (its netns is gone): b's add_pod drops it and takes
+    b's own. Every pod's netns runs exactly one sk_lookup program at every step."""
     node, root, old_mode, a, b = lab
     new_mode = "podip" if old_mode == "cookie" else "cookie"
     require_mode(new_mode)
-    c = node.add_pod("c")
+    c, d = node.add_pod("c"), node.add_pod("d")
+    pods = (a, b, c, d)
     cgroup = str(node.parent_cgroup)
-    old = _load(root, old_mode, node, (a, b, c))
+    old = _load(root, old_mode, node, pods)
     old.attach_cgroup(cgroup)
     old_ids = old.program_ids()
-    old_keys = {p.name: old.pod_key(p.netns_path, str(p.cgroup_path)) for p in (a, b, c)}
+    old_keys = {p.name: old.pod_key(p.netns_path, str(p.cgroup_path)) for p in pods}
     for conn, _ in _held(a, b).values():      # captured by the old mode
         conn.close()
     old.close()
@@ -202,20 +226,24 @@ def test_mode_change_keeps_one_sk_lookup_program_per_pod_and_leaves_no_pin_of_th
     def sk_lookup(pod) -> list[int]:
         return _sk_lookup_ids(pod.netns_path)
 
-    assert all(sk_lookup(p) == [old_ids["ie_inbound"]] for p in (a, b, c))
+    assert all(sk_lookup(p) == [old_ids["ie_inbound"]] for p in pods)
     new = Datapath(mode=new_mode, pin_root=root).load()
     new_keys = {p.name: new.pod_key(p.netns_path, str(p.cgroup_path)) for p in (a, b)}
     assert not set(new_keys.values()) & set(old_keys.values())
+    links = Path(root) / "links"
+    rename_link(links / f"netns-{old_keys['c']}", links / f"netns-{new_keys['a']}")    # the collision
+    _pin_defunct_link(links / f"netns-{new_keys['b']}", old_ids["ie_inbound"])
     for pod in (a, b):
         new.add_pod(pod.netns_path, PodConfig(pod_ips=ip_list(pod.pod_ips)), str(pod.cgroup_path))
         # Renamed, not doubled: the old mode's program still answers until take_over.
-        assert all(sk_lookup(p) == [old_ids["ie_inbound"]] for p in (a, b, c)), pod.name
+        assert all(sk_lookup(p) == [old_ids["ie_inbound"]] for p in pods), pod.name
         assert f"netns-{new_keys[pod.name]}" in _netns_links(root)
         assert f"netns-{old_keys[pod.name]}" not in _netns_links(root)
+    assert f"netns-aside-{os.stat(c.netns_path).st_ino}" in _netns_links(root)
     out = new.take_over(cgroup)
-    assert out == {"cgroup_created": 0, "netns_updated": 2, "netns_removed": 1}, out
+    assert out == {"cgroup_created": 0, "netns_updated": 2, "netns_removed": 2}, out
     _only(new, cgroup, (a, b))
-    assert sk_lookup(c) == []
+    assert sk_lookup(c) == [] and sk_lookup(d) == []
     retired = new.retire_other_versions()
     assert len(retired) == 2 and all(old_mode in name for name in retired), retired     # version + state dir
     assert [p.name for p in (Path(root) / "versions").iterdir()] == [new.version]
@@ -227,5 +255,5 @@ def test_mode_change_keeps_one_sk_lookup_program_per_pod_and_leaves_no_pin_of_th
         conn.close()
     assert new.counters()["origdst_miss"] == 0
     new.close(cleanup=True)
-    assert all(sk_lookup(p) == [] for p in (a, b, c))
+    assert all(sk_lookup(p) == [] for p in pods)
     assert not Path(root).exists()

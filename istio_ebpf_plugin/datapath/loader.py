@@ -251,8 +251,8 @@ class Datapath:
         ours = set(self._pods.index())
         self._netns_links = {}       # every link left is named after one of ours, or is removed now
         for path in self.layout.link_paths("netns-"):
-            key = int(path.name.split("-", 1)[1])
-            if key not in ours:
+            key = path.name.split("-", 1)[1]       # netns-aside-<ino>: no pod of ours claimed it
+            if not key.isdigit() or int(key) not in ours:
                 unpin_link(path)
                 out["netns_removed"] += 1
             elif retarget(path, self.prog_fds["ie_inbound"], libbpf.obj_id(self.prog_fds["ie_inbound"])) == "updated":
@@ -341,8 +341,21 @@ class Datapath:
         path = self._link_path(f"netns-{cookie}")
         fd = os.open(netns_path, os.O_RDONLY)
         try:
+            ino = os.fstat(fd).st_ino
+            if path.exists():
+                held = link_netns(path)
+                if held and held != ino:
+                    # The other mode's link of ANOTHER pod whose key there equals ours here (netns
+                    # cookies and cgroup ids are both small counters): set aside, for that pod's
+                    # own add_pod to claim by its netns, or for take_over to remove.
+                    aside = self._link_path(f"netns-aside-{held}")
+                    rename_link(path, aside)
+                    if self._netns_links is not None:
+                        self._netns_links[held] = aside
+                elif not held:
+                    unpin_link(path)     # its netns is gone (a new sandbox, same key): nothing runs there
             if not path.exists():
-                self._adopt_netns_link(os.fstat(fd).st_ino, path)
+                self._adopt_netns_link(ino, path)
             if path.exists():
                 # Another version's link stays until take_over retargets every hook at once; after
                 # that (a re-added pod) it runs ours at once.
