@@ -314,6 +314,8 @@ def test_explain_and_per_pod_counters(env):
             for line in out.stdout.splitlines():
                 s.note(f"istio-ebpf explain {' '.join(args)}| {line}")
             node_answers.append(json.loads(explain(*args, "--json").stdout))
+        for line in json.dumps(node_answers[0], indent=1).splitlines():
+            s.note(f"istio-ebpf explain {' '.join(asked[0])} --json| {line}")
         server = ipaddress.ip_address(server_ip)
         lab_answers = _lab_answers(env["client"], [
             Question("outbound", server, APP_PORT, 1000, 1000), Question("outbound", server, APP_PORT, 1337, 1337),
