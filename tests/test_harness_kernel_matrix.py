@@ -1,9 +1,9 @@
 """Kernel matrix: real Debian kernels booted with virtme-ng run the datapath.
 
-The VM test boots 5.10 (pod-IP mode) and 6.12 (cookie mode) and runs the CI subset of
-steps (tests/support/kernel_expectations.py: CI_MATRIX); `make kernel-matrix` runs every step on
-5.10, 6.1, 6.12 and this host. The unit tests pin the rule and the probes on kernels the
-registry no longer serves.
+The VM test boots 5.10 (pod-IP mode) and 6.12 (cookie mode, and explain's answer for every case of
+the differential table) and runs the CI subset of steps (tests/support/kernel_expectations.py:
+CI_MATRIX); `make kernel-matrix` runs every step on 5.10, 6.1, 6.12 and this host. The unit tests
+pin the rule and the probes on kernels the registry no longer serves.
 """
 
 from __future__ import annotations
