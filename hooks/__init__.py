@@ -179,8 +179,8 @@ def istio_ebpf_status(options: "Options", plan: "list[NodePlan] | None") -> list
 
     :param options: the command's options.
     :param plan: the rollout plan computed from the live nodes.
-    :return: lines of text; a line starting with ``PROBLEM:`` makes ``status``
-        exit with code 1.
+    :return: lines of text; a line starting with ``PROBLEM:`` or ``DRAINING:`` (an
+        uninstall waits for pods to be restarted) makes ``status`` exit with code 1.
     firstresult: no, the lines of all plugins are concatenated.
     """
 
@@ -190,7 +190,8 @@ def istio_ebpf_uninstall_cleanup(options: "Options") -> None:
     """Remove what the plugin added besides the injector config (agent, labels, backups).
 
     When: by ``uninstall`` after the injector ConfigMaps were reverted (not with
-    ``--dry-run``).
+    ``--dry-run``). The eBPF plugin drains here first: it raises ``TemporaryError``
+    (and removes nothing) while pods still depend on its capture after ``--timeout``.
 
     :param options: the command's options.
     :return: nothing.

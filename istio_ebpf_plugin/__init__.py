@@ -14,3 +14,6 @@ OPT_IN_VALUE = "ebpf"
 #: Node label published by the agent and the installer: cookie | podip | unsupported.
 NODE_MODE_LABEL = "istio-ebpf.io/mode"
 
+#: Annotation ``istio-ebpf uninstall`` puts on the agent pods while it drains (value: when it began,
+#: RFC 3339). The agent sees it on its own pod through its pod watch and reports ``draining``.
+DRAINING_ANNOTATION = "istio-ebpf.io/draining"

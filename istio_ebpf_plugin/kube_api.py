@@ -310,7 +310,8 @@ class KubeBackend(Protocol):
     def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> bool: ...
     def list_nodes(self) -> list[dict]: ...
     def patch_node_labels(self, name: str, labels: dict[str, str | None]) -> None: ...
-    def list_pods(self, namespace: str, label_selector: str) -> list[dict]: ...
+    def list_pods(self, namespace: str, label_selector: str) -> list[dict]: ...   # namespace "": all
+    def patch_pod_annotations(self, namespace: str, name: str, annotations: dict[str, str | None]) -> None: ...
 
 
 def _drop_managed_fields(obj: Any) -> None:
@@ -512,7 +513,11 @@ class HttpBackend:
                       {"metadata": {"labels": labels}}, "application/merge-patch+json")
 
     def list_pods(self, namespace: str, label_selector: str) -> list[dict]:
-        return self._list(resource_path("v1", "Pod", namespace), {"labelSelector": label_selector})[0]
+        return self._list(resource_path("v1", "Pod", namespace), {"labelSelector": label_selector or None})[0]
+
+    def patch_pod_annotations(self, namespace: str, name: str, annotations: dict[str, str | None]) -> None:
+        self._request("PATCH", resource_path("v1", "Pod", namespace, name), {"fieldManager": FIELD_MANAGER},
+                      {"metadata": {"annotations": annotations}}, "application/merge-patch+json")
 
 
 # ---------------------------------------------------------------------------------- the seam
@@ -630,4 +635,10 @@ def label_node(name: str, labels: dict[str, str | None]) -> None:
 
 
 def list_pods(namespace: str, label_selector: str) -> list[dict]:
-    return _call(f"list pods in {namespace}", lambda b: b.list_pods(namespace, label_selector))
+    """Pods of ``namespace`` (``""``: every namespace) matching ``label_selector`` (``""``: all)."""
+    return _call(f"list pods in {namespace or 'every namespace'}", lambda b: b.list_pods(namespace, label_selector))
+
+
+def annotate_pod(namespace: str, name: str, annotations: dict[str, str | None]) -> None:
+    """Merge-patch a pod's annotations (``None`` removes one)."""
+    _call(f"annotate pod {namespace}/{name}", lambda b: b.patch_pod_annotations(namespace, name, annotations))

@@ -23,12 +23,14 @@ from pathlib import Path
 import pytest
 
 from support.fake_kube import FakeKube, fixture_pod
+from istio_ebpf_plugin import DRAINING_ANNOTATION
 from istio_ebpf_plugin.agent.locate import PodLocation, PodLocator, boot_seconds
 from istio_ebpf_plugin.agent.mode import find_cgroup2
-from istio_ebpf_plugin.agent.node_agent import NodeAgent
 from istio_ebpf_plugin.cli import main as cli_main
 from support.polling import wait_for
 from test_agent_loop import NODE, OPT_IN, FakeProc, Running, events_applied, get, make_agent
+
+AGENT_NS = "istio-ebpf-system"
 
 INJECTED = "master/inject/hello.yaml.injected"
 
@@ -334,13 +336,13 @@ def test_capture_ready_event_names_mode_and_time_since_sandbox_start(kube, tmp_p
 
 # ------------------------------------------------------------------------------------ #22.4, metrics
 
-def test_pods_view_cli_and_per_pod_metrics(kube, proc, capsys, monkeypatch):
+def test_pods_view_cli_and_per_pod_metrics(kube, proc, capsys):
     a = kube.add(fixture_pod(INJECTED, "a", NODE, ["10.0.10.1"], annotations=OPT_IN, namespace="shop"))
     pending = kube.add(fixture_pod(INJECTED, "later", NODE, [], annotations=OPT_IN, namespace="shop"))
     proc.start(a["metadata"]["uid"])
     store: dict = {}
     agent = make_agent(proc, store)
-    run = running(agent)
+    run = running(agent, agent_namespace=AGENT_NS)
     try:
         wait_for(lambda: len(store) == 1)
         dp = agent._made[0]
@@ -367,8 +369,24 @@ def test_pods_view_cli_and_per_pod_metrics(kube, proc, capsys, monkeypatch):
         row = next(r.split() for r in table if r.startswith("shop") and " a " in r)
         assert row[:4] == ["shop", "a", "cookie", "captured"] and row[-2:] == ["in_redirect=2", "out_redirect=5"]
 
-        monkeypatch.setattr(NodeAgent, "draining", property(lambda self: True))   # the uninstall drain
+        # The uninstall drain: `istio-ebpf uninstall` marks the agent pods; this agent sees its own
+        # pod's mark through its pod watch (a mark in another namespace is not the agent's).
+        other = kube.add({"metadata": {"name": "x", "namespace": "shop", "uid": "x-uid",
+                                       "annotations": {DRAINING_ANNOTATION: "2026-01-01T00:00:00Z"}},
+                          "spec": {"nodeName": NODE}, "status": {"phase": "Running"}})
+        own = kube.add({"metadata": {"name": "istio-ebpf-agent-abcde", "namespace": AGENT_NS, "uid": "agent-uid",
+                                     "annotations": {}}, "spec": {"nodeName": NODE}, "status": {"phase": "Running"}})
+        kube.modify(own["metadata"]["uid"], annotations={DRAINING_ANNOTATION: "2026-01-01T00:00:00Z"})
         wait_for(lambda: pod_view(agent, "a")["state"] == "draining", what="draining")
+        assert cli_main(["pods", "--agent", url]) == 0
+        assert capsys.readouterr().out.splitlines()[0] == f"node {NODE}: mode cookie, draining"
+        kube.modify(own["metadata"]["uid"], annotations={DRAINING_ANNOTATION: None})   # install cancels it
+        wait_for(lambda: pod_view(agent, "a")["state"] == "captured", what="drain cancelled")
+        kube.modify(own["metadata"]["uid"], annotations={DRAINING_ANNOTATION: "2026-01-01T00:00:00Z"})
+        wait_for(lambda: agent.draining, what="draining again")
+        kube.delete_pod(own["metadata"]["uid"])
+        wait_for(lambda: not agent.draining, what="the marked agent pod gone")   # "x"'s mark is not ours
+        kube.delete_pod(other["metadata"]["uid"])
 
         kube.delete_pod(a["metadata"]["uid"])
         kube.delete_pod(pending["metadata"]["uid"])

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from istio_ebpf_plugin import NODE_MODE_LABEL, PROJECT_ROOT, kube_api
+from istio_ebpf_plugin import DRAINING_ANNOTATION, NODE_MODE_LABEL, OPT_IN_ANNOTATION, OPT_IN_VALUE, PROJECT_ROOT, \
+    kube_api
 from istio_ebpf_plugin.cli import main
 from istio_ebpf_plugin.install import injector_config, manifests
 from istio_ebpf_plugin.install.plugin import BACKUP_CONFIGMAP, INSTALLED_ANNOTATION
@@ -270,6 +271,117 @@ def test_status_reports_drift_and_install_keeps_the_agents_label(cp, istio, caps
     assert main(["install", "--timeout", "0", "--istio-namespace", ns]) == 0
     main(["status", "--istio-namespace", ns])
     assert "config changed since" not in capsys.readouterr().out
+
+
+DAEMONSET = f"/apis/apps/v1/namespaces/{AGENT_NS}/daemonsets/istio-ebpf-agent"
+
+
+def app_pod(ns: str, name: str, node: str, ebpf_template: bool) -> dict:
+    """An opted-in pod bound to ``node``, as injected with the ebpf template (its node affinity on
+    our label) or, ``ebpf_template=False``, as stock Istio injects it after the revert."""
+    spec: dict = {"nodeName": node, "containers": [{"name": "app", "image": "app:1"},
+                                                   {"name": "istio-proxy", "image": "proxyv2:1",
+                                                    "args": ["proxy", "sidecar"]}]}
+    if ebpf_template:
+        spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": NODE_MODE_LABEL, "operator": "In", "values": ["cookie", "podip"]}]}]}}}
+        spec["initContainers"] = [{"name": "istio-validation", "image": "proxyv2:1"}]
+    else:
+        spec["initContainers"] = [{"name": "istio-init", "image": "proxyv2:1"}]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": name, "namespace": ns,
+        "annotations": {OPT_IN_ANNOTATION: OPT_IN_VALUE, "sidecar.istio.io/status": "{}"}}, "spec": spec}
+
+
+def agent_pods(cp) -> list[dict]:
+    status, out = cp.request("GET", f"/api/v1/namespaces/{AGENT_NS}/pods")
+    assert status == 200, out
+    return out["items"]
+
+
+def wait_for(what: str, check, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return found
+
+
+def delete_pod(cp, ns: str, name: str) -> None:
+    # No kubelet: a bound pod goes at once only with grace period 0.
+    cp.request("DELETE", f"/api/v1/namespaces/{ns}/pods/{name}",
+               {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0})
+
+
+def test_uninstall_drains_until_the_ebpf_injected_pods_are_gone(cp, istio, capsys):
+    """Issue 21 item 1: uninstall reverts the injection, keeps the agent while a pod injected with the
+    ebpf template runs (times out non-zero naming it, agent pods marked draining, status says so), and
+    completes once the pod is gone; --force removes the agent anyway and names the pod."""
+    namespaces, nodes = istio
+    ns = namespaces["1.26.0"]
+    app = f"app-{uuid.uuid4().hex[:6]}"
+    create(cp, "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": app}})
+    kubelet = Kubelet(cp, "")
+    try:
+        assert main(["install", "--timeout", "0", "--istio-namespace", ns]) == 0
+        wait_for("an agent pod per Linux node", lambda: len(agent_pods(cp)) == len(nodes))
+        create(cp, f"/api/v1/namespaces/{app}/pods", app_pod(app, "client", nodes[0], ebpf_template=True))
+        # Restarted after the revert: the opt-in annotation is in its template, istio-init is back.
+        create(cp, f"/api/v1/namespaces/{app}/pods", app_pod(app, "restarted", nodes[0], ebpf_template=False))
+        capsys.readouterr()
+
+        started = time.monotonic()
+        assert main(["uninstall", "--timeout", "2", "--istio-namespace", ns]) == 1
+        took = time.monotonic() - started
+        err = capsys.readouterr().err
+        named = [line for line in err.splitlines() if line.startswith("pod ")]
+        assert named == [f"pod {app}/client (node {nodes[0]}): still captured by eBPF; restart it"], err
+        assert f"{app}/restarted" not in err and "still depend on eBPF capture after 2s" in err
+        assert 2 <= took < 30, took
+        assert cp.request("GET", DAEMONSET)[0] == 200                 # the agent stays (fail closed)
+        assert not kubelet.prestop_status
+        assert all(DRAINING_ANNOTATION in (p["metadata"].get("annotations") or {}) for p in agent_pods(cp))
+        cfg = injector_state(cp, ns)["istio-sidecar-injector"]["data"]["config"]
+        assert not injector_config.is_installed(cfg)                   # the injection is reverted first
+        assert main(["status", "--istio-namespace", ns]) == 1
+        out = capsys.readouterr().out
+        assert f"DRAINING: pod {app}/client (node {nodes[0]}): still captured by eBPF; restart it" in out
+        assert "DRAINING: ConfigMap" in out and "PROBLEM: ConfigMap" not in out, out
+
+        # Waiting: the pod goes meanwhile, the uninstall completes.
+        result: list[int] = []
+        waiter = threading.Thread(target=lambda: result.append(
+            main(["uninstall", "--timeout", "60", "--istio-namespace", ns])))
+        waiter.start()
+        seen = ""
+        while "  restart " not in seen:
+            assert waiter.is_alive(), seen
+            seen += capsys.readouterr().err
+            time.sleep(0.1)
+        delete_pod(cp, app, "client")
+        waiter.join(120)
+        err = seen + capsys.readouterr().err
+        assert result == [0], err
+        assert f"draining: {app}/client (node {nodes[0]}) gone" in err and "drained:" in err
+        assert cp.request("GET", DAEMONSET)[0] == 404
+        assert kubelet.prestop_status
+
+        # --force: removed anyway, the pod named.
+        assert main(["install", "--timeout", "0", "--istio-namespace", ns]) == 0
+        create(cp, f"/api/v1/namespaces/{app}/pods", app_pod(app, "client2", nodes[1], ebpf_template=True))
+        capsys.readouterr()
+        assert main(["uninstall", "--force", "--timeout", "60", "--istio-namespace", ns]) == 0
+        err = capsys.readouterr().err
+        warned = [line for line in err.splitlines() if line.startswith("warning: pod")]
+        assert warned == [f"warning: pod {app}/client2 (node {nodes[1]}) now runs without capture: its app's "
+                          "traffic bypasses Envoy until the pod is restarted"], err
+        assert cp.request("GET", DAEMONSET)[0] == 404
+    finally:
+        kubelet.close()
+        for name in ("client", "restarted", "client2"):
+            delete_pod(cp, app, name)
+        cp.request("DELETE", f"/api/v1/namespaces/{app}")
 
 
 def test_render_output_applies_on_a_fresh_cluster(cp, tools):

@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     _large_allocations_unmapped()
     config = AgentConfig(node_name=node, mode_override=None if mode == "auto" else mode, pin_root=args.pin_root,
                          cgroup_root=cgroup_root, proc_root=args.proc_root, host=args.health_host,
-                         port=args.health_port, resync_seconds=args.resync_seconds, sockmap=args.sockmap)
+                         port=args.health_port, resync_seconds=args.resync_seconds, sockmap=args.sockmap,
+                         agent_namespace=os.environ.get("POD_NAMESPACE") or None)
     if args.prepare:
         done = NodeAgent(config).prepare()
         what = "compiled and pinned" if done["compiled"] else "already pinned"

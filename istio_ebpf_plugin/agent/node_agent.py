@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
-from .. import NODE_MODE_LABEL, kube_api
+from .. import DRAINING_ANNOTATION, NODE_MODE_LABEL, kube_api
 from ..datapath import failpoint
 from ..datapath.host import DEFAULT_PIN_ROOT
 from ..errors import IstioEbpfError
@@ -74,6 +74,9 @@ class AgentConfig:
     sockmap_self_test: Callable[[str], tuple[bool, str]] | None = None
     #: how long to wait for another agent of this node to exit (None: as long as it takes)
     lock_timeout: float | None = None
+    #: the agent pods' namespace ($POD_NAMESPACE): an agent pod of this node there carrying
+    #: DRAINING_ANNOTATION means ``istio-ebpf uninstall`` drains (None: never draining)
+    agent_namespace: str | None = None
 
 
 def _default_datapath(mode: str, pin_root: str, sockmap: bool) -> DatapathLike:
@@ -116,12 +119,31 @@ class NodeAgent:
         self.view: pod_view.PodView | None = None   # what /pods and the per-pod metrics show
         self._pod_counters: Mapping[Any, Mapping[str, int]] = {}
         self.metrics.registry.register(pod_view.PodCollector(lambda: self.view))
+        self._drain_marks: set[str] = set()   # uids of this node's agent pods carrying DRAINING_ANNOTATION
 
     @property
     def draining(self) -> bool:
-        """True while ``istio-ebpf uninstall`` drains this node: captured pods show ``draining``
-        in ``istio-ebpf pods``. No drain exists yet, so never."""
-        return False
+        """True while ``istio-ebpf uninstall`` drains this node (install/drain.py): it marks the agent
+        pods with DRAINING_ANNOTATION, which this agent sees on its own pod through its pod watch.
+        Capture goes on unchanged; captured pods show ``draining`` in ``istio-ebpf pods``."""
+        return bool(self._drain_marks)
+
+    def _note_drain(self, etype: str, pod: Any) -> None:
+        """Follow the draining mark of the agent pods of this node (every pod event passes here)."""
+        meta = pod.get("metadata") if isinstance(pod, Mapping) else None
+        if not isinstance(meta, Mapping) or meta.get("namespace") != self.config.agent_namespace:
+            return
+        uid = str(meta.get("uid") or meta.get("name") or "")
+        annotations = meta.get("annotations")
+        marked = etype != "DELETED" and isinstance(annotations, Mapping) and DRAINING_ANNOTATION in annotations
+        was = self.draining
+        if marked:
+            self._drain_marks.add(uid)
+        else:
+            self._drain_marks.discard(uid)
+        if self.draining != was:
+            log.info("%s", "draining: 'istio-ebpf uninstall' waits for the captured pods to be restarted; "
+                     "capture goes on" if self.draining else "no longer draining")
 
     # ------------------------------------------------------------------ health
     def healthy(self) -> tuple[bool, str]:
@@ -423,6 +445,16 @@ class NodeAgent:
         rec = self.reconciler
         assert rec is not None
         self._view_dirty = True
+        if self.config.agent_namespace:
+            if etype == "RESYNC":
+                marks = self._drain_marks
+                self._drain_marks = set()
+                for pod in obj:
+                    self._note_drain("ADDED", pod)
+                if marks and not self._drain_marks:
+                    log.info("no longer draining")
+            else:
+                self._note_drain(etype, obj)
         if etype == "RESYNC":
             start = time.monotonic()
             with self.pod_events.held() if self.pod_events is not None else contextlib.nullcontext():

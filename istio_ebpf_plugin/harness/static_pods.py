@@ -78,3 +78,6 @@ class StaticPods:
 
     def list_pods(self, namespace: str, label_selector: str) -> list[dict]:
         return self._installer()
+
+    def patch_pod_annotations(self, namespace: str, name: str, annotations: dict[str, str | None]) -> None:
+        self._installer()

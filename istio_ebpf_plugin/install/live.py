@@ -181,4 +181,4 @@ def status(pm: pluggy.PluginManager, options: Options) -> int:
     plan = _plan(pm, options)
     lines = HookCalls(pm).status(options, plan)
     sys.stdout.write("".join(line + "\n" for line in lines))
-    return 1 if any(line.startswith("PROBLEM") for line in lines) else 0
+    return 1 if any(line.startswith(("PROBLEM", "DRAINING")) for line in lines) else 0

@@ -24,6 +24,7 @@ class Options:
     selinux_type: str | None = None  # render/install: SELinux type of the agent pod (e.g. spc_t)
     dry_run: bool = False
     timeout: float = 300.0           # install: DaemonSet rollout; uninstall: agent pods' clean-up (0: no wait)
+    force: bool = False              # uninstall: remove the agent although pods still depend on its capture
     retries: int = 5                 # install: attempts when an injector ConfigMap changes under us
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from .. import NODE_MODE_LABEL, kernel, kube_api, resources
 from ..errors import PermanentError, TemporaryError, UsageError
+from . import drain as drainmod
 from . import injector_config, manifests
 from . import plan as planmod
 from . import template as tpl
@@ -61,8 +62,13 @@ def istio_ebpf_add_options(parser: argparse.ArgumentParser, command: str) -> Non
         parser.add_argument("--dry-run", action="store_true",
                             help="print the JSON patches and manifests instead of applying them")
         parser.add_argument("--timeout", type=float, default=DEFAULTS.timeout,
-                            help="seconds to wait for the agent DaemonSet rollout (install) or for its pods "
-                                 "to finish their clean-up (uninstall); 0: do not wait")
+                            help="seconds to wait for the agent DaemonSet rollout (install), or (uninstall) for "
+                                 "the pods that depend on eBPF capture to be restarted and then for the agent "
+                                 "pods' clean-up; 0: do not wait")
+    if command == "uninstall":
+        parser.add_argument("--force", action="store_true",
+                            help="remove the agent even while pods depend on its capture (they then run "
+                                 "uncaptured until restarted; each is named)")
     if command == "install":
         parser.add_argument("--retries", type=int, default=DEFAULTS.retries,
                             help="attempts when an injector ConfigMap changes under us")
@@ -161,6 +167,9 @@ def istio_ebpf_post_install(options: Options, plan: list[planmod.NodePlan] | Non
         if p.current_label != p.mode:
             kube_api.label_node(p.node, {NODE_MODE_LABEL: p.mode})
             print(f"node {p.node}: label {NODE_MODE_LABEL}={p.mode}", file=sys.stderr)
+    for doc in manifests.agent_documents():
+        if doc.kind == "DaemonSet" and drainmod.mark_agents(doc.namespace, _selector(doc.data), None):
+            print("agent pods: the drain of an earlier 'istio-ebpf uninstall' is cancelled", file=sys.stderr)
     timeout = float(Options.of(options).timeout)
     if timeout > 0:
         for doc in manifests.agent_documents():
@@ -204,6 +213,8 @@ def wait_for_daemonset(body: dict[str, Any], timeout: float, interval: float = 2
 @hookimpl
 def istio_ebpf_status(options: Options, plan: list[planmod.NodePlan] | None) -> list[str]:
     lines: list[str] = []
+    daemonset = next(d for d in manifests.agent_documents() if d.kind == "DaemonSet")
+    since = drainmod.draining_since(drainmod.agent_pods(daemonset.namespace, _selector(daemonset.data)))
     cms = kube_api.list_injector_configmaps()
     if not cms:
         lines.append("PROBLEM: no istio-sidecar-injector ConfigMap: is Istio installed?")
@@ -216,7 +227,10 @@ def istio_ebpf_status(options: Options, plan: list[planmod.NodePlan] | None) -> 
             continue
         data = injector_config.parse(config, where)
         ours = (data.get("templates") or {}).get(tpl.TEMPLATE_NAME)
-        if ours is None:
+        if ours is None and since is not None:
+            lines.append(f"DRAINING: {where}: ebpf template removed by 'istio-ebpf uninstall' "
+                         "(new pods get stock Istio)")
+        elif ours is None:
             lines.append(f"PROBLEM: {where}: ebpf template missing (Istio installed or upgraded without it); "
                          "run 'istio-ebpf install'")
         elif not tpl.is_ours(ours):
@@ -244,6 +258,11 @@ def istio_ebpf_status(options: Options, plan: list[planmod.NodePlan] | None) -> 
         if p.current_label in ("cookie", "podip") and p.rule_mode == "unsupported" and p.mode == "unsupported":
             lines.append(f"PROBLEM: node {p.node}: labelled {p.current_label} but kernel {p.kernel} "
                          "cannot capture")
+    if since is not None:
+        pods = drainmod.list_captured()
+        lines.append(f"DRAINING: 'istio-ebpf uninstall' began {since}: the agents keep capturing until no pod "
+                     f"injected with the ebpf template runs; {len(pods)} left")
+        lines += [f"DRAINING: pod {p}: still captured by eBPF; restart it" for p in pods]
     lines.append(f"pods: per-pod capture state on a node: {KUBECTL_COMMAND}")
     return lines
 
@@ -278,10 +297,18 @@ def _selector(daemonset: dict[str, Any]) -> str:
 
 @hookimpl
 def istio_ebpf_uninstall_cleanup(options: Options) -> None:
+    # The drain first (install/drain.py): while a pod injected with the ebpf template runs, its
+    # capture is the agent's alone, so the agent stays (or, --force, goes and the pods are named).
+    opts = Options.of(options)
+    timeout = opts.timeout
+    daemonset = next(d for d in manifests.agent_documents() if d.kind == "DaemonSet")
+    exists = kube_api.get_object(daemonset.data.get("apiVersion", ""), "DaemonSet", daemonset.namespace,
+                                 daemonset.name) is not None
+    uncaptured = drainmod.drain(daemonset.namespace, _selector(daemonset.data), timeout, bool(opts.force)) \
+        if exists else []
     # Reverse install order, DaemonSet first (agent_documents() is in kind order). Its pods'
     # preStop hook detaches the programs with the agent's own token: RBAC, ServiceAccount and
     # Namespace must outlive them, so we wait until the pods are gone before going on.
-    timeout = Options.of(options).timeout
     for doc in reversed(manifests.agent_documents()):
         gone = kube_api.delete_object(doc.data.get("apiVersion", ""), doc.kind, doc.namespace or None, doc.name)
         print(f"{doc.kind} {doc.name}: {'deleted' if gone else 'already absent'}", file=sys.stderr)
@@ -298,3 +325,4 @@ def istio_ebpf_uninstall_cleanup(options: Options) -> None:
     namespaces = {(cm.get("metadata") or {}).get("namespace") for cm in kube_api.list_injector_configmaps()}
     for ns in sorted(n for n in namespaces if n):
         kube_api.delete_object("v1", "ConfigMap", ns, BACKUP_CONFIGMAP)
+    drainmod.warn_uncaptured(uncaptured)

@@ -254,6 +254,9 @@ class FakeKube:
     def list_pods(self, namespace: str, label_selector: str) -> list[dict]:
         return []   # no kubelet here: a DaemonSet never has pods
 
+    def patch_pod_annotations(self, namespace: str, name: str, annotations: dict[str, str | None]) -> None:
+        raise kube_api.ApiStatusError(404, "Not Found", "{}")   # the installer's pods: none here
+
     def patch_node_labels(self, name: str, labels: dict[str, str | None]) -> None:
         current = self.nodes[name]["metadata"]["labels"]
         for k, v in labels.items():
