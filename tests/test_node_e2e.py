@@ -27,6 +27,7 @@ import pytest
 from support import node_bench, node_upgrade
 from support.node_scenario import (AGENT_IMAGE, AGENT_NS, AGENT_SELECTOR, APP_PORT, CONNECT_FROM_POD, HEALTH,
                                    LISTEN_IN_POD, agent_archive, agent_pod, app_namespace, cgroup_programs, cli,
+                                   cli_process,
                                    cluster, container_exec, container_log, container_status, http_get,
                                    injected_client_pod, injector_configmap, iptables_rules, netns_links, pod_cgroup,
                                    pod_pid, pod_process, pod_ready, server_pod, step, wait)
@@ -146,7 +147,7 @@ def test_opted_in_pod_passes_istio_validation(env):
         api.call("POST", f"/api/v1/namespaces/{ns}/pods", client)
         start = time.monotonic()
         server = wait(lambda: (p := api.pod(ns, "server")) and pod_ready(p) and p, 120, "server Ready")
-        client = wait(lambda: (p := api.pod(ns, "client")) and pod_ready(p) and p, 180, "client Ready")
+        client = _client_ready(api, ns)
         s.note(f"both Ready in {time.monotonic() - start:.1f} s; server {server['status']['podIP']}, "
                f"client {client['status']['podIP']}")
         vstat = container_status(client, "istio-validation", init=True)
@@ -155,6 +156,20 @@ def test_opted_in_pod_passes_istio_validation(env):
         s.note(f"istio-validation: exit 0, restarts {vstat['restartCount']}: {vlog[-1] if vlog else ''}")
         assert any("Validation passed" in line for line in vlog)
         env.update(server=server, client=client)
+
+
+def _client_ready(api: Any, ns: str) -> dict:
+    return wait(lambda: (p := api.pod(ns, "client")) and pod_ready(p) and p, 180, "client Ready")
+
+
+def _create_client(env: dict) -> None:
+    """The opted-in client again (after the drain step deleted it), injected from the live ConfigMap."""
+    api, ns = env["api"], env["ns"]
+    wait(lambda: api.pod(ns, "client") is None, 120, "the old client gone")
+    cm = api.get("/api/v1/namespaces/istio-system/configmaps/istio-sidecar-injector")
+    api.call("POST", f"/api/v1/namespaces/{ns}/pods", injected_client_pod(ns, "client", env["images"], cm,
+                                                                           env["render"]))
+    env["client"] = _client_ready(api, ns)
 
 
 def _fetch(env: dict, timeout: float = 5.0) -> tuple[int, str]:
@@ -609,20 +624,20 @@ def test_rolling_update_to_another_datapath_version_and_back_under_load(env):
         assert uncaptured == []
 
 
-def _uninstall_and_check(env: dict, s: Any) -> None:
+def _after_uninstall(env: dict, s: Any, client_netns: int, client_pid: int | None) -> None:
+    """The agent is gone: nothing of ours in the kernel, no label, the injector ConfigMap as before."""
     api, lab = env["api"], env["lab"]
-    client_pid = pod_pid(lab, env["ns"], "client", "hello")
-    out = cli(env["kubeconfig"], "uninstall")
-    for line in out.stderr.strip().splitlines()[-6:]:
-        s.note(f"uninstall: {line}")
-    assert out.returncode == 0, out.stderr[-2000:]
     wait(lambda: not api.pods(AGENT_NS, AGENT_SELECTOR), 120, "agent pods gone")
     progs = _our_programs()
-    links = netns_links(client_pid)
+    out = subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True, check=True)
+    links = [link for link in json.loads(out.stdout.strip() or "[]")
+             if link.get("type") == "netns" and link.get("netns_ino") == client_netns]
     pins = _pins(env)
-    s.note(f"kernel after uninstall: {len(progs)} programs on kubepods, {len(links)} netns links in the client, "
-           f"{len(pins)} pins")
+    s.note(f"kernel after uninstall: {len(progs)} programs on kubepods, {len(links)} netns links in the client's "
+           f"network namespace, {len(pins)} pins")
     assert progs == [] and links == [] and pins == []
+    if client_pid is not None:
+        assert netns_links(client_pid) == []
     node = api.node(lab.node_name)
     assert NODE_MODE_LABEL not in node["metadata"]["labels"]
     cm = api.get("/api/v1/namespaces/istio-system/configmaps/istio-sidecar-injector")
@@ -630,17 +645,68 @@ def _uninstall_and_check(env: dict, s: Any) -> None:
     s.note("node label removed; injector ConfigMap restored byte for byte")
 
 
-def test_uninstall_runs_prestop_and_leaves_nothing_attached(env):
-    with step("istio-ebpf uninstall: preStop cleans up; the kernel has nothing attached, no pins") as s:
-        _uninstall_and_check(env, s)
+def _draining_view() -> dict | None:
+    """The agent's /pods answer once it says draining."""
+    try:
+        code, body = http_get(f"{HEALTH}/pods")
+    except OSError:
+        return None
+    answer = json.loads(body) if code == 200 else {}
+    return answer if answer.get("draining") else None
+
+
+def test_uninstall_drains_under_load_then_completes(env):
+    """Issue 21 item 1: uninstall reverts the injection, then the agent keeps capturing the running
+    client (injected with the ebpf template) until it is gone: under load, 0 SYNs of the client's app
+    reach the server past Envoy while the agent drains; once the client is deleted, uninstall completes
+    and leaves nothing attached or pinned."""
+    api, lab, ns = env["api"], env["lab"], env["ns"]
+    with step("istio-ebpf uninstall drains: capture kept under load until the client is gone, then removed") as s:
+        client_pid = pod_pid(lab, ns, "client", "hello")
+        client_netns = os.stat(f"/proc/{client_pid}/ns/net").st_ino
+        assert netns_links(client_pid)
+        load, sniffer = _load_and_sniffer(env)
+        with sniffer, load:
+            load.wait_more(10, "before the uninstall")
+            start = time.monotonic()
+            uninstall = cli_process(env["kubeconfig"], "uninstall", "--timeout", "120")
+            try:
+                view = wait(_draining_view, 60, "the agent says draining")
+                s.note(f"agent draining {time.monotonic() - start:.1f} s after uninstall began")
+                (client_view,) = [p for p in view["pods"] if p["name"] == "client"]
+                assert client_view["state"] == "draining", client_view
+                cm = api.get("/api/v1/namespaces/istio-system/configmaps/istio-sidecar-injector")
+                assert cm["data"]["config"] == env["injector_original"]    # the injection is reverted first
+                load.wait_more(30, "while the agent drains")
+                _sniffer_control(env)
+                assert uninstall.poll() is None and _agent_pod(env) is not None   # still waiting, agent kept
+                status = cli(env["kubeconfig"], "status")
+                assert status.returncode == 1 and f"DRAINING: pod {ns}/client" in status.stdout, status.stdout
+            except BaseException:
+                uninstall.kill()
+                raise
+        uncaptured = _report_load(s, load, sniffer, None, env)
+        assert load.failed == 0 and load.wrong == 0, load.errors[:5]
+        assert uncaptured == []
+        api.delete_pod(ns, "client", grace=5)   # its app keeps running (captured) until it is gone
+        err = uninstall.communicate(timeout=240)[1]
+        for line in err.strip().splitlines()[-4:]:
+            s.note(f"uninstall: {line}")
+        assert uninstall.returncode == 0, err[-2000:]
+        assert f"  restart {ns}/client (node {lab.node_name})" in err and \
+            f"draining: {ns}/client (node {lab.node_name}) gone" in err, err[-2000:]
+        s.note(f"uninstall completed {time.monotonic() - start:.1f} s after it began (the client deleted once "
+               "the load had run)")
+        _after_uninstall(env, s, client_netns, None)
 
 
 def test_pod_ip_mode(env):
-    with step("pod-IP mode: istio-ebpf install --mode podip") as s:
+    with step("pod-IP mode: istio-ebpf install --mode podip, the client created again (injected)") as s:
         _install(env, s, "--mode", "podip")
         try:
             node = env["api"].node(env["lab"].node_name)
             assert node["metadata"]["labels"][NODE_MODE_LABEL] == "podip"
+            _create_client(env)
             wait(lambda: _metric("istio_ebpf_pods_managed") == 1, 30, "client managed in podip mode")
         except BaseException:
             _agent_diagnostics(env, s)
@@ -657,5 +723,15 @@ def test_pod_ip_mode(env):
         failures = [line for line in container_log(env["lab"], agent, "agent") if "cannot register" in line]
         assert failures == [], failures
         s.note(f"kernel: {len(_our_programs())} programs on kubepods; agent log: no listener registration failure")
-    with step("pod-IP mode: uninstall") as s:
-        _uninstall_and_check(env, s)
+    with step("pod-IP mode: uninstall --force with the client running: the warning names it") as s:
+        lab, ns = env["lab"], env["ns"]
+        client_pid = pod_pid(lab, ns, "client", "hello")
+        client_netns = os.stat(f"/proc/{client_pid}/ns/net").st_ino
+        out = cli(env["kubeconfig"], "uninstall", "--force")
+        for line in out.stderr.strip().splitlines()[-3:]:
+            s.note(f"uninstall: {line}")
+        assert out.returncode == 0, out.stderr[-2000:]
+        warned = [line for line in out.stderr.splitlines() if line.startswith("warning: pod")]
+        assert warned == [f"warning: pod {ns}/client (node {lab.node_name}) now runs without capture: its app's "
+                          "traffic bypasses Envoy until the pod is restarted"], out.stderr[-2000:]
+        _after_uninstall(env, s, client_netns, client_pid)

@@ -185,12 +185,20 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _cli_env(kubeconfig: str) -> dict[str, str]:
+    return dict(os.environ, KUBECONFIG=kubeconfig, PYTHONPATH=f"{PROJECT_ROOT}:{Path(__file__).parents[1]}")
+
+
 def cli(kubeconfig: str, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     """``istio-ebpf ARGS`` against the lab cluster, with the lab plugin."""
     return subprocess.run([sys.executable, "-c", CLI_WITH_LAB_PLUGIN, *args], capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, KUBECONFIG=kubeconfig,
-                                                    PYTHONPATH=f"{PROJECT_ROOT}:{Path(__file__).parents[1]}"),
-                          cwd=PROJECT_ROOT)
+                          timeout=timeout, env=_cli_env(kubeconfig), cwd=PROJECT_ROOT)
+
+
+def cli_process(kubeconfig: str, *args: str) -> subprocess.Popen:
+    """``istio-ebpf ARGS`` started in the background (``communicate()`` for its output)."""
+    return subprocess.Popen([sys.executable, "-c", CLI_WITH_LAB_PLUGIN, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_cli_env(kubeconfig), cwd=PROJECT_ROOT)
 
 
 def agent_pod(api: Api) -> dict | None:
