@@ -455,3 +455,31 @@ def test_agent_step_survives_a_failing_listener_refresh(kube, proc):
         assert agent.reconciler.states[uid].netns_inode == old_ino and len(store) == 1
     finally:
         run.close()
+
+
+def test_a_new_pods_listener_is_looked_for_often_until_found(kube, proc):
+    """Pod-IP mode finds Envoy's 15006 socket from /proc. A pod is added when its sandbox is up, and
+    its Envoy listens only after the init containers: found by the 5 s refresh, the pod was Ready
+    with inbound refused for up to 5 s (the node e2e's recreated client, connection refused).
+    A captured pod with no listener is looked at every listener_pending_seconds; once found, only
+    the full refresh looks at it."""
+    store: dict = {}
+    a = kube.add(fixture_pod(INJECTED, "a", NODE, ["10.0.12.1"], annotations=OPT_IN))
+    proc.start(a["metadata"]["uid"])
+    agent = make_agent(proc, store, mode="podip")
+    agent.config.listener_refresh_seconds = 3600.0     # only the pending look can find it here
+    agent.config.listener_pending_seconds = 0.05
+    run = running(agent)
+    try:
+        wait_for(lambda: len(store) == 1, what="pod captured")
+        dp = agent._made[0]
+        (handle,) = store
+        wait_for(lambda: sum(handle in r for r in dp.listener_refreshes) >= 3, what="pending looks")
+        dp.listeners[handle] = 2                  # Envoy listens (IPv4 + IPv6)
+        wait_for(lambda: handle in agent._listening, what="listener registered")
+        n = len(dp.listener_refreshes)
+        time.sleep(0.5)                           # ten pending periods: nothing left to look for
+        assert len(dp.listener_refreshes) == n
+        assert run.thread.is_alive() and agent.healthy()[0]
+    finally:
+        run.close()

@@ -78,7 +78,7 @@ class World:
         pair.server_ids = (uid, gid)
         if pair.handle is not None and self.dp.mode == "podip":
             # No sockops listener hook before 5.15: the agent re-registers a restarted Envoy.
-            assert self.dp.refresh_listeners({pair.handle: pair.bpf.netns_path}) == 2
+            assert self.dp.refresh_listeners({pair.handle: pair.bpf.netns_path}) == {pair.handle: 2}
 
 
 @pytest.fixture(scope="module")

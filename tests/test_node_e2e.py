@@ -177,6 +177,17 @@ def _fetch(env: dict, timeout: float = 5.0) -> tuple[int, str]:
     return http_get(f"http://{client_ip}:{APP_PORT}/fetch?url=http://{server_ip}:{APP_PORT}/", timeout)
 
 
+def _first_fetch_ok(env: dict) -> bool:
+    try:
+        return _fetch(env, 1.0)[0] == 200
+    except ConnectionRefusedError:
+        return False
+    except OSError as exc:     # urllib wraps the refusal
+        if isinstance(getattr(exc, "reason", None), ConnectionRefusedError):
+            return False
+        raise
+
+
 def _check_traffic(env: dict, s: Any, n: int = 20) -> None:
     lab = env["lab"]
     server_ip, client_ip = env["server"]["status"]["podIP"], env["client"]["status"]["podIP"]
@@ -707,13 +718,18 @@ def test_pod_ip_mode(env):
             node = env["api"].node(env["lab"].node_name)
             assert node["metadata"]["labels"][NODE_MODE_LABEL] == "podip"
             _create_client(env)
+            ready = time.monotonic()
             wait(lambda: _metric("istio_ebpf_pods_managed") == 1, 30, "client managed in podip mode")
         except BaseException:
             _agent_diagnostics(env, s)
             raise
         # Found here: without DAC_READ_SEARCH the agent pod could not list Envoy's /proc/<pid>/fd, never
-        # registered its 15006 listener, and inbound was refused (fail closed).
+        # registered its 15006 listener, and inbound was refused (fail closed). And: the pod is added
+        # when its sandbox is up, its Envoy listens later; looked for only every 5 s, the listener was
+        # still unknown when the Ready client got its first request (connection refused).
         try:
+            wait(lambda: _first_fetch_ok(env), 2, "the first request within 2 s of Ready", interval=0.05)
+            s.note(f"first request answered {time.monotonic() - ready:.2f} s after the client was seen Ready")
             _check_traffic(env, s)
         except (AssertionError, OSError):
             _agent_diagnostics(env, s)

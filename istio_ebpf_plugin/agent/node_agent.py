@@ -66,6 +66,11 @@ class AgentConfig:
     locator: Any = None                      # tests: a ready PodLocator-like object
     event_namespace: str = "default"         # Events about the Node live here
     listener_refresh_seconds: float = 5.0    # pod-IP mode: re-find Envoy's 15006 sockets this often
+    # pod-IP mode: a captured pod whose Envoy does not listen on 15006 yet (the pod is added when its
+    # sandbox is up, Envoy starts after the init containers) is looked at this often: until then its
+    # inbound connections are refused (fail closed), and the pod may turn Ready any moment.
+    listener_pending_seconds: float = 0.2
+    listener_pending_window: float = 120.0   # ... for this long after it is captured (then every refresh)
     publish_backoff: float = 1.0             # first retry of a failed node publish; doubles up to 5 min
     # /readyz fails when the pod watch got no answer this long. A quiet healthy watch hears from the
     # server at least every watch_timeout (the server ends the stream), so this must exceed it.
@@ -110,6 +115,9 @@ class NodeAgent:
         self._last_retry = 0.0
         self._last_metrics = 0.0
         self._last_listener_refresh = 0.0
+        self._last_pending_refresh = 0.0
+        self._listening: set[int] = set()     # pod-IP mode: handles whose 15006 listener is registered
+        self._pending_since: dict[int, float] = {}   # pod-IP mode: handle -> first seen without one
         self.pod_events: PodEvents | None = None
         self.lock = NodeLock(config.pin_root)
         #: start-up phases in seconds from start(): lock, loaded, filled, took_over, retired
@@ -414,20 +422,31 @@ class NodeAgent:
             self.update_metrics()
         elif self._view_dirty and self.synced:
             self.refresh_view()
-        if self.decision is not None and self.decision.mode == "podip" and \
-                now - self._last_listener_refresh >= self.config.listener_refresh_seconds:
-            self._last_listener_refresh = now
-            self.refresh_listeners()
+        if self.decision is not None and self.decision.mode == "podip":
+            if now - self._last_listener_refresh >= self.config.listener_refresh_seconds:
+                self._last_listener_refresh = self._last_pending_refresh = now
+                self.refresh_listeners()
+            elif now - self._last_pending_refresh >= self.config.listener_pending_seconds:
+                self._last_pending_refresh = now
+                self.refresh_listeners(pending_only=True)
 
-    def refresh_listeners(self) -> None:
-        """Pod-IP mode: no netns cookie in sockops before 5.15, so a restarted Envoy's new 15006
-        socket is found from userspace. A pod's recorded /proc/<pid>/ns/net dies with that
-        process: it is looked up again, and whatever fails here only waits for the next turn."""
+    def refresh_listeners(self, pending_only: bool = False) -> None:
+        """Pod-IP mode: no netns cookie in sockops before 5.15, so Envoy's 15006 socket is found from
+        userspace: every pod each ``listener_refresh_seconds`` (a restarted Envoy's new socket), and the
+        pods with none registered yet each ``listener_pending_seconds`` (a new pod's Envoy starting).
+        A pod's recorded /proc/<pid>/ns/net dies with that process: it is looked up again, and
+        whatever fails here only waits for the next turn."""
         rec, dp = self.reconciler, self.datapath
         if dp is None or rec is None:
             return
         paths = {}
+        now = time.monotonic()
         for st in rec.records.values():
+            # A pod whose Envoy never listens (crash-looping) costs a /proc pass per look: not for long.
+            if pending_only and (st.handle is None or st.handle in self._listening or
+                                 now - self._pending_since.setdefault(st.handle, now)
+                                 > self.config.listener_pending_window):
+                continue
             if st.netns_path and not os.path.exists(st.netns_path):
                 where = rec.locator.locate(st.uid)
                 if where is None or where.netns_inode != st.netns_inode:
@@ -435,8 +454,15 @@ class NodeAgent:
                 st.netns_path = where.netns_path
             if st.netns_path and st.handle is not None:
                 paths[st.handle] = st.netns_path
+        if pending_only and not paths:
+            return
         try:
-            dp.refresh_listeners(paths)
+            written = dp.refresh_listeners(paths)
+            if not pending_only:
+                self._listening.clear()    # a handle gone or a listener closed is pending again
+                # a pod found listening starts a new window when its Envoy restarts
+                self._pending_since = {h: t for h, t in self._pending_since.items() if written.get(h) == 0}
+            self._listening.update(h for h, n in written.items() if n)
         except Exception as exc:  # noqa: BLE001 - a refresh must never take the agent down
             log.warning("re-registering Envoy's inbound listeners failed (next try in %.0f s): %s",
                         self.config.listener_refresh_seconds, exc)

@@ -469,13 +469,14 @@ class Datapath:
                 os.close(fd)
         return written
 
-    def refresh_listeners(self, netns_paths: dict[int, str]) -> int:
-        """Re-register listeners for all given pods (handle -> netns path), e.g. after Envoy restarts."""
+    def refresh_listeners(self, netns_paths: dict[int, str]) -> dict[int, int]:
+        """Re-register listeners for all given pods (handle -> netns path), e.g. after Envoy restarts.
+        Returns the map entries written per handle (0: no 15006 listener in that pod yet)."""
         from .listeners import processes_by_netns
 
         by_netns = processes_by_netns()     # one /proc pass for every pod
-        return sum(self.register_listeners(path, handle, by_netns=by_netns)
-                   for handle, path in netns_paths.items())
+        return {handle: self.register_listeners(path, handle, by_netns=by_netns)
+                for handle, path in netns_paths.items()}
 
     # ---- observation --------------------------------------------------------------
     def pod_counters(self) -> dict[int, dict[str, int]]:

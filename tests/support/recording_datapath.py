@@ -32,6 +32,7 @@ class RecordingDatapath:
         self.attached: list[str] = []
         self.closed: bool | None = None
         self.listener_refreshes: list[dict[int, str]] = []
+        self.listeners: dict[int, int] = {}    # handle -> listener entries a refresh reports (tests set it)
         self.capacity: int | None = None
         self.denies: set[int] = set()
         self.per_pod: dict[int, dict[str, int]] = {}
@@ -83,9 +84,9 @@ class RecordingDatapath:
     def pods(self) -> dict[int, PodConfig]:
         return dict(self.entries)
 
-    def refresh_listeners(self, netns_paths: dict[int, str]) -> int:
+    def refresh_listeners(self, netns_paths: dict[int, str]) -> dict[int, int]:
         self.listener_refreshes.append(dict(netns_paths))
-        return 0
+        return {h: self.listeners.get(h, 0) for h in netns_paths}
 
     def set_init_bypass(self, handle: int, cgroup_ids: Iterable[int]) -> None:
         if handle not in self.entries:
