@@ -434,3 +434,75 @@ def test_insecure_kubeconfig_warns_once_per_command_not_per_request(cp, tmp_path
     extra = [line for line in unverified.stderr.splitlines() if line not in verified.stderr.splitlines()]
     assert extra == [f"TLS verification is off for {cp.url} (insecure-skip-tls-verify in the kubeconfig): "
                      "the API server's identity is not checked"], unverified.stderr
+
+
+def cluster_state(cp, ns: str, nodes: list[str]) -> dict:
+    """What an install can change: the injector ConfigMaps (config and annotations), the backup
+    ConfigMap, every agent object, and the nodes' labels."""
+    cms = {name: (cm["data"], cm["metadata"].get("annotations")) for name, cm in injector_state(cp, ns).items()}
+    backup = cp.request("GET", f"/api/v1/namespaces/{ns}/configmaps/{BACKUP_CONFIGMAP}")[0]
+    agent = {f"{d.kind} {d.name}": cp.request("GET", kube_api.resource_path(
+        d.data["apiVersion"], d.kind, d.namespace or None, d.name))[0] for d in manifests.agent_documents()}
+    labels = {n: cp.request("GET", f"/api/v1/nodes/{n}")[1]["metadata"].get("labels") for n in nodes}
+    return {"configmaps": cms, "backup": backup, "agent": agent, "labels": labels}
+
+
+@pytest.mark.parametrize("failure", ["patch second ConfigMap", "apply DaemonSet", "label last node",
+                                     "rollout (real: no kubelet, --timeout 2)", "post-install hook raises",
+                                     "apiserver refuses the DaemonSet (immutable selector)"])
+def test_install_failing_at_any_step_leaves_the_cluster_as_it_was(cp, istio, capsys, monkeypatch, failure):
+    """Issue 21 item 5: a failure at any step undoes what that run changed (ConfigMap patches by a
+    guarded JSON patch, created objects deleted, labels restored); the exit code is 1 and one line
+    names the failed step and says it was rolled back."""
+    namespaces, nodes = istio
+    ns = namespaces["1.26.0"]   # two injectors there: the default and the canary revision
+    # One node already carries a label the plan changes (podip there): the rollback must restore it.
+    assert cp.request("PATCH", f"/api/v1/nodes/{nodes[1]}", {"metadata": {"labels": {NODE_MODE_LABEL: "cookie"}}},
+                      content_type="application/merge-patch+json")[0] == 200
+    timeout, step = "0", ""
+    blocker = None
+    if failure == "patch second ConfigMap":
+        second = sorted(injector_state(cp, ns))[-1]
+        step = f"patch ConfigMap {ns}/{second}"
+    elif failure == "apply DaemonSet":
+        step = "apply DaemonSet"
+    elif failure == "label last node":
+        step = f"label node {nodes[2]}"
+    elif failure.startswith("rollout"):
+        timeout, step = "2", "rollout DaemonSet"
+    elif failure == "post-install hook raises":
+        step = "post-install hooks"
+        from istio_ebpf_plugin.install import manager
+
+        class Raising:
+            @manager.hookimpl
+            def istio_ebpf_post_install(self, options, plan):
+                raise RuntimeError("a plugin's post-install failed")
+        pm = manager.create(load_entrypoints=False)
+        pm.register(Raising(), name="raising")
+        monkeypatch.setattr(manager, "_PM", pm)
+    else:   # an agent DaemonSet of someone else's, whose selector ours cannot change
+        create(cp, "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": AGENT_NS}})
+        blocker = create(cp, f"/apis/apps/v1/namespaces/{AGENT_NS}/daemonsets", {
+            "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "istio-ebpf-agent"},
+            "spec": {"selector": {"matchLabels": {"other": "x"}}, "template": {
+                "metadata": {"labels": {"other": "x"}},
+                "spec": {"nodeSelector": {"none": "none"}, "containers": [{"name": "c", "image": "c:1"}]}}}})
+        step = "apply DaemonSet"
+    if step and failure not in ("post-install hook raises",) and not failure.startswith(("rollout", "apiserver")):
+        monkeypatch.setenv("ISTIO_EBPF_FAILPOINT", step)
+    before = cluster_state(cp, ns, nodes)
+    kubelet = Kubelet(cp, "")   # finishes the agent pods the rollback deletes
+    try:
+        code = main(["install", "--timeout", timeout, "--istio-namespace", ns])
+    finally:
+        kubelet.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1, err[-5:]
+    assert err[-1].startswith(f"istio-ebpf: error: install failed at step '{step}"), err[-1]
+    assert "rolled back (" in err[-1], err[-1]
+    assert any(line.startswith("rolled back: ConfigMap") for line in err)
+    assert cluster_state(cp, ns, nodes) == before
+    print(f"{failure}: {err[-1]}")
+    if blocker is not None:
+        cp.request("DELETE", f"/apis/apps/v1/namespaces/{AGENT_NS}/daemonsets/istio-ebpf-agent")

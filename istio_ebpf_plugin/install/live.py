@@ -19,13 +19,13 @@ from typing import Any, Callable
 import pluggy
 
 from .. import kube_api
-from ..errors import PermanentError, TemporaryError, UsageError
-from . import injector_config, manifests
+from ..errors import IstioEbpfError, PermanentError, TemporaryError, UsageError
+from . import injector_config, journal, manifests
 from . import plan as planmod
 from .hookcalls import HookCalls
 from .options import DEFAULTS, Options
 from .pipeline import InjectorEdit, edit_config
-from .plugin import BACKUP_CONFIGMAP
+from .plugin import BACKUP_CONFIGMAP, INSTALLED_ANNOTATION
 
 
 def _err(msg: str) -> None:
@@ -86,8 +86,10 @@ def _patch_one(pm: pluggy.PluginManager, cm: dict[str, Any], options: Options, r
             return edit, ops
         if before_patch is not None:
             before_patch(edit)
+        journal.active().step(f"patch ConfigMap {ns}/{name}")
         try:
-            kube_api.json_patch_configmap(ns, name, ops)
+            after = kube_api.json_patch_configmap(ns, name, ops)
+            journal.active().record_configmap_patch(current, after or {}, INSTALLED_ANNOTATION)
             _err(f"ConfigMap {ns}/{name}: patched ({len(ops)} operations)")
             return edit, ops
         except kube_api.ConcurrentEditError:
@@ -107,15 +109,24 @@ def _save_backup(edit: InjectorEdit) -> None:
     """Keep the config as it was before our first edit (documented in docs/install.md)."""
     if (injector_config.parse(edit.original, edit.where()).get("templates") or {}).get("ebpf") is not None:
         return  # already ours: the backup from the first install stays
+    run = journal.active()
+    run.step(f"backup ConfigMap {edit.namespace}/{edit.name}")
     existing = kube_api.get_object("v1", "ConfigMap", edit.namespace, BACKUP_CONFIGMAP)
     # Server-side apply owns the whole data map: send every revision's entry, not just ours.
-    data = dict((existing or {}).get("data") or {})
-    data[edit.name] = edit.original
-    body = {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": BACKUP_CONFIGMAP, "namespace": edit.namespace,
-                         "labels": {"app.kubernetes.io/managed-by": "istio-ebpf"}},
-            "data": data}
-    kube_api.apply_object(body)
+    old = dict((existing or {}).get("data") or {})
+    data = {**old, edit.name: edit.original}
+
+    def body(entries: dict[str, str]) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": BACKUP_CONFIGMAP, "namespace": edit.namespace,
+                             "labels": {"app.kubernetes.io/managed-by": "istio-ebpf"}},
+                "data": entries}
+    if existing is None:
+        run.apply(body(data))
+    else:
+        kube_api.apply_object(body(data))
+        run.record(f"ConfigMap {edit.namespace}/{BACKUP_CONFIGMAP} entry {edit.name} added",
+                   lambda: kube_api.apply_object(body(old)))
 
 
 def _print_patch(edit: InjectorEdit, ops: list[dict]) -> str:
@@ -131,6 +142,32 @@ def install(pm: pluggy.PluginManager, options: Options) -> int:
     # The agent objects first: missing manifests or a bad --image must stop us before any change.
     stream = manifests.Stream(hooks.agent_manifests(options, plan))
     hooks.transform_manifests(stream, options, plan)
+    run = journal.Journal()
+    previous = journal.activate(run)
+    try:
+        return _install_steps(pm, hooks, options, plan, stream, run)
+    except (Exception, KeyboardInterrupt) as exc:
+        step = run.step_name
+        if not run.entries and isinstance(exc, IstioEbpfError):
+            if step == "start":
+                raise    # before the first step: the error as it is
+            raise type(exc)(f"install failed at step '{step}': {exc}; nothing had been changed") from None
+        reason = str(exc) if isinstance(exc, IstioEbpfError) else f"{type(exc).__name__}: {exc}"
+        undone = len(run.entries)
+        left = run.rollback()
+        if left:
+            _err(f"istio-ebpf: error: install failed at step '{step}': {reason}; rollback incomplete, "
+                 f"left as changed: {'; '.join(left)}")
+            return 3
+        _err(f"istio-ebpf: error: install failed at step '{step}': {reason}; rolled back "
+             f"({undone} change{'s' if undone != 1 else ''} of this run undone)")
+        return 1
+    finally:
+        journal.activate(previous)
+
+
+def _install_steps(pm: pluggy.PluginManager, hooks: HookCalls, options: Options, plan: list[planmod.NodePlan],
+                   stream: manifests.Stream, run: journal.Journal) -> int:
     out: list[str] = []
     for cm in _injectors(options):
         edit, ops = _patch_one(pm, cm, options, revert=False, before_patch=_save_backup)
@@ -141,8 +178,10 @@ def install(pm: pluggy.PluginManager, options: Options) -> int:
         sys.stdout.write("".join(out))
         return 0
     for doc in stream.documents:
-        kube_api.apply_object(doc.data)
+        run.step(f"apply {doc.kind} {doc.namespace + '/' if doc.namespace else ''}{doc.name}")
+        run.apply(doc.data)
         _err(f"applied {doc.kind} {doc.namespace + '/' if doc.namespace else ''}{doc.name}")
+    run.step("post-install hooks")
     hooks.post_install(options, plan)
     final = hooks.plan_nodes(kube_api.list_nodes(), options) or []
     sys.stdout.write(planmod.table(final))

@@ -17,7 +17,7 @@ from typing import Any
 from .. import NODE_MODE_LABEL, kernel, kube_api, resources
 from ..errors import PermanentError, TemporaryError, UsageError
 from . import drain as drainmod
-from . import injector_config, manifests
+from . import injector_config, journal, manifests
 from . import plan as planmod
 from . import template as tpl
 from ..agent.pods_cli import KUBECTL_COMMAND
@@ -156,7 +156,9 @@ def agent_image(options: Options | None) -> str | None:
 def istio_ebpf_post_install(options: Options, plan: list[planmod.NodePlan] | None) -> None:
     # The plan is the kernel-version rule; an agent's label comes from real probes and wins
     # (it may have fallen back after a failed probe). Only nodes without such a label are labelled.
-    agent_owned = {(n.get("metadata") or {}).get("name") for n in kube_api.list_nodes() if _agent_published(n)}
+    run = journal.active()
+    nodes = {(n.get("metadata") or {}).get("name"): n for n in kube_api.list_nodes()}
+    agent_owned = {name for name, n in nodes.items() if _agent_published(n)}
     for p in plan or []:
         if p.node in agent_owned:
             if p.current_label != p.mode:
@@ -165,7 +167,8 @@ def istio_ebpf_post_install(options: Options, plan: list[planmod.NodePlan] | Non
                       f"from its probes; the kernel rule says {p.mode})", file=sys.stderr)
             continue
         if p.current_label != p.mode:
-            kube_api.label_node(p.node, {NODE_MODE_LABEL: p.mode})
+            run.step(f"label node {p.node}")
+            run.label_node(nodes.get(p.node) or {"metadata": {"name": p.node}}, {NODE_MODE_LABEL: p.mode})
             print(f"node {p.node}: label {NODE_MODE_LABEL}={p.mode}", file=sys.stderr)
     for doc in manifests.agent_documents():
         if doc.kind == "DaemonSet" and drainmod.mark_agents(doc.namespace, _selector(doc.data), None):
@@ -174,6 +177,7 @@ def istio_ebpf_post_install(options: Options, plan: list[planmod.NodePlan] | Non
     if timeout > 0:
         for doc in manifests.agent_documents():
             if doc.kind == "DaemonSet":
+                run.step(f"rollout DaemonSet {doc.namespace}/{doc.name}")
                 wait_for_daemonset(doc.data, timeout)
 
 
