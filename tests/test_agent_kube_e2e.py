@@ -184,6 +184,57 @@ def test_opt_in_without_a_sidecar_is_ignored_with_an_event(world):
         run.close()
 
 
+def node_events(cp, node: str, reason: str) -> list[dict]:
+    """The Node's Events (the agent creates them in namespace default) as the real apiserver stores them."""
+    items = cp.request("GET", "/api/v1/namespaces/default/events")[1]["items"]
+    return [e for e in items if e["involvedObject"].get("kind") == "Node"
+            and e["involvedObject"].get("name") == node and e["reason"] == reason]
+
+
+def test_injector_configmap_losing_the_ebpf_template_raises_a_warning_event(world):
+    """Issue 21 item 10: a helm upgrade of istiod without the post-renderer (here: the ConfigMap
+    replaced by its stock config) drops the ebpf template; the agent, with the shipped RBAC, raises
+    one Warning Event on its Node per loss, and again after a repair and a second loss."""
+    cp, node, ns, proc = world
+    path = f"/api/v1/namespaces/{ns}/configmaps/istio-sidecar-injector"
+    labels = {"operator.istio.io/component": "Pilot", "istio.io/rev": "default"}
+    stock = "policy: enabled\ntemplates:\n  sidecar: |\n    spec: {}\n"
+    ours = stock + "  ebpf: |\n    spec: {}\n"
+    assert cp.request("POST", f"/api/v1/namespaces/{ns}/configmaps", {
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "istio-sidecar-injector", "labels": labels},
+        "data": {"config": ours}})[0] == 201
+
+    def set_config(text: str) -> None:
+        assert cp.request("PATCH", path, {"data": {"config": text}},
+                          content_type="application/merge-patch+json")[0] == 200
+
+    agent = agent_for(node, proc, {}, injector_check_seconds=0.2)
+    run = Running(agent)
+    try:
+        _eventually(lambda: agent.published and agent.synced, 30, "publish")
+        steps = run.steps
+        _eventually(lambda: run.steps >= steps + 30, 30, "30 more agent loop steps")
+        assert node_events(cp, node, "InjectorTemplateMissing") == []    # installed: no Event
+        set_config(stock)
+        _eventually(lambda: node_events(cp, node, "InjectorTemplateMissing"), 30, "the Warning Event")
+        (event,) = node_events(cp, node, "InjectorTemplateMissing")
+        assert event["type"] == "Warning" and f"ConfigMap {ns}/istio-sidecar-injector" in event["message"]
+        assert "istio-ebpf install" in event["message"]
+        _eventually(lambda: agent.injectors_without_template == {f"{ns}/istio-sidecar-injector"}, 30, "seen")
+        last = agent._last_injector_check
+        _eventually(lambda: agent._last_injector_check > last + 0.5, 30, "more injector checks")
+        assert len(node_events(cp, node, "InjectorTemplateMissing")) == 1    # once per loss
+        set_config(ours)       # istio-ebpf install again
+        _eventually(lambda: not agent.injectors_without_template, 30, "the repair seen")
+        set_config(stock)      # and the next upgrade drops it again
+        _eventually(lambda: sum(e.get("count", 1) for e in node_events(cp, node, "InjectorTemplateMissing")) >= 2,
+                    30, "a second Warning Event")
+    finally:
+        run.close()
+        for e in node_events(cp, node, "InjectorTemplateMissing"):
+            cp.request("DELETE", f"/api/v1/namespaces/default/events/{e['metadata']['name']}")
+
+
 def test_capture_is_fixed_per_sandbox(world):
     """Issue 21 item 7 on a real apiserver: annotation edits (traffic annotations, the opt-in) do not
     change a running sandbox's capture; each gets an Event; the next sandbox follows the Pod."""

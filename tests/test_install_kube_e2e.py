@@ -506,3 +506,20 @@ def test_install_failing_at_any_step_leaves_the_cluster_as_it_was(cp, istio, cap
     print(f"{failure}: {err[-1]}")
     if blocker is not None:
         cp.request("DELETE", f"/apis/apps/v1/namespaces/{AGENT_NS}/daemonsets/istio-ebpf-agent")
+
+
+def test_status_exits_non_zero_when_a_helm_upgrade_drops_the_ebpf_template(cp, istio, capsys):
+    """Issue 21 item 10: istiod upgraded without the post-renderer (the ConfigMap put back to what
+    Helm renders) loses the ebpf template; status says so and exits 1; install repairs it."""
+    namespaces, _ = istio
+    ns = namespaces["1.14.0"]
+    path = f"/api/v1/namespaces/{ns}/configmaps/istio-sidecar-injector"
+    stock = cp.request("GET", path)[1]["data"]["config"]
+    assert main(["install", "--timeout", "0", "--istio-namespace", ns]) == 0
+    assert cp.request("PATCH", path, {"data": {"config": stock}}, content_type="application/merge-patch+json")[0] \
+        == 200
+    capsys.readouterr()
+    assert main(["status", "--istio-namespace", ns]) == 1
+    assert f"PROBLEM: ConfigMap {ns}/istio-sidecar-injector: ebpf template missing" in capsys.readouterr().out
+    assert main(["install", "--timeout", "0", "--istio-namespace", ns]) == 0
+    assert injector_config.is_installed(cp.request("GET", path)[1]["data"]["config"])

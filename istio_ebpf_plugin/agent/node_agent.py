@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
+import yaml
+
 from .. import DRAINING_ANNOTATION, NODE_MODE_LABEL, kube_api
 from ..datapath import failpoint
 from ..datapath.host import DEFAULT_PIN_ROOT
@@ -42,6 +44,9 @@ from .watch import PodWatcher
 log = logging.getLogger(__name__)
 
 REASON_ANNOTATION = "istio-ebpf.io/mode-reason"
+#: The injection template istio-ebpf installs (install/template.py TEMPLATE_NAME; the agent does not
+#: import the installer).
+INJECTOR_TEMPLATE = "ebpf"
 PROBES_ANNOTATION = "istio-ebpf.io/probes"
 
 
@@ -82,6 +87,9 @@ class AgentConfig:
     #: the agent pods' namespace ($POD_NAMESPACE): an agent pod of this node there carrying
     #: DRAINING_ANNOTATION means ``istio-ebpf uninstall`` drains (None: never draining)
     agent_namespace: str | None = None
+    #: read the istio-sidecar-injector ConfigMaps this often: one that lost the ebpf template (a
+    #: ``helm upgrade`` of istiod without the post-renderer, an operator) gets a Warning Event on the Node
+    injector_check_seconds: float = 60.0
 
 
 def _default_datapath(mode: str, pin_root: str, sockmap: bool) -> DatapathLike:
@@ -128,6 +136,8 @@ class NodeAgent:
         self._pod_counters: Mapping[Any, Mapping[str, int]] = {}
         self.metrics.registry.register(pod_view.PodCollector(lambda: self.view))
         self._drain_marks: set[str] = set()   # uids of this node's agent pods carrying DRAINING_ANNOTATION
+        self._last_injector_check = 0.0
+        self.injectors_without_template: set[str] = set()   # "ns/name" of injector ConfigMaps (last check)
 
     @property
     def draining(self) -> bool:
@@ -344,6 +354,44 @@ class NodeAgent:
             log.warning("publishing the node mode failed (retry in %.0fs): %s", self._publish_delay, exc)
             self._publish_delay = min(self._publish_delay * 2, 300.0)
 
+    def check_injectors(self) -> None:
+        """A Warning Event on this Node for each injector ConfigMap that lost the ebpf template since
+        the last check (once per loss): pods here that name it in inject.istio.io/templates are then
+        refused by Istio's injector. Not while uninstall drains (it removed the template itself)."""
+        if self.draining:
+            self.injectors_without_template = set()
+            return
+        try:
+            cms = kube_api.list_injector_configmaps()
+        except IstioEbpfError as exc:
+            log.warning("reading the injector ConfigMaps failed: %s", exc)
+            return
+        missing = set()
+        for cm in cms:
+            meta = cm.get("metadata") or {}
+            config = (cm.get("data") or {}).get("config")
+            try:
+                data = yaml.safe_load(config) if isinstance(config, str) else None
+            except yaml.YAMLError:
+                data = None
+            templates = data.get("templates") if isinstance(data, dict) else None
+            if not isinstance(templates, dict) or INJECTOR_TEMPLATE not in templates:
+                missing.add(f"{meta.get('namespace')}/{meta.get('name')}")
+        new, self.injectors_without_template = missing - self.injectors_without_template, missing
+        for where in sorted(new):
+            log.warning("injector ConfigMap %s has no %s template", where, INJECTOR_TEMPLATE)
+            involved = {"kind": "Node", "name": self.config.node_name, "apiVersion": "v1"}
+            if self.node_uid:
+                involved["uid"] = self.node_uid
+            try:
+                kube_api.create_event(
+                    self.config.event_namespace, involved, "InjectorTemplateMissing",
+                    f"ConfigMap {where} has no '{INJECTOR_TEMPLATE}' template (istiod upgraded or reconciled "
+                    "without the istio-ebpf post-renderer?): Istio's injector refuses new pods that name it "
+                    "in inject.istio.io/templates; run 'istio-ebpf install' (docs/install.md, Helm)", "Warning")
+            except IstioEbpfError as exc:
+                log.warning("the InjectorTemplateMissing Event was not created: %s", exc)
+
     def _report_pod(self, pod: Mapping[str, Any], etype: str, reason: str, message: str) -> None:
         if reason == "InvalidTrafficAnnotation" or "invalid traffic annotation" in message:
             self.metrics.config_errors.inc()
@@ -399,6 +447,9 @@ class NodeAgent:
         capturing = self.attached or (self.decision is not None and self.decision.mode == "unsupported")
         if capturing and not (self.published and self.event_sent):
             self._publish()
+        if self.published and time.monotonic() - self._last_injector_check >= self.config.injector_check_seconds:
+            self._last_injector_check = time.monotonic()
+            self.check_injectors()
         if self.reconciler is None:
             time.sleep(timeout)
             return
