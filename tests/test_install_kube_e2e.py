@@ -523,3 +523,38 @@ def test_status_exits_non_zero_when_a_helm_upgrade_drops_the_ebpf_template(cp, i
     assert f"PROBLEM: ConfigMap {ns}/istio-sidecar-injector: ebpf template missing" in capsys.readouterr().out
     assert main(["install", "--timeout", "0", "--istio-namespace", ns]) == 0
     assert injector_config.is_installed(cp.request("GET", path)[1]["data"]["config"])
+
+
+def test_install_rollback_keeps_someone_elses_edit_and_says_what_is_left(cp, istio, capsys, monkeypatch):
+    """Issue 21 item 5: when the injector ConfigMap was edited by someone else after our patch, the
+    rollback's guarded patch is refused by the server (their edit is kept), the rest is undone, and
+    install exits 3 with a line naming what is left."""
+    from istio_ebpf_plugin.install import manager
+
+    namespaces, nodes = istio
+    ns = namespaces["1.14.0"]
+    path = f"/api/v1/namespaces/{ns}/configmaps/istio-sidecar-injector"
+
+    class EditThenFail:
+        @manager.hookimpl
+        def istio_ebpf_post_install(self, options, plan):
+            cfg = cp.request("GET", path)[1]["data"]["config"]
+            assert cp.request("PATCH", path, {"data": {"config": cfg + "\n# an operator's edit\n"}},
+                              content_type="application/merge-patch+json")[0] == 200
+            raise RuntimeError("a plugin's post-install failed")
+    pm = manager.create(load_entrypoints=False)
+    pm.register(EditThenFail(), name="edit-then-fail")
+    monkeypatch.setattr(manager, "_PM", pm)
+    kubelet = Kubelet(cp, "")
+    try:
+        assert main(["install", "--timeout", "0", "--istio-namespace", ns]) == 3
+    finally:
+        kubelet.close()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("istio-ebpf: error: install failed at step 'post-install hooks'"), last
+    assert f"rollback incomplete, left as changed: ConfigMap {ns}/istio-sidecar-injector patched" in last, last
+    cfg = cp.request("GET", path)[1]["data"]["config"]
+    assert cfg.endswith("# an operator's edit\n") and injector_config.is_installed(cfg)
+    assert cluster_state(cp, ns, nodes)["agent"] == dict.fromkeys(cluster_state(cp, ns, nodes)["agent"], 404)
+    assert cp.request("GET", f"/api/v1/namespaces/{ns}/configmaps/{BACKUP_CONFIGMAP}")[0] == 404
+    print(last)
