@@ -427,3 +427,30 @@ def _move_processes(src, dst) -> None:
             except ProcessLookupError:
                 pass
     raise AssertionError(f"processes keep appearing in {src}")
+
+
+def test_node_without_cgroup_v2_is_published_unsupported(world, monkeypatch):
+    """Issue 21 item 3: no cgroup v2 mount. The CLI used to exit 2 before publishing, leaving install's
+    kernel-version label (cookie) in place; now the agent overwrites it with unsupported + reason, and stays up."""
+    from istio_ebpf_plugin.agent import cli, mode as agent_mode
+    from istio_ebpf_plugin.agent.node_agent import REASON_ANNOTATION
+
+    cp, node, ns, proc = world
+    assert cp.request("PATCH", f"/api/v1/nodes/{node}", {"metadata": {"labels": {NODE_MODE_LABEL: "cookie"}}},
+                      content_type="application/merge-patch+json")[0] == 200
+    seen: dict = {}
+    monkeypatch.setattr(agent_mode, "find_cgroup2", lambda: None)
+    monkeypatch.setattr(NodeAgent, "run", lambda self, stop: seen.setdefault("config", self.config))
+    parser = cli.argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["agent", "--node-name", node])
+    assert cli.run(args) == 0                     # did not exit before publishing
+    cfg = seen["config"]
+    assert cfg.unsupported_reason and "cgroup v2" in cfg.unsupported_reason
+    agent = agent_for(node, proc, {}, unsupported_reason=cfg.unsupported_reason)
+    agent.start(serve=False)
+    assert agent.datapath is None and agent.decision is not None and agent.decision.mode == "unsupported"
+    _, got = cp.request("GET", f"/api/v1/nodes/{node}")
+    assert got["metadata"]["labels"][NODE_MODE_LABEL] == "unsupported"
+    assert "cgroup v2" in got["metadata"]["annotations"][REASON_ANNOTATION]
+    assert agent.ready() == (True, f"unsupported: {cfg.unsupported_reason}")

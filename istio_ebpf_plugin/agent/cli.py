@@ -102,18 +102,24 @@ def run(args: argparse.Namespace) -> int:
     if args.if_uninstalled:
         raise UsageError("--if-uninstalled only goes with --cleanup")
     cgroup_root = args.cgroup_root
+    unsupported_reason = None
     if cgroup_root is None and args.prepare:
         cgroup_root = "/sys/fs/cgroup"    # nothing is attached: the kubepods cgroup is not needed
     if cgroup_root is None:
         cg2 = find_cgroup2()
         if cg2 is None:
-            raise UsageError("no cgroup v2 mount found: pass --cgroup-root")
-        cgroup_root = _kubepods(cg2)
+            # Publish unsupported (label, reason annotation, Event) and stay up, so the label
+            # install wrote from the kernel version is corrected and kept (issue 21 item 3).
+            unsupported_reason = "cgroup_v2: no cgroup v2 mount on this node (cgroup v1 only)"
+            cgroup_root = "/sys/fs/cgroup"
+        else:
+            cgroup_root = _kubepods(cg2)
     _large_allocations_unmapped()
     config = AgentConfig(node_name=node, mode_override=None if mode == "auto" else mode, pin_root=args.pin_root,
                          cgroup_root=cgroup_root, proc_root=args.proc_root, host=args.health_host,
                          port=args.health_port, resync_seconds=args.resync_seconds, sockmap=args.sockmap,
-                         agent_namespace=os.environ.get("POD_NAMESPACE") or None)
+                         agent_namespace=os.environ.get("POD_NAMESPACE") or None,
+                         unsupported_reason=unsupported_reason)
     if args.prepare:
         done = NodeAgent(config).prepare()
         what = "compiled and pinned" if done["compiled"] else "already pinned"

@@ -56,6 +56,7 @@ class AgentConfig:
     mode_override: str | None = None
     pin_root: str = DEFAULT_PIN_ROOT
     cgroup_root: str = "/sys/fs/cgroup"      # where the programs attach (the kubepods parent)
+    unsupported_reason: str | None = None    # known before any probe (no cgroup v2): publish unsupported
     proc_root: str = "/proc"
     host: str = "0.0.0.0"
     port: int = 15099
@@ -239,6 +240,14 @@ class NodeAgent:
     def _select_mode(self) -> tuple[ModeDecision, bool]:
         """The node's mode (probe verdicts cached in the pin root) and whether sockmap is on."""
         cfg = self.config
+        if cfg.unsupported_reason:
+            # Nothing can attach here: publish unsupported with the reason and stay up (not capturing)
+            # so the label is kept, instead of exiting before any label is written.
+            release = cfg.kernel_release or os.uname().release
+            self.decision = d = ModeDecision("unsupported", cfg.unsupported_reason, release, "unsupported")
+            log.warning("mode unsupported: %s", d.reason)
+            self._record_decision(d)
+            return d, False
         features = cfg.features
         if features is None:
             # Verdicts cached in the pin root: a restart does not compile the probes again.
