@@ -310,6 +310,7 @@ class KubeBackend(Protocol):
     def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> bool: ...
     def list_nodes(self) -> list[dict]: ...
     def patch_node_labels(self, name: str, labels: dict[str, str | None]) -> None: ...
+    def json_patch_node(self, name: str, ops: list[dict]) -> dict: ...
     def list_pods(self, namespace: str, label_selector: str) -> list[dict]: ...   # namespace "": all
     def patch_pod_annotations(self, namespace: str, name: str, annotations: dict[str, str | None]) -> None: ...
 
@@ -508,6 +509,10 @@ class HttpBackend:
     def list_nodes(self) -> list[dict]:
         return self._list("/api/v1/nodes", {})[0]
 
+    def json_patch_node(self, name: str, ops: list[dict]) -> dict:
+        return self._request("PATCH", resource_path("v1", "Node", name=name), {"fieldManager": FIELD_MANAGER},
+                             ops, "application/json-patch+json")
+
     def patch_node_labels(self, name: str, labels: dict[str, str | None]) -> None:
         self._request("PATCH", resource_path("v1", "Node", name=name), {"fieldManager": FIELD_MANAGER},
                       {"metadata": {"labels": labels}}, "application/merge-patch+json")
@@ -632,6 +637,23 @@ def list_nodes() -> list[dict]:
 def label_node(name: str, labels: dict[str, str | None]) -> None:
     """Merge-patch node labels (``None`` removes one)."""
     _call(f"label node {name}", lambda b: b.patch_node_labels(name, labels))
+
+
+def label_node_if_unchanged(node: dict, key: str, value: str) -> dict:
+    """Set one label on the Node as read (``node``), only if its resourceVersion is still the one read:
+    a JSON patch starting with a ``test`` of it, so a concurrent writer (the agent) is never overwritten.
+    Raises ConcurrentEditError when the Node changed meanwhile."""
+    meta = node.get("metadata") or {}
+    name = meta.get("name", "")
+    esc = key.replace("~", "~0").replace("/", "~1")
+    ops: list[dict] = []
+    if meta.get("resourceVersion"):
+        ops.append({"op": "test", "path": "/metadata/resourceVersion", "value": meta["resourceVersion"]})
+    if isinstance(meta.get("labels"), dict):
+        ops.append({"op": "add", "path": f"/metadata/labels/{esc}", "value": value})
+    else:
+        ops.append({"op": "add", "path": "/metadata/labels", "value": {key: value}})
+    return _call(f"label node {name}", lambda b: b.json_patch_node(name, ops))
 
 
 def list_pods(namespace: str, label_selector: str) -> list[dict]:

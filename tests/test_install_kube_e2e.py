@@ -558,3 +558,39 @@ def test_install_rollback_keeps_someone_elses_edit_and_says_what_is_left(cp, ist
     assert cluster_state(cp, ns, nodes)["agent"] == dict.fromkeys(cluster_state(cp, ns, nodes)["agent"], 404)
     assert cp.request("GET", f"/api/v1/namespaces/{ns}/configmaps/{BACKUP_CONFIGMAP}")[0] == 404
     print(last)
+
+
+def test_install_never_overwrites_a_label_the_agent_publishes_meanwhile(cp, istio, capsys):
+    """Issue 21 item 11: the agent publishes unsupported between install's read of the Nodes and its
+    label write. The write is a JSON patch testing the resourceVersion read, so the server refuses it
+    and install, re-reading, keeps the agent's label (the old merge patch overwrote it with the kernel rule)."""
+    namespaces, nodes = istio
+    ns = namespaces["1.26.0"]
+    raced: list[str] = []
+
+    def agent_publishes(name: str) -> None:
+        if not raced and name in nodes:
+            raced.append(name)
+            assert cp.request("PATCH", f"/api/v1/nodes/{name}", {"metadata": {
+                "labels": {NODE_MODE_LABEL: "unsupported"},
+                "annotations": {"istio-ebpf.io/mode-reason": "cgroup_v2: no cgroup v2 mount"}}},
+                content_type="application/merge-patch+json")[0] == 200
+
+    class Racing(kube_api.HttpBackend):
+        def json_patch_node(self, name, ops):
+            agent_publishes(name)
+            return super().json_patch_node(name, ops)
+
+        def patch_node_labels(self, name, labels):
+            if any(v is not None for v in labels.values()):
+                agent_publishes(name)
+            return super().patch_node_labels(name, labels)
+
+    previous = kube_api.use_backend(Racing())
+    try:
+        assert main(["install", "--timeout", "0", "--istio-namespace", ns]) == 0
+    finally:
+        kube_api.use_backend(previous)
+    assert raced, "install wrote no node label"
+    assert node_labels(cp, raced) == {raced[0]: "unsupported"}
+    assert f"node {raced[0]}: label {NODE_MODE_LABEL}=unsupported kept" in capsys.readouterr().err

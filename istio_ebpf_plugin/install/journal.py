@@ -90,6 +90,14 @@ class Journal:
         kube_api.label_node(name, labels)
         self.entries.append(_Entry(f"node {name} labelled", lambda: kube_api.label_node(name, previous)))
 
+    def label_node_if_unchanged(self, node: dict[str, Any], key: str, value: str) -> None:
+        """As label_node, but only if the Node is still as read (resourceVersion test); else ConcurrentEditError."""
+        meta = node.get("metadata") or {}
+        name = meta.get("name", "")
+        previous = {key: (meta.get("labels") or {}).get(key)}
+        kube_api.label_node_if_unchanged(node, key, value)
+        self.entries.append(_Entry(f"node {name} labelled", lambda: kube_api.label_node(name, previous)))
+
     def rollback(self) -> list[str]:
         """Undo every entry, newest first; the entries that could not be undone, with why."""
         left: list[str] = []

@@ -152,6 +152,29 @@ def agent_image(options: Options | None) -> str | None:
     return image
 
 
+def _label_unless_agent(run: journal.Journal, node: dict[str, Any], p: planmod.NodePlan, tries: int = 8) -> None:
+    """Write the plan's label only onto the Node as read: the patch tests its resourceVersion, so an agent
+    that published meanwhile is never overwritten (issue 21 item 11); on a conflict, re-read and decide again."""
+    for _ in range(tries):
+        try:
+            run.label_node_if_unchanged(node, NODE_MODE_LABEL, p.mode)
+        except kube_api.ConcurrentEditError:
+            fresh = next((n for n in kube_api.list_nodes()
+                          if (n.get("metadata") or {}).get("name") == p.node), None)
+            if fresh is None:
+                return
+            if _agent_published(fresh):
+                label = ((fresh.get("metadata") or {}).get("labels") or {}).get(NODE_MODE_LABEL, "(empty)")
+                print(f"node {p.node}: label {NODE_MODE_LABEL}={label} kept (the agent published it "
+                      f"while install ran; the kernel rule says {p.mode})", file=sys.stderr)
+                return
+            node = fresh
+            continue
+        print(f"node {p.node}: label {NODE_MODE_LABEL}={p.mode}", file=sys.stderr)
+        return
+    raise kube_api.ConcurrentEditError(f"node {p.node}: changed on every one of {tries} tries to label it")
+
+
 @hookimpl
 def istio_ebpf_post_install(options: Options, plan: list[planmod.NodePlan] | None) -> None:
     # The plan is the kernel-version rule; an agent's label comes from real probes and wins
@@ -168,8 +191,7 @@ def istio_ebpf_post_install(options: Options, plan: list[planmod.NodePlan] | Non
             continue
         if p.current_label != p.mode:
             run.step(f"label node {p.node}")
-            run.label_node(nodes.get(p.node) or {"metadata": {"name": p.node}}, {NODE_MODE_LABEL: p.mode})
-            print(f"node {p.node}: label {NODE_MODE_LABEL}={p.mode}", file=sys.stderr)
+            _label_unless_agent(run, nodes.get(p.node) or {"metadata": {"name": p.node}}, p)
     for doc in manifests.agent_documents():
         if doc.kind == "DaemonSet" and drainmod.mark_agents(doc.namespace, _selector(doc.data), None):
             print("agent pods: the drain of an earlier 'istio-ebpf uninstall' is cancelled", file=sys.stderr)

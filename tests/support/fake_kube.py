@@ -257,6 +257,18 @@ class FakeKube:
     def patch_pod_annotations(self, namespace: str, name: str, annotations: dict[str, str | None]) -> None:
         raise kube_api.ApiStatusError(404, "Not Found", "{}")   # the installer's pods: none here
 
+    def json_patch_node(self, name: str, ops: list[dict]) -> dict:
+        node = self.nodes[name]
+        try:
+            new = jsonpatch.JsonPatch(ops).apply(node)
+        except jsonpatch.JsonPatchTestFailed as exc:
+            raise kube_api.ApiStatusError(422, "Unprocessable Entity", json.dumps(
+                {"message": f"testing value failed: test failed: {exc}"})) from exc
+        rv = str((node.get("metadata") or {}).get("resourceVersion") or "0")
+        new["metadata"]["resourceVersion"] = str(int(rv) + 1) if rv.isdigit() else rv
+        self.nodes[name] = new
+        return copy.deepcopy(new)
+
     def patch_node_labels(self, name: str, labels: dict[str, str | None]) -> None:
         current = self.nodes[name]["metadata"]["labels"]
         for k, v in labels.items():
