@@ -449,8 +449,13 @@ def test_node_without_cgroup_v2_is_published_unsupported(world, monkeypatch):
     assert cfg.unsupported_reason and "cgroup v2" in cfg.unsupported_reason
     agent = agent_for(node, proc, {}, unsupported_reason=cfg.unsupported_reason)
     agent.start(serve=False)
-    assert agent.datapath is None and agent.decision is not None and agent.decision.mode == "unsupported"
-    _, got = cp.request("GET", f"/api/v1/nodes/{node}")
-    assert got["metadata"]["labels"][NODE_MODE_LABEL] == "unsupported"
-    assert "cgroup v2" in got["metadata"]["annotations"][REASON_ANNOTATION]
-    assert agent.ready() == (True, f"unsupported: {cfg.unsupported_reason}")
+    # Shut down even on failure: a leaked agent keeps the node lock of the tests' pin root, and the next
+    # test's agent waited for it for ever (CI, test_agent_loop, 20 min idle).
+    try:
+        assert agent.datapath is None and agent.decision is not None and agent.decision.mode == "unsupported"
+        _, got = cp.request("GET", f"/api/v1/nodes/{node}")
+        assert got["metadata"]["labels"][NODE_MODE_LABEL] == "unsupported"
+        assert "cgroup v2" in got["metadata"]["annotations"][REASON_ANNOTATION]
+        assert agent.ready() == (True, f"unsupported: {cfg.unsupported_reason}")
+    finally:
+        agent.shutdown()
