@@ -11,6 +11,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 #: Annotation a pod sets to opt in to eBPF capture.
 OPT_IN_ANNOTATION = "istio-ebpf.io/redirect"
 OPT_IN_VALUE = "ebpf"
+#: Name of the injection template istio-ebpf adds to Istio's injector ConfigMap: the installer
+#: writes it, the agent's drift check looks for it (neither imports the other).
+INJECTION_TEMPLATE = "ebpf"
 #: Node label published by the agent and the installer: cookie | podip | unsupported.
 NODE_MODE_LABEL = "istio-ebpf.io/mode"
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import yaml
 
-from .. import DRAINING_ANNOTATION, NODE_MODE_LABEL, kube_api
+from .. import DRAINING_ANNOTATION, INJECTION_TEMPLATE, NODE_MODE_LABEL, kube_api
 from ..datapath import failpoint
 from ..datapath.host import DEFAULT_PIN_ROOT
 from ..errors import IstioEbpfError
@@ -44,9 +44,6 @@ from .watch import PodWatcher
 log = logging.getLogger(__name__)
 
 REASON_ANNOTATION = "istio-ebpf.io/mode-reason"
-#: The injection template istio-ebpf installs (install/template.py TEMPLATE_NAME; the agent does not
-#: import the installer).
-INJECTOR_TEMPLATE = "ebpf"
 PROBES_ANNOTATION = "istio-ebpf.io/probes"
 
 
@@ -384,18 +381,18 @@ class NodeAgent:
             except yaml.YAMLError:
                 data = None
             templates = data.get("templates") if isinstance(data, dict) else None
-            if not isinstance(templates, dict) or INJECTOR_TEMPLATE not in templates:
+            if not isinstance(templates, dict) or INJECTION_TEMPLATE not in templates:
                 missing.add(f"{meta.get('namespace')}/{meta.get('name')}")
         new, self.injectors_without_template = missing - self.injectors_without_template, missing
         for where in sorted(new):
-            log.warning("injector ConfigMap %s has no %s template", where, INJECTOR_TEMPLATE)
+            log.warning("injector ConfigMap %s has no %s template", where, INJECTION_TEMPLATE)
             involved = {"kind": "Node", "name": self.config.node_name, "apiVersion": "v1"}
             if self.node_uid:
                 involved["uid"] = self.node_uid
             try:
                 kube_api.create_event(
                     self.config.event_namespace, involved, "InjectorTemplateMissing",
-                    f"ConfigMap {where} has no '{INJECTOR_TEMPLATE}' template (istiod upgraded or reconciled "
+                    f"ConfigMap {where} has no '{INJECTION_TEMPLATE}' template (istiod upgraded or reconciled "
                     "without the istio-ebpf post-renderer?): Istio's injector refuses new pods that name it "
                     "in inject.istio.io/templates; run 'istio-ebpf install' (docs/install.md, Helm)", "Warning")
             except IstioEbpfError as exc:

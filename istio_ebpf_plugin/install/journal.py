@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .. import kube_api
+from . import waits
 from ..errors import PermanentError
 
 FAILPOINT_ENV = "ISTIO_EBPF_FAILPOINT"
@@ -113,27 +113,16 @@ class Journal:
 
 
 def _delete(body: dict[str, Any], timeout: float = 60.0) -> None:
-    """Delete as uninstall does: a DaemonSet's pods (their preStop needs the RBAC) and a Namespace
-    (it refuses new objects while Terminating) are waited for."""
+    """Delete as uninstall does: a DaemonSet's pods and a Namespace are waited for (install/waits.py)."""
     meta = body.get("metadata") or {}
     api_version, kind, ns, name = body.get("apiVersion", ""), body.get("kind", ""), meta.get("namespace"), \
         meta["name"]
     kube_api.delete_object(api_version, kind, ns or None, name)
-    labels = (((body.get("spec") or {}).get("selector") or {}).get("matchLabels")) or {}
-    selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-    deadline = time.monotonic() + timeout
-    while True:
-        if kind == "DaemonSet" and selector:
-            pending = bool(kube_api.list_pods(ns or "", selector))
-        elif kind == "Namespace":
-            pending = kube_api.get_object(api_version, kind, None, name) is not None
-        else:
-            return
-        if not pending:
-            return
-        if time.monotonic() >= deadline:
-            raise PermanentError(f"deleted, still terminating after {timeout:g}s")
-        time.sleep(0.5)
+    selector = waits.selector_of(body)
+    if kind == "DaemonSet" and selector:
+        waits.wait_for_pods_gone(ns or "", selector, timeout, interval=0.5)
+    elif kind == "Namespace":
+        waits.wait_for_gone(api_version, kind, None, name, timeout, interval=0.5)
 
 
 _ACTIVE: Journal | None = None

@@ -17,7 +17,7 @@ from typing import Any
 from .. import NODE_MODE_LABEL, kernel, kube_api, resources
 from ..errors import PermanentError, TemporaryError, UsageError
 from . import drain as drainmod
-from . import injector_config, journal, manifests
+from . import injector_config, journal, manifests, waits
 from . import plan as planmod
 from . import template as tpl
 from ..agent.pods_cli import KUBECTL_COMMAND
@@ -193,7 +193,7 @@ def istio_ebpf_post_install(options: Options, plan: list[planmod.NodePlan] | Non
             run.step(f"label node {p.node}")
             _label_unless_agent(run, nodes.get(p.node) or {"metadata": {"name": p.node}}, p)
     for doc in manifests.agent_documents():
-        if doc.kind == "DaemonSet" and drainmod.mark_agents(doc.namespace, _selector(doc.data), None):
+        if doc.kind == "DaemonSet" and drainmod.mark_agents(doc.namespace, waits.selector_of(doc.data), None):
             print("agent pods: the drain of an earlier 'istio-ebpf uninstall' is cancelled", file=sys.stderr)
     timeout = float(Options.of(options).timeout)
     if timeout > 0:
@@ -240,7 +240,7 @@ def wait_for_daemonset(body: dict[str, Any], timeout: float, interval: float = 2
 def istio_ebpf_status(options: Options, plan: list[planmod.NodePlan] | None) -> list[str]:
     lines: list[str] = []
     daemonset = next(d for d in manifests.agent_documents() if d.kind == "DaemonSet")
-    since = drainmod.draining_since(drainmod.agent_pods(daemonset.namespace, _selector(daemonset.data)))
+    since = drainmod.draining_since(drainmod.agent_pods(daemonset.namespace, waits.selector_of(daemonset.data)))
     cms = kube_api.list_injector_configmaps()
     if not cms:
         lines.append("PROBLEM: no istio-sidecar-injector ConfigMap: is Istio installed?")
@@ -293,34 +293,6 @@ def istio_ebpf_status(options: Options, plan: list[planmod.NodePlan] | None) -> 
     return lines
 
 
-def wait_for_pods_gone(namespace: str, selector: str, timeout: float, interval: float = 1.0,
-                       clock=time.monotonic, sleep=time.sleep) -> None:
-    """Until no pod matches: their preStop clean-up still needs the RBAC and Namespace we delete next."""
-    deadline = clock() + timeout
-    while True:
-        pods = kube_api.list_pods(namespace, selector)
-        if not pods:
-            return
-        if clock() >= deadline:
-            raise TemporaryError(f"{len(pods)} agent pod(s) in {namespace} still terminating after {timeout:g}s; "
-                                 "run 'istio-ebpf uninstall' again once they are gone")
-        sleep(interval)
-
-
-def wait_for_gone(api_version: str, kind: str, namespace: str | None, name: str, timeout: float,
-                  interval: float = 1.0, clock=time.monotonic, sleep=time.sleep) -> None:
-    deadline = clock() + timeout
-    while kube_api.get_object(api_version, kind, namespace, name) is not None:
-        if clock() >= deadline:
-            raise TemporaryError(f"{kind} {name} still terminating after {timeout:g}s")
-        sleep(interval)
-
-
-def _selector(daemonset: dict[str, Any]) -> str:
-    labels = (((daemonset.get("spec") or {}).get("selector") or {}).get("matchLabels")) or {}
-    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-
-
 @hookimpl
 def istio_ebpf_uninstall_cleanup(options: Options) -> None:
     # The drain first (install/drain.py): while a pod injected with the ebpf template runs, its
@@ -330,7 +302,7 @@ def istio_ebpf_uninstall_cleanup(options: Options) -> None:
     daemonset = next(d for d in manifests.agent_documents() if d.kind == "DaemonSet")
     exists = kube_api.get_object(daemonset.data.get("apiVersion", ""), "DaemonSet", daemonset.namespace,
                                  daemonset.name) is not None
-    uncaptured = drainmod.drain(daemonset.namespace, _selector(daemonset.data), timeout, bool(opts.force)) \
+    uncaptured = drainmod.drain(daemonset.namespace, waits.selector_of(daemonset.data), timeout, bool(opts.force)) \
         if exists else []
     # Reverse install order, DaemonSet first (agent_documents() is in kind order). Its pods'
     # preStop hook detaches the programs with the agent's own token: RBAC, ServiceAccount and
@@ -338,12 +310,12 @@ def istio_ebpf_uninstall_cleanup(options: Options) -> None:
     for doc in reversed(manifests.agent_documents()):
         gone = kube_api.delete_object(doc.data.get("apiVersion", ""), doc.kind, doc.namespace or None, doc.name)
         print(f"{doc.kind} {doc.name}: {'deleted' if gone else 'already absent'}", file=sys.stderr)
-        if doc.kind == "DaemonSet" and timeout > 0 and _selector(doc.data):
-            wait_for_pods_gone(doc.namespace, _selector(doc.data), timeout)
+        if doc.kind == "DaemonSet" and timeout > 0 and waits.selector_of(doc.data):
+            waits.wait_for_pods_gone(doc.namespace, waits.selector_of(doc.data), timeout)
         if doc.kind == "Namespace" and gone and timeout > 0:
             # Like `kubectl delete`: return once it is gone. A Terminating namespace refuses new
             # objects (403), so an install right after an uninstall would fail half-way.
-            wait_for_gone(doc.data.get("apiVersion", "v1"), "Namespace", None, doc.name, timeout)
+            waits.wait_for_gone(doc.data.get("apiVersion", "v1"), "Namespace", None, doc.name, timeout)
     for node in kube_api.list_nodes():
         meta = node.get("metadata") or {}
         if NODE_MODE_LABEL in (meta.get("labels") or {}):
