@@ -19,6 +19,7 @@ import pytest
 
 from support.fake_kube import fixture_pod
 from istio_ebpf_plugin import NODE_MODE_LABEL, kube_api
+from istio_ebpf_plugin.agent import node_agent
 from istio_ebpf_plugin.agent.node_agent import NodeAgent
 from istio_ebpf_plugin.install import manifests
 from support.polling import wait_for
@@ -191,11 +192,15 @@ def node_events(cp, node: str, reason: str) -> list[dict]:
             and e["involvedObject"].get("name") == node and e["reason"] == reason]
 
 
-def test_injector_configmap_losing_the_ebpf_template_raises_a_warning_event(world):
+def test_injector_configmap_losing_the_ebpf_template_raises_a_warning_event(world, monkeypatch):
     """Issue 21 item 10: a helm upgrade of istiod without the post-renderer (here: the ConfigMap
     replaced by its stock config) drops the ebpf template; the agent, with the shipped RBAC, raises
-    one Warning Event on its Node per loss, and again after a repair and a second loss."""
+    one Warning Event on its Node per loss, and again after a repair and a second loss. A config
+    is parsed once per resourceVersion, not at every check."""
     cp, node, ns, proc = world
+    parsed: list[object] = []
+    real_has = node_agent._has_injection_template
+    monkeypatch.setattr(node_agent, "_has_injection_template", lambda c: parsed.append(c) or real_has(c))
     path = f"/api/v1/namespaces/{ns}/configmaps/istio-sidecar-injector"
     labels = {"operator.istio.io/component": "Pilot", "istio.io/rev": "default"}
     stock = "policy: enabled\ntemplates:\n  sidecar: |\n    spec: {}\n"
@@ -215,6 +220,9 @@ def test_injector_configmap_losing_the_ebpf_template_raises_a_warning_event(worl
         steps = run.steps
         _eventually(lambda: run.steps >= steps + 30, 30, "30 more agent loop steps")
         assert node_events(cp, node, "InjectorTemplateMissing") == []    # installed: no Event
+        first = agent._last_injector_check
+        _eventually(lambda: agent._last_injector_check > first + 0.5, 30, "more injector checks")
+        assert parsed == [ours]                                          # several checks, one parse
         set_config(stock)
         _eventually(lambda: node_events(cp, node, "InjectorTemplateMissing"), 30, "the Warning Event")
         (event,) = node_events(cp, node, "InjectorTemplateMissing")

@@ -136,6 +136,9 @@ class NodeAgent:
         self._drain_marks: set[str] = set()   # uids of this node's agent pods carrying DRAINING_ANNOTATION
         self._last_injector_check = 0.0
         self.injectors_without_template: set[str] = set()   # "ns/name" of injector ConfigMaps (last check)
+        # "ns/name" -> (resourceVersion, has the template): a config of some 100 KiB is parsed again
+        # only when it changed, not by every agent every minute.
+        self._injector_seen: dict[str, tuple[str, bool]] = {}
 
     @property
     def draining(self) -> bool:
@@ -372,17 +375,17 @@ class NodeAgent:
         except IstioEbpfError as exc:
             log.warning("reading the injector ConfigMaps failed: %s", exc)
             return
-        missing = set()
+        missing, seen = set(), {}
         for cm in cms:
             meta = cm.get("metadata") or {}
-            config = (cm.get("data") or {}).get("config")
-            try:
-                data = yaml.safe_load(config) if isinstance(config, str) else None
-            except yaml.YAMLError:
-                data = None
-            templates = data.get("templates") if isinstance(data, dict) else None
-            if not isinstance(templates, dict) or INJECTION_TEMPLATE not in templates:
-                missing.add(f"{meta.get('namespace')}/{meta.get('name')}")
+            where, version = f"{meta.get('namespace')}/{meta.get('name')}", str(meta.get("resourceVersion", ""))
+            cached = self._injector_seen.get(where)
+            has = cached[1] if cached is not None and version and cached[0] == version \
+                else _has_injection_template((cm.get("data") or {}).get("config"))
+            seen[where] = (version, has)
+            if not has:
+                missing.add(where)
+        self._injector_seen = seen
         new, self.injectors_without_template = missing - self.injectors_without_template, missing
         for where in sorted(new):
             log.warning("injector ConfigMap %s has no %s template", where, INJECTION_TEMPLATE)
@@ -608,3 +611,13 @@ def cleanup_node(node_name: str | None, pin_root: str = DEFAULT_PIN_ROOT) -> str
         except IstioEbpfError as exc:
             return f"{done}; node label not removed: {exc}"
     return done
+
+
+def _has_injection_template(config: object) -> bool:
+    """Whether an injector ConfigMap's ``data.config`` names the template istio-ebpf installs."""
+    try:
+        data = yaml.safe_load(config) if isinstance(config, str) else None
+    except yaml.YAMLError:
+        return False
+    templates = data.get("templates") if isinstance(data, dict) else None
+    return isinstance(templates, dict) and INJECTION_TEMPLATE in templates
