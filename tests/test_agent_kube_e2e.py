@@ -13,6 +13,7 @@ and their processes in cgroups named the way kubelet names them (kubepods/pod<ui
 from __future__ import annotations
 
 import copy
+import time
 import uuid
 
 import pytest
@@ -465,5 +466,33 @@ def test_node_without_cgroup_v2_is_published_unsupported(world, monkeypatch):
         assert got["metadata"]["labels"][NODE_MODE_LABEL] == "unsupported"
         assert "cgroup v2" in got["metadata"]["annotations"][REASON_ANNOTATION]
         assert agent.ready() == (True, f"unsupported: {cfg.unsupported_reason}")
+    finally:
+        agent.shutdown()
+
+
+def test_agent_corrects_a_node_label_someone_overwrites(world):
+    """Issue 21 item 11 (agent side): the agent published unsupported; an installer or operator writes
+    cookie over it (then removes it); within one label check period the agent writes its own mode back
+    (the old agent published once and never looked again)."""
+    cp, node, ns, proc = world
+    agent = agent_for(node, proc, {}, unsupported_reason="cgroup_v2: no cgroup v2 mount", label_check_seconds=0.5)
+    agent.start(serve=False)
+    try:
+        def label() -> str | None:
+            return cp.request("GET", f"/api/v1/nodes/{node}")[1]["metadata"].get("labels", {}).get(NODE_MODE_LABEL)
+
+        def overwrite(value: str | None) -> None:
+            assert cp.request("PATCH", f"/api/v1/nodes/{node}", {"metadata": {"labels": {NODE_MODE_LABEL: value}}},
+                              content_type="application/merge-patch+json")[0] == 200
+            assert label() == value
+
+        agent.step(timeout=0.01)
+        assert agent.published and label() == "unsupported"
+        for wrong in ("cookie", None):
+            overwrite(wrong)
+            t0 = time.monotonic()
+            wait_for(lambda: (agent.step(timeout=0.05), label() == "unsupported")[1], 10,
+                     f"the agent to correct the label {wrong!r}")
+            assert time.monotonic() - t0 < 0.5 + 1.5      # within the check period (+ one step and the GETs)
     finally:
         agent.shutdown()

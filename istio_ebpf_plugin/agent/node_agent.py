@@ -58,6 +58,7 @@ class AgentConfig:
     host: str = "0.0.0.0"
     port: int = 15099
     resync_seconds: float = 300.0
+    label_check_seconds: float = 60.0       # re-assert the published node label (someone may overwrite it)
     watch_timeout: int = 240                 # server-side watch timeout; a new watch starts after it
     retry_seconds: float = 0.25              # pending pods (no sandbox yet) are retried this often
     failure_backoff: float = 1.0             # a pod that cannot be programmed: first retry after this,
@@ -135,6 +136,7 @@ class NodeAgent:
         self.metrics.registry.register(pod_view.PodCollector(lambda: self.view))
         self._drain_marks: set[str] = set()   # uids of this node's agent pods carrying DRAINING_ANNOTATION
         self._last_injector_check = 0.0
+        self._last_label_check = time.monotonic()
         self.injectors_without_template: set[str] = set()   # "ns/name" of injector ConfigMaps (last check)
         # "ns/name" -> (resourceVersion, has the template): a config of some 100 KiB is parsed again
         # only when it changed, not by every agent every minute.
@@ -363,6 +365,22 @@ class NodeAgent:
             log.warning("publishing the node mode failed (retry in %.0fs): %s", self._publish_delay, exc)
             self._publish_delay = min(self._publish_delay * 2, 300.0)
 
+    def _reassert_label(self) -> None:
+        """Correct a node label someone else (an installer, an operator) changed: the agent's probes win.
+        A merge patch of the same values is a no-op on the server when nothing changed."""
+        d = self.decision
+        if d is None:
+            return
+        try:
+            node = kube_api.patch_node_metadata(
+                self.config.node_name, {NODE_MODE_LABEL: d.mode},
+                {REASON_ANNOTATION: d.reason, PROBES_ANNOTATION: json.dumps(d.features, sort_keys=True)})
+        except Exception as exc:  # retried on the next check
+            log.warning("re-asserting the node label failed (retry in %.0fs): %s",
+                        self.config.label_check_seconds, exc)
+            return
+        self.node_uid = ((node or {}).get("metadata") or {}).get("uid") or self.node_uid
+
     def check_injectors(self) -> None:
         """A Warning Event on this Node for each injector ConfigMap that lost the ebpf template since
         the last check (once per loss): pods here that name it in inject.istio.io/templates are then
@@ -456,6 +474,9 @@ class NodeAgent:
         capturing = self.attached or (self.decision is not None and self.decision.mode == "unsupported")
         if capturing and not (self.published and self.event_sent):
             self._publish()
+        if self.published and time.monotonic() - self._last_label_check >= self.config.label_check_seconds:
+            self._last_label_check = time.monotonic()
+            self._reassert_label()
         if self.published and time.monotonic() - self._last_injector_check >= self.config.injector_check_seconds:
             self._last_injector_check = time.monotonic()
             self.check_injectors()
