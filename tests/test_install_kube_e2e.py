@@ -314,7 +314,7 @@ def delete_pod(cp, ns: str, name: str) -> None:
                {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0})
 
 
-def test_uninstall_drains_until_the_ebpf_injected_pods_are_gone(cp, istio, capsys):
+def test_uninstall_drains_until_the_ebpf_injected_pods_are_gone(cp, istio, capsys, monkeypatch):
     """Issue 21 item 1: uninstall reverts the injection, keeps the agent while a pod injected with the
     ebpf template runs (times out non-zero naming it, agent pods marked draining, status says so), and
     completes once the pod is gone; --force removes the agent anyway and names the pod."""
@@ -348,6 +348,18 @@ def test_uninstall_drains_until_the_ebpf_injected_pods_are_gone(cp, istio, capsy
         out = capsys.readouterr().out
         assert f"DRAINING: pod {app}/client (node {nodes[0]}): still captured by eBPF; restart it" in out
         assert "DRAINING: ConfigMap" in out and "PROBLEM: ConfigMap" not in out, out
+
+        # An install failing after it cancelled the drain rolls that back too: the injection is
+        # reverted again, so the agents must drain again, from the same start.
+        marks = {p["metadata"]["name"]: p["metadata"]["annotations"][DRAINING_ANNOTATION] for p in agent_pods(cp)}
+        monkeypatch.setenv("ISTIO_EBPF_FAILPOINT", "rollout")
+        assert main(["install", "--timeout", "5", "--istio-namespace", ns]) == 1
+        monkeypatch.delenv("ISTIO_EBPF_FAILPOINT")
+        err = capsys.readouterr().err
+        assert "the drain of an earlier 'istio-ebpf uninstall' is cancelled" in err, err
+        assert {p["metadata"]["name"]: (p["metadata"].get("annotations") or {}).get(DRAINING_ANNOTATION)
+                for p in agent_pods(cp)} == marks, err
+        assert not injector_config.is_installed(injector_state(cp, ns)["istio-sidecar-injector"]["data"]["config"])
 
         # Waiting: the pod goes meanwhile, the uninstall completes.
         result: list[int] = []

@@ -8,6 +8,7 @@ disables it.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import re
 import sys
@@ -193,8 +194,17 @@ def istio_ebpf_post_install(options: Options, plan: list[planmod.NodePlan] | Non
             run.step(f"label node {p.node}")
             _label_unless_agent(run, nodes.get(p.node) or {"metadata": {"name": p.node}}, p)
     for doc in manifests.agent_documents():
-        if doc.kind == "DaemonSet" and drainmod.mark_agents(doc.namespace, waits.selector_of(doc.data), None):
+        if doc.kind != "DaemonSet":
+            continue
+        ns, selector = doc.namespace, waits.selector_of(doc.data)
+        since = drainmod.draining_since(drainmod.agent_pods(ns, selector))
+        run.step(f"cancel drain {ns}")
+        if drainmod.mark_agents(ns, selector, None):
             print("agent pods: the drain of an earlier 'istio-ebpf uninstall' is cancelled", file=sys.stderr)
+        if since is not None:
+            # A rollback restores the reverted injection, so the agents must drain again, from the same start.
+            run.record(f"drain of agent pods in {ns} cancelled",
+                       functools.partial(drainmod.mark_agents, ns, selector, since))
     timeout = float(Options.of(options).timeout)
     if timeout > 0:
         for doc in manifests.agent_documents():
