@@ -19,7 +19,7 @@ import uuid
 import pytest
 
 from support.fake_kube import fixture_pod
-from istio_ebpf_plugin import NODE_MODE_LABEL, kube_api
+from istio_ebpf_plugin import DRAINING_ANNOTATION, NODE_MODE_LABEL, kube_api
 from istio_ebpf_plugin.agent import node_agent
 from istio_ebpf_plugin.agent.node_agent import NodeAgent
 from istio_ebpf_plugin.install import manifests
@@ -240,6 +240,48 @@ def test_injector_configmap_losing_the_ebpf_template_raises_a_warning_event(worl
                     30, "a second Warning Event")
     finally:
         run.close()
+        for e in node_events(cp, node, "InjectorTemplateMissing"):
+            cp.request("DELETE", f"/api/v1/namespaces/default/events/{e['metadata']['name']}")
+
+
+def test_uninstall_reverting_the_injector_before_the_drain_mark_raises_no_drift_event(world):
+    """Uninstall reverts the injector ConfigMaps a moment before it marks the agent pods draining: an
+    agent check in between sees the template gone, and must not call that drift. A loss counts once
+    two checks in a row see it (the Event comes one check period later for a real drift)."""
+    cp, node, ns, proc = world
+    name = f"istio-sidecar-injector-{uuid.uuid4().hex[:6]}"
+    path = f"/api/v1/namespaces/{ns}/configmaps/{name}"
+    stock = "policy: enabled\ntemplates:\n  sidecar: |\n    spec: {}\n"
+    assert cp.request("POST", f"/api/v1/namespaces/{ns}/configmaps", {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "labels": {"operator.istio.io/component": "Pilot", "istio.io/rev": "canary"}},
+        "data": {"config": stock + "  ebpf: |\n    spec: {}\n"}})[0] == 201
+    agent = agent_for(node, proc, {}, agent_namespace="istio-ebpf-system")
+
+    def drain_mark(on: bool) -> None:      # what the agent's pod watch delivers for its own pod
+        annotations = {DRAINING_ANNOTATION: "2026-12-06T00:00:00Z"} if on else {}
+        agent._note_drain("MODIFIED", {"metadata": {"namespace": "istio-ebpf-system", "uid": "agent-pod",
+                                                    "annotations": annotations}})
+
+    def events() -> list[dict]:
+        mine = f"ConfigMap {ns}/{name} "
+        return [e for e in node_events(cp, node, "InjectorTemplateMissing") if mine in e["message"]]
+
+    try:
+        agent.check_injectors()
+        assert cp.request("PATCH", path, {"data": {"config": stock}},
+                          content_type="application/merge-patch+json")[0] == 200       # uninstall's revert
+        agent.check_injectors()                   # a check before the drain mark arrives
+        drain_mark(True)
+        agent.check_injectors()
+        drain_mark(False)                         # (a drain cancelled while the template stays gone)
+        agent.check_injectors()
+        assert events() == []
+        agent.check_injectors()                   # the second check in a row: a real loss
+        (event,) = events()
+        assert event["type"] == "Warning"
+    finally:
+        cp.request("DELETE", path)
         for e in node_events(cp, node, "InjectorTemplateMissing"):
             cp.request("DELETE", f"/api/v1/namespaces/default/events/{e['metadata']['name']}")
 

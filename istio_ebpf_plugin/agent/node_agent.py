@@ -141,6 +141,7 @@ class NodeAgent:
         # "ns/name" -> (resourceVersion, has the template): a config of some 100 KiB is parsed again
         # only when it changed, not by every agent every minute.
         self._injector_seen: dict[str, tuple[str, bool]] = {}
+        self._injectors_missing_once: set[str] = set()       # missing at the last check
 
     @property
     def draining(self) -> bool:
@@ -386,7 +387,7 @@ class NodeAgent:
         the last check (once per loss): pods here that name it in inject.istio.io/templates are then
         refused by Istio's injector. Not while uninstall drains (it removed the template itself)."""
         if self.draining:
-            self.injectors_without_template = set()
+            self.injectors_without_template, self._injectors_missing_once = set(), set()
             return
         try:
             cms = kube_api.list_injector_configmaps()
@@ -404,7 +405,10 @@ class NodeAgent:
             if not has:
                 missing.add(where)
         self._injector_seen = seen
-        new, self.injectors_without_template = missing - self.injectors_without_template, missing
+        # A loss counts once seen by two checks in a row: uninstall reverts the ConfigMaps a moment
+        # before it marks the agents draining, and that revert is no drift.
+        confirmed, self._injectors_missing_once = missing & self._injectors_missing_once, missing
+        new, self.injectors_without_template = confirmed - self.injectors_without_template, confirmed
         for where in sorted(new):
             log.warning("injector ConfigMap %s has no %s template", where, INJECTION_TEMPLATE)
             involved = {"kind": "Node", "name": self.config.node_name, "apiVersion": "v1"}
