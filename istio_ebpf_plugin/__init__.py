@@ -20,3 +20,8 @@ NODE_MODE_LABEL = "istio-ebpf.io/mode"
 #: Annotation ``istio-ebpf uninstall`` puts on the agent pods while it drains (value: when it began,
 #: RFC 3339). The agent sees it on its own pod through its pod watch and reports ``draining``.
 DRAINING_ANNOTATION = "istio-ebpf.io/draining"
+
+#: Node annotation the agent renews with its label (JSON: ``time`` RFC 3339 UTC, ``mode`` it decided,
+#: ``period`` in seconds until the next renewal). ``istio-ebpf status`` counts a node as captured only
+#: while this is fresh (docs/install.md, Status).
+HEARTBEAT_ANNOTATION = "istio-ebpf.io/heartbeat"

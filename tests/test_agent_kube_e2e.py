@@ -515,13 +515,19 @@ def test_node_without_cgroup_v2_is_published_unsupported(world, monkeypatch):
 def test_agent_corrects_a_node_label_someone_overwrites(world):
     """Issue 21 item 11 (agent side): the agent published unsupported; an installer or operator writes
     cookie over it (then removes it); within one label check period the agent writes its own mode back
-    (the old agent published once and never looked again)."""
+    (the old agent published once and never looked again). Each period also renews its heartbeat."""
+    from istio_ebpf_plugin import HEARTBEAT_ANNOTATION
+    from istio_ebpf_plugin.install import plan
+
     cp, node, ns, proc = world
     agent = agent_for(node, proc, {}, unsupported_reason="cgroup_v2: no cgroup v2 mount", label_check_seconds=0.5)
     agent.start(serve=False)
     try:
         def label() -> str | None:
             return cp.request("GET", f"/api/v1/nodes/{node}")[1]["metadata"].get("labels", {}).get(NODE_MODE_LABEL)
+
+        def heartbeat() -> str:
+            return cp.request("GET", f"/api/v1/nodes/{node}")[1]["metadata"]["annotations"][HEARTBEAT_ANNOTATION]
 
         def overwrite(value: str | None) -> None:
             assert cp.request("PATCH", f"/api/v1/nodes/{node}", {"metadata": {"labels": {NODE_MODE_LABEL: value}}},
@@ -536,5 +542,10 @@ def test_agent_corrects_a_node_label_someone_overwrites(world):
             wait_for(lambda: (agent.step(timeout=0.05), label() == "unsupported")[1], 10,
                      f"the agent to correct the label {wrong!r}")
             assert time.monotonic() - t0 < 0.5 + 1.5      # within the check period (+ one step and the GETs)
+        # The same patch renews the heartbeat that `istio-ebpf status` requires (issue 21 item 13).
+        first = heartbeat()
+        age, mode, limit = plan.heartbeat_age(first, time.time())
+        assert age is not None and age < 5 and mode == "unsupported" and limit == "1.5"
+        wait_for(lambda: (agent.step(timeout=0.05), heartbeat() != first)[1], 5, "a renewed heartbeat")
     finally:
         agent.shutdown()

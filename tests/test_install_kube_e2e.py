@@ -10,6 +10,7 @@ it, with the agent's own ServiceAccount token, as the preStop hook would.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import threading
 import time
@@ -613,3 +614,94 @@ def test_install_never_overwrites_a_label_the_agent_publishes_meanwhile(cp, isti
     assert raced, "install wrote no node label"
     assert node_labels(cp, raced) == {raced[0]: "unsupported"}
     assert f"node {raced[0]}: label {NODE_MODE_LABEL}=unsupported kept" in capsys.readouterr().err
+
+
+def test_status_shows_captured_only_where_a_ready_agent_renews_its_label(cp, istio, capsys):
+    """Issue 21 item 13: install labels nodes from their kernel before any agent confirms. status used to
+    say 'captured by eBPF' from the label alone; now a node is captured only while its agent pod (the
+    DaemonSet's, on that node) is Ready and the heartbeat the agent renews with its label is fresh."""
+    from istio_ebpf_plugin import HEARTBEAT_ANNOTATION
+    from istio_ebpf_plugin.agent.node_agent import heartbeat
+
+    namespaces, nodes = istio
+    new, mid, old = nodes
+    # A node the DaemonSet does not select (no kubernetes.io/os label yet), Linux amd64 by its nodeInfo:
+    # install labels it cookie from its kernel, and no agent pod ever runs there.
+    lone = f"{new}-noagent"
+    create(cp, "/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "metadata": {"name": lone}})
+    try:
+        assert cp.request("PATCH", f"/api/v1/nodes/{lone}/status", {"status": {"nodeInfo": {
+            "kernelVersion": KERNELS["new"], "operatingSystem": "linux", "architecture": "amd64"}}},
+            content_type="application/merge-patch+json")[0] == 200
+        for ns in namespaces.values():
+            assert main(["install", "--timeout", "0", "--istio-namespace", ns]) == 0
+        assert node_labels(cp, [lone, new])[lone] == "cookie"
+        capsys.readouterr()
+
+        def status() -> tuple[int, str]:
+            rc = main(["status"])
+            out = capsys.readouterr()
+            assert "captured by eBPF" not in out.err
+            return rc, out.out
+
+        def agent_pod(node: str) -> dict:
+            found: list[dict] = []
+
+            def bound() -> bool:
+                items = cp.request("GET", f"/api/v1/namespaces/{AGENT_NS}/pods")[1]["items"]
+                found[:] = [p for p in items if p["spec"].get("nodeName") == node]
+                return bool(found)
+            wait_until(bound, 60, f"the DaemonSet's pod on {node}")
+            return found[0]
+
+        def set_ready(pod: dict, ready: bool) -> None:
+            cond = {"type": "Ready", "status": str(ready), "reason": "" if ready else "ContainersNotReady",
+                    "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            st, out = cp.request("PATCH", f"/api/v1/namespaces/{AGENT_NS}/pods/{pod['metadata']['name']}/status",
+                                 {"status": {"phase": "Running", "conditions": [cond]}},
+                                 content_type="application/strategic-merge-patch+json")
+            assert st == 200, out
+
+        def beat(node: str, mode: str, age: float) -> None:
+            st, out = cp.request("PATCH", f"/api/v1/nodes/{node}", {"metadata": {"annotations": {
+                HEARTBEAT_ANNOTATION: heartbeat(mode, 60.0, time.time() - age)}}},
+                content_type="application/merge-patch+json")
+            assert st == 200, out
+
+        # 1. No agent pod on a node install labelled cookie: not captured, exit non-zero.
+        rc, out = status()
+        assert rc == 1
+        assert f"PROBLEM: node {lone}: no agent: labelled cookie, no agent pod on this node" in out, out
+        # 2. An agent pod that is not Ready (its status set through the API, as a kubelet would).
+        pods = {n: agent_pod(n) for n in (new, mid, old)}
+        set_ready(pods[new], False)
+        rc, out = status()
+        assert rc == 1
+        assert f"PROBLEM: node {new}: agent not ready: labelled cookie, agent pod {AGENT_NS}/" in out, out
+        assert "ContainersNotReady" in out
+        # 3. Every agent pod Ready, fresh heartbeats, the agentless node gone: captured, exit 0.
+        for pod in pods.values():
+            set_ready(pod, True)
+        beat(new, "cookie", 5)
+        beat(mid, "podip", 5)
+        assert cp.request("DELETE", f"/api/v1/nodes/{lone}")[0] == 200
+        wait_until(lambda: "3/3 available" in status()[1], 60, "the DaemonSet to count the Ready pods")
+        rc, out = status()
+        assert rc == 0, out
+        assert f"ok: node {new}: captured: cookie, agent pod {AGENT_NS}/" in out
+        assert f"ok: node {mid}: captured: podip" in out
+        assert f"ok: node {old}: unsupported: kernel {KERNELS['old']}" in out
+        # 4. A stale heartbeat (the agent stopped renewing its label 10 min ago): not captured.
+        beat(new, "cookie", 600)
+        rc, out = status()
+        assert rc == 1
+        assert f"PROBLEM: node {new}: agent not ready: agent pod {AGENT_NS}/" in out
+        assert re.search(r"heartbeat 60\d s old \(stale after 180 s\)", out), out
+        assert f"ok: node {mid}: captured" in out
+    finally:
+        cp.request("DELETE", f"/api/v1/nodes/{lone}")
+
+
+def wait_until(cond, timeout: float, what: str) -> None:
+    from support.polling import wait_for
+    wait_for(cond, timeout, what, interval=0.3)

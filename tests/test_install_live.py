@@ -141,8 +141,26 @@ def test_uninstall_after_partial_install(cluster, capsys):
     assert "already absent" in capsys.readouterr().err
 
 
+def agents_running(fake) -> None:
+    """What a rolled-out agent leaves (no kubelet here): a Ready agent pod on every node and, on each
+    node, the heartbeat the agent renews with its label (else status says no agent / not ready)."""
+    from istio_ebpf_plugin import HEARTBEAT_ANNOTATION
+    from istio_ebpf_plugin.agent.node_agent import heartbeat
+
+    pods = [{"metadata": {"namespace": "istio-ebpf-test", "name": f"agent-{n}"}, "spec": {"nodeName": n},
+             "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}
+            for n in fake.nodes]
+    fake.list_pods = lambda namespace, selector: copy.deepcopy(pods) if selector else []
+    for node in fake.nodes.values():
+        mode = node["metadata"]["labels"][NODE_MODE_LABEL]
+        node["metadata"].setdefault("annotations", {})[HEARTBEAT_ANNOTATION] = heartbeat(mode, 60.0)
+
+
 def test_status_reports_istio_upgrade_and_install_repairs(cluster, capsys):
     assert main(["install", "--timeout", "0"]) == 0
+    assert main(["status"]) == 1          # labelled, but no agent confirmed any node yet
+    assert "PROBLEM: node n-new: no agent: labelled cookie" in capsys.readouterr().out
+    agents_running(cluster)
     assert main(["status"]) == 0
     # status links to the per-node pod view (istio-ebpf pods, run in that node's agent pod)
     assert "-- istio-ebpf pods" in capsys.readouterr().out

@@ -16,6 +16,7 @@ A SIGTERM leaves everything pinned; only ``--cleanup`` unpins.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import yaml
 
-from .. import DRAINING_ANNOTATION, INJECTION_TEMPLATE, NODE_MODE_LABEL, kube_api
+from .. import DRAINING_ANNOTATION, HEARTBEAT_ANNOTATION, INJECTION_TEMPLATE, NODE_MODE_LABEL, kube_api
 from ..datapath import failpoint
 from ..datapath.host import DEFAULT_PIN_ROOT
 from ..errors import IstioEbpfError
@@ -59,6 +60,7 @@ class AgentConfig:
     port: int = 15099
     resync_seconds: float = 300.0
     label_check_seconds: float = 60.0       # re-assert the published node label (someone may overwrite it)
+                                            # and renew the heartbeat annotation that `status` checks
     watch_timeout: int = 240                 # server-side watch timeout; a new watch starts after it
     retry_seconds: float = 0.25              # pending pods (no sandbox yet) are retried this often
     failure_backoff: float = 1.0             # a pod that cannot be programmed: first retry after this,
@@ -89,6 +91,14 @@ class AgentConfig:
     #: read the istio-sidecar-injector ConfigMaps this often: one that lost the ebpf template (a
     #: ``helm upgrade`` of istiod without the post-renderer, an operator) gets a Warning Event on the Node
     injector_check_seconds: float = 60.0
+
+
+def heartbeat(mode: str, period: float, at: float | None = None) -> str:
+    """The value of HEARTBEAT_ANNOTATION: when (``at``, default now), the mode this agent decided, and
+    how many seconds until it renews it (``install/plan.heartbeat_age`` reads it)."""
+    when = datetime.datetime.fromtimestamp(time.time() if at is None else at, datetime.timezone.utc)
+    return json.dumps({"time": when.strftime("%Y-%m-%dT%H:%M:%SZ"), "mode": mode, "period": period},
+                      sort_keys=True)
 
 
 def _default_datapath(mode: str, pin_root: str, sockmap: bool) -> DatapathLike:
@@ -343,9 +353,7 @@ class NodeAgent:
             return
         try:
             if not self.published:
-                node = kube_api.patch_node_metadata(
-                    self.config.node_name, {NODE_MODE_LABEL: d.mode},
-                    {REASON_ANNOTATION: d.reason, PROBES_ANNOTATION: json.dumps(d.features, sort_keys=True)})
+                node = self._write_node_metadata()
                 self.published = True
                 self.node_uid = ((node or {}).get("metadata") or {}).get("uid") or self.node_uid
             if not self.event_sent:
@@ -366,16 +374,22 @@ class NodeAgent:
             log.warning("publishing the node mode failed (retry in %.0fs): %s", self._publish_delay, exc)
             self._publish_delay = min(self._publish_delay * 2, 300.0)
 
+    def _write_node_metadata(self) -> Any:
+        """The label, its annotations and a new heartbeat, as one merge patch (no read of the Node)."""
+        d = self.decision
+        assert d is not None
+        return kube_api.patch_node_metadata(
+            self.config.node_name, {NODE_MODE_LABEL: d.mode},
+            {REASON_ANNOTATION: d.reason, PROBES_ANNOTATION: json.dumps(d.features, sort_keys=True),
+             HEARTBEAT_ANNOTATION: heartbeat(d.mode, self.config.label_check_seconds)})
+
     def _reassert_label(self) -> None:
         """Correct a node label someone else (an installer, an operator) changed: the agent's probes win.
-        A merge patch of the same values is a no-op on the server when nothing changed."""
-        d = self.decision
-        if d is None:
+        The same patch renews the heartbeat that tells `istio-ebpf status` this agent is alive."""
+        if self.decision is None:
             return
         try:
-            node = kube_api.patch_node_metadata(
-                self.config.node_name, {NODE_MODE_LABEL: d.mode},
-                {REASON_ANNOTATION: d.reason, PROBES_ANNOTATION: json.dumps(d.features, sort_keys=True)})
+            node = self._write_node_metadata()
         except Exception as exc:  # retried on the next check
             log.warning("re-asserting the node label failed (retry in %.0fs): %s",
                         self.config.label_check_seconds, exc)
@@ -632,7 +646,8 @@ def cleanup_node(node_name: str | None, pin_root: str = DEFAULT_PIN_ROOT) -> str
     if node_name:
         try:
             kube_api.patch_node_metadata(node_name, {NODE_MODE_LABEL: None},
-                                         {REASON_ANNOTATION: None, PROBES_ANNOTATION: None})
+                                         {REASON_ANNOTATION: None, PROBES_ANNOTATION: None,
+                                          HEARTBEAT_ANNOTATION: None})
         except IstioEbpfError as exc:
             return f"{done}; node label not removed: {exc}"
     return done

@@ -32,10 +32,11 @@ def _err(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def _plan(pm: pluggy.PluginManager, options: Options) -> list[planmod.NodePlan]:
+def _plan(pm: pluggy.PluginManager, options: Options, show: bool = True) -> list[planmod.NodePlan]:
     nodes = kube_api.list_nodes()
     plan = HookCalls(pm).plan_nodes(nodes, options) or []
-    _err(planmod.table(plan).rstrip("\n"))
+    if show:
+        _err(planmod.table(plan).rstrip("\n"))
     return plan
 
 
@@ -217,7 +218,8 @@ def uninstall(pm: pluggy.PluginManager, options: Options) -> int:
 
 
 def status(pm: pluggy.PluginManager, options: Options) -> int:
-    plan = _plan(pm, options)
+    # Not the plan table: what a node's label plans is not what runs there (one line per node instead).
+    plan = _plan(pm, options, show=False)
     lines = HookCalls(pm).status(options, plan)
     sys.stdout.write("".join(line + "\n" for line in lines))
     return 1 if any(line.startswith(("PROBLEM", "DRAINING")) for line in lines) else 0

@@ -31,9 +31,8 @@ BACKUP_CONFIGMAP = "istio-ebpf-injector-backup"
 #: Annotation on the injector ConfigMap: sha256 of the config we installed.
 INSTALLED_ANNOTATION = "istio-ebpf.io/installed-config-sha256"
 MODE_ENV = "ISTIO_EBPF_MODE"
-#: Written by the agent beside the label (agent/node_agent.py REASON_ANNOTATION; the installer
-#: does not import the agent).
-AGENT_REASON_ANNOTATION = "istio-ebpf.io/mode-reason"
+#: Written by the agent beside the label (install/plan.py; the installer does not import the agent).
+AGENT_REASON_ANNOTATION = planmod.AGENT_REASON_ANNOTATION
 
 
 #: An SELinux type name (the third field of a context such as system_u:system_r:spc_t:s0).
@@ -250,7 +249,8 @@ def wait_for_daemonset(body: dict[str, Any], timeout: float, interval: float = 2
 def istio_ebpf_status(options: Options, plan: list[planmod.NodePlan] | None) -> list[str]:
     lines: list[str] = []
     daemonset = next(d for d in manifests.agent_documents() if d.kind == "DaemonSet")
-    since = drainmod.draining_since(drainmod.agent_pods(daemonset.namespace, waits.selector_of(daemonset.data)))
+    agents = drainmod.agent_pods(daemonset.namespace, waits.selector_of(daemonset.data))
+    since = drainmod.draining_since(agents)
     cms = kube_api.list_injector_configmaps()
     if not cms:
         lines.append("PROBLEM: no istio-sidecar-injector ConfigMap: is Istio installed?")
@@ -290,12 +290,18 @@ def istio_ebpf_status(options: Options, plan: list[planmod.NodePlan] | None) -> 
             lines.append(f"{'ok' if done else 'PROBLEM'}: {ident}: {progress}")
         else:
             lines.append(f"ok: {ident}: present")
+    pods = drainmod.list_captured() if plan or since is not None else []
+    now = time.time()
     for p in plan or []:
         if p.current_label in ("cookie", "podip") and p.rule_mode == "unsupported" and p.mode == "unsupported":
             lines.append(f"PROBLEM: node {p.node}: labelled {p.current_label} but kernel {p.kernel} "
                          "cannot capture")
+        # Captured only while the node's agent pod is Ready and its heartbeat is fresh (docs/install.md, Status).
+        st = planmod.node_state(p, [a for a in agents if (a.get("spec") or {}).get("nodeName") == p.node],
+                                sum(1 for c in pods if c.node == p.node), now)
+        prefix = "PROBLEM" if st.problem else "ok" if st.state in ("captured", "unsupported") else "note"
+        lines.append(f"{prefix}: node {st.node}: {st.state}: {st.detail}")
     if since is not None:
-        pods = drainmod.list_captured()
         lines.append(f"DRAINING: 'istio-ebpf uninstall' began {since}: the agents keep capturing until no pod "
                      f"injected with the ebpf template runs; {len(pods)} left")
         lines += [f"DRAINING: pod {p}: still captured by eBPF; restart it" for p in pods]
