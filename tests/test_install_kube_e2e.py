@@ -441,14 +441,14 @@ def test_insecure_kubeconfig_warns_once_per_command_not_per_request(cp, tmp_path
         return subprocess.run([str(PROJECT_ROOT / ".venv" / "bin" / "istio-ebpf"), "status"], capture_output=True,
                               text=True, timeout=120, env=dict(env, KUBECONFIG=str(kubeconfig)))
 
-    def settled() -> subprocess.CompletedProcess | None:
-        # The module's other tests share this API server; a namespace they deleted may still be
-        # terminating, so compare with a state that two verified runs in a row agree on.
-        a, b = status(cp.kubeconfig), status(cp.kubeconfig)
-        return b if (a.returncode, a.stdout, a.stderr) == (b.returncode, b.stdout, b.stderr) else None
+    def around_insecure() -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess] | None:
+        # The module's other tests share this API server; objects they deleted may still be going
+        # away, so the insecure run counts only when verified runs before and after it agree.
+        before, unverified, after = status(cp.kubeconfig), status(insecure), status(cp.kubeconfig)
+        same = (before.returncode, before.stdout, before.stderr) == (after.returncode, after.stdout, after.stderr)
+        return (before, unverified) if same else None
 
-    verified = wait_for("two equal verified status runs", settled, 120)
-    unverified = status(insecure)
+    verified, unverified = wait_for("a cluster state that holds across the insecure status run", around_insecure, 120)
     assert unverified.returncode == verified.returncode and unverified.stdout == verified.stdout, unverified.stderr
     assert "InsecureRequestWarning" not in unverified.stderr
     extra = [line for line in unverified.stderr.splitlines() if line not in verified.stderr.splitlines()]
