@@ -16,6 +16,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -28,11 +29,13 @@ from support import node_bench, node_upgrade
 from support.node_scenario import (AGENT_IMAGE, AGENT_NS, AGENT_SELECTOR, APP_PORT, CONNECT_FROM_POD, HEALTH,
                                    LISTEN_IN_POD, agent_archive, agent_pod, app_namespace, cgroup_programs, cli,
                                    cli_process,
-                                   cluster, container_exec, container_log, container_status, http_get,
+                                   cluster, container_exec, container_log, container_status, dns_server_pod, http_get,
                                    injected_client_pod, injector_configmap, iptables_rules, netns_links, pod_cgroup,
-                                   pod_pid, pod_process, pod_ready, server_pod, step, wait)
+                                   pod_pid, pod_process, pod_ready, server_pod, step, stock_istio_pod, wait,
+                                   with_fetch_init_container)
 
 from istio_ebpf_plugin import NODE_MODE_LABEL, OPT_IN_ANNOTATION, OPT_IN_VALUE
+from istio_ebpf_plugin.agent import containers
 from istio_ebpf_plugin.datapath import libbpf, maps
 
 pytestmark = [pytest.mark.kernel, pytest.mark.node_e2e]
@@ -518,6 +521,128 @@ def test_pod_startup_benchmark_runs_both_variants(env):
         assert [sorted(r["order"]) for r in doc["per_round"]] == [["ebpf", "iptables"]] * 2
         assert all(r[v]["ready_ms"] > 0 for r in doc["per_round"] for v in ("ebpf", "iptables"))
         s.note(f"iptables rules in the pods: {doc['iptables_rules']}")
+
+
+#: The name the app init containers resolve (the plain ``names`` pod answers it) and how long they retry.
+INIT_HOST, INIT_FETCH_SECONDS = "names.e2e.test", 12
+_ATTEMPT = re.compile(r"attempt (\d+): (?:resolve failed: .*"
+                      r"|resolved \S+ -> (\S+); (?:fetched: (.*)|fetch (\w+): .*))$")
+
+
+def _fetch_attempts(env: dict, pod: dict) -> list[tuple[str, str | None, str | None]]:
+    """The ``fetch`` init container's attempts from its log: (outcome, resolved address, body), outcome
+    one of resolve-failed, fetched, refused, timeout, error."""
+    out = []
+    for line in container_log(env["lab"], pod, "fetch"):
+        m = _ATTEMPT.match(line.strip())
+        if m:
+            outcome = "fetched" if m.group(3) is not None else m.group(4) or "resolve-failed"
+            out.append((outcome, m.group(2), m.group(3)))
+    return out
+
+
+def _init_outcome(env: dict, pod: dict) -> tuple[str, int | None, list[str]]:
+    """What the pod's app init container came to: the pod's phase, its exit code, its attempts' outcomes."""
+    term = (container_status(pod, "fetch", init=True).get("state") or {}).get("terminated") or {}
+    return pod["status"].get("phase", ""), term.get("exitCode"), [a[0] for a in _fetch_attempts(env, pod)]
+
+
+def test_app_init_containers_bypass_iptables_and_capture(env):
+    """Issue 23, on the real node: three pods whose app init container ``fetch`` resolves a name (with the
+    plain pod ``names`` as its only nameserver) and fetches from ``names`` before Envoy starts. Stock
+    Istio (istio-init loads Istio's rules): it fails. Opted in with istio-ebpf.io/init-containers: bypass:
+    it succeeds, and the app's requests afterwards are captured. Opted in without the annotation: the
+    same outcome as under iptables."""
+    api, lab, ns, images = env["api"], env["lab"], env["ns"], env["images"]
+    app_namespace(api, ns)
+    names = ("names", "init-iptables", "init-bypass", "init-capture")
+    try:
+        with step("app init containers: stock Istio fails, opted in with bypass succeeds and the app is "
+                  "captured after, opted in without it fails as under iptables") as s:
+            start = time.monotonic()
+            api.call("POST", f"/api/v1/namespaces/{ns}/pods", dns_server_pod(ns, "names", images.app_ref, INIT_HOST))
+            server = wait(lambda: (p := api.pod(ns, "names")) and pod_ready(p) and p, 120, "names Ready")
+            wait(lambda: any("dns answering" in line for line in container_log(lab, server, "app")), 30,
+                 "names answering DNS")
+            names_ip = server["status"]["podIP"]
+            bypassed_before = _metric('istio_ebpf_datapath_counter{counter="init_bypass"}') or 0.0
+            cm = api.get("/api/v1/namespaces/istio-system/configmaps/istio-sidecar-injector")
+            pods = {"init-iptables": stock_istio_pod(ns, "init-iptables", images),
+                    "init-bypass": injected_client_pod(ns, "init-bypass", images, cm, env["render"]),
+                    "init-capture": injected_client_pod(ns, "init-capture", images, cm, env["render"])}
+            pods["init-bypass"]["metadata"]["annotations"][containers.ANNOTATION] = containers.BYPASS
+            for pod in pods.values():
+                with_fetch_init_container(pod, images.app_ref, names_ip, INIT_HOST, INIT_FETCH_SECONDS)
+                api.call("POST", f"/api/v1/namespaces/{ns}/pods", pod)
+            inits = {n: [c["name"] for c in p["spec"]["initContainers"]] for n, p in pods.items()}
+            s.note(f"names {names_ip} (DNS: {INIT_HOST} A {names_ip}; HTTP :{APP_PORT}); init containers {inits}")
+            assert inits == {"init-iptables": ["istio-init", "fetch"], "init-bypass": ["istio-validation", "fetch"],
+                             "init-capture": ["istio-validation", "fetch"]}, inits
+
+            bypass = wait(lambda: (p := api.pod(ns, "init-bypass")) and (pod_ready(p) or p["status"].get("phase")
+                                                                          == "Failed") and p, 180, "init-bypass Ready")
+            ready_s = time.monotonic() - start
+            assert pod_ready(bypass), (_init_outcome(env, bypass), container_log(lab, bypass, "fetch")[-5:])
+            assert _init_outcome(env, bypass)[:2] == ("Running", 0), _init_outcome(env, bypass)
+            attempts = _fetch_attempts(env, bypass)
+            outcome, resolved, body = attempts[-1]
+            seen = json.loads(body or "{}")
+            # Resolved by names, fetched from names directly: it saw the connection arrive at its own
+            # address from the pod's (Envoy did not run yet; the kernel counted the bypass).
+            assert (outcome, resolved) == ("fetched", names_ip), attempts
+            assert seen["pod"] == "names" and seen["local"] == f"{names_ip}:{APP_PORT}", seen
+            bypass_ip = bypass["status"]["podIP"]
+            assert seen["remote"].startswith(f"{bypass_ip}:"), seen
+            bypassed = wait(lambda: (v := _metric('istio_ebpf_datapath_counter{counter="init_bypass"}') or 0.0)
+                            > bypassed_before and v, 15, "the init_bypass counter moved") - bypassed_before
+            s.note(f"init-bypass Ready {ready_s:.1f} s after names was created; fetch exit 0 after "
+                   f"{len(attempts)} attempt(s) ({[a[0] for a in attempts]}: captured until the agent listed "
+                   f"its cgroup); names saw {seen['remote']} -> {seen['local']}; node counter init_bypass "
+                   f"+{bypassed:.0f}")
+            # Afterwards the app's own connections are captured: host -> app (inbound) -> Envoy -> names.
+            before = _pod_counters("init-bypass")
+            code, text = http_get(f"http://{bypass_ip}:{APP_PORT}/fetch?url=http://{names_ip}:{APP_PORT}/")
+            assert code == 200 and json.loads(text)["local"] == f"{names_ip}:{APP_PORT}", text
+
+            def outbound() -> list[dict]:
+                logs = [json.loads(line) for line in container_log(lab, bypass, "istio-proxy") if line.startswith("{")]
+                return [e for e in logs if e.get("listener") == "virtualOutbound"
+                        and e.get("downstream_local_address") == f"{names_ip}:{APP_PORT}"]
+
+            (entry,) = wait(outbound, 15, "the app's request in init-bypass's Envoy access log")
+            moved = wait(lambda: (c := _pod_counters("init-bypass"))["out_captured_cidr"] > before["out_captured_cidr"]
+                         and {k: c[k] - before[k] for k in c if c[k] != before[k]}, 10, "init-bypass's counters")
+            s.note(f"app -> names afterwards: 200 through Envoy (access log: virtualOutbound "
+                   f"{entry['downstream_local_address']}, upstream {entry.get('upstream_host')}); counters {moved}")
+
+            failed = {}
+            for name in ("init-iptables", "init-capture"):
+                pod = wait(lambda n=name: (p := api.pod(ns, n)) and p["status"].get("phase") == "Failed" and p,
+                           INIT_FETCH_SECONDS + 120, f"{name} Failed")
+                failed[name] = _init_outcome(env, pod)
+                attempts = _fetch_attempts(env, pod)
+                resolved_to = {a[1] for a in attempts}
+                s.note(f"{name}: phase {failed[name][0]}, fetch exit {failed[name][1]} after {len(attempts)} "
+                       f"attempts, outcomes {sorted(set(failed[name][2]))}, resolved to {resolved_to}")
+                assert failed[name][1] == 1 and set(failed[name][2]) == {"refused"}, failed[name]
+                assert resolved_to == {names_ip}, attempts    # DNS is not captured (Istio's default)
+                assert container_status(pod, "hello").get("state", {}).get("running") is None
+            # Each gate did its part: Istio's rules loaded; the opted-in pod captured (its gate passed).
+            iptables_pod = api.pod(ns, "init-iptables")
+            assert any("iptables rules applied" in line for line in container_log(lab, iptables_pod, "istio-init"))
+            capture_pod = api.pod(ns, "init-capture")
+            assert container_status(capture_pod, "istio-validation", init=True)["state"]["terminated"]["exitCode"] == 0
+            assert _pod_events(env, "init-capture", "CaptureReady")
+            # Opted in without the annotation: exactly what the iptables pod came to.
+            (phase, code_, outcomes), other = failed["init-capture"], failed["init-iptables"]
+            assert (phase, code_, set(outcomes)) == (other[0], other[1], set(other[2])), failed
+            s.note(f"all three settled {time.monotonic() - start:.1f} s after names was created")
+    finally:
+        for name in names:
+            api.delete_pod(ns, name, grace=1)
+        for name in names:
+            wait(lambda n=name: api.pod(ns, n) is None, 120, f"{name} gone")
+        wait(lambda: all(_pod_view(n) is None for n in names), 30, "the agent forgot them")
 
 
 #: Same-version replacements of the agent pod under load (issue #20 item 5: one early run saw 45 refused

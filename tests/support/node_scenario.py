@@ -236,6 +236,29 @@ def server_pod(ns: str, name: str, app_image: str) -> dict:
                                      "ports": [{"containerPort": APP_PORT}]}]}}
 
 
+def dns_server_pod(ns: str, name: str, app_image: str, host: str) -> dict:
+    """A plain pod answering HTTP on APP_PORT (as ``server_pod``) and DNS on UDP 53: ``host``'s A record
+    is the pod's own IP. Root in its container, for port 53."""
+    pod = server_pod(ns, name, app_image)
+    c = pod["spec"]["containers"][0]
+    c.update(args=["dns", name, str(APP_PORT), host], securityContext={"runAsUser": 0, "runAsGroup": 0},
+             env=[{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}])
+    return pod
+
+
+def with_fetch_init_container(pod: dict, app_image: str, nameserver: str, host: str, seconds: int) -> dict:
+    """``pod`` with an app init container ``fetch`` after Istio's (it resolves ``host`` with ``nameserver``
+    as the pod's only DNS server, GETs http://<address>:APP_PORT/ and retries for ``seconds``: the lab
+    app's ``fetch`` mode), and ``restartPolicy: Never``: a failed init container fails the pod."""
+    spec = pod["spec"]
+    spec.update(restartPolicy="Never", dnsPolicy="None",
+                dnsConfig={"nameservers": [nameserver],
+                           "options": [{"name": "timeout", "value": "1"}, {"name": "attempts", "value": "1"}]})
+    spec.setdefault("initContainers", []).append(
+        {"name": "fetch", "image": app_image, "args": ["fetch", host, str(APP_PORT), str(seconds)]})
+    return pod
+
+
 def _injected_fixture() -> dict:
     """Istio's own injector output for its ``hello`` Deployment (pkg/kube/inject/testdata)."""
     docs = [d for d in YAML(typ="safe", pure=True).load_all((ISTIO / ISTIO_VERSION / "inject" /

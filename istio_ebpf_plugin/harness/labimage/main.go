@@ -5,6 +5,11 @@
 //	app front NAME PORT          HTTP server whose /fetch?url=U makes one new connection to U and
 //	                             relays the answer (502 on failure): the app behind the sidecar; its
 //	                             outbound sockets carry TOS 0x20 (Envoy does not copy it upstream)
+//	app dns NAME PORT HOST       serve's HTTP server on PORT, and a DNS server on UDP 53 answering
+//	                             HOST's A record with $POD_IP (other names: NXDOMAIN; needs root)
+//	app fetch HOST PORT SECONDS  an app init container: resolves HOST (the pod's resolv.conf) and
+//	                             GETs http://<its address>:PORT/, again every 0.3 s until an answer
+//	                             or SECONDS have passed: exit 0 on the first answer, 1 without one
 //	pilot-agent proxy sidecar …  stand-in for Istio's pilot-agent: execs Envoy with the lab bootstrap
 //	pilot-agent istio-iptables …  stand-in for istio-init: loads the rules the lab rendered from the same
 //	                             arguments ($ISTIO_LAB_IPTABLES_RULES) with iptables-restore
@@ -15,7 +20,10 @@
 package main
 
 import (
+	"context"
+	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -54,7 +62,14 @@ func main() {
 	if len(args) == 3 && (args[0] == "serve" || args[0] == "front") {
 		os.Exit(serveHTTP(args[0], args[1], args[2]))
 	}
-	fmt.Fprintln(os.Stderr, "usage: app serve|front NAME PORT | pilot-agent proxy sidecar ... | pilot-agent istio-iptables ...")
+	if len(args) == 4 && args[0] == "dns" {
+		go serveDNS(args[3], net.ParseIP(os.Getenv("POD_IP")).To4())
+		os.Exit(serveHTTP("serve", args[1], args[2]))
+	}
+	if len(args) == 4 && args[0] == "fetch" {
+		os.Exit(fetch(args[1], args[2], args[3]))
+	}
+	fmt.Fprintln(os.Stderr, "usage: app serve|front|dns NAME PORT [HOST] | app fetch HOST PORT SECONDS | pilot-agent proxy sidecar ... | pilot-agent istio-iptables ...")
 	os.Exit(2)
 }
 
@@ -91,6 +106,96 @@ func serveHTTP(mode, name, port string) int {
 		return 1
 	}
 	return 0
+}
+
+// serveDNS answers A queries for host with ip on UDP 53 (RFC 1035: one question, one answer).
+func serveDNS(host string, ip net.IP) {
+	if ip == nil {
+		fmt.Fprintln(os.Stderr, "dns: $POD_IP is not an IPv4 address")
+		os.Exit(1)
+	}
+	pc, err := net.ListenPacket("udp", ":53")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "dns:", err)
+		os.Exit(1)
+	}
+	fmt.Printf("dns answering %s A %s on :53\n", host, ip)
+	want := strings.ToLower(strings.TrimSuffix(host, ".")) + "."
+	buf := make([]byte, 1500)
+	for {
+		n, from, err := pc.ReadFrom(buf)
+		if err != nil {
+			continue
+		}
+		q := buf[:n]
+		if n < 12 || binary.BigEndian.Uint16(q[4:6]) < 1 {
+			continue
+		}
+		name, off := "", 12
+		for off < n && q[off] != 0 && off+1+int(q[off]) < n {
+			name += strings.ToLower(string(q[off+1:off+1+int(q[off])])) + "."
+			off += 1 + int(q[off])
+		}
+		if off+5 > n || q[off] != 0 {
+			continue
+		}
+		qtype, end := binary.BigEndian.Uint16(q[off+1:off+3]), off+5
+		resp := append([]byte{}, q[:end]...)
+		resp[2] = 0x84 | q[2]&0x79 // QR, AA; the query's opcode and RD
+		resp[3] = 0x80             // RA, NOERROR
+		binary.BigEndian.PutUint16(resp[4:6], 1)
+		binary.BigEndian.PutUint16(resp[6:8], 0)
+		binary.BigEndian.PutUint16(resp[8:10], 0)
+		binary.BigEndian.PutUint16(resp[10:12], 0)
+		switch {
+		case name != want:
+			resp[3] |= 3 // NXDOMAIN
+		case qtype == 1: // A, class IN, TTL 5
+			binary.BigEndian.PutUint16(resp[6:8], 1)
+			resp = append(resp, 0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4)
+			resp = append(resp, ip...)
+		}
+		pc.WriteTo(resp, from)
+	}
+}
+
+// fetch is an app init container: resolve host, fetch from it, retry until the deadline. Each attempt
+// prints one line: "attempt N: resolved HOST -> IP; fetched: BODY" or why it failed (refused, timeout).
+func fetch(host, port, seconds string) int {
+	secs, _ := strconv.Atoi(seconds)
+	deadline := time.Now().Add(time.Duration(secs) * time.Second)
+	resolver := &net.Resolver{PreferGo: true}
+	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil}}
+	for attempt := 1; ; attempt++ {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		addrs, err := resolver.LookupHost(ctx, host)
+		cancel()
+		if err != nil {
+			fmt.Printf("attempt %d: resolve failed: %v\n", attempt, err)
+		} else {
+			resp, err := client.Get("http://" + net.JoinHostPort(addrs[0], port) + "/")
+			if err == nil {
+				body, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				fmt.Printf("attempt %d: resolved %s -> %s; fetched: %s\n", attempt, host, addrs[0],
+					strings.TrimSpace(string(body)))
+				return 0
+			}
+			why := "error"
+			var nerr net.Error
+			if errors.Is(err, syscall.ECONNREFUSED) {
+				why = "refused"
+			} else if errors.As(err, &nerr) && nerr.Timeout() {
+				why = "timeout"
+			}
+			fmt.Printf("attempt %d: resolved %s -> %s; fetch %s: %v\n", attempt, host, addrs[0], why, err)
+		}
+		if time.Now().After(deadline) {
+			fmt.Printf("no answer in %s s\n", seconds)
+			return 1
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
 }
 
 func pilotAgent(args []string) int {
