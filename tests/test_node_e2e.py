@@ -131,6 +131,17 @@ def test_agent_pod_probes_labels_node_and_attaches(env):
         s.note(f"{len(pins)} pinned objects under {PIN_ROOT} (node's bpffs)")
         assert pins
         env["prog_ids"] = sorted(p["id"] for p in progs)
+    with step("istio-ebpf status: captured, from the running agent's heartbeat") as s:
+        # The heartbeat on the Node is written by the real agent pod (not by a test), and its pod is Ready.
+        runs: list[subprocess.CompletedProcess] = []
+        try:
+            out = wait(lambda: (runs.append(cli(env["kubeconfig"], "status")) or runs[-1].returncode == 0)
+                       and runs[-1], 60, "istio-ebpf status exit 0")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {runs[-1].stdout}{runs[-1].stderr[-1500:]}") from None
+        line = next(ln for ln in out.stdout.splitlines() if ln.startswith(f"ok: node {lab.node_name}: "))
+        s.note(line)
+        assert line.startswith(f"ok: node {lab.node_name}: captured: cookie, agent pod "), out.stdout
 
 
 def test_opted_in_pod_passes_istio_validation(env):
