@@ -14,6 +14,9 @@ OPT_IN_VALUE = "ebpf"
 #: Name of the injection template istio-ebpf adds to Istio's injector ConfigMap: the installer
 #: writes it, the agent's drift check looks for it (neither imports the other).
 INJECTION_TEMPLATE = "ebpf"
+#: Annotation the agent writes beside the node label: why it chose that mode. Its presence tells the
+#: installer the label comes from an agent's probes (and wins over the kernel-version rule).
+MODE_REASON_ANNOTATION = "istio-ebpf.io/mode-reason"
 #: Node label published by the agent and the installer: cookie | podip | unsupported.
 NODE_MODE_LABEL = "istio-ebpf.io/mode"
 

@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import yaml
 
-from .. import DRAINING_ANNOTATION, HEARTBEAT_ANNOTATION, INJECTION_TEMPLATE, NODE_MODE_LABEL, kube_api
+from .. import (DRAINING_ANNOTATION, HEARTBEAT_ANNOTATION, INJECTION_TEMPLATE, MODE_REASON_ANNOTATION,
+                NODE_MODE_LABEL, kube_api)
 from ..datapath import failpoint
 from ..datapath.host import DEFAULT_PIN_ROOT
 from ..errors import IstioEbpfError
@@ -44,7 +45,7 @@ from .watch import PodWatcher
 
 log = logging.getLogger(__name__)
 
-REASON_ANNOTATION = "istio-ebpf.io/mode-reason"
+REASON_ANNOTATION = MODE_REASON_ANNOTATION
 PROBES_ANNOTATION = "istio-ebpf.io/probes"
 
 

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from .. import HEARTBEAT_ANNOTATION, NODE_MODE_LABEL, kernel
+from .. import HEARTBEAT_ANNOTATION, MODE_REASON_ANNOTATION, NODE_MODE_LABEL, kernel
 from ..errors import UsageError
 
 
@@ -48,9 +48,7 @@ def nodes_from_json(text: str, source: str) -> list[dict[str, Any]]:
     raise UsageError(f"{source}: expected the output of 'kubectl get nodes -o json'")
 
 
-#: Written by the agent beside the label (agent/node_agent.py REASON_ANNOTATION; the installer
-#: does not import the agent).
-AGENT_REASON_ANNOTATION = "istio-ebpf.io/mode-reason"
+AGENT_REASON_ANNOTATION = MODE_REASON_ANNOTATION
 #: A heartbeat older than this many of the agent's renewal periods is stale.
 HEARTBEAT_PERIODS = 3
 

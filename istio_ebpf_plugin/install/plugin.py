@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from .. import NODE_MODE_LABEL, kernel, kube_api, resources
+from .. import MODE_REASON_ANNOTATION, NODE_MODE_LABEL, kernel, kube_api, resources
 from ..errors import PermanentError, TemporaryError, UsageError
 from . import drain as drainmod
 from . import injector_config, journal, manifests, waits
@@ -31,8 +31,7 @@ BACKUP_CONFIGMAP = "istio-ebpf-injector-backup"
 #: Annotation on the injector ConfigMap: sha256 of the config we installed.
 INSTALLED_ANNOTATION = "istio-ebpf.io/installed-config-sha256"
 MODE_ENV = "ISTIO_EBPF_MODE"
-#: Written by the agent beside the label (install/plan.py; the installer does not import the agent).
-AGENT_REASON_ANNOTATION = planmod.AGENT_REASON_ANNOTATION
+AGENT_REASON_ANNOTATION = MODE_REASON_ANNOTATION   # written by the agent (istio_ebpf_plugin/__init__.py)
 
 
 #: An SELinux type name (the third field of a context such as system_u:system_r:spc_t:s0).
