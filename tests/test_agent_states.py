@@ -475,8 +475,11 @@ def test_a_new_pods_listener_is_looked_for_often_until_found(kube, proc):
         dp = agent._made[0]
         (handle,) = store
         wait_for(lambda: sum(handle in r for r in dp.listener_refreshes) >= 3, what="pending looks")
+        wait_for(lambda: (pod_view(agent, "a") or {}).get("state") == "captured", what="/pods shows a captured")
+        assert pod_view(agent, "a")["inbound_listener"] is False    # captured, inbound refused until found
         dp.listeners[handle] = 2                  # Envoy listens (IPv4 + IPv6)
         wait_for(lambda: handle in agent._listening, what="listener registered")
+        wait_for(lambda: pod_view(agent, "a")["inbound_listener"] is True, what="/pods shows the listener")
         n = len(dp.listener_refreshes)
         time.sleep(0.5)                           # ten pending periods: nothing left to look for
         assert len(dp.listener_refreshes) == n

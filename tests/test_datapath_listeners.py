@@ -105,3 +105,51 @@ def test_without_dac_read_search_the_failure_is_logged_once(sidecar):
     assert found == []
     assert len(warnings) == 1, warnings
     assert f"/proc/{sidecar}/fd" in warnings[0] and "Permission denied" in warnings[0]
+
+
+# Istio's istio-validation beside Envoy: loopback-bound 15006 sockets that never take a pod-IP connection.
+LOOPBACK_AND_WILDCARD = """
+import socket, time
+socks = []
+for family, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"), (socket.AF_INET, "0.0.0.0"),
+                     (socket.AF_INET6, "::")):
+    s = socket.socket(family)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)   # both at once here; in a pod, one after the other
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind((addr, 15006)); s.listen(); socks.append(s)
+print("listening", flush=True); time.sleep(600)
+"""
+
+
+@pytest.fixture
+def validation_beside_envoy():
+    proc = subprocess.Popen(["unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$0" -c "$1"',
+                             sys.executable, LOOPBACK_AND_WILDCARD], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "listening"
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_loopback_bound_listeners_are_not_registered(validation_beside_envoy):
+    """Found by the node e2e (pod-IP mode): istio-validation's 127.0.0.1:15006 socket was registered
+    as the pod's inbound listener; it closed when the init container exited and the pod, marked as
+    registered, waited for the next full refresh: inbound refused up to 5 s after Ready. Only sockets
+    that take connections to the pod's IPs (wildcard here) are found, from sock_diag and from /proc."""
+    import socket
+    from pathlib import Path
+
+    from istio_ebpf_plugin.datapath import listeners
+
+    pid = validation_beside_envoy
+    found = []
+    for family, fd in listeners.find_listeners(f"/proc/{pid}/ns/net", 15006):
+        with socket.socket(fileno=fd) as s:
+            found.append((family, s.getsockname()[0]))
+    assert sorted(found) == [(socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")]
+    diag = listeners._diag_listening_inodes(f"/proc/{pid}/ns/net", 15006)
+    assert diag == listeners._listening_inodes(Path(f"/proc/{pid}"), 15006)
+    assert sorted(diag.values()) == [socket.AF_INET, socket.AF_INET6]

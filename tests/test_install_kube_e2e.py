@@ -146,6 +146,10 @@ def istio(cp, tools):
         cp.request("DELETE", f"/api/v1/nodes/{name}")
     for ns in namespaces.values():
         cp.request("DELETE", f"/api/v1/namespaces/{ns}")
+    # Namespace deletion is asynchronous: the next test's cluster-wide status would still list these
+    # ConfigMaps (uninstalled, so 'ebpf template missing') while the namespace controller empties them.
+    wait_until(lambda: all(cp.request("GET", f"/api/v1/namespaces/{ns}")[0] == 404 for ns in namespaces.values()),
+               120, "the test's Istio namespaces to be deleted")
 
 
 def injector_state(cp, ns: str) -> dict[str, dict]:

@@ -472,7 +472,8 @@ class NodeAgent:
         rec, d = self.reconciler, self.decision
         if rec is None or d is None:
             return
-        self.view = pod_view.build(self.config.node_name, d.mode, self.draining, rec, self._pod_counters)
+        self.view = pod_view.build(self.config.node_name, d.mode, self.draining, rec, self._pod_counters,
+                                   self._listening if d.mode == "podip" else None)
         self._view_dirty = False
 
     def _pod_captured(self, pod: Mapping[str, Any], where: PodLocation) -> float | None:
@@ -558,11 +559,14 @@ class NodeAgent:
             return
         try:
             written = dp.refresh_listeners(paths)
+            before = set(self._listening)
             if not pending_only:
                 self._listening.clear()    # a handle gone or a listener closed is pending again
                 # a pod found listening starts a new window when its Envoy restarts
                 self._pending_since = {h: t for h, t in self._pending_since.items() if written.get(h) == 0}
             self._listening.update(h for h, n in written.items() if n)
+            if self._listening != before:
+                self._view_dirty = True    # /pods shows inbound_listener at once
         except Exception as exc:  # noqa: BLE001 - a refresh must never take the agent down
             log.warning("re-registering Envoy's inbound listeners failed (next try in %.0f s): %s",
                         self.config.listener_refresh_seconds, exc)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterator, Mapping
+from typing import Any, Callable, Collection, Hashable, Iterator, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -47,8 +47,11 @@ class PodView:
 
 
 def build(node: str, mode: str, draining: bool, reconciler: Reconciler,
-          counters: Mapping[Hashable, Mapping[str, int]]) -> PodView:
-    """One entry per opted-in pod the reconciler knows, sorted by namespace and name."""
+          counters: Mapping[Hashable, Mapping[str, int]], listening: Collection[int] | None = None) -> PodView:
+    """One entry per opted-in pod the reconciler knows, sorted by namespace and name.
+
+    ``listening``: pod-IP mode's handles whose Envoy 15006 socket is registered (until then the pod's
+    inbound connections are refused, fail closed); None where sockops registers it (cookie mode)."""
     pods = []
     targets = {}
     for st in sorted(reconciler.states.values(), key=lambda s: (s.namespace, s.name)):
@@ -60,6 +63,7 @@ def build(node: str, mode: str, draining: bool, reconciler: Reconciler,
             "namespace": st.namespace, "name": st.name, "uid": st.uid, "mode": mode, "state": state,
             "since": round(st.since, 3), "error": st.error or None,
             "capture_seconds": None if st.capture_seconds is None else round(st.capture_seconds, 3),
+            "inbound_listener": None if listening is None else (st.handle is not None and st.handle in listening),
             "counters": {k: int(v) for k, v in sorted(own.items())},
         })
     return PodView(node, mode, draining, tuple(pods), dict(reconciler.failures), targets=targets)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -26,7 +27,7 @@ NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 TCPF_LISTEN = 1 << 10
 _DIAG_REQ = struct.Struct("=BBBBI48x")       # struct inet_diag_req_v2, inet_diag_sockid zeroed: every socket
-_MSG_SPORT, _MSG_INODE = 4, 68               # offsets in struct inet_diag_msg (sport is big-endian)
+_MSG_SPORT, _MSG_SRC, _MSG_INODE = 4, 8, 68  # offsets in struct inet_diag_msg (sport, src: network order)
 _libc = ctypes.CDLL(None, use_errno=True)
 log = logging.getLogger(__name__)
 #: The process exited (or closed the fd) between the /proc read and the syscall: not a failure.
@@ -43,8 +44,22 @@ def _report(exc: OSError) -> None:
                 "%s: %s", exc.filename or "?", exc.strerror or exc)
 
 
+def _reaches_pod_ips(family: int, packed: bytes) -> bool:
+    """Whether a socket bound to this local address takes connections to the pod's IPs.
+
+    A loopback-bound one does not: Istio's istio-validation init container listens on 127.0.0.1:15006
+    (and :15001) while it checks capture, then exits. Registered, that socket's map entry went with it
+    and the pod, marked as having its listener, waited for the next full refresh (up to 5 s) before
+    Envoy's own wildcard 15006 socket was found: inbound refused for that long after Ready."""
+    addr = ipaddress.ip_address(packed[:4] if family == socket.AF_INET else packed[:16])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return not addr.is_loopback
+
+
 def _diag_listening_inodes(netns_path: str, port: int) -> dict[int, int]:
-    """socket inode -> address family, for TCP sockets listening on port, from sock_diag.
+    """socket inode -> address family, for TCP sockets listening on port, from sock_diag
+    (not those bound to loopback: :func:`_reaches_pod_ips`).
 
     A dump of listening sockets walks only the namespace's listeners; ``/proc/<pid>/net/tcp``
     walks the whole established hash, shared by every namespace: 60 ms a read on this 24 GB
@@ -55,13 +70,15 @@ def _diag_listening_inodes(netns_path: str, port: int) -> dict[int, int]:
         for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
             req = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, TCPF_LISTEN)
             for mtype, msg in netlink_dump(nl, SOCK_DIAG_BY_FAMILY, req, seq):
-                if mtype == SOCK_DIAG_BY_FAMILY and struct.unpack_from("!H", msg, _MSG_SPORT)[0] == port:
+                if (mtype == SOCK_DIAG_BY_FAMILY and struct.unpack_from("!H", msg, _MSG_SPORT)[0] == port
+                        and _reaches_pod_ips(family, msg[_MSG_SRC:_MSG_SRC + 16])):
                     found[struct.unpack_from("=I", msg, _MSG_INODE)[0]] = family
     return found
 
 
 def _listening_inodes(pid_dir: Path, port: int) -> dict[int, int]:
-    """socket inode -> address family, for TCP sockets listening on port (from /proc: the fallback)."""
+    """socket inode -> address family, for TCP sockets listening on port (from /proc: the fallback;
+    not those bound to loopback)."""
     found: dict[int, int] = {}
     for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
         try:
@@ -72,7 +89,10 @@ def _listening_inodes(pid_dir: Path, port: int) -> dict[int, int]:
             f = line.split()
             if len(f) < 10 or f[3] != _TCP_LISTEN:
                 continue
-            if int(f[1].rsplit(":", 1)[1], 16) == port:
+            addr, _, hex_port = f[1].rpartition(":")
+            # /proc prints the address as 32-bit words in host (little-endian) order
+            packed = b"".join(struct.pack("<I", int(addr[i:i + 8], 16)) for i in range(0, len(addr), 8))
+            if int(hex_port, 16) == port and _reaches_pod_ips(family, packed):
                 found[int(f[9])] = family
     return found
 
