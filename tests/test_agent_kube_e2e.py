@@ -534,14 +534,24 @@ def test_agent_corrects_a_node_label_someone_overwrites(world):
                               content_type="application/merge-patch+json")[0] == 200
             assert label() == value
 
+        checks: list[float] = []
+        reassert = agent._reassert_label
+
+        def counted() -> None:
+            checks.append(time.monotonic())
+            reassert()
+
+        agent._reassert_label = counted
         agent.step(timeout=0.01)
         assert agent.published and label() == "unsupported"
         for wrong in ("cookie", None):
             overwrite(wrong)
-            t0 = time.monotonic()
+            before = len(checks)
             wait_for(lambda: (agent.step(timeout=0.05), label() == "unsupported")[1], 10,
                      f"the agent to correct the label {wrong!r}")
-            assert time.monotonic() - t0 < 0.5 + 1.5      # within the check period (+ one step and the GETs)
+            # An event count, not a time bound (a loaded machine stretches the GETs): the first label
+            # check after the overwrite corrected it.
+            assert len(checks) - before == 1, checks[before:]
         # The same patch renews the heartbeat that `istio-ebpf status` requires (issue 21 item 13).
         first = heartbeat()
         age, mode, limit = plan.heartbeat_age(first, time.time())
