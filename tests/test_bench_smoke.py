@@ -172,3 +172,20 @@ def test_agent_flag_measures_one_upgrade_switch_under_load(tmp_path: Path) -> No
     phases = m["upgrade_switch_phases"]
     assert phases["loaded"] <= phases["filled"] <= phases["took_over"] <= phases["retired"], phases
     assert "upgrade N -> N+1 under load: switch" in proc.stdout
+
+
+def test_invocation_floor_counts_the_hooks_runs_and_leaves_nothing() -> None:
+    """``istio-ebpf bench --floor``: empty programs at the datapath's hooks. The run counts are the
+    kernel's (docs/bench.md: sockops 9 times per loopback connection with no callback flag set,
+    connect4 once, sock_release once per socket), and the private cgroup is gone afterwards."""
+    from istio_ebpf_plugin.bench import invocation_floor
+
+    before = {p.name for p in invocation_floor.CGROUP_ROOT.iterdir()}
+    floors = {f.hook: f for f in invocation_floor.measure(connections=200, repeats=2)}
+    # + one run per repeat for the child's listening socket (sockops and sock_release): 1/200
+    assert {h: f.runs_per_connection for h, f in floors.items()} == {
+        "sockops": pytest.approx(9.0, abs=0.01), "connect4": 1.0, "sock_release": pytest.approx(2.0, abs=0.01)}
+    assert all(len(f.ns_per_run) == 2 and min(f.ns_per_run) > 0 for f in floors.values())
+    assert {p.name for p in invocation_floor.CGROUP_ROOT.iterdir()} == before
+    text = invocation_floor.report(list(floors.values()))
+    assert text.splitlines()[0].startswith("sockops: ") and "floor per loopback connection" in text

@@ -42,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                       "ebpf-nocount (ebpf without per-pod counters: their cost)")
     p.add_argument("--mode", choices=("auto", "cookie", "podip"), default="auto",
                    help="datapath mode for the ebpf variants")
+    p.add_argument("--floor", action="store_true",
+                   help="no run: the per-run cost of EMPTY programs at the datapath's sockops, connect4 and "
+                        "sock_release hooks (the kernel's invocation floor under BPF_ENABLE_STATS)")
     p.set_defaults(func=_bench)
 
 
@@ -58,6 +61,11 @@ def _counts(text: str) -> tuple[int, ...]:
 def _bench(args: argparse.Namespace) -> int:
     from . import report, runner, topology
 
+    if args.floor:
+        from . import invocation_floor
+
+        sys.stdout.write(invocation_floor.report(invocation_floor.measure()))
+        return 0
     if args.rounds is not None and args.rounds < 1:
         raise UsageError("--rounds must be at least 1")
     if args.duration is not None and args.duration <= 0:
