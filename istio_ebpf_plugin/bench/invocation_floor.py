@@ -23,8 +23,9 @@ from ..datapath import libbpf
 from .bpf_cost import StatsSwitch
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
-#: hook -> (BCC program type name, attach type: BPF_CGROUP_SOCK_OPS, INET4_CONNECT, INET_SOCK_RELEASE)
-HOOKS = {"sockops": ("SOCK_OPS", 3), "connect4": ("CGROUP_SOCK_ADDR", 10), "sock_release": ("CGROUP_SOCK", 34)}
+#: hook -> (BCC program type name, attach type), the datapath's own constants
+HOOKS = {"sockops": ("SOCK_OPS", libbpf.SOCK_OPS), "connect4": ("CGROUP_SOCK_ADDR", libbpf.CGROUP_INET4_CONNECT),
+         "sock_release": ("CGROUP_SOCK", libbpf.CGROUP_INET_SOCK_RELEASE)}
 _SOURCE = "".join(f"int empty_{hook}(void *ctx) {{ return 1; }}\n" for hook in HOOKS)
 # The child: lo up in its own netns, N connect/accept/close pairs over loopback.
 _CHILD = """
