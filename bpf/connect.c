@@ -97,7 +97,7 @@ static __always_inline int source_as_iptables(const struct pod_cfg *cfg, const s
 {
     if (is_own_ip(cfg->pod_id, &f->dst)) {
         *local = f->dst;
-    } else if (flow_is_local(cfg, f)) {
+    } else if (ip_is_lo_routed(&f->dst)) {     /* flow_is_local() without the look-up just done */
         local->family = f->dst.family;
         if (f->dst.family == AF_INET)
             local->a[0] = LOOPBACK4;

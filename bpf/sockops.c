@@ -48,9 +48,15 @@ static __always_inline void accel_insert(struct bpf_sock_ops *s)
 #endif
 
 #if ISTIO_EBPF_COOKIE
-/* Envoy started listening on 15006: make it the sk_lookup target for its pod. */
+/* Envoy started listening on 15006: make it the sk_lookup target for its pod. A socket
+ * bound to loopback (istio-validation's 127.0.0.1:15006 during init) takes no connection
+ * to the pod's IPs, so it is not one (datapath/listeners.py skips it in pod-IP mode too). */
 static __always_inline void register_listener(struct bpf_sock_ops *s)
 {
+    struct ip_addr bound = {};
+    ops_local(s, &bound);
+    if (ip_is_loopback(&bound))
+        return;
     __u64 netns = bpf_get_netns_cookie(s);
     struct pod_cfg *cfg = pod_by_netns.lookup(&netns);
     if (!cfg)
@@ -102,7 +108,11 @@ int ie_sockops(struct bpf_sock_ops *s)
          * address is the original destination. Record it so SO_ORIGINAL_DST
          * answers as conntrack would; Envoy's ORIGINAL_DST clusters only use
          * an address the original_dst filter restored. */
-        struct pod_ip_val *pod = pod_by_ip.lookup(&l);
+        /* No pod owns a loopback address: Envoy accepting a redirected app connection
+         * (local 127.0.0.1:15001) needs no look-up. */
+        struct pod_ip_val *pod = NULL;
+        if (!ip_is_loopback(&l))
+            pod = pod_by_ip.lookup(&l);
         if (pod && !from_own_pod(pod->pod_id, &r) && inbound_port_captured(pod, s->local_port)) {
             struct conn_key k = {};
             k.netns = ops_netns(s);
