@@ -209,3 +209,26 @@ def test_counters_goal_uses_the_paired_ratio_against_nocount() -> None:
     # no ebpf-nocount in the run: no such goal
     plain = runner.aggregate(settings, {k: v for k, v in measured.items() if k[1] == "ebpf"}, rounds, {}, {})
     assert not [x for x in markdown.goals({"results": plain, "meta": {}}) if "per-pod counters" in x["goal"]]
+
+
+def test_rps_goals_again_without_the_flagged_rounds() -> None:
+    """A run with flagged rounds: the page shows the requests/s goals formed again from the rounds that were
+    not flagged (what --discard-flagged gives for them), from the rounds' own requests/s."""
+    from istio_ebpf_plugin.bench import markdown
+
+    settings = runner.settings_for(False, rounds=4, workloads=["conn-1k-c16"], paths=["capture-only"])
+    # iptables 1000 each round; ebpf 1.2x in the three quiet rounds, 0.5x in the flagged one
+    ebpf = [1200.0, 1200.0, 1200.0, 500.0]
+    measured = {("capture-only", "iptables", "conn-1k-c16"): [_m(i, 1000.0) for i in range(4)],
+                ("capture-only", "ebpf", "conn-1k-c16"): [_m(i, x) for i, x in enumerate(ebpf)],
+                ("capture-only", "explicit", "conn-1k-c16"): [_m(i, 1200.0) for i in range(4)]}
+    rounds = [{"path": "capture-only", "workload": "conn-1k-c16", "round": i, "conditions": {"flagged": i == 3},
+               "rps": {"iptables": 1000.0, "ebpf": ebpf[i], "explicit": 1200.0}} for i in range(4)]
+    doc = {"results": runner.aggregate(settings, measured, rounds, {}), "rounds": rounds, "meta": {}}
+    (every,) = [g for g in markdown.rps_goals(doc) if g["goal"].startswith("capture-only churn")]
+    assert not every["met"] and every["measured"].endswith("[0.50-1.20]")
+    quiet, left_out = markdown.without_flagged(doc)
+    assert left_out == 1
+    (again,) = [g for g in markdown.rps_goals(quiet) if g["goal"].startswith("capture-only churn")]
+    assert again["met"] and again["measured"] == "1.20 [1.20-1.20]"
+    assert doc["results"][0] is not quiet["results"][0]                  # the run's own results stay as measured
