@@ -162,37 +162,28 @@ s = socket.socket(); s.bind((sys.argv[1], 15006)); s.listen(); print("READY", fl
 """
 
 
-def test_cookie_mode_registers_only_a_listener_reaching_the_pod_ips(node):
+def test_cookie_mode_registers_only_a_listener_reaching_the_pod_ips(node, datapath_factory):
     """Cookie mode registers Envoy's 15006 from sockops (TCP_LISTEN_CB), the same rule as pod-IP mode's
     listener search: istio-validation's 127.0.0.1:15006 socket, listening while the init container runs,
     is not the pod's inbound listener (it registered and took the pod's inbound connections until it
     closed); the wildcard socket after it is."""
-    import uuid
-
     from istio_ebpf_plugin.datapath import libbpf, maps
-    from istio_ebpf_plugin.datapath.loader import Datapath
     from istio_ebpf_plugin.datapath.podconfig import PROXY_UID, PodConfig, ip_list
     from istio_ebpf_plugin.datapath.selftest.topology import PYTHON, stop_process, wait_ready
 
-    from support.datapath_modes import require_mode
+    dp = datapath_factory("cookie")
+    dp.attach_cgroup(str(node.parent_cgroup))
+    pod = node.add_pod("v")
+    dp.add_pod(pod.netns_path, PodConfig(pod_ips=ip_list(pod.pod_ips)), str(pod.cgroup_path))
 
-    require_mode("cookie")
-    dp = Datapath(mode="cookie", pin_root=f"/sys/fs/bpf/istio-ebpf-test-{uuid.uuid4().hex[:8]}").load()
-    try:
-        dp.attach_cgroup(str(node.parent_cgroup))
-        pod = node.add_pod("v")
-        dp.add_pod(pod.netns_path, PodConfig(pod_ips=ip_list(pod.pod_ips)), str(pod.cgroup_path))
+    def registered() -> list[str]:
+        return sorted(str(k.address()) for k in libbpf.map_keys(dp.map_fds["inbound_listeners"], maps.IpAddr))
 
-        def registered() -> list[str]:
-            return sorted(str(k.address()) for k in libbpf.map_keys(dp.map_fds["inbound_listeners"], maps.IpAddr))
-
-        for bind, expected in (("127.0.0.1", []), ("0.0.0.0", [pod.pod_ips[0]])):
-            proc = pod.spawn([PYTHON, "-S", "-c", LISTENER, bind], uid=PROXY_UID, gid=PROXY_UID,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            try:
-                wait_ready(proc, f"listener on {bind}:15006")
-                assert registered() == expected, bind
-            finally:
-                stop_process(proc)
-    finally:
-        dp.close(cleanup=True)
+    for bind, expected in (("127.0.0.1", []), ("0.0.0.0", [pod.pod_ips[0]])):
+        proc = pod.spawn([PYTHON, "-S", "-c", LISTENER, bind], uid=PROXY_UID, gid=PROXY_UID,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_ready(proc, f"listener on {bind}:15006")
+            assert registered() == expected, bind
+        finally:
+            stop_process(proc)

@@ -142,10 +142,6 @@ def goals(doc: dict) -> list[dict[str, Any]]:
     return out
 
 
-#: The requests/s ratios a round keeps (``rounds[i]["rps"]``), by the variant they are against.
-RPS_RATIOS = (("iptables", "rps_vs_iptables"), ("explicit", "rps_vs_explicit"), ("direct", "rps_vs_direct"))
-
-
 def without_flagged(doc: dict) -> tuple[dict, int]:
     """``doc`` with every requests/s ratio formed again from the rounds no condition flagged, and how
     many rounds that leaves out: what ``--discard-flagged`` would have given for those ratios, from
@@ -158,13 +154,10 @@ def without_flagged(doc: dict) -> tuple[dict, int]:
         kept = [r["rps"] for r in rounds if "rps" in r and not r["conditions"]["flagged"]
                 and r["path"] == res.get("path", "http") and r["workload"] == res["workload"]]
         again = dict(res)
-        for base, prefix in RPS_RATIOS:
-            if res.get(prefix) is None or not kept:
-                continue
-            summary = stats.summarize(stats.paired_ratios(kept, res["variant"], base))
-            again[prefix] = round(summary.median, 3) if summary else None
-            again[f"{prefix}_ci"] = [round(x, 3) for x in summary.ci] if summary and summary.ci else None
-            again[f"{prefix}_spread"] = [round(summary.lo, 3), round(summary.hi, 3)] if summary else None
+        for base, prefix in stats.RPS_RATIOS:     # a round keeps each variant's requests/s only
+            if res.get(prefix) is not None and kept:
+                ratios = stats.paired_ratios(kept, res["variant"], base)
+                again.update(stats.ratio_fields(prefix, stats.summarize(ratios)))
         results.append(again)
     return {**doc, "results": results}, left_out
 

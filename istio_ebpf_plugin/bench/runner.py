@@ -298,13 +298,6 @@ def _paired(ms_a: list[dict], ms_b: list[dict], key: str, used: set[int]) -> sta
     return stats.summarize(ratios)
 
 
-def _ratio_fields(prefix: str, summary: stats.RatioSummary | None) -> dict:
-    if summary is None:
-        return {prefix: None, f"{prefix}_ci": None, f"{prefix}_spread": None}
-    return {prefix: round(summary.median, 3), f"{prefix}_ci": [round(x, 3) for x in summary.ci] if summary.ci else None,
-            f"{prefix}_spread": [round(summary.lo, 3), round(summary.hi, 3)]}
-
-
 def aggregate(settings: Settings, measured: dict[tuple[str, str, str], list[dict]], rounds: list[dict],
               errors: dict[tuple[str, str], str | None],
               costs: dict[tuple[str, str, str], bpf_cost.Cost] | None = None) -> list[dict]:
@@ -347,7 +340,7 @@ def aggregate(settings: Settings, measured: dict[tuple[str, str, str], list[dict
                     # the same, round by round against ebpf-nocount (no per-pod counters): their cost
                     nocount = [m for m in measured.get((path, "ebpf-nocount", w.name), []) if m.get("bpf_ns")]
                     if v != "ebpf-nocount" and nocount and w.close_each:
-                        row[v].update(_ratio_fields("bpf_vs_nocount", _paired(ms, nocount, "bpf_ns", used)))
+                        row[v].update(stats.ratio_fields("bpf_vs_nocount", _paired(ms, nocount, "bpf_ns", used)))
                     if w.close_each:
                         rounds_ns = [m["bpf_ns"] for m in ms if m.get("bpf_ns")]
                         ci = stats.bootstrap_ci(rounds_ns)
@@ -355,16 +348,15 @@ def aggregate(settings: Settings, measured: dict[tuple[str, str, str], list[dict
                         row[v]["bpf_ns_per_connection_ci"] = [round(x, 1) for x in ci] if ci else None
             for v, r in row.items():
                 ms = [m for m in measured.get((path, v, w.name), []) if m.get("rps") is not None]
-                for base_v, prefix in (("iptables", "rps_vs_iptables"), ("explicit", "rps_vs_explicit"),
-                                       ("direct", "rps_vs_direct")):
+                for base_v, prefix in stats.RPS_RATIOS:
                     base_ms = [m for m in measured.get((path, base_v, w.name), []) if m.get("rps") is not None]
-                    r.update(_ratio_fields(prefix, _paired(ms, base_ms, "rps", used) if ms and base_ms else None))
+                    r.update(stats.ratio_fields(prefix, _paired(ms, base_ms, "rps", used) if ms and base_ms else None))
                 ipt = [m for m in measured.get((path, "iptables", w.name), []) if m.get("rps") is not None]
                 p99 = _paired(ms, ipt, "p99_ms", used) if ms and ipt else None
                 cpu = _paired(ms, ipt, "cpu_s_per_req", used) if ms and ipt else None
                 r["p99_vs_iptables"] = _r(p99.median if p99 else None)
                 # CPU per request is a cost, not a share of the machine: steadier than requests/s
                 # when other processes take CPU time away.
-                r.update(_ratio_fields("cpu_vs_iptables", cpu))
+                r.update(stats.ratio_fields("cpu_vs_iptables", cpu))
                 results.append(r)
     return results

@@ -97,6 +97,18 @@ def summarize(ratios: Sequence[float]) -> RatioSummary | None:
                         hi=max(ratios), n=len(ratios))
 
 
+def ratio_fields(prefix: str, summary: RatioSummary | None) -> dict:
+    """A results entry's ``<prefix>``, ``<prefix>_ci`` and ``<prefix>_spread`` (rounded) from a summary."""
+    if summary is None:
+        return {prefix: None, f"{prefix}_ci": None, f"{prefix}_spread": None}
+    return {prefix: round(summary.median, 3), f"{prefix}_ci": [round(x, 3) for x in summary.ci] if summary.ci else None,
+            f"{prefix}_spread": [round(summary.lo, 3), round(summary.hi, 3)]}
+
+
+#: The requests/s ratios of a results entry, by the variant they are against.
+RPS_RATIOS = (("iptables", "rps_vs_iptables"), ("explicit", "rps_vs_explicit"), ("direct", "rps_vs_direct"))
+
+
 # ---- what else ran on the machine during a round ----------------------------------------------
 
 @dataclass(frozen=True)
